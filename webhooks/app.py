@@ -1,0 +1,94 @@
+"""Application factory: configuration, ledger and broker handles, blueprints."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from celery import Celery
+from flask import Flask, current_app, g, request
+
+from worker.adapters.ledger import Ledger, LedgerUnavailable
+from worker.adapters.metrics_multiproc import use_multiprocess_dir
+from worker.config import ConfigError, LoadedConfig, load_config
+from worker.logs import configure_logging
+
+log = logging.getLogger("opsfleet.web")
+
+
+@dataclass
+class Edge:
+    """What the blueprints need, attached to the app in `create_app`."""
+
+    loaded: LoadedConfig
+    celery: Celery
+    schema_ready: bool = field(default=False)
+
+    @property
+    def ledger(self) -> Ledger:
+        return self.celery.opsfleet.ledger
+
+    def ensure_schema(self) -> None:
+        """Migrate once; if the ledger was down at start, try again per request."""
+        if not self.schema_ready:
+            self.ledger.migrate()
+            self.schema_ready = True
+
+
+def edge() -> Edge:
+    return current_app.extensions["opsfleet"]
+
+
+def create_app(config_path: str | None = None, *, loaded: LoadedConfig | None = None) -> Flask:
+    configure_logging()
+    loaded = loaded or load_config(config_path)
+    if not loaded.secrets.get("ALERTMANAGER_TOKEN"):
+        raise ConfigError(
+            ["ALERTMANAGER_TOKEN: not set; the webhook endpoint never runs without a token "
+             "(`opsfleet run` generates one for you)"],
+            "environment",
+        )
+    use_multiprocess_dir(loaded.data_dir / "metrics")
+
+    # Imported after the metrics directory is known (prometheus-client reads it at import).
+    from webhooks import alertmanager, api, health
+    from webhooks.errors import register_error_handlers
+    from worker.adapters import metrics
+    from worker.celery_factory import create_celery
+
+    app = Flask("opsfleet")
+    app.config["MAX_CONTENT_LENGTH"] = loaded.config.web.max_body_bytes
+    app.json.sort_keys = False
+    state = Edge(loaded, create_celery(loaded, include_tasks=False))
+    app.extensions["opsfleet"] = state
+    try:
+        state.ensure_schema()
+    except LedgerUnavailable as err:
+        log.warning("ledger not reachable at start (%s); webhooks answer 503 until it is", err)
+
+    register_error_handlers(app)
+    app.register_blueprint(alertmanager.bp)
+    app.register_blueprint(api.bp)
+    app.register_blueprint(health.bp)
+
+    @app.before_request
+    def _start_timer() -> None:
+        g.started = time.monotonic()
+
+    @app.after_request
+    def _count(response):
+        source = request.blueprint if request.blueprint in ("alertmanager",) else None
+        if source:
+            metrics.WEBHOOK_REQUESTS.labels(source, str(response.status_code)).inc()
+        log.log(
+            logging.WARNING if response.status_code >= 400 else logging.INFO,
+            "%s %s %s %.1fms",
+            request.method,
+            request.path,
+            response.status_code,
+            (time.monotonic() - g.get("started", time.monotonic())) * 1000,
+        )
+        return response
+
+    return app

@@ -1,0 +1,21 @@
+"""JSON error answers. Bodies for auth failures say nothing about why."""
+
+from __future__ import annotations
+
+from flask import Flask, jsonify
+from werkzeug.exceptions import HTTPException
+
+
+def error(status: int, message: str, **extra):
+    response = jsonify({"error": message, **extra})
+    response.status_code = status
+    return response
+
+
+def register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException):
+        if exc.code == 413:
+            limit = app.config.get("MAX_CONTENT_LENGTH")
+            return error(413, f"body too large: the limit is {limit} bytes")
+        return error(exc.code or 500, exc.name.lower())

@@ -1,0 +1,43 @@
+"""Liveness, readiness and the metrics scrape."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, jsonify
+
+from webhooks.app import edge
+from worker.adapters import metrics
+from worker.adapters.ledger import LedgerUnavailable
+
+bp = Blueprint("health", __name__)
+
+
+@bp.get("/healthz")
+def healthz():
+    return jsonify({"status": "ok"})
+
+
+@bp.get("/readyz")
+def readyz():
+    state = edge()
+    checks = {}
+    try:
+        state.ensure_schema()
+        state.ledger.ping()
+        checks["ledger"] = "ok"
+    except LedgerUnavailable as err:
+        checks["ledger"] = str(err)
+    try:
+        with state.celery.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=2)
+        checks["broker"] = "ok"
+    except Exception as err:  # kombu raises several kinds; any means not ready
+        checks["broker"] = f"unavailable: {err.__class__.__name__}: {err}"
+    ready = all(v == "ok" for v in checks.values())
+    response = jsonify({"status": "ready" if ready else "not ready", "checks": checks})
+    response.status_code = 200 if ready else 503
+    return response
+
+
+@bp.get("/metrics")
+def scrape():
+    return Response(metrics.scrape(), headers={"Content-Type": metrics.CONTENT_TYPE})

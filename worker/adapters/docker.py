@@ -1,0 +1,115 @@
+"""Docker adapter: the few container operations the tasks need, on the Docker SDK.
+
+Containers are always found from a configured service (name or compose
+labels), never from text in an alert. Every call has a timeout: the client's
+socket timeout, plus the stop timeout given to the daemon for restarts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import docker
+from docker.errors import DockerException, NotFound
+
+from worker.config import ServiceSpec
+
+COMPOSE_PROJECT = "com.docker.compose.project"
+COMPOSE_SERVICE = "com.docker.compose.service"
+
+
+class DockerError(Exception):
+    """A Docker operation failed; the message says what to check."""
+
+
+@dataclass(frozen=True)
+class ContainerState:
+    id: str
+    name: str
+    status: str
+    running: bool
+    started_at: str
+    restart_count: int
+    health: str | None
+
+
+class DockerAdapter:
+    def __init__(self, base_url: str | None, timeout_seconds: int):
+        self.base_url = base_url
+        self.timeout = timeout_seconds
+        self._client: docker.DockerClient | None = None
+
+    @property
+    def client(self) -> docker.DockerClient:
+        if self._client is None:
+            try:
+                if self.base_url:
+                    self._client = docker.DockerClient(base_url=self.base_url, timeout=self.timeout)
+                else:
+                    self._client = docker.from_env(timeout=self.timeout)
+            except DockerException as err:
+                raise DockerError(f"cannot reach Docker at {self.base_url or 'the default socket'}: {err}") from None
+        return self._client
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def ping(self) -> None:
+        try:
+            self.client.ping()
+        except DockerException as err:
+            raise DockerError(f"Docker at {self.base_url or 'the default socket'} does not answer: {err}") from None
+
+    def find_container(self, service_name: str, spec: ServiceSpec):
+        try:
+            if spec.container:
+                return self.client.containers.get(spec.container)
+            labels = [f"{COMPOSE_SERVICE}={spec.compose_service}"]
+            if spec.compose_project:
+                labels.append(f"{COMPOSE_PROJECT}={spec.compose_project}")
+            found = self.client.containers.list(all=True, filters={"label": labels})
+        except NotFound:
+            raise DockerError(
+                f'service "{service_name}": no container named "{spec.container}" (check services.{service_name}.container)'
+            ) from None
+        except DockerException as err:
+            raise DockerError(f'service "{service_name}": Docker error while looking it up: {err}') from None
+        if not found:
+            raise DockerError(
+                f'service "{service_name}": no container has labels {", ".join(labels)} '
+                f"(check services.{service_name}.compose_project / compose_service)"
+            )
+        # Prefer a running one; compose may leave exited one-off containers around.
+        found.sort(key=lambda c: (c.status != "running", c.name))
+        return found[0]
+
+    def state(self, container) -> ContainerState:
+        try:
+            container.reload()
+        except DockerException as err:
+            raise DockerError(f"container {container.name}: cannot inspect: {err}") from None
+        st = container.attrs.get("State", {})
+        return ContainerState(
+            id=container.id,
+            name=container.name,
+            status=st.get("Status", "unknown"),
+            running=bool(st.get("Running")),
+            started_at=st.get("StartedAt", ""),
+            restart_count=int(container.attrs.get("RestartCount", 0)),
+            health=(st.get("Health") or {}).get("Status"),
+        )
+
+    def restart(self, container, stop_timeout: int) -> None:
+        # The daemon waits stop_timeout for a clean exit before SIGKILL; the
+        # HTTP call must outlive that wait.
+        api = self.client.api
+        previous = api.timeout
+        api.timeout = self.timeout + stop_timeout
+        try:
+            container.restart(timeout=stop_timeout)
+        except DockerException as err:
+            raise DockerError(f"container {container.name}: restart failed: {err}") from None
+        finally:
+            api.timeout = previous

@@ -1,0 +1,553 @@
+"""The ledger: received events, runs and their steps. The source of truth.
+
+PostgreSQL (psycopg 3) when DATABASE_URL is set, an SQLite file otherwise;
+one schema and one set of queries for both, in SQLAlchemy Core. Every state
+change is a single conditional UPDATE or INSERT inside one transaction, so
+two web processes or two workers racing on the same run cannot both win.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import IntegrityError, OperationalError
+
+SCHEMA_VERSION = 1
+OUTPUT_EXCERPT_CHARS = 4000
+
+RUN_STATUSES = (
+    "queued",
+    "running",
+    "succeeded",
+    "failed",
+    "skipped",
+    "superseded",
+    "rolled_back",
+    "rollback_failed",
+)
+FINAL_STATUSES = frozenset(RUN_STATUSES) - {"queued", "running"}
+TRIGGERS = ("alert", "github", "schedule", "manual")
+
+
+class LedgerUnavailable(Exception):
+    """The ledger cannot be reached or written; callers answer 503 / retry."""
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(sa.types.TypeDecorator):
+    """Stored as naive UTC on both backends, always returned timezone-aware."""
+
+    impl = sa.DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the ledger")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        return None if value is None else value.replace(tzinfo=UTC)
+
+
+metadata = sa.MetaData()
+
+schema_version = sa.Table(
+    "opsfleet_schema",
+    metadata,
+    sa.Column("version", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("applied_at", UTCDateTime, nullable=False),
+)
+
+events = sa.Table(
+    "events",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("source", sa.String(32), nullable=False),  # alertmanager | github | api | schedule
+    sa.Column("dedup_key", sa.String(255)),  # e.g. X-GitHub-Delivery; NULL when the sender has none
+    sa.Column("received_at", UTCDateTime, nullable=False),
+    sa.Column("summary", sa.Text, nullable=False, server_default=""),
+    sa.Column("body", sa.Text, nullable=False, server_default=""),
+    sa.UniqueConstraint("source", "dedup_key", name="events_source_dedup_key"),
+)
+
+runs = sa.Table(
+    "runs",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("event_id", sa.Integer, sa.ForeignKey("events.id")),
+    sa.Column("trigger", sa.String(16), nullable=False),
+    sa.Column("triggered_by", sa.String(128)),  # who, for manual runs
+    sa.Column("rule", sa.String(64)),
+    sa.Column("playbook", sa.String(64), nullable=False),
+    sa.Column("target", sa.String(128)),
+    sa.Column("params", sa.Text, nullable=False, server_default="{}"),
+    sa.Column("summary", sa.Text, nullable=False, server_default=""),
+    sa.Column("dedup_key", sa.String(255), unique=True),
+    sa.Column("status", sa.String(20), nullable=False),
+    sa.Column("reason", sa.Text, nullable=False, server_default=""),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("enqueued_at", UTCDateTime),
+    sa.Column("enqueue_count", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("started_at", UTCDateTime),
+    sa.Column("finished_at", UTCDateTime),
+    # While running: when the sweeper may decide the worker is gone.
+    sa.Column("lease_until", UTCDateTime),
+    sa.Column("worker", sa.String(255)),
+    sa.Column("repeats", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("last_repeat_at", UTCDateTime),
+    sa.Column("slack_channel", sa.String(64)),
+    sa.Column("slack_ts", sa.String(64)),
+    sa.Column("report_lock_until", UTCDateTime),
+    sa.Column("reported_status", sa.String(20)),
+    sa.Index("runs_status_created", "status", "created_at"),
+)
+
+steps = sa.Table(
+    "steps",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("run_id", sa.Integer, sa.ForeignKey("runs.id"), nullable=False),
+    sa.Column("seq", sa.Integer, nullable=False),
+    sa.Column("name", sa.String(64), nullable=False),
+    sa.Column("status", sa.String(20), nullable=False),  # running | succeeded | failed | skipped
+    sa.Column("started_at", UTCDateTime, nullable=False),
+    sa.Column("finished_at", UTCDateTime),
+    sa.Column("output", sa.Text, nullable=False, server_default=""),
+    sa.Column("reported", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.UniqueConstraint("run_id", "seq", name="steps_run_seq"),
+)
+
+
+@dataclass(frozen=True)
+class NewRun:
+    trigger: str
+    playbook: str
+    status: str = "queued"
+    reason: str = ""
+    rule: str | None = None
+    target: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    summary: str = ""
+    dedup_key: str | None = None
+    triggered_by: str | None = None
+
+
+@dataclass(frozen=True)
+class RecordedRun:
+    id: int
+    created: bool  # False: the dedup key matched an existing run (a repeat)
+    status: str
+
+
+@dataclass(frozen=True)
+class RecordedEvent:
+    event_id: int
+    runs: list[RecordedRun]
+
+
+def excerpt(text: str, limit: int = OUTPUT_EXCERPT_CHARS) -> str:
+    """Keep the end of long output: that is where errors are."""
+    if len(text) <= limit:
+        return text
+    return "…" + text[-(limit - 1) :]
+
+
+def _engine_for(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        engine = sa.create_engine(url, connect_args={"timeout": 15}, poolclass=sa.pool.NullPool)
+
+        @sa.event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            # WAL lets the web read while a worker writes; FULL sync makes a
+            # committed event survive a power cut, as the 2xx promised.
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=FULL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA busy_timeout=15000")
+            cur.close()
+
+        # Let SQLAlchemy (not pysqlite) issue BEGIN, so transactions are real.
+        @sa.event.listens_for(engine, "connect")
+        def _no_pysqlite_tx(dbapi_conn: Any, _record: Any) -> None:
+            dbapi_conn.isolation_level = None
+
+        @sa.event.listens_for(engine, "begin")
+        def _begin_immediate(conn: Connection) -> None:
+            # Take the write lock at BEGIN: no deadlock upgrading a read lock.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    if url.startswith("postgres://"):
+        url = "postgresql://" + url[len("postgres://") :]
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url[len("postgresql://") :]
+    return sa.create_engine(
+        url,
+        pool_pre_ping=True,  # a PostgreSQL restart leaves dead pooled connections
+        pool_size=5,
+        max_overflow=5,
+        pool_timeout=5,
+        connect_args={"connect_timeout": 3, "application_name": "opsfleet"},
+    )
+
+
+class Ledger:
+    def __init__(self, url: str):
+        self.url = url
+        self.engine = _engine_for(url)
+        self.dialect = self.engine.dialect.name
+
+    # -- plumbing -------------------------------------------------------------
+
+    @contextmanager
+    def _tx(self) -> Iterator[Connection]:
+        try:
+            with self.engine.begin() as conn:
+                yield conn
+        except (OperationalError, sa.exc.InterfaceError) as err:
+            # Server down, connection lost, SQLite locked past busy_timeout.
+            raise LedgerUnavailable(f"ledger ({self.dialect}) unavailable: {err.orig or err}") from err
+        except sa.exc.TimeoutError as err:  # connection pool exhausted
+            raise LedgerUnavailable(f"ledger ({self.dialect}) unavailable: {err}") from err
+
+    def _insert(self, table: sa.Table) -> Any:
+        return (postgresql.insert if self.dialect == "postgresql" else sqlite.insert)(table)
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    def ping(self) -> None:
+        with self._tx() as conn:
+            conn.execute(sa.select(sa.literal(1)))
+
+    def migrate(self) -> int:
+        """Create or upgrade the schema; safe when several processes start at once."""
+        for attempt in range(5):
+            try:
+                with self._tx() as conn:
+                    if self.dialect == "postgresql":
+                        # Serialise concurrent starts (web and worker together).
+                        conn.execute(sa.text("SELECT pg_advisory_xact_lock(7346512)"))
+                    metadata.create_all(conn, checkfirst=True)
+                    current = conn.execute(sa.select(sa.func.max(schema_version.c.version))).scalar()
+                    if current is None:
+                        conn.execute(schema_version.insert().values(version=SCHEMA_VERSION, applied_at=utcnow()))
+                        current = SCHEMA_VERSION
+                    if current > SCHEMA_VERSION:
+                        raise LedgerUnavailable(
+                            f"ledger schema is version {current}, newer than this opsfleet ({SCHEMA_VERSION}): upgrade opsfleet"
+                        )
+                    # Later schema versions add their upgrade steps here, in order.
+                    return current
+            except IntegrityError:
+                # Another process created the same objects between our check and create.
+                time.sleep(0.2 * (attempt + 1))
+            except LedgerUnavailable as err:
+                if "already exists" not in str(err) or attempt == 4:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
+        raise LedgerUnavailable("ledger schema could not be created")
+
+    # -- intake ---------------------------------------------------------------
+
+    def record_event(
+        self, *, source: str, summary: str, body: str, new_runs: Iterable[NewRun], dedup_key: str | None = None
+    ) -> RecordedEvent:
+        """Commit an event and its runs in one transaction (before the edge answers 2xx).
+
+        A run whose dedup key exists already is not created again: the existing
+        run's repeat counter goes up and its id is returned with created=False.
+        """
+        now = utcnow()
+        with self._tx() as conn:
+            event_id = conn.execute(
+                events.insert()
+                .values(source=source, dedup_key=dedup_key, received_at=now, summary=summary[:2000], body=body)
+                .returning(events.c.id)
+            ).scalar_one()
+            recorded = []
+            for new in new_runs:
+                values = dict(
+                    event_id=event_id,
+                    trigger=new.trigger,
+                    triggered_by=new.triggered_by,
+                    rule=new.rule,
+                    playbook=new.playbook,
+                    target=new.target,
+                    params=json.dumps(new.params, sort_keys=True),
+                    summary=new.summary[:2000],
+                    dedup_key=new.dedup_key,
+                    status=new.status,
+                    reason=new.reason,
+                    created_at=now,
+                    finished_at=now if new.status in FINAL_STATUSES else None,
+                )
+                stmt = self._insert(runs).values(**values)
+                if new.dedup_key is not None:
+                    stmt = stmt.on_conflict_do_nothing(index_elements=["dedup_key"])
+                run_id = conn.execute(stmt.returning(runs.c.id)).scalar()
+                if run_id is not None:
+                    recorded.append(RecordedRun(run_id, True, new.status))
+                    continue
+                row = conn.execute(
+                    runs.update()
+                    .where(runs.c.dedup_key == new.dedup_key)
+                    .values(repeats=runs.c.repeats + 1, last_repeat_at=now)
+                    .returning(runs.c.id, runs.c.status)
+                ).one()
+                recorded.append(RecordedRun(row.id, False, row.status))
+            return RecordedEvent(event_id, recorded)
+
+    def mark_enqueued(self, run_ids: Iterable[int]) -> None:
+        ids = list(run_ids)
+        if not ids:
+            return
+        with self._tx() as conn:
+            conn.execute(
+                runs.update()
+                .where(runs.c.id.in_(ids), runs.c.status == "queued")
+                .values(enqueued_at=utcnow(), enqueue_count=runs.c.enqueue_count + 1)
+            )
+
+    def runs_to_enqueue(self, not_enqueued_since: datetime, limit: int = 200) -> list[int]:
+        """Queued runs never enqueued, or enqueued long ago and still not started."""
+        with self._tx() as conn:
+            return list(
+                conn.execute(
+                    sa.select(runs.c.id)
+                    .where(
+                        runs.c.status == "queued",
+                        sa.or_(runs.c.enqueued_at.is_(None), runs.c.enqueued_at < not_enqueued_since),
+                    )
+                    .order_by(runs.c.id)
+                    .limit(limit)
+                ).scalars()
+            )
+
+    # -- execution --------------------------------------------------------------
+
+    def claim_run(self, run_id: int, worker: str, lease_seconds: float) -> dict[str, Any] | None:
+        """queued → running, for exactly one caller; None for everyone else."""
+        now = utcnow()
+        with self._tx() as conn:
+            claimed = conn.execute(
+                runs.update()
+                .where(runs.c.id == run_id, runs.c.status == "queued")
+                .values(
+                    status="running", started_at=now, worker=worker, lease_until=now + timedelta(seconds=lease_seconds)
+                )
+                .returning(*runs.c)
+            ).one_or_none()
+            return None if claimed is None else _run_dict(claimed)
+
+    def begin_step(self, run_id: int, seq: int, name: str, lease_seconds: float) -> str:
+        """Record that a step starts. Returns what the caller must do:
+
+        "start": run it. "done": it already ran (a redelivery), continue.
+        "interrupted": an earlier attempt died inside it; never run it twice.
+        "not_running": the run already ended (e.g. the sweeper failed it).
+        """
+        now = utcnow()
+        try:
+            with self._tx() as conn:
+                status = conn.execute(sa.select(runs.c.status).where(runs.c.id == run_id)).scalar()
+                if status != "running":
+                    return "not_running"
+                existing = conn.execute(
+                    sa.select(steps.c.status).where(steps.c.run_id == run_id, steps.c.seq == seq)
+                ).scalar()
+                if existing == "running":
+                    return "interrupted"
+                if existing is not None:
+                    return "done"
+                conn.execute(
+                    steps.insert().values(run_id=run_id, seq=seq, name=name, status="running", started_at=now)
+                )
+                conn.execute(
+                    runs.update()
+                    .where(runs.c.id == run_id)
+                    .values(lease_until=now + timedelta(seconds=lease_seconds))
+                )
+                return "start"
+        except IntegrityError:
+            return "interrupted"
+
+    def end_step(self, run_id: int, seq: int, status: str, output: str, lease_seconds: float) -> None:
+        now = utcnow()
+        with self._tx() as conn:
+            conn.execute(
+                steps.update()
+                .where(steps.c.run_id == run_id, steps.c.seq == seq, steps.c.status == "running")
+                .values(status=status, finished_at=now, output=excerpt(output))
+            )
+            conn.execute(
+                runs.update()
+                .where(runs.c.id == run_id, runs.c.status == "running")
+                .values(lease_until=now + timedelta(seconds=lease_seconds))
+            )
+
+    def finish_run(self, run_id: int, status: str, reason: str = "") -> bool:
+        """running → a final status; False when the run had already ended."""
+        assert status in FINAL_STATUSES, status
+        with self._tx() as conn:
+            done = conn.execute(
+                runs.update()
+                .where(runs.c.id == run_id, runs.c.status == "running")
+                .values(status=status, reason=reason, finished_at=utcnow(), lease_until=None)
+            )
+            return done.rowcount == 1
+
+    def expire_leases(self, now: datetime | None = None) -> list[int]:
+        """Fail runs whose lease ran out (their worker died), and their open steps."""
+        now = now or utcnow()
+        with self._tx() as conn:
+            expired = list(
+                conn.execute(
+                    runs.update()
+                    .where(runs.c.status == "running", runs.c.lease_until < now)
+                    .values(
+                        status="failed",
+                        reason="worker lost: the step lease expired before the step finished",
+                        finished_at=now,
+                        lease_until=None,
+                    )
+                    .returning(runs.c.id)
+                ).scalars()
+            )
+            if expired:
+                conn.execute(
+                    steps.update()
+                    .where(steps.c.run_id.in_(expired), steps.c.status == "running")
+                    .values(status="failed", finished_at=now, output="worker lost during this step")
+                )
+            return expired
+
+    # -- reading ------------------------------------------------------------------
+
+    def get_run(self, run_id: int) -> dict[str, Any] | None:
+        with self._tx() as conn:
+            row = conn.execute(sa.select(runs).where(runs.c.id == run_id)).one_or_none()
+            if row is None:
+                return None
+            run = _run_dict(row)
+            run["steps"] = [
+                _row_dict(s)
+                for s in conn.execute(sa.select(steps).where(steps.c.run_id == run_id).order_by(steps.c.seq))
+            ]
+            return run
+
+    def list_runs(
+        self,
+        *,
+        limit: int = 50,
+        status: str | None = None,
+        trigger: str | None = None,
+        target: str | None = None,
+        before_id: int | None = None,
+    ) -> list[dict[str, Any]]:
+        query = sa.select(runs).order_by(runs.c.id.desc()).limit(limit)
+        if status:
+            query = query.where(runs.c.status == status)
+        if trigger:
+            query = query.where(runs.c.trigger == trigger)
+        if target:
+            query = query.where(runs.c.target == target)
+        if before_id:
+            query = query.where(runs.c.id < before_id)
+        with self._tx() as conn:
+            return [_run_dict(row) for row in conn.execute(query)]
+
+    def count_events(self, source: str | None = None) -> int:
+        query = sa.select(sa.func.count()).select_from(events)
+        if source:
+            query = query.where(events.c.source == source)
+        with self._tx() as conn:
+            return conn.execute(query).scalar_one()
+
+    # -- reporting ------------------------------------------------------------------
+
+    def lock_report(self, run_id: int, seconds: float) -> bool:
+        """One reporter per run at a time, so a Slack thread never gets two parents."""
+        now = utcnow()
+        with self._tx() as conn:
+            got = conn.execute(
+                runs.update()
+                .where(
+                    runs.c.id == run_id,
+                    sa.or_(runs.c.report_lock_until.is_(None), runs.c.report_lock_until < now),
+                )
+                .values(report_lock_until=now + timedelta(seconds=seconds))
+            )
+            return got.rowcount == 1
+
+    def unlock_report(self, run_id: int) -> None:
+        with self._tx() as conn:
+            conn.execute(runs.update().where(runs.c.id == run_id).values(report_lock_until=None))
+
+    def set_slack_thread(self, run_id: int, channel: str, ts: str) -> None:
+        with self._tx() as conn:
+            conn.execute(runs.update().where(runs.c.id == run_id).values(slack_channel=channel, slack_ts=ts))
+
+    def mark_step_reported(self, step_id: int) -> None:
+        with self._tx() as conn:
+            conn.execute(steps.update().where(steps.c.id == step_id).values(reported=True))
+
+    def set_reported_status(self, run_id: int, status: str) -> None:
+        with self._tx() as conn:
+            conn.execute(runs.update().where(runs.c.id == run_id).values(reported_status=status))
+
+
+def _row_dict(row: Any) -> dict[str, Any]:
+    return dict(row._mapping)
+
+
+def _run_dict(row: Any) -> dict[str, Any]:
+    run = _row_dict(row)
+    run["params"] = json.loads(run["params"] or "{}")
+    return run
+
+
+def jsonable(value: Any) -> Any:
+    """Ledger rows as JSON: timestamps in ISO 8601 UTC."""
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [jsonable(v) for v in value]
+    if isinstance(value, datetime):
+        return value.isoformat().replace("+00:00", "Z")
+    return value
+
+
+def ledger_url(database_url: str | None, data_dir: Any) -> str:
+    """DATABASE_URL when set, else the embedded SQLite file in the data dir."""
+    if database_url:
+        return database_url
+    return f"sqlite:///{data_dir}/ledger.sqlite3"
+
+
+__all__ = [
+    "FINAL_STATUSES",
+    "Ledger",
+    "LedgerUnavailable",
+    "NewRun",
+    "RecordedEvent",
+    "RecordedRun",
+    "jsonable",
+    "ledger_url",
+    "utcnow",
+]

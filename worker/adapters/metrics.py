@@ -1,0 +1,82 @@
+"""Prometheus metrics, correct across gunicorn workers and Celery children.
+
+prometheus-client's multiprocess mode: every process writes its samples to
+files in PROMETHEUS_MULTIPROC_DIR and a scrape sums them. The directory must
+be in the environment before prometheus_client is first imported, so the
+process entry points call `metrics_multiproc.use_multiprocess_dir` before
+importing this module.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
+
+from worker.adapters.metrics_multiproc import MULTIPROC_ENV
+
+WEBHOOK_REQUESTS = Counter(
+    "opsfleet_webhook_requests_total", "Webhook requests answered, by sender and HTTP status.", ["source", "code"]
+)
+ALERTS_RECEIVED = Counter(
+    "opsfleet_alerts_received_total", "Alerts received from Alertmanager, by alert status.", ["status"]
+)
+ALERT_DECISIONS = Counter(
+    "opsfleet_alert_decisions_total",
+    "What the engine decided per alert: act, dry_run, skip, ignore, or repeat of a handled alert.",
+    ["outcome"],
+)
+RUNS_FINISHED = Counter(
+    "opsfleet_runs_total", "Runs that reached a final status.", ["trigger", "playbook", "status"]
+)
+RUN_DURATION = Histogram(
+    "opsfleet_run_duration_seconds",
+    "From a run's start to its end.",
+    ["playbook"],
+    buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800),
+)
+STEPS_FINISHED = Counter("opsfleet_steps_total", "Steps finished, by outcome.", ["playbook", "step", "status"])
+SWEEPER_ACTIONS = Counter(
+    "opsfleet_sweeper_actions_total",
+    "Sweeper actions: runs re-enqueued from the ledger, runs failed on an expired lease.",
+    ["action"],
+)
+REPORTS = Counter("opsfleet_reports_total", "Reports to outside services, by outcome.", ["service", "outcome"])
+
+
+def scrape() -> bytes:
+    """One exposition for all processes sharing the multiprocess directory."""
+    if os.environ.get(MULTIPROC_ENV):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)
+    from prometheus_client import REGISTRY
+
+    return generate_latest(REGISTRY)
+
+
+def mark_process_dead(pid: int) -> None:
+    if os.environ.get(MULTIPROC_ENV):
+        multiprocess.mark_process_dead(pid)
+
+
+__all__ = [
+    "ALERTS_RECEIVED",
+    "ALERT_DECISIONS",
+    "CONTENT_TYPE",
+    "REPORTS",
+    "RUNS_FINISHED",
+    "RUN_DURATION",
+    "STEPS_FINISHED",
+    "SWEEPER_ACTIONS",
+    "WEBHOOK_REQUESTS",
+    "mark_process_dead",
+    "scrape",
+]

@@ -1,0 +1,19 @@
+"""The Celery app that `celery -A worker.celery_app worker|beat` runs.
+
+Configuration comes from --config's environment twin, OPSFLEET_CONFIG (or
+./opsfleet.yaml, or the embedded defaults), and is validated here, at start.
+"""
+
+from worker.adapters.metrics_multiproc import use_multiprocess_dir
+from worker.config import load_config
+from worker.logs import configure_logging
+
+configure_logging()
+loaded = load_config()
+use_multiprocess_dir(loaded.data_dir / "metrics")
+
+from worker.celery_factory import create_celery  # noqa: E402  (metrics dir first)
+from worker.signals import connect_worker_signals  # noqa: E402
+
+app = create_celery(loaded)
+connect_worker_signals(app)

@@ -1,0 +1,379 @@
+"""The one configuration file, `opsfleet.yaml`, validated at start.
+
+Secrets never live in the file: they come from the environment (`Secrets`).
+The file may name further variables as `${NAME}` for credentials of the
+systems opsfleet manages; those values are substituted at load and redacted
+whenever the configuration is printed.
+
+Every validation error names the key it is about, in the form
+`remediation.rules[2].match: unknown operator "=="`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from worker.matchers import Matcher, parse_matcher
+
+CONFIG_ENV = "OPSFLEET_CONFIG"
+DEFAULT_CONFIG_FILE = "opsfleet.yaml"
+
+SECRET_ENV_NAMES = (
+    "REDIS_URL",
+    "DATABASE_URL",
+    "SLACK_BOT_TOKEN",
+    "SLACK_API_URL",
+    "GITHUB_TOKEN",
+    "GITHUB_API_URL",
+    "GITHUB_WEBHOOK_SECRET",
+    "ALERTMANAGER_TOKEN",
+    "OPSFLEET_API_TOKEN",
+    "DOCKER_HOST",
+)
+# Of those, the ones that are addresses rather than credentials may be shown
+# (with any password inside them masked).
+_ADDRESS_ENV_NAMES = {"REDIS_URL", "DATABASE_URL", "SLACK_API_URL", "GITHUB_API_URL", "DOCKER_HOST"}
+
+_SERVICE_NAME = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; `problems` are `key: what is wrong` lines."""
+
+    def __init__(self, problems: list[str], source: str = "configuration"):
+        self.problems = problems
+        self.source = source
+        super().__init__(f"{source} is invalid:\n  " + "\n  ".join(problems))
+
+
+class _Strict(BaseModel):
+    # A misspelt key is an error, not a silently ignored setting.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FleetSettings(_Strict):
+    data_dir: Path = Field(
+        default=Path(".opsfleet"),
+        description="Embedded ledger, embedded broker, metrics and logs live here.",
+    )
+    hostname: str = Field(default_factory=socket.gethostname)
+    public_url: str | None = Field(
+        default=None, description="Base URL of the web app, used in links from Slack and GitHub."
+    )
+
+
+class WebSettings(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=1, le=65535)
+    workers: int = Field(default=2, ge=1, le=64)
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+
+
+class BrokerSettings(_Strict):
+    key_prefix: str = Field(default="opsfleet:", description="Prefix of every Redis key the broker writes.")
+    # Above the longest step's hard limit, or Redis redelivers a task that
+    # is still running to a second worker.
+    visibility_timeout_seconds: int = Field(default=3600, ge=60)
+    publish_timeout_seconds: float = Field(default=2.0, gt=0, le=30)
+
+
+class WorkerSettings(_Strict):
+    concurrency: int = Field(default=2, ge=1, le=64)
+    step_soft_timeout_seconds: int = Field(default=120, ge=1)
+    step_hard_timeout_seconds: int = Field(default=150, ge=2)
+    # How long a run may sit between steps (waiting in the queue) before the
+    # sweeper decides its worker is gone.
+    queue_grace_seconds: int = Field(default=300, ge=5)
+
+    @model_validator(mode="after")
+    def _hard_above_soft(self) -> WorkerSettings:
+        if self.step_hard_timeout_seconds <= self.step_soft_timeout_seconds:
+            raise ValueError("step_hard_timeout_seconds must be above step_soft_timeout_seconds")
+        return self
+
+
+class SweeperSettings(_Strict):
+    interval_seconds: int = Field(default=15, ge=1)
+    requeue_after_seconds: int = Field(default=60, ge=1)
+
+
+class SlackSettings(_Strict):
+    channel: str = "#ops"
+    timeout_seconds: int = Field(default=10, ge=1, le=120)
+
+
+class DockerSettings(_Strict):
+    timeout_seconds: int = Field(default=30, ge=1, le=600)
+
+
+class ServiceSpec(_Strict):
+    """A service opsfleet may act on. Alerts select services by name only;
+    the container is always found from this entry, never from a label."""
+
+    container: str | None = Field(default=None, description="Container name.")
+    compose_project: str | None = None
+    compose_service: str | None = None
+    health_url: str | None = None
+    host: str | None = None
+
+    @model_validator(mode="after")
+    def _one_locator(self) -> ServiceSpec:
+        if bool(self.container) == bool(self.compose_service):
+            raise ValueError("set exactly one of container or compose_service")
+        return self
+
+
+PlaybookName = Literal["restart_service"]
+
+
+class TargetSpec(_Strict):
+    service: str | None = Field(default=None, description="Always act on this configured service.")
+    service_label: str | None = Field(
+        default=None, description="Alert label whose value names a configured service."
+    )
+
+    @model_validator(mode="after")
+    def _one_way(self) -> TargetSpec:
+        if bool(self.service) == bool(self.service_label):
+            raise ValueError("set exactly one of service or service_label")
+        return self
+
+
+class RuleSpec(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    # Alertmanager-style matchers, kept as their normalised text; see `matchers`.
+    match: tuple[str, ...]
+    playbook: PlaybookName
+    target: TargetSpec
+    params: dict[str, Any] = Field(default_factory=dict)
+    dry_run: bool = False
+
+    @field_validator("match", mode="before")
+    @classmethod
+    def _parse_matchers(cls, value: Any) -> tuple[str, ...]:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not value:
+            raise ValueError('a list of label matchers, e.g. [\'alertname="ServiceDown"\']')
+        return tuple(str(parse_matcher(item)) for item in value)
+
+    @property
+    def matchers(self) -> tuple[Matcher, ...]:
+        return tuple(parse_matcher(text) for text in self.match)
+
+
+class RemediationSettings(_Strict):
+    # first_match: an alert gets the action of the first rule it matches, in
+    # file order. all_match: every matching rule acts.
+    mode: Literal["first_match", "all_match"] = "first_match"
+    rules: tuple[RuleSpec, ...] = ()
+
+    @field_validator("rules")
+    @classmethod
+    def _unique_names(cls, rules: tuple[RuleSpec, ...]) -> tuple[RuleSpec, ...]:
+        seen: set[str] = set()
+        for rule in rules:
+            if rule.name in seen:
+                raise ValueError(f'rule name "{rule.name}" is used twice')
+            seen.add(rule.name)
+        return rules
+
+
+class Config(_Strict):
+    fleet: FleetSettings = FleetSettings()
+    web: WebSettings = WebSettings()
+    broker: BrokerSettings = BrokerSettings()
+    worker: WorkerSettings = WorkerSettings()
+    sweeper: SweeperSettings = SweeperSettings()
+    slack: SlackSettings = SlackSettings()
+    docker: DockerSettings = DockerSettings()
+    services: dict[str, ServiceSpec] = Field(default_factory=dict)
+    remediation: RemediationSettings = RemediationSettings()
+
+    @field_validator("services")
+    @classmethod
+    def _service_names(cls, services: dict[str, ServiceSpec]) -> dict[str, ServiceSpec]:
+        for name in services:
+            if not re.match(_SERVICE_NAME, name):
+                raise ValueError(f'service name "{name}" must match {_SERVICE_NAME}')
+        return services
+
+
+@dataclass(frozen=True)
+class Secrets:
+    """Credentials and addresses from the environment only."""
+
+    values: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> Secrets:
+        environ = os.environ if environ is None else environ
+        return cls({name: environ[name] for name in SECRET_ENV_NAMES if environ.get(name)})
+
+    def get(self, name: str) -> str | None:
+        return self.values.get(name)
+
+    def redacted(self) -> dict[str, str]:
+        shown = {}
+        for name in SECRET_ENV_NAMES:
+            value = self.values.get(name)
+            if value is None:
+                shown[name] = "(unset)"
+            elif name in _ADDRESS_ENV_NAMES:
+                shown[name] = mask_url_password(value)
+            else:
+                shown[name] = "(set, redacted)"
+        return shown
+
+
+@dataclass(frozen=True)
+class LoadedConfig:
+    config: Config
+    secrets: Secrets
+    source: str  # the file it came from, or "embedded defaults"
+    base_dir: Path
+    # Keys whose values came from ${VAR} substitution, redacted when shown.
+    interpolated: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def data_dir(self) -> Path:
+        path = self.config.fleet.data_dir
+        return path if path.is_absolute() else (self.base_dir / path).resolve()
+
+
+def mask_url_password(url: str) -> str:
+    return re.sub(r"(//[^:/@]+:)[^@/]+@", r"\1***@", url)
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _interpolate(node: Any, path: str, environ: dict[str, str], found: dict[str, str], problems: list[str]) -> Any:
+    if isinstance(node, dict):
+        return {
+            key: _interpolate(value, f"{path}.{key}" if path else str(key), environ, found, problems)
+            for key, value in node.items()
+        }
+    if isinstance(node, list):
+        return [_interpolate(value, f"{path}[{i}]", environ, found, problems) for i, value in enumerate(node)]
+    if isinstance(node, str) and _VAR.search(node):
+        names = _VAR.findall(node)
+        missing = [n for n in names if n not in environ]
+        if missing:
+            problems.append(f"{path}: environment variable {missing[0]} is not set")
+            return node
+        found[path] = node
+        return _VAR.sub(lambda m: environ[m.group(1)], node)
+    return node
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+def _format_validation_error(err: ValidationError) -> list[str]:
+    problems = []
+    for item in err.errors():
+        # Drop pydantic's internal tags (model-validator steps, union arms).
+        loc = tuple(p for p in item["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        msg = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            msg = "unknown key"
+        problems.append(f"{_format_loc(loc)}: {msg}")
+    return problems
+
+
+def _cross_check(config: Config) -> list[str]:
+    """Checks that span sections, each naming the key at fault."""
+    problems = []
+    names = sorted(config.services)
+    for i, rule in enumerate(config.remediation.rules):
+        service = rule.target.service
+        if service and service not in config.services:
+            known = ", ".join(names) or "none configured"
+            problems.append(f'remediation.rules[{i}].target.service: unknown service "{service}" (services: {known})')
+    return problems
+
+
+def parse_config(
+    raw: Any, *, source: str, base_dir: Path, environ: dict[str, str] | None = None
+) -> LoadedConfig:
+    environ = dict(os.environ if environ is None else environ)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(["(top level): expected a mapping of sections"], source)
+    problems: list[str] = []
+    found: dict[str, str] = {}
+    raw = _interpolate(raw, "", environ, found, problems)
+    if problems:
+        raise ConfigError(problems, source)
+    try:
+        config = Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err), source) from None
+    problems = _cross_check(config)
+    if problems:
+        raise ConfigError(problems, source)
+    return LoadedConfig(config, Secrets.from_env(environ), source, base_dir, found)
+
+
+def resolve_config_path(explicit: str | os.PathLike | None = None) -> Path | None:
+    """--config wins, then $OPSFLEET_CONFIG, then ./opsfleet.yaml; None means embedded defaults."""
+    if explicit:
+        return Path(explicit)
+    if os.environ.get(CONFIG_ENV):
+        return Path(os.environ[CONFIG_ENV])
+    default = Path(DEFAULT_CONFIG_FILE)
+    return default if default.exists() else None
+
+
+def load_config(path: str | os.PathLike | None = None, environ: dict[str, str] | None = None) -> LoadedConfig:
+    resolved = resolve_config_path(path)
+    if resolved is None:
+        return parse_config({}, source="embedded defaults", base_dir=Path.cwd(), environ=environ)
+    try:
+        text = resolved.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError([f"cannot read {resolved}: {err.strerror}"], str(resolved)) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError([f"not valid YAML: {err}"], str(resolved)) from None
+    return parse_config(raw, source=str(resolved), base_dir=resolved.resolve().parent, environ=environ)
+
+
+def redacted_view(loaded: LoadedConfig) -> dict[str, Any]:
+    """The resolved configuration as `config check` prints it: defaults filled
+    in, ${VAR} values shown by name only, environment secrets masked."""
+    data = loaded.config.model_dump(mode="json")
+    for path in loaded.interpolated:
+        _set_path(data, path, f"{loaded.interpolated[path]} (set, redacted)")
+    data["fleet"]["data_dir"] = str(loaded.data_dir)
+    return {"source": loaded.source, "config": data, "environment": loaded.secrets.redacted()}
+
+
+def _set_path(data: Any, path: str, value: Any) -> None:
+    parts = re.findall(r"[^.\[\]]+|\[\d+\]", path)
+    node = data
+    for part in parts[:-1]:
+        node = node[int(part[1:-1])] if part.startswith("[") else node[part]
+    last = parts[-1]
+    if last.startswith("["):
+        node[int(last[1:-1])] = value
+    else:
+        node[last] = value

@@ -1,0 +1,10 @@
+"""Every playbook by name: an ordered tuple of steps."""
+
+from __future__ import annotations
+
+from worker.tasks import remediate
+from worker.tasks.steps import Step
+
+PLAYBOOKS: dict[str, tuple[Step, ...]] = {
+    **remediate.PLAYBOOKS,
+}

@@ -1,0 +1,104 @@
+"""Reporting a run to Slack: one parent message, updated in place; steps as replies.
+
+The task posts whatever the thread lacks, so any number of report requests
+for a run converge on one complete thread. A per-run report lock keeps two
+reporters from both posting a parent.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from celery import shared_task
+
+from worker.adapters import metrics
+from worker.adapters.ledger import LedgerUnavailable
+from worker.adapters.slack import SlackError, escape
+
+log = logging.getLogger("opsfleet.report")
+
+STATUS_ICON = {
+    "queued": ":hourglass:",
+    "running": ":gear:",
+    "succeeded": ":white_check_mark:",
+    "failed": ":x:",
+    "skipped": ":fast_forward:",
+    "superseded": ":fast_forward:",
+    "rolled_back": ":leftwards_arrow_with_hook:",
+    "rollback_failed": ":rotating_light:",
+}
+
+
+def run_link(public_url: str | None, run_id: int) -> str | None:
+    return f"{public_url.rstrip('/')}/api/runs/{run_id}" if public_url else None
+
+
+def parent_text(run: dict, public_url: str | None) -> str:
+    icon = STATUS_ICON.get(run["status"], "")
+    head = f"{icon} Run #{run['id']} {run['playbook']} on {escape(run['target'] or '-')}: *{run['status']}*"
+    lines = [head]
+    if run["summary"]:
+        lines.append(escape(run["summary"]))
+    if run["reason"] and run["status"] not in ("queued", "running"):
+        lines.append(escape(run["reason"]))
+    link = run_link(public_url, run["id"])
+    if link:
+        lines.append(f"<{link}|run details>")
+    return "\n".join(lines)
+
+
+def step_text(step: dict) -> str:
+    icon = STATUS_ICON.get(step["status"], "")
+    output = escape(step["output"][:2500])
+    return f"{icon} step `{step['name']}` {step['status']}" + (f"\n```{output}```" if output else "")
+
+
+@shared_task(name="opsfleet.report.slack", bind=True, acks_late=True, max_retries=8)
+def report_slack(self, run_id: int) -> str:
+    runtime = self.app.opsfleet
+    slack = runtime.slack
+    if slack is None:
+        metrics.REPORTS.labels("slack", "not_configured").inc()
+        return "slack not configured"
+    ledger = runtime.ledger
+    try:
+        if not ledger.lock_report(run_id, seconds=150):
+            raise self.retry(countdown=2)
+    except LedgerUnavailable as err:
+        raise self.retry(countdown=10, exc=err) from None
+    try:
+        run = ledger.get_run(run_id)
+        if run is None:
+            return "no such run"
+        channel = runtime.config.slack.channel
+        public_url = runtime.config.fleet.public_url
+        text = parent_text(run, public_url)
+        if not run["slack_ts"]:
+            posted = slack.post(channel, text)
+            ledger.set_slack_thread(run_id, posted.channel, posted.ts)
+            run.update(slack_channel=posted.channel, slack_ts=posted.ts, reported_status=run["status"])
+            ledger.set_reported_status(run_id, run["status"])
+        for step in run["steps"]:
+            if step["reported"] or step["status"] == "running":
+                continue
+            slack.post(run["slack_channel"], step_text(step), thread_ts=run["slack_ts"])
+            ledger.mark_step_reported(step["id"])
+        if run["reported_status"] != run["status"]:
+            slack.update(run["slack_channel"], run["slack_ts"], text)
+            ledger.set_reported_status(run_id, run["status"])
+        metrics.REPORTS.labels("slack", "delivered").inc()
+        return "delivered"
+    except SlackError as err:
+        # slack-sdk already retried 429s and 5xx; try again later, then give up
+        # with the failure recorded in metrics and the log.
+        if self.request.retries >= self.max_retries:
+            metrics.REPORTS.labels("slack", "undelivered").inc()
+            log.error("run %s: Slack report undelivered: %s", run_id, err)
+            return "undelivered"
+        metrics.REPORTS.labels("slack", "retry").inc()
+        raise self.retry(countdown=min(5 * 2**self.request.retries, 300), exc=err) from None
+    finally:
+        try:
+            ledger.unlock_report(run_id)
+        except LedgerUnavailable:
+            pass  # the lock expires by itself

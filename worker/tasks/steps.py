@@ -1,0 +1,58 @@
+"""What a playbook step is, and the test-only hook that holds one.
+
+Steps are plain functions run by the generic step task in worker.tasks.runs;
+the playbook modules (remediate, and later backup, deploy) define them.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from worker.config import Config
+from worker.runtime import Runtime
+
+HOLD_DIR_ENV = "OPSFLEET_TEST_HOLD_DIR"
+
+
+class StepFailed(Exception):
+    """The step did not achieve its aim; the message is for the on-call engineer."""
+
+
+@dataclass(frozen=True)
+class StepContext:
+    runtime: Runtime
+    run: dict[str, Any]
+
+    @property
+    def config(self) -> Config:
+        return self.runtime.config
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return self.run["params"]
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    fn: Callable[[StepContext], str]
+
+
+def hold_if_asked(playbook: str, step: str, run_id: int) -> None:
+    """Fault tests only: while `<dir>/hold-<playbook>-<step>` exists, wait inside
+    the step, having said so in `<dir>/held-<run_id>-<step>`, so a test can kill
+    the worker at a known point. Inert unless OPSFLEET_TEST_HOLD_DIR is set."""
+    folder = os.environ.get(HOLD_DIR_ENV)
+    if not folder:
+        return
+    hold = Path(folder) / f"hold-{playbook}-{step}"
+    if not hold.exists():
+        return
+    (Path(folder) / f"held-{run_id}-{step}").touch()
+    while hold.exists():
+        time.sleep(0.05)

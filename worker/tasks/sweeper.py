@@ -1,0 +1,38 @@
+"""The sweeper (beat, every few seconds): the ledger makes good what the broker lost.
+
+- Runs accepted but never started (the broker was down, or dropped the
+  message) are enqueued again; `start` is idempotent, so a duplicate is harmless.
+- Runs whose step lease ran out (the worker died) are failed, so nothing
+  stays "running" forever.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+from celery import shared_task
+
+from worker.adapters import metrics
+from worker.adapters.ledger import utcnow
+from worker.tasks.runs import enqueue_runs, request_report
+
+log = logging.getLogger("opsfleet.sweeper")
+
+
+@shared_task(name="opsfleet.sweeper.sweep", bind=True, acks_late=True)
+def sweep(self) -> dict:
+    runtime = self.app.opsfleet
+    ledger = runtime.ledger
+    expired = ledger.expire_leases()
+    for run_id in expired:
+        log.warning("run %s failed: its worker stopped answering (lease expired)", run_id)
+        metrics.SWEEPER_ACTIONS.labels("expired").inc()
+        request_report(self.app, run_id)
+    stale = utcnow() - timedelta(seconds=runtime.config.sweeper.requeue_after_seconds)
+    pending = ledger.runs_to_enqueue(stale)
+    sent = enqueue_runs(self.app, ledger, pending)
+    if sent:
+        log.info("re-enqueued runs %s from the ledger", sent)
+        metrics.SWEEPER_ACTIONS.labels("requeued").inc(len(sent))
+    return {"expired": expired, "requeued": sent}
