@@ -44,6 +44,17 @@ def test_docker_client_names_the_server_when_unreachable(monkeypatch):
         servers.docker_client()
 
 
+def test_shared_servers_are_named_when_down(monkeypatch):
+    closed = f"127.0.0.1:{servers.free_port()}"
+    monkeypatch.setattr(servers, "SHARED_POSTGRES_URL", f"postgresql://postgres@{closed}/postgres")
+    monkeypatch.setattr(servers, "SHARED_REDIS_URL", f"redis://{closed}/0")
+    with pytest.raises(RuntimeError, match=r"PostgreSQL at 127.0.0.1:5432 .*services\.sh"):
+        with servers.shared_postgres_database():
+            pass
+    with pytest.raises(RuntimeError, match=r"Redis at 127.0.0.1:6379 .*services\.sh"):
+        servers.shared_redis_url()
+
+
 # --- Slack recorder with the real slack_sdk ---------------------------------------------------------
 
 

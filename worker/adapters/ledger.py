@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -168,6 +169,9 @@ def excerpt(text: str, limit: int = OUTPUT_EXCERPT_CHARS) -> str:
 
 def _engine_for(url: str) -> Engine:
     if url.startswith("sqlite"):
+        database = sa.engine.make_url(url).database
+        if database and database != ":memory:":
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
         engine = sa.create_engine(url, connect_args={"timeout": 15}, poolclass=sa.pool.NullPool)
 
         @sa.event.listens_for(engine, "connect")

@@ -1,0 +1,120 @@
+import subprocess
+import sys
+
+import pytest
+
+from worker.config import ConfigError, load_config, parse_config, redacted_view
+
+GOOD = {
+    "services": {"api": {"container": "shop-api"}},
+    "remediation": {
+        "rules": [
+            {"name": "r", "match": ['alertname="X"'], "playbook": "restart_service", "target": {"service": "api"}}
+        ]
+    },
+}
+
+
+def problems(raw, environ=None):
+    with pytest.raises(ConfigError) as caught:
+        parse_config(raw, source="t", base_dir=".", environ=environ or {})
+    return caught.value.problems
+
+
+def rule(**over):
+    return {"name": "r", "match": ['alertname="X"'], "playbook": "restart_service", "target": {"service": "api"}, **over}
+
+
+def with_rules(*rules):
+    return {"services": {"api": {"container": "shop-api"}}, "remediation": {"rules": list(rules)}}
+
+
+def test_empty_file_is_the_embedded_defaults():
+    loaded = parse_config(None, source="t", base_dir=".", environ={})
+    assert loaded.config.web.port == 8080 and loaded.config.remediation.rules == ()
+
+
+@pytest.mark.parametrize(
+    "raw,expected",
+    [
+        (with_rules(rule(), rule(name="b"), rule(name="c", match=['alertname=="x"'])),
+         'remediation.rules[2].match: unknown operator "=="'),
+        (with_rules(rule(match=['x=~"("'])), "remediation.rules[0].match: bad regular expression"),
+        (with_rules(rule(playbook="reboot_everything")), "remediation.rules[0].playbook:"),
+        (with_rules(rule(target={"service": "ghost"})), 'remediation.rules[0].target.service: unknown service "ghost"'),
+        (with_rules(rule(target={})), "remediation.rules[0].target: set exactly one"),
+        (with_rules(rule(), rule()), 'remediation.rules: rule name "r" is used twice'),
+        ({"web": {"port": 0}}, "web.port: Input should be greater than or equal to 1"),
+        ({"web": {"prot": 1}}, "web.prot: unknown key"),
+        ({"services": {"api": {}}}, "services.api: set exactly one of container or compose_service"),
+        ({"worker": {"step_soft_timeout_seconds": 10, "step_hard_timeout_seconds": 5}}, "worker: step_hard"),
+        ([1, 2], "(top level): expected a mapping"),
+    ],
+)
+def test_errors_name_the_key(raw, expected):
+    found = problems(raw)
+    assert any(p.startswith(expected) or expected in p for p in found), found
+
+
+def test_variables_are_substituted_and_redacted():
+    raw = {**GOOD, "services": {"api": {"container": "shop-api", "health_url": "${API_HEALTH}"}}}
+    loaded = parse_config(raw, source="t", base_dir=".", environ={"API_HEALTH": "http://u:pw@api/health"})
+    assert loaded.config.services["api"].health_url == "http://u:pw@api/health"
+    view = redacted_view(loaded)
+    assert "pw" not in str(view)
+    assert view["config"]["services"]["api"]["health_url"] == "${API_HEALTH} (set, redacted)"
+
+
+def test_missing_variable_names_key_and_variable():
+    raw = {**GOOD, "services": {"api": {"container": "${NOPE}"}}}
+    assert problems(raw) == ["services.api.container: environment variable NOPE is not set"]
+
+
+def test_environment_secrets_are_never_shown():
+    environ = {
+        "SLACK_BOT_TOKEN": "xoxb-secret-1",
+        "DATABASE_URL": "postgresql://user:hunter2@db/ops",
+        "ALERTMANAGER_TOKEN": "am-secret",
+    }
+    view = str(redacted_view(parse_config(GOOD, source="t", base_dir=".", environ=environ)))
+    for secret in ("xoxb-secret-1", "hunter2", "am-secret"):
+        assert secret not in view
+    assert "postgresql://user:***@db/ops" in view
+
+
+def test_yaml_error_is_reported(tmp_path):
+    path = tmp_path / "opsfleet.yaml"
+    path.write_text("web: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path, environ={})
+
+
+def _cli(*args, env_extra=None, cwd=None):
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "OPSFLEET_CONFIG"}
+    env.update(env_extra or {})
+    return subprocess.run(
+        [sys.executable, "-m", "opsfleet.cli", *args], capture_output=True, text=True, timeout=60, env=env, cwd=cwd
+    )
+
+
+def test_config_check_command(tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text("services:\n  api: {container: shop-api}\n")
+    done = _cli("--config", str(good), "config", "check", env_extra={"SLACK_BOT_TOKEN": "xoxb-zzz"})
+    assert done.returncode == 0, done.stderr
+    assert "container: shop-api" in done.stdout and "xoxb-zzz" not in done.stdout + done.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("remediation:\n  rules:\n    - {name: a, match: ['a==\"b\"'], playbook: restart_service, target: {service: x}}\n")
+    done = _cli("--config", str(bad), "config", "check")
+    assert done.returncode == 2
+    assert 'remediation.rules[0].match: unknown operator "=="' in done.stderr
+
+
+def test_example_configuration_is_valid():
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parent.parent / "opsfleet.example.yaml"
+    loaded = load_config(example, environ={})
+    assert loaded.config.remediation.rules, "the example should show rules"

@@ -1,0 +1,115 @@
+"""The ledger's state machine on both backends (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+import multiprocessing
+from datetime import timedelta
+
+import pytest
+
+from worker.adapters.ledger import Ledger, LedgerUnavailable, NewRun, utcnow
+
+
+def new_run(key="k1", **over):
+    return NewRun(trigger="alert", playbook="restart_service", target="api", dedup_key=key, **over)
+
+
+def test_event_and_runs_commit_together_and_dedup(ledger):
+    first = ledger.record_event(source="alertmanager", summary="s", body="{}", new_runs=[new_run()])
+    again = ledger.record_event(source="alertmanager", summary="s", body="{}", new_runs=[new_run()])
+    assert first.runs[0].created and not again.runs[0].created
+    assert first.runs[0].id == again.runs[0].id
+    run = ledger.get_run(first.runs[0].id)
+    assert run["repeats"] == 1 and run["status"] == "queued"
+    assert ledger.count_events("alertmanager") == 2
+
+
+def test_skipped_run_is_final_with_reason(ledger):
+    rec = ledger.record_event(
+        source="alertmanager", summary="", body="{}", new_runs=[new_run(status="skipped", reason="unknown target")]
+    )
+    run = ledger.get_run(rec.runs[0].id)
+    assert (run["status"], run["reason"]) == ("skipped", "unknown target")
+    assert run["finished_at"] is not None
+    assert ledger.claim_run(run["id"], "w", 60) is None
+
+
+def test_claim_is_exclusive(ledger):
+    run_id = ledger.record_event(source="a", summary="", body="", new_runs=[new_run()]).runs[0].id
+    assert ledger.claim_run(run_id, "w1", 60)["status"] == "running"
+    assert ledger.claim_run(run_id, "w2", 60) is None
+
+
+def test_step_redelivery_verdicts(ledger):
+    run_id = ledger.record_event(source="a", summary="", body="", new_runs=[new_run()]).runs[0].id
+    assert ledger.begin_step(run_id, 0, "locate", 60) == "not_running"  # not claimed yet
+    ledger.claim_run(run_id, "w", 60)
+    assert ledger.begin_step(run_id, 0, "locate", 60) == "start"
+    assert ledger.begin_step(run_id, 0, "locate", 60) == "interrupted"  # died inside it
+    ledger.end_step(run_id, 0, "succeeded", "x" * 10_000, 60)
+    assert ledger.begin_step(run_id, 0, "locate", 60) == "done"
+    step = ledger.get_run(run_id)["steps"][0]
+    assert len(step["output"]) == 4000 and step["output"].endswith("x")  # excerpt keeps the tail
+    assert ledger.finish_run(run_id, "succeeded") is True
+    assert ledger.finish_run(run_id, "failed") is False  # already final
+    assert ledger.begin_step(run_id, 1, "restart", 60) == "not_running"
+
+
+def test_expired_lease_fails_run_and_open_step(ledger):
+    run_id = ledger.record_event(source="a", summary="", body="", new_runs=[new_run()]).runs[0].id
+    ledger.claim_run(run_id, "w", 60)
+    ledger.begin_step(run_id, 0, "restart", 60)
+    assert ledger.expire_leases(utcnow()) == []
+    assert ledger.expire_leases(utcnow() + timedelta(seconds=61)) == [run_id]
+    run = ledger.get_run(run_id)
+    assert run["status"] == "failed" and "lease expired" in run["reason"]
+    assert run["steps"][0]["status"] == "failed"
+    assert ledger.expire_leases(utcnow() + timedelta(seconds=61)) == []
+
+
+def test_runs_to_enqueue(ledger):
+    ids = [r.id for r in ledger.record_event(source="a", summary="", body="", new_runs=[new_run("a"), new_run("b")]).runs]
+    assert ledger.runs_to_enqueue(utcnow()) == ids
+    ledger.mark_enqueued(ids[:1])
+    later = utcnow() + timedelta(seconds=1)
+    assert ledger.runs_to_enqueue(utcnow() - timedelta(seconds=30)) == ids[1:]
+    assert ledger.runs_to_enqueue(later) == ids  # enqueued long ago, never started
+
+
+def test_report_lock(ledger):
+    run_id = ledger.record_event(source="a", summary="", body="", new_runs=[new_run()]).runs[0].id
+    assert ledger.lock_report(run_id, 30) is True
+    assert ledger.lock_report(run_id, 30) is False
+    ledger.unlock_report(run_id)
+    assert ledger.lock_report(run_id, 30) is True
+
+
+def _record_same_key(url, barrier, out):
+    led = Ledger(url)
+    barrier.wait()
+    rec = led.record_event(source="a", summary="", body="", new_runs=[new_run("race")])
+    out.put(rec.runs[0].created)
+
+
+def test_concurrent_intake_of_one_alert_makes_one_run(ledger):
+    ctx = multiprocessing.get_context("spawn")
+    barrier, out = ctx.Barrier(4), ctx.Queue()
+    procs = [ctx.Process(target=_record_same_key, args=(ledger.url, barrier, out)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    created = sorted(out.get(timeout=5) for _ in procs)
+    assert created == [False, False, False, True]
+
+
+def test_migrate_twice_is_harmless(ledger):
+    assert ledger.migrate() == ledger.migrate()
+
+
+def test_unreachable_postgres_is_ledger_unavailable():
+    from tests.support.servers import free_port
+
+    led = Ledger(f"postgresql://postgres@127.0.0.1:{free_port()}/none")
+    with pytest.raises(LedgerUnavailable, match="unavailable"):
+        led.ping()
