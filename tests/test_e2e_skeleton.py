@@ -1,0 +1,213 @@
+"""The walking skeleton, end to end, with every part real:
+
+a real Alertmanager posts its own webhook → gunicorn verifies and commits →
+a Celery worker restarts a real container on a private dockerd → the ledger
+has the run and its steps, Slack (a local recorder) has the thread, /metrics
+counts it.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+import requests
+
+from tests.support.fleet import REPO, Fleet, metric_value
+from tests.support.servers import TEST_DOCKER_HOST, free_port, log_tail, stop_process, wait_for
+
+pytestmark = pytest.mark.slow
+SLACK_TOKEN = "xoxb-e2e-token"
+# A shell that exits on SIGTERM, so a restart takes milliseconds, not the stop timeout.
+SERVICE_COMMAND = ("sh", "-c", "trap 'exit 0' TERM; while true; do sleep 1; done")
+
+
+def started_at(container) -> str:
+    container.reload()
+    return container.attrs["State"]["StartedAt"]
+
+
+def fleet_config(container_name: str) -> dict:
+    return {
+        "sweeper": {"interval_seconds": 1, "requeue_after_seconds": 2},
+        "slack": {"channel": "#ops-e2e"},
+        "services": {"api": {"container": container_name}},
+        "remediation": {
+            "rules": [
+                {
+                    "name": "service-down",
+                    "match": ['alertname="ServiceDown"'],
+                    "playbook": "restart_service",
+                    "target": {"service_label": "service"},
+                    "params": {"stop_timeout_seconds": 2, "verify_timeout_seconds": 20},
+                }
+            ]
+        },
+    }
+
+
+@pytest.fixture
+def api_container(make_container):
+    return make_container(f"e2e-api-{uuid.uuid4().hex[:8]}", command=SERVICE_COMMAND)
+
+
+def assert_run_reported(run: dict, slack, fleet_metrics: str) -> None:
+    assert run["status"] == "succeeded", run
+    assert [(s["name"], s["status"]) for s in run["steps"]] == [
+        ("locate", "succeeded"),
+        ("restart", "succeeded"),
+        ("verify", "succeeded"),
+    ]
+    # One thread: a parent, one reply per step, the parent updated to the final status.
+    def complete():
+        threads = slack.threads()
+        if len(threads) != 1:
+            return None
+        [thread] = threads.values()
+        updates = thread["updates"]
+        return thread if len(thread["replies"]) == 3 and updates and "succeeded" in updates[-1]["text"] else None
+
+    thread = wait_for(complete, 30, what="Slack thread with 3 replies and a final update")
+    assert f"Run #{run['id']}" in thread["parent"]["text"]
+    assert metric_value(fleet_metrics, "opsfleet_runs_total", playbook="restart_service", status="succeeded") == 1
+
+
+def test_real_alertmanager_restarts_real_container_redis_postgres(
+    tmp_path, api_container, make_alertmanager, slack, shared_pg_url
+):
+    before = started_at(api_container)
+    env = {
+        "REDIS_URL": "redis://127.0.0.1:6379/0",
+        "DATABASE_URL": shared_pg_url,
+        "DOCKER_HOST": TEST_DOCKER_HOST,
+        "SLACK_BOT_TOKEN": slack.token,
+        "SLACK_API_URL": slack.base_url,
+    }
+    with Fleet(tmp_path, fleet_config(api_container.name), env).start() as fleet:
+        am = make_alertmanager(f"{fleet.url}/hooks/alertmanager", token=fleet.token)
+        am.fire({"alertname": "ServiceDown", "service": "api", "severity": "critical"})
+
+        runs = fleet.wait(lambda: fleet.runs() or None, 30, "Alertmanager's webhook to create a run")
+        assert len(runs) == 1 and runs[0]["trigger"] == "alert" and runs[0]["target"] == "api"
+        run = fleet.wait_run(runs[0]["id"])
+        assert started_at(api_container) != before, "the container was not restarted"
+        assert_run_reported(run, slack, fleet.metrics())
+        # Alertmanager's own POST reached the edge with its token and was counted.
+        assert metric_value(fleet.metrics(), "opsfleet_webhook_requests_total", source="alertmanager", code="202") >= 1
+
+
+def test_opsfleet_run_on_embedded_defaults(tmp_path, api_container, make_container, make_alertmanager, slack):
+    """`opsfleet run` as a user starts it: no Redis, no PostgreSQL."""
+    import yaml
+
+    bystander = make_container(f"e2e-bystander-{uuid.uuid4().hex[:8]}", command=SERVICE_COMMAND)
+    bystander_started = started_at(bystander)
+    before = started_at(api_container)
+    port = free_port()
+    config = {**fleet_config(api_container.name), "fleet": {"data_dir": str(tmp_path / "data")}}
+    (tmp_path / "opsfleet.yaml").write_text(yaml.safe_dump(config))
+    env = {
+        k: v
+        for k, v in __import__("os").environ.items()
+        if k not in ("REDIS_URL", "DATABASE_URL", "ALERTMANAGER_TOKEN", "PROMETHEUS_MULTIPROC_DIR", "OPSFLEET_CONFIG")
+    }
+    env.update(
+        DOCKER_HOST=TEST_DOCKER_HOST, SLACK_BOT_TOKEN=slack.token, SLACK_API_URL=slack.base_url, PYTHONPATH=str(REPO)
+    )
+    log = tmp_path / "opsfleet-run.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "opsfleet.cli", "run", "--port", str(port)],
+            cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: requests.get(f"{base}/readyz", timeout=2).ok, 60, what=f"opsfleet run ready\n{log_tail(log)}")
+        token = (tmp_path / "data" / "alertmanager-token").read_text().strip()
+        assert (tmp_path / "data" / "alertmanager-token").stat().st_mode & 0o777 == 0o600
+        assert token in log.read_text(), "the generated token is printed once"
+        assert f"POST {base}/hooks/alertmanager" in log.read_text()
+
+        # The token is required even though it was generated.
+        refused = requests.post(f"{base}/hooks/alertmanager", data=b"{}", timeout=5)
+        assert refused.status_code == 401
+
+        am = make_alertmanager(f"{base}/hooks/alertmanager", token=token)
+        am.fire({"alertname": "ServiceDown", "service": "api"})
+        # Hostile label values: a shell command and a real container's name not
+        # in the configuration. Neither may reach Docker or a shell.
+        am.fire({"alertname": "ServiceDown", "service": "api; touch /tmp/opsfleet-pwned #"})
+        am.fire({"alertname": "ServiceDown", "service": bystander.name})
+
+        def three_runs():
+            runs = requests.get(f"{base}/api/runs", timeout=5).json()["runs"]
+            return runs if len(runs) == 3 else None
+
+        runs = wait_for(three_runs, 30, what=f"three runs\n{log_tail(log)}")
+        acted = [r for r in runs if r["status"] != "skipped"]
+        skipped = [r for r in runs if r["status"] == "skipped"]
+        assert len(acted) == 1 and len(skipped) == 2
+        assert all("no configured service" in r["reason"] and r["target"] is None for r in skipped)
+
+        def finished():
+            run = requests.get(f"{base}/api/runs/{acted[0]['id']}", timeout=5).json()
+            return run if run["status"] in ("succeeded", "failed") else None
+
+        run = wait_for(finished, 60, what=f"run to finish\n{log_tail(log)}")
+        assert started_at(api_container) != before
+        assert started_at(bystander) == bystander_started, "a container named by a label was touched"
+        assert not __import__("os").path.exists("/tmp/opsfleet-pwned")
+        assert_run_reported(run, slack, requests.get(f"{base}/metrics", timeout=5).text)
+
+        # The CLI reads the same ledger.
+        listed = subprocess.run(
+            [sys.executable, "-m", "opsfleet.cli", "runs"], cwd=tmp_path, env=env, capture_output=True, text=True,
+            timeout=30,
+        )
+        assert listed.returncode == 0 and "succeeded" in listed.stdout and "restart_service" in listed.stdout
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(40)
+        finally:
+            stop_process(proc, signal.SIGKILL)
+    assert proc.returncode == 0, log_tail(log)
+    assert "opsfleet stopped" in log.read_text()
+
+
+def test_sweeper_enqueues_what_was_committed_while_redis_was_down(
+    tmp_path, api_container, private_redis, shared_pg_url
+):
+    before = started_at(api_container)
+    env = {"REDIS_URL": private_redis.url, "DATABASE_URL": shared_pg_url, "DOCKER_HOST": TEST_DOCKER_HOST}
+    with Fleet(tmp_path, fleet_config(api_container.name), env).start() as fleet:
+        private_redis.stop()
+        alert = {
+            "version": "4", "status": "firing", "receiver": "fleet", "groupKey": '{}:{alertname="ServiceDown"}',
+            "truncatedAlerts": 0, "groupLabels": {}, "commonLabels": {}, "commonAnnotations": {}, "externalURL": "",
+            "alerts": [{
+                "status": "firing", "labels": {"alertname": "ServiceDown", "service": "api"}, "annotations": {},
+                "startsAt": "2026-12-03T18:44:29.678702744Z", "endsAt": "0001-01-01T00:00:00Z",
+                "generatorURL": "", "fingerprint": "0123456789abcdef",
+            }],
+        }
+        began = time.monotonic()
+        answer = fleet.post_alerts(alert)
+        assert answer.status_code == 202, answer.text
+        assert time.monotonic() - began < 8, "the edge must answer fast with the broker down"
+        assert answer.json()["enqueued"] == []
+        [run_id] = answer.json()["runs"]
+        assert fleet.api(f"/runs/{run_id}")["status"] == "queued"
+
+        private_redis.start()
+        run = fleet.wait_run(run_id, timeout=90)
+        assert run["status"] == "succeeded", run
+        assert started_at(api_container) != before
+        time.sleep(3)  # several more sweeps: nothing more happens
+        assert len(fleet.runs()) == 1
+        assert len(fleet.api(f"/runs/{run_id}")["steps"]) == 3
+        assert metric_value(fleet.metrics(), "opsfleet_sweeper_actions_total", action="requeued") >= 1
