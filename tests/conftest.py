@@ -6,12 +6,17 @@ with its name, never skips it.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 # prometheus-client reads this once, at its first import: set it before any
 # opsfleet module loads so in-process metrics behave like the real processes'.
-os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="opsfleet-test-metrics-"))
+if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+    _metrics_dir = tempfile.mkdtemp(prefix="opsfleet-test-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir
+    atexit.register(shutil.rmtree, _metrics_dir, ignore_errors=True)
 os.environ.pop("OPSFLEET_CONFIG", None)
 
 import pytest  # noqa: E402

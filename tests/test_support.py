@@ -48,10 +48,10 @@ def test_shared_servers_are_named_when_down(monkeypatch):
     closed = f"127.0.0.1:{servers.free_port()}"
     monkeypatch.setattr(servers, "SHARED_POSTGRES_URL", f"postgresql://postgres@{closed}/postgres")
     monkeypatch.setattr(servers, "SHARED_REDIS_URL", f"redis://{closed}/0")
-    with pytest.raises(RuntimeError, match=r"PostgreSQL at 127.0.0.1:5432 .*services\.sh"):
+    with pytest.raises(RuntimeError, match=r"(?s)PostgreSQL at 127.0.0.1:5432 .*services\.sh"):
         with servers.shared_postgres_database():
             pass
-    with pytest.raises(RuntimeError, match=r"Redis at 127.0.0.1:6379 .*services\.sh"):
+    with pytest.raises(RuntimeError, match=r"(?s)Redis at 127.0.0.1:6379 .*services\.sh"):
         servers.shared_redis_url()
 
 
@@ -229,3 +229,9 @@ def test_run_test_container(dockerd, make_container):
     assert [c.id for c in dockerd.containers.list(all=True, filters={"name": "opsfleet-support-test"})] == [second.id]
     assert first.id != second.id
     assert second.exec_run(["echo", "hi"]).output == b"hi\n"
+
+
+def test_missing_test_image_points_at_the_build_script(dockerd, monkeypatch):
+    monkeypatch.setattr(servers, "TEST_IMAGE", "opsfleet-test/absent:0")
+    with pytest.raises(RuntimeError, match=r"opsfleet-test/absent:0 is missing.*build-test-image\.sh"):
+        servers.ensure_test_image(dockerd)
