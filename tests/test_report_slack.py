@@ -1,0 +1,73 @@
+"""Slack reports against the local recorder: one thread per run, escaping, 429, outage."""
+
+from __future__ import annotations
+
+import pytest
+
+import worker.tasks.report  # noqa: F401  (registers the task)
+from worker.adapters.ledger import NewRun
+from worker.celery_factory import create_celery
+from worker.config import parse_config
+
+HOSTILE = "<!channel> hi <@U024BE7LH> & <https://evil.example|click> `x`"
+
+
+@pytest.fixture
+def reporting(tmp_path, slack):
+    loaded = parse_config(
+        {"fleet": {"data_dir": str(tmp_path)}, "slack": {"channel": "#ops-test"}},
+        source="t",
+        base_dir=tmp_path,
+        environ={"SLACK_BOT_TOKEN": slack.token, "SLACK_API_URL": slack.base_url},
+    )
+    app = create_celery(loaded)
+    ledger = app.opsfleet.ledger
+    ledger.migrate()
+    run_id = ledger.record_event(
+        source="alertmanager", summary="", body="",
+        new_runs=[NewRun(trigger="alert", playbook="restart_service", target="api", summary=HOSTILE, dedup_key="k")],
+    ).runs[0].id
+    ledger.claim_run(run_id, "w", 60)
+    ledger.begin_step(run_id, 0, "locate", 60)
+    ledger.end_step(run_id, 0, "succeeded", "found " + HOSTILE, 60)
+    ledger.finish_run(run_id, "succeeded")
+    report = app.tasks["opsfleet.report.slack"]
+    return app, ledger, run_id, report
+
+
+def test_one_thread_per_run_and_text_is_escaped(reporting, slack):
+    app, ledger, run_id, report = reporting
+    assert report.apply(args=(run_id,)).get() == "delivered"
+    assert report.apply(args=(run_id,)).get() == "delivered"  # again: nothing new to post
+    [thread] = slack.threads().values()
+    assert len(thread["replies"]) == 1
+    texts = [thread["parent"]["text"], thread["replies"][0]["text"]]
+    for text in texts:
+        assert "<!channel>" not in text and "<@U024BE7LH>" not in text and "<https://evil" not in text
+        assert "&lt;!channel&gt;" in text and "&amp;" in text
+    assert ledger.get_run(run_id)["slack_ts"] == next(iter(slack.threads()))
+
+
+def test_rate_limit_is_waited_out(reporting, slack):
+    app, ledger, run_id, report = reporting
+    slack.fail_next("chat.postMessage", times=1, status=429, retry_after=1)
+    assert report.apply(args=(run_id,)).get() == "delivered"
+    statuses = [c.status for c in slack.calls if c.method == "chat.postMessage"]
+    assert statuses[0] == 429 and statuses.count(200) == 2  # parent (after the 429) and one reply
+    assert len(slack.threads()) == 1
+
+
+def test_slack_refusing_is_retried_then_recorded_undelivered(reporting, slack):
+    app, ledger, run_id, report = reporting
+    slack.fail_next("chat.postMessage", times=100, error="channel_not_found")
+    assert report.apply(args=(run_id,)).get() == "undelivered"
+    attempts = [c for c in slack.calls if c.method == "chat.postMessage"]
+    assert len(attempts) == report.max_retries + 1
+    assert ledger.get_run(run_id)["slack_ts"] is None
+    assert ledger.lock_report(run_id, 1), "the report lock was released"
+
+
+def test_no_token_means_no_report(tmp_path):
+    loaded = parse_config({"fleet": {"data_dir": str(tmp_path)}}, source="t", base_dir=tmp_path, environ={})
+    app = create_celery(loaded)
+    assert app.tasks["opsfleet.report.slack"].apply(args=(1,)).get() == "slack not configured"
