@@ -211,3 +211,48 @@ def test_sweeper_enqueues_what_was_committed_while_redis_was_down(
         assert len(fleet.runs()) == 1
         assert len(fleet.api(f"/runs/{run_id}")["steps"]) == 3
         assert metric_value(fleet.metrics(), "opsfleet_sweeper_actions_total", action="requeued") >= 1
+
+
+def _alert(fingerprint: str, starts_at: str) -> dict:
+    return {
+        "version": "4", "status": "firing", "receiver": "fleet", "groupKey": '{}:{alertname="ServiceDown"}',
+        "truncatedAlerts": 0, "groupLabels": {}, "commonLabels": {}, "commonAnnotations": {}, "externalURL": "",
+        "alerts": [{
+            "status": "firing", "labels": {"alertname": "ServiceDown", "service": "api"}, "annotations": {},
+            "startsAt": starts_at, "endsAt": "0001-01-01T00:00:00Z", "generatorURL": "", "fingerprint": fingerprint,
+        }],
+    }
+
+
+def test_worker_killed_inside_a_step_fails_the_run_once_and_frees_the_target(tmp_path, api_container, shared_pg_url):
+    hold_dir = tmp_path / "hold"
+    hold_dir.mkdir()
+    hold = hold_dir / "hold-restart_service-restart"
+    hold.touch()
+    config = fleet_config(api_container.name)
+    # Lease = hard limit + queue grace = 10 s: the sweeper notices the dead worker quickly.
+    config["worker"] = {"step_soft_timeout_seconds": 4, "step_hard_timeout_seconds": 5, "queue_grace_seconds": 5}
+    env = {
+        "REDIS_URL": "redis://127.0.0.1:6379/0",
+        "DATABASE_URL": shared_pg_url,
+        "DOCKER_HOST": TEST_DOCKER_HOST,
+        "OPSFLEET_TEST_HOLD_DIR": str(hold_dir),
+    }
+    before = started_at(api_container)
+    with Fleet(tmp_path, config, env).start() as fleet:
+        [run_id] = fleet.post_alerts(_alert("00000000000000aa", "2026-12-03T10:00:00Z")).json()["runs"]
+        fleet.wait(lambda: (hold_dir / f"held-{run_id}-restart").exists(), 30, "the worker to hold inside restart")
+        fleet.stop("worker", sig=signal.SIGKILL)
+        hold.unlink()
+        # The sweeper is a task: a worker (here the restarted one) runs it.
+        fleet.start("worker")
+        run = fleet.wait_run(run_id, statuses=("failed",), timeout=40)
+        assert "lease expired" in run["reason"] or "worker lost" in run["reason"]
+        assert [s["status"] for s in run["steps"]] == ["succeeded", "failed"]
+        assert started_at(api_container) == before, "the held restart must not have happened"
+
+        [next_id] = fleet.post_alerts(_alert("00000000000000aa", "2026-12-03T10:05:00Z")).json()["runs"]
+        assert next_id != run_id
+        assert fleet.wait_run(next_id)["status"] == "succeeded"
+        assert started_at(api_container) != before
+        assert fleet.api(f"/runs/{run_id}")["status"] == "failed"  # ended once, stays ended

@@ -14,7 +14,8 @@ import pytest
 from webhooks import create_app
 from worker.config import ConfigError, parse_config
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "alertmanager"
+# Real bodies a real Alertmanager sent (copied from the team's shared fixtures; see their README).
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "alertmanager"
 TOKEN = "test-token-123"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
