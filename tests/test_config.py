@@ -49,6 +49,8 @@ def test_empty_file_is_the_embedded_defaults():
         ({"services": {"api": {}}}, "services.api: set exactly one of container or compose_service"),
         ({"worker": {"step_soft_timeout_seconds": 10, "step_hard_timeout_seconds": 5}}, "worker: step_hard"),
         ([1, 2], "(top level): expected a mapping"),
+        ({"broker": {"visibility_timeout_seconds": 100}, "worker": {"step_hard_timeout_seconds": 200}},
+         "broker.visibility_timeout_seconds: must be above worker.step_hard_timeout_seconds"),
     ],
 )
 def test_errors_name_the_key(raw, expected):

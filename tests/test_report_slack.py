@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-import worker.tasks.report  # noqa: F401  (registers the task)
 from worker.adapters.ledger import NewRun
 from worker.celery_factory import create_celery
 from worker.config import parse_config

@@ -77,3 +77,21 @@ def test_failing_step_ends_the_run_with_the_reason(engine):
     run = ledger.get_run(run_id)
     assert run["status"] == "failed" and run["reason"].startswith("step locate failed: cannot reach Docker")
     assert run["steps"][0]["status"] == "failed"
+
+
+def test_scheduled_trigger_makes_one_run_per_slot_however_many_beats(engine):
+    app, ledger, _, messages = engine
+    trigger = app.tasks["opsfleet.schedule.trigger"]
+    first = trigger.apply(args=("restart_service", "api"), kwargs={"slot_seconds": 3600}).get()
+    second = trigger.apply(args=("restart_service", "api"), kwargs={"slot_seconds": 3600}).get()
+    assert first["created"] and first["enqueued"]
+    assert second == {"run_id": first["run_id"], "created": False, "enqueued": False}
+    run = ledger.get_run(first["run_id"])
+    assert run["trigger"] == "schedule" and run["dedup_key"].startswith("schedule:restart_service:api:")
+    assert len(messages()) == 1
+
+
+def test_scheduled_trigger_refuses_unknown_playbook(engine):
+    app, *_ = engine
+    result = app.tasks["opsfleet.schedule.trigger"].apply(args=("nope", "x"))
+    assert result.state == "FAILURE" and "unknown playbook" in str(result.result)

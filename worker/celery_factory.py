@@ -21,7 +21,7 @@ QUEUE_REPORT = "opsfleet.report"
 QUEUE_MAINTENANCE = "opsfleet.maintenance"
 QUEUES = (QUEUE_REMEDIATE, QUEUE_REPORT, QUEUE_MAINTENANCE)
 
-TASK_MODULES = ("worker.tasks.runs", "worker.tasks.report", "worker.tasks.sweeper")
+TASK_MODULES = ("worker.tasks.runs", "worker.tasks.report", "worker.tasks.sweeper", "worker.tasks.schedule")
 
 # Task name → queue. The edge only enqueues by name, so it needs none of the
 # task code (Docker, Slack) to start.
@@ -31,6 +31,7 @@ ROUTES = {
     "opsfleet.runs.finish": QUEUE_REMEDIATE,
     "opsfleet.report.slack": QUEUE_REPORT,
     "opsfleet.sweeper.sweep": QUEUE_MAINTENANCE,
+    "opsfleet.schedule.trigger": QUEUE_MAINTENANCE,
 }
 
 
@@ -73,6 +74,7 @@ def task_time_limits(loaded: LoadedConfig) -> dict[str, dict]:
         "opsfleet.runs.finish": quick,
         "opsfleet.report.slack": {"soft_time_limit": 120, "time_limit": 150},
         "opsfleet.sweeper.sweep": quick,
+        "opsfleet.schedule.trigger": quick,
     }
 
 
@@ -123,4 +125,6 @@ def create_celery(loaded: LoadedConfig, *, include_tasks: bool = True) -> Celery
         beat_schedule=beat_schedule.build_schedule(loaded.config),
     )
     app.opsfleet = Runtime(loaded)
+    if include_tasks:
+        app.loader.import_default_modules()  # register the tasks now, not at worker start
     return app

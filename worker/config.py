@@ -300,6 +300,11 @@ def _format_validation_error(err: ValidationError) -> list[str]:
 def _cross_check(config: Config) -> list[str]:
     """Checks that span sections, each naming the key at fault."""
     problems = []
+    if config.broker.visibility_timeout_seconds <= config.worker.step_hard_timeout_seconds:
+        problems.append(
+            "broker.visibility_timeout_seconds: must be above worker.step_hard_timeout_seconds "
+            f"({config.worker.step_hard_timeout_seconds}), or Redis re-delivers steps that are still running"
+        )
     names = sorted(config.services)
     for i, rule in enumerate(config.remediation.rules):
         service = rule.target.service
