@@ -49,7 +49,7 @@ TABLE = [
     (alert(alertname="ServiceDown", service="db"),                "skip",    "down-by-label", None,  "names no configured service"),
     (alert(alertname="ServiceDown", service="api; rm -rf /"),     "skip",    "down-by-label", None,  "names no configured service"),
     (alert(alertname="ServiceDown"),                              "skip",    "down-by-label", None,  "missing"),
-    (alert(alertname="HighMemoryUsage", severity="warning"),      "dry_run", "mem-web",       "web", "would restart_service web"),
+    (alert(alertname="HighMemoryUsage", severity="warning"),      "act",     "mem-web",       "web", "matched"),
     (alert(alertname="HighMemoryUsage", severity="info"),         "ignore",  None,            None,  "no rule"),
     (alert(alertname="Other"),                                    "ignore",  None,            None,  "no rule"),
     # first match wins: ServiceDown+critical acts once, by the first rule
@@ -69,6 +69,19 @@ def test_all_match_mode_acts_for_every_matching_rule():
     decisions = decide_alerts([incoming], config("all_match"))
     assert [(d.rule, d.target) for d in decisions] == [("down-by-label", "web"), ("any-critical", "api")]
     assert len({d.dedup_key for d in decisions}) == 2
+
+
+def test_rule_policy_takes_defaults_and_overrides():
+    raw = {**CONFIG, "remediation": {**CONFIG["remediation"], "defaults": {"cooldown_seconds": 60}}}
+    raw["remediation"]["rules"] = [
+        {**raw["remediation"]["rules"][0], "cap": {"max_actions": 5, "window_seconds": 600}},
+        raw["remediation"]["rules"][1],
+    ]
+    cfg = parse_config(raw, source="t", base_dir=".", environ={}).config
+    down, mem = (decide_alerts([alert(alertname=n, service="api", severity="warning")], cfg)[0] for n in
+                 ("ServiceDown", "HighMemoryUsage"))
+    assert (down.policy.cooldown.seconds, down.policy.cap_max_actions, down.policy.dry_run) == (60, 5, False)
+    assert (mem.policy.cap_max_actions, mem.policy.storm_max_targets, mem.policy.dry_run) == (3, 10, True)
 
 
 def test_dedup_key_is_rule_fingerprint_and_starts_at():

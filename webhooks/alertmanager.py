@@ -88,7 +88,9 @@ def receive():
     )
     try:
         state.ensure_schema()
-        intake = accept_alerts(state.celery, alerts=alerts, summary=summary, body=body.decode("utf-8"))
+        intake = accept_alerts(
+            state.celery, alerts=alerts, truncated=payload.truncatedAlerts, summary=summary, body=body.decode("utf-8")
+        )
     except LedgerUnavailable:
         response = error(503, "ledger unavailable: not recorded, send again")
         response.headers["Retry-After"] = "5"
@@ -98,6 +100,7 @@ def receive():
             "event_id": intake.event_id,
             "runs": intake.run_ids,
             "enqueued": intake.enqueued,
+            "resolved_runs": intake.resolved_runs,
             "truncated_alerts": payload.truncatedAlerts,
             "alerts": intake.decisions,
         }

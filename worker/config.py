@@ -131,7 +131,8 @@ class ServiceSpec(_Strict):
         return self
 
 
-PlaybookName = Literal["restart_service"]
+# The playbooks a rule may name (tests check this against worker.tasks.playbooks).
+RULE_PLAYBOOKS = ("restart_service", "recreate_service", "verify", "escalate")
 
 
 class TargetSpec(_Strict):
@@ -147,14 +148,49 @@ class TargetSpec(_Strict):
         return self
 
 
+class CapSettings(_Strict):
+    max_actions: int = Field(default=3, ge=1)
+    window_seconds: int = Field(default=3600, ge=1)
+
+
+class StormSettings(_Strict):
+    max_targets: int = Field(default=10, ge=1)
+    window_seconds: int = Field(default=300, ge=1)
+
+
+class SafetySettings(_Strict):
+    """Defaults for every rule; a rule may override each."""
+
+    cooldown_seconds: int = Field(default=300, ge=0)
+    cap: CapSettings = CapSettings()
+    storm: StormSettings = StormSettings()
+
+
 class RuleSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     # Alertmanager-style matchers, kept as their normalised text; see `matchers`.
     match: tuple[str, ...]
-    playbook: PlaybookName
-    target: TargetSpec
+    playbook: str
+    target: TargetSpec | None = None
     params: dict[str, Any] = Field(default_factory=dict)
     dry_run: bool = False
+    cooldown_seconds: int | None = Field(default=None, ge=0)
+    cap: CapSettings | None = None
+    storm: StormSettings | None = None
+
+    @field_validator("playbook")
+    @classmethod
+    def _known_playbook(cls, name: str) -> str:
+        if name not in RULE_PLAYBOOKS:
+            raise ValueError(f'unknown playbook "{name}" (playbooks: {", ".join(RULE_PLAYBOOKS)})')
+        return name
+
+    @model_validator(mode="after")
+    def _target_needed(self) -> RuleSpec:
+        # Only escalate may go without a target: it acts on people, not services.
+        if self.target is None and self.playbook != "escalate":
+            raise ValueError(f"target is required for playbook {self.playbook}")
+        return self
 
     @field_validator("match", mode="before")
     @classmethod
@@ -174,6 +210,7 @@ class RemediationSettings(_Strict):
     # first_match: an alert gets the action of the first rule it matches, in
     # file order. all_match: every matching rule acts.
     mode: Literal["first_match", "all_match"] = "first_match"
+    defaults: SafetySettings = SafetySettings()
     rules: tuple[RuleSpec, ...] = ()
 
     @field_validator("rules")
@@ -187,6 +224,19 @@ class RemediationSettings(_Strict):
         return rules
 
 
+class EscalationSettings(_Strict):
+    """Where `escalate` pages people. Both paths are tried, each on its own,
+    so a Slack outage still reaches the team's Alertmanager route."""
+
+    slack_mention: str = Field(
+        default="<!here>", description="Who to mention in Slack, e.g. <!subteam^S0123> for a user group."
+    )
+    alertmanager_url: str | None = Field(default=None, description="Alertmanager to post OpsfleetEscalation to.")
+    alertmanager_labels: dict[str, str] = Field(default_factory=lambda: {"severity": "critical"})
+    escalation_ttl_seconds: int = Field(default=3600, ge=60, description="endsAt of the posted alert.")
+    timeout_seconds: int = Field(default=10, ge=1, le=60)
+
+
 class Config(_Strict):
     fleet: FleetSettings = FleetSettings()
     web: WebSettings = WebSettings()
@@ -197,6 +247,7 @@ class Config(_Strict):
     docker: DockerSettings = DockerSettings()
     services: dict[str, ServiceSpec] = Field(default_factory=dict)
     remediation: RemediationSettings = RemediationSettings()
+    escalation: EscalationSettings = EscalationSettings()
 
     @field_validator("services")
     @classmethod
@@ -307,7 +358,7 @@ def _cross_check(config: Config) -> list[str]:
         )
     names = sorted(config.services)
     for i, rule in enumerate(config.remediation.rules):
-        service = rule.target.service
+        service = rule.target.service if rule.target else None
         if service and service not in config.services:
             known = ", ".join(names) or "none configured"
             problems.append(f'remediation.rules[{i}].target.service: unknown service "{service}" (services: {known})')

@@ -1,19 +1,24 @@
-"""What to do about an Alertmanager notification: one pure function.
+"""Which rules an Alertmanager notification's alerts match: one pure function.
 
 Input is the alerts of one notification and the configuration; output is one
 decision per (alert, rule). No I/O here, so the table tests in
-tests/test_decide.py can show every case by eye.
+tests/test_decide.py can show every case by eye. Whether a matched alert may
+act now (lock, cooldown, cap, storm, dry run) is worker.safety's question,
+asked inside the ledger transaction that records the answer.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any, Literal
 
-from worker.config import Config, RuleSpec
+from worker.config import Config, RemediationSettings, RuleSpec
 from worker.matchers import matches_all
+from worker.safety import Policy
 
-Outcome = Literal["act", "dry_run", "skip", "ignore"]
+# act: matched, with a target; safety decides whether it acts now.
+Outcome = Literal["act", "skip", "ignore"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,12 @@ class AlertDecision:
     playbook: str | None = None
     target: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
+    policy: Policy | None = None
+
+    @property
+    def subject(self) -> str:
+        """What the storm breaker counts: the target, or the alert where there is none."""
+        return self.target or f"alert:{self.alert.fingerprint}"
 
     @property
     def makes_run(self) -> bool:
@@ -52,7 +63,24 @@ class AlertDecision:
         return f"alert:{self.rule}:{self.alert.fingerprint}:{self.alert.starts_at}"
 
 
+def policy_for(rule: RuleSpec, remediation: RemediationSettings) -> Policy:
+    defaults = remediation.defaults
+    cap = rule.cap or defaults.cap
+    storm = rule.storm or defaults.storm
+    cooldown = defaults.cooldown_seconds if rule.cooldown_seconds is None else rule.cooldown_seconds
+    return Policy(
+        cooldown=timedelta(seconds=cooldown),
+        cap_max_actions=cap.max_actions,
+        cap_window=timedelta(seconds=cap.window_seconds),
+        storm_max_targets=storm.max_targets,
+        storm_window=timedelta(seconds=storm.window_seconds),
+        dry_run=rule.dry_run,
+    )
+
+
 def _target(rule: RuleSpec, alert: Alert, config: Config) -> tuple[str | None, str]:
+    if rule.target is None:
+        return None, ""  # escalate: acts on people
     if rule.target.service:
         return rule.target.service, ""
     wanted = alert.labels.get(rule.target.service_label or "")
@@ -80,13 +108,15 @@ def decide_alerts(alerts: list[Alert], config: Config) -> list[AlertDecision]:
             matched = matched[:1]
         for rule in matched:
             target, problem = _target(rule, alert, config)
-            common = dict(rule=rule.name, playbook=rule.playbook, target=target, params=dict(rule.params))
-            if target is None:
+            common = dict(
+                rule=rule.name,
+                playbook=rule.playbook,
+                target=target,
+                params=dict(rule.params),
+                policy=policy_for(rule, config.remediation),
+            )
+            if problem:
                 decisions.append(AlertDecision(alert, "skip", f"unknown target: {problem}", **common))
-            elif rule.dry_run:
-                decisions.append(
-                    AlertDecision(alert, "dry_run", f"dry run: would {rule.playbook} {target}", **common)
-                )
             else:
                 decisions.append(AlertDecision(alert, "act", f"rule {rule.name} matched", **common))
     return decisions

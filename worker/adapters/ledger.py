@@ -8,6 +8,7 @@ two web processes or two workers racing on the same run cannot both win.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Iterable, Iterator
@@ -114,7 +115,15 @@ runs = sa.Table(
     sa.Column("slack_ts", sa.String(64)),
     sa.Column("report_lock_until", UTCDateTime),
     sa.Column("reported_status", sa.String(20)),
+    # Alert runs: which alert firing they answer, and when it resolved.
+    sa.Column("fingerprint", sa.String(64)),
+    sa.Column("alert_starts_at", sa.String(40)),
+    sa.Column("resolved_at", UTCDateTime),
+    sa.Column("resolution_reported", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Index("runs_status_created", "status", "created_at"),
+    sa.Index("runs_target_status", "target", "status"),
+    sa.Index("runs_rule_created", "rule", "created_at"),
+    sa.Index("runs_fingerprint", "fingerprint"),
 )
 
 steps = sa.Table(
@@ -145,6 +154,13 @@ class NewRun:
     summary: str = ""
     dedup_key: str | None = None
     triggered_by: str | None = None
+    fingerprint: str | None = None
+    alert_starts_at: str | None = None
+
+
+# Statuses of a run that did something to its target (for cooldowns and caps).
+ACTED_STATUSES = ("queued", "running", "succeeded", "failed", "rolled_back", "rollback_failed")
+ACTIVE_STATUSES = ("queued", "running")
 
 
 @dataclass(frozen=True)
@@ -269,6 +285,16 @@ class Ledger:
 
     # -- intake ---------------------------------------------------------------
 
+    @contextmanager
+    def intake(self) -> Iterator[IntakeTx]:
+        """One transaction for recording an event and deciding its runs.
+
+        Decisions read state and write runs inside it; `IntakeTx.lock` keeps
+        two intakes about the same rule or target from interleaving.
+        """
+        with self._tx() as conn:
+            yield IntakeTx(self, conn, utcnow())
+
     def record_event(
         self, *, source: str, summary: str, body: str, new_runs: Iterable[NewRun], dedup_key: str | None = None
     ) -> RecordedEvent:
@@ -277,45 +303,9 @@ class Ledger:
         A run whose dedup key exists already is not created again: the existing
         run's repeat counter goes up and its id is returned with created=False.
         """
-        now = utcnow()
-        with self._tx() as conn:
-            event_id = conn.execute(
-                events.insert()
-                .values(source=source, dedup_key=dedup_key, received_at=now, summary=summary[:2000], body=body)
-                .returning(events.c.id)
-            ).scalar_one()
-            recorded = []
-            for new in new_runs:
-                values = dict(
-                    event_id=event_id,
-                    trigger=new.trigger,
-                    triggered_by=new.triggered_by,
-                    rule=new.rule,
-                    playbook=new.playbook,
-                    target=new.target,
-                    params=json.dumps(new.params, sort_keys=True),
-                    summary=new.summary[:2000],
-                    dedup_key=new.dedup_key,
-                    status=new.status,
-                    reason=new.reason,
-                    created_at=now,
-                    finished_at=now if new.status in FINAL_STATUSES else None,
-                )
-                stmt = self._insert(runs).values(**values)
-                if new.dedup_key is not None:
-                    stmt = stmt.on_conflict_do_nothing(index_elements=["dedup_key"])
-                run_id = conn.execute(stmt.returning(runs.c.id)).scalar()
-                if run_id is not None:
-                    recorded.append(RecordedRun(run_id, True, new.status))
-                    continue
-                row = conn.execute(
-                    runs.update()
-                    .where(runs.c.dedup_key == new.dedup_key)
-                    .values(repeats=runs.c.repeats + 1, last_repeat_at=now)
-                    .returning(runs.c.id, runs.c.status)
-                ).one()
-                recorded.append(RecordedRun(row.id, False, row.status))
-            return RecordedEvent(event_id, recorded)
+        with self.intake() as tx:
+            event_id = tx.add_event(source=source, summary=summary, body=body, dedup_key=dedup_key)
+            return RecordedEvent(event_id, [tx.add_run(event_id, new) for new in new_runs])
 
     def mark_enqueued(self, run_ids: Iterable[int]) -> None:
         ids = list(run_ids)
@@ -511,9 +501,155 @@ class Ledger:
         with self._tx() as conn:
             conn.execute(steps.update().where(steps.c.id == step_id).values(reported=True))
 
+    def mark_resolution_reported(self, run_id: int) -> None:
+        with self._tx() as conn:
+            conn.execute(runs.update().where(runs.c.id == run_id).values(resolution_reported=True))
+
     def set_reported_status(self, run_id: int, status: str) -> None:
         with self._tx() as conn:
             conn.execute(runs.update().where(runs.c.id == run_id).values(reported_status=status))
+
+
+class IntakeTx:
+    """Reads and writes of one intake transaction (see `Ledger.intake`)."""
+
+    def __init__(self, ledger: Ledger, conn: Connection, now: datetime):
+        self.ledger = ledger
+        self.conn = conn
+        self.now = now
+
+    def lock(self, keys: Iterable[str]) -> None:
+        """Serialise intakes touching the same keys. PostgreSQL: transaction-scoped
+        advisory locks, taken in sorted order so two intakes cannot deadlock.
+        SQLite needs nothing: BEGIN IMMEDIATE already admits one writer."""
+        if self.ledger.dialect != "postgresql":
+            return
+        for key in sorted(set(keys)):
+            digest = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big", signed=True)
+            self.conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": digest})
+
+    def add_event(self, *, source: str, summary: str, body: str, dedup_key: str | None = None) -> int:
+        return self.conn.execute(
+            events.insert()
+            .values(source=source, dedup_key=dedup_key, received_at=self.now, summary=summary[:2000], body=body)
+            .returning(events.c.id)
+        ).scalar_one()
+
+    def existing_run(self, dedup_key: str) -> RecordedRun | None:
+        row = self.conn.execute(
+            sa.select(runs.c.id, runs.c.status).where(runs.c.dedup_key == dedup_key)
+        ).one_or_none()
+        return None if row is None else RecordedRun(row.id, False, row.status)
+
+    def add_run(self, event_id: int | None, new: NewRun) -> RecordedRun:
+        """Insert a run, or count a repeat on the run that has its dedup key."""
+        values = dict(
+            event_id=event_id,
+            trigger=new.trigger,
+            triggered_by=new.triggered_by,
+            rule=new.rule,
+            playbook=new.playbook,
+            target=new.target,
+            params=json.dumps(new.params, sort_keys=True),
+            summary=new.summary[:2000],
+            dedup_key=new.dedup_key,
+            status=new.status,
+            reason=new.reason,
+            created_at=self.now,
+            finished_at=self.now if new.status in FINAL_STATUSES else None,
+            fingerprint=new.fingerprint,
+            alert_starts_at=new.alert_starts_at,
+        )
+        stmt = self.ledger._insert(runs).values(**values)
+        if new.dedup_key is not None:
+            stmt = stmt.on_conflict_do_nothing(index_elements=["dedup_key"])
+        run_id = self.conn.execute(stmt.returning(runs.c.id)).scalar()
+        if run_id is not None:
+            return RecordedRun(run_id, True, new.status)
+        row = self.conn.execute(
+            runs.update()
+            .where(runs.c.dedup_key == new.dedup_key)
+            .values(repeats=runs.c.repeats + 1, last_repeat_at=self.now)
+            .returning(runs.c.id, runs.c.status)
+        ).one()
+        return RecordedRun(row.id, False, row.status)
+
+    def target_history(self, rule: str, target: str, cap_since: datetime) -> dict[str, Any]:
+        """What the safety checks need to know about one target."""
+        active = self.conn.execute(
+            sa.select(sa.func.min(runs.c.id)).where(
+                runs.c.target == target, runs.c.status.in_(ACTIVE_STATUSES), runs.c.playbook != "escalate"
+            )
+        ).scalar()
+        acted = sa.and_(
+            runs.c.rule == rule,
+            runs.c.target == target,
+            runs.c.trigger == "alert",
+            runs.c.playbook != "escalate",
+            runs.c.status.in_(ACTED_STATUSES),
+        )
+        last = self.conn.execute(sa.select(sa.func.max(runs.c.created_at)).where(acted)).scalar()
+        in_window = self.conn.execute(
+            sa.select(sa.func.count()).where(acted, runs.c.created_at >= cap_since)
+        ).scalar_one()
+        escalated = self.conn.execute(
+            sa.select(sa.func.count()).where(
+                runs.c.rule == rule,
+                runs.c.target == target,
+                runs.c.playbook == "escalate",
+                runs.c.created_at >= cap_since,
+            )
+        ).scalar_one()
+        return {
+            "active_run": active,
+            "last_action_at": last,
+            "actions_in_cap_window": in_window,
+            "escalated_in_cap_window": escalated > 0,
+        }
+
+    def rule_subjects(self, rule: str, since: datetime) -> set[str]:
+        """Distinct targets (or alerts, where no target) the rule saw since `since`."""
+        subject = sa.func.coalesce(runs.c.target, sa.literal("alert:") + runs.c.fingerprint)
+        return set(
+            self.conn.execute(
+                sa.select(subject)
+                .distinct()
+                .where(
+                    runs.c.rule == rule,
+                    runs.c.trigger == "alert",
+                    runs.c.playbook != "escalate",
+                    runs.c.created_at >= since,
+                )
+            ).scalars()
+        )
+
+    def storm_escalated(self, rule: str, since: datetime) -> bool:
+        return (
+            self.conn.execute(
+                sa.select(sa.func.count()).where(
+                    runs.c.rule == rule,
+                    runs.c.playbook == "escalate",
+                    runs.c.target.is_(None),
+                    runs.c.created_at >= since,
+                )
+            ).scalar_one()
+            > 0
+        )
+
+    def resolve_alert_runs(self, fingerprint: str, starts_at: str) -> list[int]:
+        """Mark the runs answering this firing as resolved; return those newly marked."""
+        return list(
+            self.conn.execute(
+                runs.update()
+                .where(
+                    runs.c.fingerprint == fingerprint,
+                    runs.c.alert_starts_at == starts_at,
+                    runs.c.resolved_at.is_(None),
+                )
+                .values(resolved_at=self.now)
+                .returning(runs.c.id)
+            ).scalars()
+        )
 
 
 def _row_dict(row: Any) -> dict[str, Any]:
