@@ -85,12 +85,17 @@ def _children(loaded: LoadedConfig, host: str, port: int) -> dict[str, list[str]
     python = sys.executable
     celery = [python, "-m", "celery", "-A", "worker.celery_app"]
     concurrency = str(loaded.config.worker.concurrency)
+    from worker.celery_factory import QUEUES, host_queue
+
+    # One box runs everything: the shared queues and every pinned host's queue.
+    hosts = sorted({s.host for s in loaded.config.services.values() if s.host})
+    queues = ",".join([*QUEUES, *(host_queue(h) for h in hosts)])
     return {
         "web": [
             python, "-m", "gunicorn", "-c", "python:opsfleet.gunicorn_conf",
             "--bind", f"{host}:{port}", "webhooks:create_app()",
         ],
-        "worker": [*celery, "worker", "--loglevel", "INFO", "--concurrency", concurrency,
+        "worker": [*celery, "worker", "--loglevel", "INFO", "--concurrency", concurrency, "--queues", queues,
                    "--hostname", f"opsfleet@{loaded.config.fleet.hostname}", "--without-gossip", "--without-mingle"],
         "beat": [*celery, "beat", "--loglevel", "INFO"],
     }
@@ -177,6 +182,32 @@ def run(ctx: click.Context, port: int | None, host: str | None) -> None:
             proc.wait(timeout=5)
     click.echo("opsfleet stopped")
     ctx.exit(exit_code)
+
+
+@cli.command("worker")
+@click.option("--host", "host", help="Run only the steps pinned to this host (services.<name>.host: NAME).")
+@click.option("--concurrency", type=click.IntRange(1, 64), help="Worker processes (default: worker.concurrency).")
+@click.pass_context
+def worker_command(ctx: click.Context, host: str | None, concurrency: int | None) -> None:
+    """Run a Celery worker.
+
+    Without --host it consumes the shared queues (remediate, report,
+    maintenance). With --host NAME it consumes only that host's queue: run
+    one on each Docker host, next to its daemon (DOCKER_HOST).
+    """
+    from worker.celery_factory import QUEUES, host_queue
+
+    loaded = _load(ctx)
+    queues = host_queue(host) if host else ",".join(QUEUES)
+    argv = [
+        sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--loglevel", "INFO",
+        "--queues", queues, "--concurrency", str(concurrency or loaded.config.worker.concurrency),
+        "--hostname", f"opsfleet-{host or 'main'}@%h", "--without-gossip", "--without-mingle",
+    ]
+    env = dict(os.environ)
+    if loaded.source != "embedded defaults":
+        env[CONFIG_ENV] = str(Path(loaded.source).resolve())
+    os.execve(sys.executable, argv, env)
 
 
 @cli.command("runs")

@@ -21,6 +21,12 @@ QUEUE_REPORT = "opsfleet.report"
 QUEUE_MAINTENANCE = "opsfleet.maintenance"
 QUEUES = (QUEUE_REMEDIATE, QUEUE_REPORT, QUEUE_MAINTENANCE)
 
+
+def host_queue(host: str) -> str:
+    """Steps that touch one host's Docker daemon or files run on that host's
+    worker (`opsfleet worker --host NAME`), which alone consumes this queue."""
+    return f"opsfleet.host.{host}"
+
 TASK_MODULES = ("worker.tasks.runs", "worker.tasks.report", "worker.tasks.sweeper", "worker.tasks.schedule")
 
 # Task name → queue. The edge only enqueues by name, so it needs none of the

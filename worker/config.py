@@ -122,7 +122,11 @@ class ServiceSpec(_Strict):
     compose_project: str | None = None
     compose_service: str | None = None
     health_url: str | None = None
-    host: str | None = None
+    host: str | None = Field(
+        default=None,
+        pattern=r"^[a-z0-9][a-z0-9_.-]{0,62}$",
+        description="Pin actions to this host's worker (opsfleet worker --host NAME).",
+    )
 
     @model_validator(mode="after")
     def _one_locator(self) -> ServiceSpec:

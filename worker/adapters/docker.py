@@ -113,3 +113,70 @@ class DockerAdapter:
             raise DockerError(f"container {container.name}: restart failed: {err}") from None
         finally:
             api.timeout = previous
+
+    def find_by_name(self, name: str):
+        try:
+            return self.client.containers.get(name)
+        except NotFound:
+            return None
+        except DockerException as err:
+            raise DockerError(f"container {name}: cannot inspect: {err}") from None
+
+    def recreate(self, container, marker: str, stop_timeout: int):
+        """A fresh container from the same image and configuration, under the same name.
+
+        Idempotent across a crash at any point: the old container is first
+        renamed to `<name>.<marker>-old` (found and finished on a re-run); the
+        new one carries the label `opsfleet.recreated-by=<marker>`.
+        """
+        attrs = container.attrs
+        name = attrs["Name"].lstrip("/")
+        config, host_config = attrs["Config"], attrs["HostConfig"]
+        api = self.client.api
+        previous_timeout = api.timeout
+        api.timeout = self.timeout + stop_timeout
+        try:
+            container.stop(timeout=stop_timeout)
+            container.rename(f"{name}.{marker}-old")
+            networks = attrs.get("NetworkSettings", {}).get("Networks") or {}
+            mode = host_config.get("NetworkMode", "")
+            endpoints = {
+                net: {"Aliases": cfg.get("Aliases")}
+                for net, cfg in networks.items()
+                if net not in ("host", "none", "bridge", "default") and net == mode
+            }
+            created = api.create_container(
+                image=attrs["Image"],  # the exact image the old container ran, by id
+                name=name,
+                command=config.get("Cmd"),
+                entrypoint=config.get("Entrypoint"),
+                environment=config.get("Env"),
+                working_dir=config.get("WorkingDir") or None,
+                user=config.get("User") or None,
+                labels={**(config.get("Labels") or {}), "opsfleet.recreated-by": marker},
+                healthcheck=config.get("Healthcheck"),
+                stop_signal=config.get("StopSignal"),
+                host_config=host_config,
+                networking_config={"EndpointsConfig": endpoints} if endpoints else None,
+            )
+            api.start(created["Id"])
+            self.client.containers.get(f"{name}.{marker}-old").remove(force=True)
+            return self.client.containers.get(created["Id"])
+        except DockerException as err:
+            raise DockerError(f"container {name}: recreate failed: {err}") from None
+        finally:
+            api.timeout = previous_timeout
+
+    def finish_recreate(self, name: str, marker: str):
+        """After a crash mid-recreate: the new container if it exists, else None;
+        a leftover renamed original is removed once the new one runs."""
+        new = self.find_by_name(name)
+        old = self.find_by_name(f"{name}.{marker}-old")
+        if new is not None and (new.labels or {}).get("opsfleet.recreated-by") == marker:
+            if old is not None:
+                try:
+                    old.remove(force=True)
+                except DockerException as err:
+                    raise DockerError(f"container {old.name}: cannot remove: {err}") from None
+            return new
+        return None

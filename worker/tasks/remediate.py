@@ -43,6 +43,68 @@ def restart(ctx: StepContext) -> str:
     return f"restarted {container.name} in {time.monotonic() - began:.1f}s (stop timeout {stop_timeout}s)"
 
 
+def recreate(ctx: StepContext) -> str:
+    """Same image, same configuration, a fresh container (no state left from the old one)."""
+    marker = f"opsfleet-run-{ctx.run['id']}"
+    spec = ctx.config.services[ctx.run["target"]]
+    if spec.container:
+        done = ctx.runtime.docker.finish_recreate(spec.container, marker)
+        if done is not None:
+            return f"already recreated as {done.name} ({done.id[:12]})"
+    container = _container(ctx)
+    old_id = container.id
+    stop_timeout = int(ctx.params.get("stop_timeout_seconds", 10))
+    try:
+        fresh = ctx.runtime.docker.recreate(container, marker, stop_timeout)
+    except DockerError as err:
+        raise StepFailed(str(err)) from None
+    return f"recreated {fresh.name}: {old_id[:12]} → {fresh.id[:12]} (image {fresh.attrs['Image'][:19]})"
+
+
+def _wait_healthy(ctx: StepContext, since: datetime | None) -> str:
+    deadline = time.monotonic() + float(ctx.params.get("verify_timeout_seconds", 30))
+    while True:
+        problem, detail = _health_problem(ctx, since)
+        if not problem:
+            return detail
+        if time.monotonic() >= deadline:
+            raise StepFailed(problem)
+        time.sleep(1)
+
+
+def verify_running(ctx: StepContext) -> str:
+    """After acting: the container runs again, was (re)started by this run, is
+    healthy if it has a health check, and answers its health URL if configured."""
+    return _wait_healthy(ctx, since=ctx.run["started_at"])
+
+
+def verify_healthy(ctx: StepContext) -> str:
+    """Re-check the condition without acting (the `verify` playbook)."""
+    return _wait_healthy(ctx, since=None)
+
+
+def _health_problem(ctx: StepContext, since: datetime | None) -> tuple[str, str]:
+    spec = ctx.config.services[ctx.run["target"]]
+    container = _container(ctx)
+    state = ctx.runtime.docker.state(container)
+    started = _parse_docker_time(state.started_at)
+    if not state.running:
+        return f"container {state.name} is {state.status}", ""
+    if since is not None and (started is None or started < since):
+        return f"container {state.name} was not restarted by this run (started {state.started_at})", ""
+    if state.health not in (None, "healthy"):
+        return f"container {state.name} health is {state.health}", ""
+    if spec.health_url:
+        try:
+            answer = requests.get(spec.health_url, timeout=5)
+        except requests.RequestException as err:
+            return f"{spec.health_url} did not answer: {err.__class__.__name__}", ""
+        if not answer.ok:
+            return f"{spec.health_url} answered {answer.status_code}", ""
+    detail = f"container {state.name} running since {state.started_at}"
+    return "", detail + (f"; {spec.health_url} OK" if spec.health_url else "")
+
+
 def _parse_docker_time(text: str) -> datetime | None:
     # Docker gives nanoseconds ("2026-12-03T18:44:29.678702744Z"); keep microseconds.
     if not text or text.startswith("0001-"):
@@ -51,43 +113,16 @@ def _parse_docker_time(text: str) -> datetime | None:
     return datetime.fromisoformat(f"{head}.{(frac + '000000')[:6]}+00:00")
 
 
-def verify_running(ctx: StepContext) -> str:
-    """The container runs again, was started by this run, is healthy if it has a
-    health check, and answers its health URL if one is configured."""
-    deadline = time.monotonic() + float(ctx.params.get("verify_timeout_seconds", 30))
-    spec = ctx.config.services[ctx.run["target"]]
-    problem = "not checked"
-    while True:
-        container = _container(ctx)
-        state = ctx.runtime.docker.state(container)
-        started = _parse_docker_time(state.started_at)
-        if not state.running:
-            problem = f"container {state.name} is {state.status}"
-        elif started is None or started < ctx.run["started_at"]:
-            problem = f"container {state.name} was not restarted by this run (started {state.started_at})"
-        elif state.health not in (None, "healthy"):
-            problem = f"container {state.name} health is {state.health}"
-        elif spec.health_url:
-            try:
-                answer = requests.get(spec.health_url, timeout=5)
-                problem = "" if answer.ok else f"{spec.health_url} answered {answer.status_code}"
-            except requests.RequestException as err:
-                problem = f"{spec.health_url} did not answer: {err.__class__.__name__}"
-        else:
-            problem = ""
-        if not problem:
-            return f"container {state.name} running since {state.started_at}" + (
-                f"; {spec.health_url} OK" if spec.health_url else ""
-            )
-        if time.monotonic() >= deadline:
-            raise StepFailed(problem)
-        time.sleep(1)
-
-
 PLAYBOOKS = {
     "restart_service": (
         Step("locate", locate),
         Step("restart", restart),
         Step("verify", verify_running),
     ),
+    "recreate_service": (
+        Step("locate", locate),
+        Step("recreate", recreate),
+        Step("verify", verify_running),
+    ),
+    "verify": (Step("verify", verify_healthy),),
 }

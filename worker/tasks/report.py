@@ -1,4 +1,5 @@
-"""Reporting a run to Slack: one parent message, updated in place; steps as replies.
+"""Reporting a run to Slack: one parent message, updated in place; steps as replies;
+"resolved" when the alert behind it resolves.
 
 The task posts whatever the thread lacks, so any number of report requests
 for a run converge on one complete thread. A per-run report lock keeps two
@@ -33,6 +34,21 @@ def run_link(public_url: str | None, run_id: int) -> str | None:
     return f"{public_url.rstrip('/')}/api/runs/{run_id}" if public_url else None
 
 
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else (f"{minutes}m{secs:02d}s" if minutes else f"{secs}s")
+
+
+def resolution_text(run: dict) -> str:
+    return f":large_green_circle: resolved after {_duration((run['resolved_at'] - run['created_at']).total_seconds())}"
+
+
+def shown_state(run: dict) -> str:
+    """What the parent message shows; it is updated whenever this changes."""
+    return run["status"] + (":resolved" if run["resolved_at"] else "")
+
+
 def parent_text(run: dict, public_url: str | None) -> str:
     icon = STATUS_ICON.get(run["status"], "")
     head = f"{icon} Run #{run['id']} {run['playbook']} on {escape(run['target'] or '-')}: *{run['status']}*"
@@ -41,6 +57,8 @@ def parent_text(run: dict, public_url: str | None) -> str:
         lines.append(escape(run["summary"]))
     if run["reason"] and run["status"] not in ("queued", "running"):
         lines.append(escape(run["reason"]))
+    if run["resolved_at"]:
+        lines.append(resolution_text(run))
     link = run_link(public_url, run["id"])
     if link:
         lines.append(f"<{link}|run details>")
@@ -70,22 +88,29 @@ def report_slack(self, run_id: int) -> str:
         run = ledger.get_run(run_id)
         if run is None:
             return "no such run"
+        if run["status"] == "skipped" and not run["slack_ts"]:
+            # Skips (repeats, locks, cooldowns, a storm's alerts) stay in the
+            # ledger: in Slack they would be the noise opsfleet exists to cut.
+            return "skipped runs are not posted"
         channel = runtime.config.slack.channel
         public_url = runtime.config.fleet.public_url
         text = parent_text(run, public_url)
         if not run["slack_ts"]:
             posted = slack.post(channel, text)
             ledger.set_slack_thread(run_id, posted.channel, posted.ts)
-            run.update(slack_channel=posted.channel, slack_ts=posted.ts, reported_status=run["status"])
-            ledger.set_reported_status(run_id, run["status"])
+            run.update(slack_channel=posted.channel, slack_ts=posted.ts, reported_status=shown_state(run))
+            ledger.set_reported_status(run_id, shown_state(run))
         for step in run["steps"]:
             if step["reported"] or step["status"] == "running":
                 continue
             slack.post(run["slack_channel"], step_text(step), thread_ts=run["slack_ts"])
             ledger.mark_step_reported(step["id"])
-        if run["reported_status"] != run["status"]:
+        if run["resolved_at"] and not run["resolution_reported"]:
+            slack.post(run["slack_channel"], resolution_text(run), thread_ts=run["slack_ts"])
+            ledger.mark_resolution_reported(run_id)
+        if run["reported_status"] != shown_state(run):
             slack.update(run["slack_channel"], run["slack_ts"], text)
-            ledger.set_reported_status(run_id, run["status"])
+            ledger.set_reported_status(run_id, shown_state(run))
         metrics.REPORTS.labels("slack", "delivered").inc()
         return "delivered"
     except SlackError as err:

@@ -21,6 +21,7 @@ from celery.exceptions import Ignore, SoftTimeLimitExceeded
 
 from worker.adapters import metrics
 from worker.adapters.ledger import LedgerUnavailable
+from worker.celery_factory import host_queue
 from worker.tasks.playbooks import PLAYBOOKS
 from worker.tasks.steps import StepContext, StepFailed, hold_if_asked
 
@@ -31,15 +32,30 @@ log = logging.getLogger("opsfleet.runs")
 LEDGER_WRITE_TRIES = 6
 
 
-def build_chain(app, run_id: int, playbook: str) -> Signature:
-    """The chain for a run: one task per step, then finish. Pure, so tests can inspect it."""
+def build_chain(app, run_id: int, playbook: str, queue: str | None = None) -> Signature:
+    """The chain for a run: one task per step, then finish. Pure, so tests can inspect it.
+
+    `queue` routes the steps to one host's worker; None keeps the default route.
+    """
     steps = PLAYBOOKS[playbook]
+    options = {"queue": queue, "routing_key": queue} if queue else {}
     # Immutable: a step's return value is not its successor's argument; the
     # ledger carries everything between steps.
     return chain(
-        *(app.signature("opsfleet.runs.step", args=(run_id, seq), immutable=True) for seq in range(len(steps))),
+        *(
+            app.signature("opsfleet.runs.step", args=(run_id, seq), immutable=True, **options)
+            for seq in range(len(steps))
+        ),
         app.signature("opsfleet.runs.finish", args=(run_id,), immutable=True),
     )
+
+
+def queue_for_run(config, run: dict) -> str | None:
+    """A run's steps go to the queue of the host its target is pinned to, if any."""
+    host = run["params"].get("host")
+    if not host and run["target"] in config.services:
+        host = config.services[run["target"]].host
+    return host_queue(host) if host else None
 
 
 def _step_lease(app) -> float:
@@ -90,7 +106,7 @@ def start_run(self, run_id: int) -> None:
         end_run(self.app, run, "failed", f'unknown playbook "{run["playbook"]}"')
         return
     request_report(self.app, run_id)
-    build_chain(self.app, run_id, run["playbook"]).apply_async()
+    build_chain(self.app, run_id, run["playbook"], queue_for_run(runtime.config, run)).apply_async()
 
 
 @shared_task(name="opsfleet.runs.step", bind=True, acks_late=True, max_retries=None)
