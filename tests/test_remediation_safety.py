@@ -1,0 +1,184 @@
+"""Remediation safety through the real edge and ledger (SQLite and PostgreSQL):
+repeats, resolves, locks, caps, storms and cooldowns, each decided once.
+
+No worker runs here: a queued run is a target "being worked on", and a fix
+is simulated by finishing the run in the ledger.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from webhooks import create_app
+from worker.config import parse_config
+
+TOKEN = "safety-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def payload(*alerts: dict, truncated: int = 0, status: str = "firing") -> bytes:
+    return json.dumps(
+        {
+            "version": "4", "status": status, "receiver": "fleet", "groupKey": "{}:{}",
+            "truncatedAlerts": truncated, "groupLabels": {}, "commonLabels": {}, "commonAnnotations": {},
+            "externalURL": "", "alerts": list(alerts),
+        }
+    ).encode()
+
+
+def alert(service: str, fingerprint: str, starts_at: str = "2026-12-03T10:00:00Z", status: str = "firing",
+          alertname: str = "ServiceDown") -> dict:
+    return {
+        "status": status, "labels": {"alertname": alertname, "service": service}, "annotations": {},
+        "startsAt": starts_at, "endsAt": "0001-01-01T00:00:00Z", "generatorURL": "", "fingerprint": fingerprint,
+    }
+
+
+def config(**rule_overrides) -> dict:
+    services = {f"svc-{i}": {"container": f"svc-{i}"} for i in range(40)}
+    return {
+        "services": {"api": {"container": "shop-api"}, **services},
+        "remediation": {
+            "defaults": {"cooldown_seconds": 0, "cap": {"max_actions": 3, "window_seconds": 3600},
+                         "storm": {"max_targets": 10, "window_seconds": 300}},
+            "rules": [
+                {"name": "down", "match": ['alertname="ServiceDown"'], "playbook": "restart_service",
+                 "target": {"service_label": "service"}, **rule_overrides},
+            ],
+        },
+    }
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def edge(request, tmp_path):
+    """make(config) -> (client, ledger); each call is a fresh app (a restarted web) on the same ledger."""
+    from tests.support.servers import shared_postgres_database
+
+    with shared_postgres_database() if request.param == "postgresql" else _nothing() as url:
+        environ = {"ALERTMANAGER_TOKEN": TOKEN, **({"DATABASE_URL": url} if url else {})}
+
+        def make(raw: dict):
+            loaded = parse_config({**raw, "fleet": {"data_dir": str(tmp_path)}}, source="t", base_dir=tmp_path,
+                                  environ=environ)
+            app = create_app(loaded=loaded)
+            return app.test_client(), app.extensions["opsfleet"].ledger
+
+        yield make
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return None
+
+
+def post(client, body: bytes) -> dict:
+    answer = client.post("/hooks/alertmanager", data=body, headers=AUTH)
+    assert answer.status_code == 202, answer.json
+    return answer.json
+
+
+def fix(ledger, run_id: int) -> None:
+    """What a worker does to a run that succeeds."""
+    assert ledger.claim_run(run_id, "test-worker", 60)
+    assert ledger.finish_run(run_id, "succeeded")
+
+
+def outcomes(answer: dict) -> list[str]:
+    return [a["outcome"] for a in answer["alerts"]]
+
+
+def test_five_alerts_for_a_target_being_worked_on_make_one_run(edge):
+    client, ledger = edge(config())
+    answers = [post(client, payload(alert("api", f"{i:016x}"))) for i in range(5)]
+    assert [outcomes(a)[0] for a in answers] == ["act", "skip", "skip", "skip", "skip"]
+    first_run = answers[0]["alerts"][0]["run_id"]
+    for answer in answers[1:]:
+        run = ledger.get_run(answer["alerts"][0]["run_id"])
+        assert run["status"] == "skipped" and run["reason"] == f"locked: run {first_run} is working on this target"
+    assert len(ledger.list_runs(status="queued")) == 1
+
+
+def test_same_target_twice_in_one_group_acts_once(edge):
+    client, ledger = edge(config())
+    answer = post(client, payload(alert("api", "00000000000000a1"), alert("api", "00000000000000a2")))
+    assert outcomes(answer) == ["act", "skip"] and "locked" in answer["alerts"][1]["reason"]
+
+
+def test_firing_then_resolved_is_one_action_and_marks_the_run_resolved(edge):
+    client, ledger = edge(config())
+    fired = post(client, payload(alert("api", "00000000000000b1")))
+    again = post(client, payload(alert("api", "00000000000000b1")))  # group_interval resend
+    resolved = post(client, payload(alert("api", "00000000000000b1", status="resolved"), status="resolved"))
+    run_id = fired["alerts"][0]["run_id"]
+    assert outcomes(again) == ["repeat"] and outcomes(resolved) == ["ignore"]
+    assert resolved["resolved_runs"] == [run_id]
+    run = ledger.get_run(run_id)
+    assert run["resolved_at"] is not None and run["repeats"] == 1
+    assert len(ledger.list_runs()) == 1
+
+
+def test_group_with_a_resolved_alert_acts_only_for_the_firing_ones(edge):
+    client, ledger = edge(config())
+    answer = post(client, payload(alert("svc-1", "00000000000000c1"), alert("svc-2", "00000000000000c2", status="resolved")))
+    assert outcomes(answer) == ["act", "ignore"]
+    assert [r["target"] for r in ledger.list_runs()] == ["svc-1"]
+
+
+def test_alert_that_keeps_coming_back_stops_at_the_cap_then_escalates_once(edge):
+    client, ledger = edge(config())
+    seen = []
+    for i in range(6):
+        answer = post(client, payload(alert("api", "00000000000000d1", starts_at=f"2026-12-03T10:0{i}:00Z")))
+        seen.append(outcomes(answer)[0])
+        if seen[-1] == "act":
+            fix(ledger, answer["alerts"][0]["run_id"])
+        if seen[-1] == "escalate":
+            escalation = ledger.get_run(answer["alerts"][0]["escalation_run_id"])
+    assert seen == ["act", "act", "act", "escalate", "skip", "skip"]
+    assert (escalation["playbook"], escalation["status"], escalation["target"]) == ("escalate", "queued", "api")
+    assert escalation["params"]["reason"].startswith("cap reached: 3 actions within 1h")
+    assert len(ledger.list_runs(status="queued")) == 1  # only the escalation waits to run
+
+
+def test_forty_targets_in_one_group_trip_the_storm_breaker(edge):
+    client, ledger = edge(config())
+    answer = post(client, payload(*(alert(f"svc-{i}", f"{i:016x}") for i in range(40))))
+    assert outcomes(answer) == ["escalate"] + ["skip"] * 39
+    assert all(a["reason"].startswith("storm: 40 targets") for a in answer["alerts"])
+    queued = ledger.list_runs(status="queued")
+    assert len(queued) == 1 and queued[0]["playbook"] == "escalate" and queued[0]["target"] is None
+    assert queued[0]["params"]["storm"] is True
+    # The storm goes on: more alerts for the rule, no action and no second escalation.
+    later = post(client, payload(alert("svc-0", "00000000000000e0", starts_at="2026-12-03T10:01:00Z")))
+    assert outcomes(later) == ["skip"] and len(ledger.list_runs(status="queued")) == 1
+
+
+def test_truncated_alerts_count_towards_the_storm(edge):
+    client, _ = edge(config())
+    small = post(client, payload(alert("svc-1", "00000000000000f1"), alert("svc-2", "00000000000000f2"), truncated=5))
+    assert outcomes(small) == ["act", "act"]  # 2 + 5 truncated = 7, under 10
+    big = post(client, payload(alert("svc-3", "00000000000000f3"), alert("svc-4", "00000000000000f4"), truncated=9))
+    assert outcomes(big) == ["escalate", "skip"]  # 4 seen + 9 truncated = 13
+
+
+def test_cooldown_survives_a_restart_of_the_web(edge):
+    raw = config(cooldown_seconds=600)
+    client, ledger = edge(raw)
+    first = post(client, payload(alert("api", "0000000000000011")))
+    fix(ledger, first["alerts"][0]["run_id"])
+    restarted, _ = edge(raw)  # a new app, new connections: only the ledger remembers
+    second = post(restarted, payload(alert("api", "0000000000000011", starts_at="2026-12-03T10:05:00Z")))
+    assert outcomes(second) == ["skip"] and second["alerts"][0]["reason"].startswith("cooldown: acted 0s ago")
+
+
+def test_dry_run_records_what_it_would_do(edge):
+    client, ledger = edge(config(dry_run=True))
+    answer = post(client, payload(alert("api", "0000000000000021")))
+    run = ledger.get_run(answer["alerts"][0]["run_id"])
+    assert (run["status"], run["reason"]) == ("skipped", "dry run: would restart_service api")
+    assert answer["enqueued"] == []
