@@ -7,6 +7,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 import click
 import yaml
 
+from worker.adapters.ledger import RUN_STATUSES
 from worker.config import CONFIG_ENV, ConfigError, LoadedConfig, load_config, redacted_view
 
 TOKEN_FILE = "alertmanager-token"
@@ -73,12 +75,34 @@ def _alertmanager_token(loaded: LoadedConfig) -> tuple[str, str]:
         return token, "from ALERTMANAGER_TOKEN"
     path = loaded.data_dir / TOKEN_FILE
     if path.exists():
-        return path.read_text().strip(), f"from {path}"
+        token = path.read_text().strip()
+        if token:
+            return token, f"from {path}"
     token = secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    # Written whole under a temporary name, then renamed: never an empty or half file.
+    partial = path.with_suffix(".partial")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as handle:
         handle.write(token + "\n")
+    os.replace(partial, path)
     return token, f"generated now and saved to {path} (mode 0600); shown only this once: {token}"
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _opsfleet_command() -> str:
+    """How the user can call opsfleet: bare if it is on PATH, else its full path."""
+    found = shutil.which("opsfleet")
+    own = Path(sys.executable).with_name("opsfleet")
+    return "opsfleet" if found and Path(found).resolve() == own.resolve() else str(own)
 
 
 def _children(loaded: LoadedConfig, host: str, port: int) -> dict[str, list[str]]:
@@ -97,7 +121,9 @@ def _children(loaded: LoadedConfig, host: str, port: int) -> dict[str, list[str]
         ],
         "worker": [*celery, "worker", "--loglevel", "INFO", "--concurrency", concurrency, "--queues", queues,
                    "--hostname", f"opsfleet@{loaded.config.fleet.hostname}", "--without-gossip", "--without-mingle"],
-        "beat": [*celery, "beat", "--loglevel", "INFO"],
+        # Beat at WARNING: its "sending due task" lines every few seconds would
+        # bury what the worker says.
+        "beat": [*celery, "beat", "--loglevel", "WARNING"],
     }
 
 
@@ -116,6 +142,9 @@ def run(ctx: click.Context, port: int | None, host: str | None) -> None:
     data_dir.mkdir(parents=True, exist_ok=True)
     host = host or loaded.config.web.host
     port = port or loaded.config.web.port
+    if not _port_free(host, port):
+        click.echo(f"opsfleet: {host}:{port} is in use: stop what listens there, or choose --port", err=True)
+        ctx.exit(1)
 
     from worker.adapters.ledger import LedgerUnavailable
     from worker.adapters.metrics_multiproc import use_multiprocess_dir
@@ -148,7 +177,7 @@ def run(ctx: click.Context, port: int | None, host: str | None) -> None:
         f"opsfleet running ({loaded.source}; {broker}; {ledger})\n"
         f"  Alertmanager webhook: POST {base}/hooks/alertmanager  (Authorization: Bearer <token>)\n"
         f"  token: {token_note}\n"
-        f"  runs:    opsfleet runs   or   GET {base}/api/runs\n"
+        f"  runs:    {_opsfleet_command()} runs   or   GET {base}/api/runs\n"
         f"  health:  {base}/healthz  {base}/readyz   metrics: {base}/metrics\n"
         f"Ctrl-C stops web, worker and beat."
     )
@@ -211,12 +240,12 @@ def worker_command(ctx: click.Context, host: str | None, concurrency: int | None
 
 
 @cli.command("runs")
-@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 500))
-@click.option("--status", help="Only runs with this status (queued, running, succeeded, failed, skipped, ...).")
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 500), help="How many runs to list.")
+@click.option("--status", type=click.Choice(RUN_STATUSES), help="Only runs with this status.")
 @click.option("--trigger", type=click.Choice(["alert", "github", "schedule", "manual"]))
 @click.option("--target", help="Only runs on this service or environment.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-@click.argument("run_id", required=False, type=int)
+@click.argument("run_id", required=False, type=click.IntRange(1, 2**31 - 1))
 @click.pass_context
 def runs(ctx, limit, status, trigger, target, as_json, run_id) -> None:
     """List runs from the ledger, newest first; with RUN_ID, show one run and its steps."""
@@ -224,6 +253,13 @@ def runs(ctx, limit, status, trigger, target, as_json, run_id) -> None:
     from worker.runtime import Runtime
 
     loaded = _load(ctx)
+    if not loaded.secrets.get("DATABASE_URL") and not (loaded.data_dir / "ledger.sqlite3").exists():
+        click.echo(
+            f"opsfleet: no ledger at {loaded.data_dir / 'ledger.sqlite3'}: has the fleet run with this "
+            "configuration? (set DATABASE_URL, or --config, to read another ledger)",
+            err=True,
+        )
+        ctx.exit(1)
     ledger = Runtime(loaded).ledger
     try:
         ledger.migrate()

@@ -120,3 +120,62 @@ def test_example_configuration_is_valid():
     example = Path(__file__).resolve().parent.parent / "opsfleet.example.yaml"
     loaded = load_config(example, environ={})
     assert loaded.config.remediation.rules, "the example should show rules"
+
+
+@pytest.mark.parametrize(
+    "rule_over,expected",
+    [
+        ({"params": {"stop_timeout_secs": 10}}, "remediation.rules[0].params: stop_timeout_secs: unknown key"),
+        ({"params": {"verify_timeout_seconds": "soon"}}, "remediation.rules[0].params: verify_timeout_seconds: Input should be a valid integer"),
+        ({"params": {"stop_timeout_seconds": -1}}, "remediation.rules[0].params: stop_timeout_seconds: Input should be greater than or equal to 0"),
+        ({"params": {"verify_timeout_seconds": 500}}, "remediation.rules[0].params.verify_timeout_seconds: must be below worker.step_soft_timeout_seconds (120)"),
+        ({"match": [{"alertname": "x"}]}, "remediation.rules[0].match: a list of label matcher strings"),
+        ({"match": ['a="\\q"']}, "remediation.rules[0].match: bad quoted value"),
+    ],
+)
+def test_rule_params_and_matchers_are_checked(rule_over, expected):
+    found = problems(with_rules(rule(**rule_over)))
+    assert any(p.startswith(expected) for p in found), found
+
+
+def test_dotted_service_names_redact_fine():
+    raw = {"services": {"s.v2": {"container": "c", "health_url": "http://u:${PW}@h/"}}}
+    view = redacted_view(parse_config(raw, source="t", base_dir=".", environ={"PW": "hunter2"}))
+    assert view["config"]["services"]["s.v2"]["health_url"] == "http://u:${PW}@h/ (set, redacted)"
+
+
+def test_config_file_problems_are_named(tmp_path):
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("web: {port: 1}\nweb: {port: 2}\n")
+    with pytest.raises(ConfigError, match="key 'web' is given twice"):
+        load_config(dup, environ={})
+    binary = tmp_path / "bin.yaml"
+    binary.write_bytes(b"\xff\xfeweb: {}\n")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(binary, environ={})
+
+
+@pytest.mark.parametrize(
+    "raw,expected",
+    [
+        ({"services": {"s\n": {"container": "c"}}}, "services: service name"),
+        ({"broker": {"key_prefix": ""}}, "broker.key_prefix: String should have at least 1 character"),
+        ({"slack": {"channel": ""}}, "slack.channel: String should have at least 1 character"),
+        ({"services": {"a": {"container": "c", "health_url": "not a url"}}}, "services.a.health_url: String should match"),
+    ],
+)
+def test_more_holes_are_closed(raw, expected):
+    found = problems(raw)
+    assert any(p.startswith(expected) for p in found), found
+
+
+def test_redis_password_without_user_is_masked():
+    environ = {"REDIS_URL": "redis://:redispw@127.0.0.1:6379/0"}
+    assert "redispw" not in str(redacted_view(parse_config({}, source="t", base_dir=".", environ=environ)))
+
+
+def test_redact_hides_interpolated_values_and_credentials():
+    raw = {"services": {"api": {"container": "c", "health_url": "http://u:${API_PW}@h/health"}}}
+    loaded = parse_config(raw, source="t", base_dir=".", environ={"API_PW": "s3cret-pw", "SLACK_BOT_TOKEN": "xoxb-1234"})
+    text = "http://u:s3cret-pw@h/health did not answer; token xoxb-1234; redis://:pw@r:6379/0"
+    assert loaded.redact(text) == "http://u:***@h/health did not answer; token ***; redis://:***@r:6379/0"

@@ -49,6 +49,8 @@ def test_runs_filters_and_one_run(make_client):
     one = client.get("/api/runs/1").json
     assert one["id"] == 1 and one["steps"] == [] and one["created_at"].endswith("Z")
     assert client.get("/api/runs/999").status_code == 404
+    assert client.get("/api/runs/99999999999999999999999").status_code == 404
+    assert client.get("/api/runs?target=a%00b").status_code == 400
     assert client.get("/api/runs?status=bogus").status_code == 400
     assert client.get("/api/runs?limit=x").status_code == 400
     assert client.get("/api/runs?limit=0").status_code == 400

@@ -9,14 +9,15 @@ with the reason for a body it sent wrong (sending again would not help);
 from __future__ import annotations
 
 import json
-from typing import Literal
+from datetime import datetime
+from typing import Annotated, Literal
 
 from flask import Blueprint, jsonify, request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from webhooks.app import edge
 from webhooks.auth import bearer_token, token_matches
-from webhooks.errors import error
+from webhooks.errors import error, read_body
 from worker.adapters.ledger import LedgerUnavailable
 from worker.decide import Alert
 from worker.tasks.intake import accept_alerts
@@ -33,11 +34,22 @@ class _Payload(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")
 
 
+def _real_time(text: str) -> str:
+    """The pattern admits 2026-13-45T99:99:99Z; the calendar does not."""
+    head, _, rest = text.partition(".")
+    zone = "+00:00" if text.endswith("Z") else text[-6:]
+    try:
+        datetime.fromisoformat((head.rstrip("Z") if not rest else head) + zone)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a real time") from None
+    return text
+
+
 class AlertmanagerAlert(_Payload):
     status: Literal["firing", "resolved"]
     labels: dict[str, str]
     annotations: dict[str, str] = Field(default_factory=dict)
-    startsAt: str = Field(pattern=_RFC3339)
+    startsAt: Annotated[str, AfterValidator(_real_time)] = Field(pattern=_RFC3339)
     endsAt: str = ""
     generatorURL: str = ""
     fingerprint: str = Field(pattern=r"^[A-Za-z0-9]{1,64}$")
@@ -56,6 +68,43 @@ class AlertmanagerPayload(_Payload):
     alerts: list[AlertmanagerAlert] = Field(min_length=1)
 
 
+def text_problem(data) -> str | None:
+    """Strings PostgreSQL cannot store and no sender means: NUL, unpaired surrogates.
+    Iterative: the depth is whatever the JSON parser accepted."""
+    stack = [data]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+        elif isinstance(node, str):
+            if "\x00" in node:
+                return "a string holds a NUL character"
+            try:
+                node.encode("utf-8")
+            except UnicodeEncodeError:
+                return "a string holds an unpaired UTF-16 surrogate"
+    return None
+
+
+def parse_json_body(body: bytes):
+    """(data, None) or (None, reason): UTF-8 JSON that a ledger can store."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return None, f"body is not UTF-8 (byte {err.start})"
+    try:
+        data = json.loads(text)
+    except ValueError as err:
+        return None, f"body is not JSON: {err}"
+    except RecursionError:
+        return None, "body is not JSON opsfleet accepts: nested too deeply"
+    problem = text_problem(data)
+    return (None, f"body is not acceptable: {problem}") if problem else (data, None)
+
+
 def _problems(err: ValidationError) -> list[str]:
     out = []
     for item in err.errors()[:20]:
@@ -69,13 +118,14 @@ def receive():
     state = edge()
     if not token_matches(bearer_token(request), state.loaded.secrets.get("ALERTMANAGER_TOKEN")):
         return error(401, "unauthorized")
-    body = request.get_data(cache=False)  # 413 past MAX_CONTENT_LENGTH
-    try:
-        data = json.loads(body)
-    except ValueError as err:
-        return error(400, f"body is not JSON: {err}")
+    body = read_body()
+    data, problem = parse_json_body(body)
+    if problem:
+        return error(400, problem)
     if isinstance(data, dict) and "version" in data and data["version"] != "4":
-        return error(400, f"unsupported Alertmanager payload version {str(data['version'])[:20]!r}: opsfleet reads version 4")
+        return error(
+            400, f'unsupported Alertmanager payload version {json.dumps(data["version"])[:20]}: opsfleet reads "4"'
+        )
     try:
         payload = AlertmanagerPayload.model_validate(data)
     except ValidationError as err:

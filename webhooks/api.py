@@ -15,6 +15,8 @@ from worker.adapters.ledger import RUN_STATUSES, TRIGGERS, LedgerUnavailable, js
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 
+MAX_ID = 2**31 - 1  # the ledger's integer ids
+
 
 @bp.before_request
 def _authorize():
@@ -24,6 +26,8 @@ def _authorize():
             return error(401, "unauthorized")
     elif not is_loopback(request.remote_addr):
         return error(403, "forbidden: set OPSFLEET_API_TOKEN to use the API from other hosts")
+    if any("\x00" in v or len(v) > 256 for v in request.args.values()):
+        return error(400, "query parameters must be under 256 characters, without NUL")
     return None
 
 
@@ -50,6 +54,8 @@ def list_runs():
 
 @bp.get("/runs/<int:run_id>")
 def get_run(run_id: int):
+    if run_id > MAX_ID:
+        return error(404, f"no run {run_id}")
     try:
         run = edge().ledger.get_run(run_id)
     except LedgerUnavailable:

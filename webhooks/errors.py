@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from flask import Flask, jsonify
-from werkzeug.exceptions import HTTPException
+from flask import Flask, current_app, jsonify, request
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 
 def error(status: int, message: str, **extra):
@@ -19,3 +19,13 @@ def register_error_handlers(app: Flask) -> None:
             limit = app.config.get("MAX_CONTENT_LENGTH")
             return error(413, f"body too large: the limit is {limit} bytes")
         return error(exc.code or 500, exc.name.lower())
+
+
+def read_body() -> bytes:
+    """The request body, 413 past MAX_CONTENT_LENGTH, chunked uploads included
+    (a chunked body has no Content-Length to check up front)."""
+    limit = current_app.config["MAX_CONTENT_LENGTH"]
+    body = request.stream.read(limit + 1)
+    if len(body) > limit:
+        raise RequestEntityTooLarge()
+    return body

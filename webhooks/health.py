@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from flask import Blueprint, Response, jsonify
 
 from webhooks.app import edge
@@ -9,6 +11,7 @@ from worker.adapters import metrics
 from worker.adapters.ledger import LedgerUnavailable
 
 bp = Blueprint("health", __name__)
+log = logging.getLogger("opsfleet.web")
 
 
 @bp.get("/healthz")
@@ -25,13 +28,15 @@ def readyz():
         state.ledger.ping()
         checks["ledger"] = "ok"
     except LedgerUnavailable as err:
-        checks["ledger"] = str(err)
+        log.warning("readyz: %s", err)
+        checks["ledger"] = "unavailable"
     try:
         with state.celery.connection_for_write() as conn:
             conn.ensure_connection(max_retries=1, timeout=2)
         checks["broker"] = "ok"
     except Exception as err:  # kombu raises several kinds; any means not ready
-        checks["broker"] = f"unavailable: {err.__class__.__name__}: {err}"
+        log.warning("readyz: broker unavailable: %s: %s", err.__class__.__name__, err)
+        checks["broker"] = "unavailable"
     ready = all(v == "ok" for v in checks.values())
     response = jsonify({"status": "ready" if ready else "not ready", "checks": checks})
     response.status_code = 200 if ready else 503

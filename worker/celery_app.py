@@ -5,11 +5,15 @@ Configuration comes from --config's environment twin, OPSFLEET_CONFIG (or
 """
 
 from worker.adapters.metrics_multiproc import use_multiprocess_dir
-from worker.config import load_config
+from worker.config import ConfigError, load_config
 from worker.logs import configure_logging
 
 configure_logging()
-loaded = load_config()
+try:
+    loaded = load_config()
+except ConfigError as err:
+    # A clear message and a non-zero exit, not a traceback from deep in Celery.
+    raise SystemExit(f"opsfleet: {err}") from None
 use_multiprocess_dir(loaded.data_dir / "metrics")
 
 from worker.celery_factory import create_celery  # noqa: E402  (metrics dir first)

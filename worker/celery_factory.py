@@ -58,7 +58,9 @@ def broker_url_and_options(loaded: LoadedConfig) -> tuple[str, dict]:
     folder = Path(loaded.data_dir) / "broker"
     for sub in ("queue", "control", "processed"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
-    return "filesystem://", {
+    # A hostname only to keep kombu from warning about its absence; the
+    # transport uses the folders below.
+    return "filesystem://localhost/", {
         "data_folder_in": str(folder / "queue"),
         "data_folder_out": str(folder / "queue"),
         "control_folder": str(folder / "control"),

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from worker.matchers import Matcher, parse_matcher
 
@@ -42,7 +42,7 @@ SECRET_ENV_NAMES = (
 # (with any password inside them masked).
 _ADDRESS_ENV_NAMES = {"REDIS_URL", "DATABASE_URL", "SLACK_API_URL", "GITHUB_API_URL", "DOCKER_HOST"}
 
-_SERVICE_NAME = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
+_SERVICE_NAME = r"[a-z0-9][a-z0-9_.-]{0,62}"
 
 
 class ConfigError(Exception):
@@ -78,7 +78,9 @@ class WebSettings(_Strict):
 
 
 class BrokerSettings(_Strict):
-    key_prefix: str = Field(default="opsfleet:", description="Prefix of every Redis key the broker writes.")
+    key_prefix: str = Field(
+        default="opsfleet:", min_length=1, description="Prefix of every Redis key the broker writes (Redis is shared)."
+    )
     # Above the longest step's hard limit, or Redis redelivers a task that
     # is still running to a second worker.
     visibility_timeout_seconds: int = Field(default=3600, ge=60)
@@ -106,7 +108,7 @@ class SweeperSettings(_Strict):
 
 
 class SlackSettings(_Strict):
-    channel: str = "#ops"
+    channel: str = Field(default="#ops", min_length=1)
     timeout_seconds: int = Field(default=10, ge=1, le=120)
 
 
@@ -121,7 +123,7 @@ class ServiceSpec(_Strict):
     container: str | None = Field(default=None, description="Container name.")
     compose_project: str | None = None
     compose_service: str | None = None
-    health_url: str | None = None
+    health_url: str | None = Field(default=None, pattern=r"^https?://[^\s]+$", description="http(s) URL answering 2xx when healthy.")
     host: str | None = Field(
         default=None,
         pattern=r"^[a-z0-9][a-z0-9_.-]{0,62}$",
@@ -170,6 +172,28 @@ class SafetySettings(_Strict):
     storm: StormSettings = StormSettings()
 
 
+class RestartParams(_Strict):
+    stop_timeout_seconds: int = Field(default=10, ge=0, le=600)
+    verify_timeout_seconds: int = Field(default=30, ge=1, le=3600)
+
+
+class VerifyParams(_Strict):
+    verify_timeout_seconds: int = Field(default=30, ge=1, le=3600)
+
+
+class NoParams(_Strict):
+    pass
+
+
+# What `params` each playbook takes; anything else is a configuration error.
+PLAYBOOK_PARAMS: dict[str, type[_Strict]] = {
+    "restart_service": RestartParams,
+    "recreate_service": RestartParams,
+    "verify": VerifyParams,
+    "escalate": NoParams,
+}
+
+
 class RuleSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     # Alertmanager-style matchers, kept as their normalised text; see `matchers`.
@@ -189,6 +213,18 @@ class RuleSpec(_Strict):
             raise ValueError(f'unknown playbook "{name}" (playbooks: {", ".join(RULE_PLAYBOOKS)})')
         return name
 
+    @field_validator("params")
+    @classmethod
+    def _playbook_params(cls, params: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        schema = PLAYBOOK_PARAMS.get(info.data.get("playbook", ""))
+        if schema is None:
+            return params
+        try:
+            schema.model_validate(params, strict=True)
+        except ValidationError as err:
+            raise ValueError("; ".join(_format_validation_error(err))) from None
+        return params
+
     @model_validator(mode="after")
     def _target_needed(self) -> RuleSpec:
         # Only escalate may go without a target: it acts on people, not services.
@@ -201,8 +237,8 @@ class RuleSpec(_Strict):
     def _parse_matchers(cls, value: Any) -> tuple[str, ...]:
         if isinstance(value, str):
             value = [value]
-        if not isinstance(value, list) or not value:
-            raise ValueError('a list of label matchers, e.g. [\'alertname="ServiceDown"\']')
+        if not isinstance(value, list) or not value or not all(isinstance(item, str) for item in value):
+            raise ValueError('a list of label matcher strings, e.g. [\'alertname="ServiceDown"\']')
         return tuple(str(parse_matcher(item)) for item in value)
 
     @property
@@ -257,7 +293,7 @@ class Config(_Strict):
     @classmethod
     def _service_names(cls, services: dict[str, ServiceSpec]) -> dict[str, ServiceSpec]:
         for name in services:
-            if not re.match(_SERVICE_NAME, name):
+            if not re.fullmatch(_SERVICE_NAME, name):
                 raise ValueError(f'service name "{name}" must match {_SERVICE_NAME}')
         return services
 
@@ -295,8 +331,19 @@ class LoadedConfig:
     secrets: Secrets
     source: str  # the file it came from, or "embedded defaults"
     base_dir: Path
-    # Keys whose values came from ${VAR} substitution, redacted when shown.
-    interpolated: dict[str, str] = field(default_factory=dict)
+    # Keys (as paths) whose values came from ${VAR} substitution, with the
+    # original text: redacted when shown.
+    interpolated: dict[tuple, str] = field(default_factory=dict)
+
+    # Values that must never be shown: credentials from the environment and
+    # every value a ${VAR} brought in.
+    secret_texts: frozenset[str] = frozenset()
+
+    def redact(self, text: str) -> str:
+        """Text fit for the ledger, Slack and logs: secrets replaced by ***."""
+        for secret in sorted(self.secret_texts, key=len, reverse=True):
+            text = text.replace(secret, "***")
+        return mask_url_password(text)
 
     @property
     def data_dir(self) -> Path:
@@ -305,25 +352,24 @@ class LoadedConfig:
 
 
 def mask_url_password(url: str) -> str:
-    return re.sub(r"(//[^:/@]+:)[^@/]+@", r"\1***@", url)
+    # user:password@ and :password@ (Redis's usual form) alike
+    return re.sub(r"(//[^:/@]*:)[^@/]+@", r"\1***@", url)
 
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
-def _interpolate(node: Any, path: str, environ: dict[str, str], found: dict[str, str], problems: list[str]) -> Any:
+def _interpolate(
+    node: Any, path: tuple, environ: dict[str, str], found: dict[tuple, str], problems: list[str]
+) -> Any:
     if isinstance(node, dict):
-        return {
-            key: _interpolate(value, f"{path}.{key}" if path else str(key), environ, found, problems)
-            for key, value in node.items()
-        }
+        return {key: _interpolate(value, (*path, key), environ, found, problems) for key, value in node.items()}
     if isinstance(node, list):
-        return [_interpolate(value, f"{path}[{i}]", environ, found, problems) for i, value in enumerate(node)]
+        return [_interpolate(value, (*path, i), environ, found, problems) for i, value in enumerate(node)]
     if isinstance(node, str) and _VAR.search(node):
-        names = _VAR.findall(node)
-        missing = [n for n in names if n not in environ]
+        missing = [n for n in _VAR.findall(node) if n not in environ]
         if missing:
-            problems.append(f"{path}: environment variable {missing[0]} is not set")
+            problems.append(f"{_format_loc(path)}: environment variable {missing[0]} is not set")
             return node
         found[path] = node
         return _VAR.sub(lambda m: environ[m.group(1)], node)
@@ -361,7 +407,14 @@ def _cross_check(config: Config) -> list[str]:
             f"({config.worker.step_hard_timeout_seconds}), or Redis re-delivers steps that are still running"
         )
     names = sorted(config.services)
+    soft = config.worker.step_soft_timeout_seconds
     for i, rule in enumerate(config.remediation.rules):
+        for key in ("stop_timeout_seconds", "verify_timeout_seconds"):
+            if rule.params.get(key, 0) >= soft:
+                problems.append(
+                    f"remediation.rules[{i}].params.{key}: must be below worker.step_soft_timeout_seconds ({soft}), "
+                    "or the step is stopped before it ends"
+                )
         service = rule.target.service if rule.target else None
         if service and service not in config.services:
             known = ", ".join(names) or "none configured"
@@ -378,8 +431,8 @@ def parse_config(
     if not isinstance(raw, dict):
         raise ConfigError(["(top level): expected a mapping of sections"], source)
     problems: list[str] = []
-    found: dict[str, str] = {}
-    raw = _interpolate(raw, "", environ, found, problems)
+    found: dict[tuple, str] = {}
+    raw = _interpolate(raw, (), environ, found, problems)
     if problems:
         raise ConfigError(problems, source)
     try:
@@ -389,7 +442,27 @@ def parse_config(
     problems = _cross_check(config)
     if problems:
         raise ConfigError(problems, source)
-    return LoadedConfig(config, Secrets.from_env(environ), source, base_dir, found)
+    secrets = Secrets.from_env(environ)
+    texts = {environ[name] for original in found.values() for name in _VAR.findall(original)}
+    texts |= {v for k, v in secrets.values.items() if k not in _ADDRESS_ENV_NAMES}
+    # Too short to redact without mangling ordinary words.
+    texts = frozenset(t for t in texts if len(t) >= 4)
+    return LoadedConfig(config, secrets, source, base_dir, found, texts)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice: YAML would silently keep the last."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 def resolve_config_path(explicit: str | os.PathLike | None = None) -> Path | None:
@@ -410,8 +483,10 @@ def load_config(path: str | os.PathLike | None = None, environ: dict[str, str] |
         text = resolved.read_text(encoding="utf-8")
     except OSError as err:
         raise ConfigError([f"cannot read {resolved}: {err.strerror}"], str(resolved)) from None
+    except UnicodeDecodeError as err:
+        raise ConfigError([f"not UTF-8 text (byte {err.start}): save the file as UTF-8"], str(resolved)) from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as err:
         raise ConfigError([f"not valid YAML: {err}"], str(resolved)) from None
     return parse_config(raw, source=str(resolved), base_dir=resolved.resolve().parent, environ=environ)
@@ -421,19 +496,14 @@ def redacted_view(loaded: LoadedConfig) -> dict[str, Any]:
     """The resolved configuration as `config check` prints it: defaults filled
     in, ${VAR} values shown by name only, environment secrets masked."""
     data = loaded.config.model_dump(mode="json")
-    for path in loaded.interpolated:
-        _set_path(data, path, f"{loaded.interpolated[path]} (set, redacted)")
+    for path, original in loaded.interpolated.items():
+        _set_path(data, path, f"{original} (set, redacted)")
     data["fleet"]["data_dir"] = str(loaded.data_dir)
     return {"source": loaded.source, "config": data, "environment": loaded.secrets.redacted()}
 
 
-def _set_path(data: Any, path: str, value: Any) -> None:
-    parts = re.findall(r"[^.\[\]]+|\[\d+\]", path)
+def _set_path(data: Any, path: tuple, value: Any) -> None:
     node = data
-    for part in parts[:-1]:
-        node = node[int(part[1:-1])] if part.startswith("[") else node[part]
-    last = parts[-1]
-    if last.startswith("["):
-        node[int(last[1:-1])] = value
-    else:
-        node[last] = value
+    for part in path[:-1]:
+        node = node[part]
+    node[path[-1]] = value

@@ -53,7 +53,10 @@ def parse_matcher(text: str) -> Matcher:
     if op not in OPERATORS:
         raise ValueError(f'unknown operator "{op}" in {text!r} (use one of {", ".join(OPERATORS)})')
     if value.startswith('"'):
-        value = json.loads(value)
+        try:
+            value = json.loads(value)
+        except ValueError as err:
+            raise ValueError(f"bad quoted value in {text!r}: {err.msg}") from None
     pattern = None
     if op in ("=~", "!~"):
         try:

@@ -141,6 +141,9 @@ def accept_alerts(app: Celery, *, alerts: list[Alert], truncated: int, summary: 
             if escalation_id:
                 all_runs.add(escalation_id)
             metrics.ALERT_DECISIONS.labels(outcome).inc()
+            if run_id and outcome in ("skip", "dry_run", "escalate"):
+                # A skip is a run that ended at birth: count it with the finished ones.
+                metrics.RUNS_FINISHED.labels("alert", d.playbook or "", "skipped").inc()
             report.append(
                 {
                     "fingerprint": d.alert.fingerprint,

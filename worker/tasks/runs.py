@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import time
-import traceback
 
 from celery import chain, shared_task
 from celery.canvas import Signature
@@ -83,7 +82,7 @@ def _ledger_write(fn, *args):
 
 def end_run(app, run: dict, status: str, reason: str = "") -> None:
     ledger = app.opsfleet.ledger
-    if _ledger_write(ledger.finish_run, run["id"], status, reason):
+    if _ledger_write(ledger.finish_run, run["id"], status, app.opsfleet.loaded.redact(reason)):
         metrics.RUNS_FINISHED.labels(run["trigger"], run["playbook"], status).inc()
         if run.get("started_at"):
             ended = ledger.get_run(run["id"])
@@ -138,10 +137,11 @@ def run_step(self, run_id: int, seq: int) -> None:
         status, output = "failed", str(err)
     except SoftTimeLimitExceeded:
         status, output = "failed", f"timed out after {time.monotonic() - began:.0f}s"
-    except Exception as err:  # a bug or an unexpected outside error: record it with its stack
+    except Exception as err:  # a bug or an unexpected outside error: the stack goes to the log only
         log.exception("run %s step %s crashed", run_id, step.name)
-        status, output = "failed", f"{err.__class__.__name__}: {err}\n{traceback.format_exc()}"
+        status, output = "failed", f"unexpected {err.__class__.__name__}: {err} (stack trace in the worker log)"
 
+    output = runtime.loaded.redact(output)  # step output goes to the ledger, the API and Slack
     _ledger_write(ledger.end_step, run_id, seq, status, output, _step_lease(self.app))
     metrics.STEPS_FINISHED.labels(run["playbook"], step.name, status).inc()
     if status == "failed":
