@@ -22,10 +22,19 @@ def register_error_handlers(app: Flask) -> None:
 
 
 def read_body() -> bytes:
-    """The request body, 413 past MAX_CONTENT_LENGTH, chunked uploads included
-    (a chunked body has no Content-Length to check up front)."""
+    """The request body; 413 past MAX_CONTENT_LENGTH, chunked uploads included.
+
+    A chunked body has no Content-Length to check up front: where the server
+    terminates the stream (gunicorn does), read one byte past the limit to know.
+    """
     limit = current_app.config["MAX_CONTENT_LENGTH"]
-    body = request.stream.read(limit + 1)
-    if len(body) > limit:
-        raise RequestEntityTooLarge()
-    return body
+    if request.content_length is not None:
+        if request.content_length > limit:
+            raise RequestEntityTooLarge()
+        return request.stream.read()
+    if request.environ.get("wsgi.input_terminated"):
+        body = request.input_stream.read(limit + 1)
+        if len(body) > limit:
+            raise RequestEntityTooLarge()
+        return body
+    return b""  # an unterminated stream of unknown length is never read

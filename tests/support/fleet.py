@@ -57,6 +57,9 @@ class Fleet:
         if name == "worker":
             return [*celery, "worker", "--concurrency", "2", "--loglevel", "INFO", "--without-gossip",
                     "--without-mingle", "--hostname", f"e2e-{uuid.uuid4().hex[:6]}@%h"]
+        if name.startswith("worker@"):  # a host's worker: opsfleet worker --host NAME
+            host = name.split("@", 1)[1]
+            return [sys.executable, "-m", "opsfleet.cli", "worker", "--host", host, "--concurrency", "1"]
         if name == "beat":
             return [*celery, "beat", "--loglevel", "INFO", "--schedule", str(self.folder / "beat-schedule")]
         raise ValueError(name)
@@ -74,8 +77,8 @@ class Fleet:
             handle.close()
         if "web" in self.procs and (not names or "web" in names):
             self.wait(lambda: requests.get(f"{self.url}/healthz", timeout=2).ok, 30, "web /healthz")
-        if "worker" in self.procs and (not names or "worker" in names):
-            self.wait(lambda: b"ready." in self.log("worker").read_bytes(), 60, "worker ready")
+        for name in [n for n in self.procs if n.startswith("worker") and (not names or n in names)]:
+            self.wait(lambda n=name: b"ready." in self.log(n).read_bytes(), 60, f"{name} ready")
         return self
 
     def stop(self, *names: str, sig: int = signal.SIGTERM) -> None:

@@ -1,0 +1,141 @@
+"""Remediation under Alertmanager's real delivery contract, end to end:
+retries while opsfleet is down, an HA pair sending twice, concurrent posts
+to several web processes, and steps pinned to a host's worker."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tests.support.fleet import Fleet
+from tests.support.servers import TEST_DOCKER_HOST
+
+pytestmark = pytest.mark.slow
+SERVICE_COMMAND = ("sh", "-c", "trap 'exit 0' TERM; while true; do sleep 1; done")
+
+
+def started_at(container) -> str:
+    container.reload()
+    return container.attrs["State"]["StartedAt"]
+
+
+def config(container_name: str, host: str | None = None) -> dict:
+    api = {"container": container_name, **({"host": host} if host else {})}
+    return {
+        "sweeper": {"interval_seconds": 1, "requeue_after_seconds": 5},
+        "services": {"api": api, "web": {"container": f"{container_name}-web-not-running"}},
+        "remediation": {
+            "defaults": {"cooldown_seconds": 0},
+            "rules": [{
+                "name": "service-down", "match": ['alertname="ServiceDown"'], "playbook": "restart_service",
+                "target": {"service_label": "service"},
+                "params": {"stop_timeout_seconds": 2, "verify_timeout_seconds": 20},
+            }],
+        },
+    }
+
+
+@pytest.fixture
+def api_container(make_container):
+    return make_container(f"e2e-rem-{uuid.uuid4().hex[:8]}", command=SERVICE_COMMAND)
+
+
+@pytest.fixture
+def pg_env(shared_pg_url):
+    return {"REDIS_URL": "redis://127.0.0.1:6379/0", "DATABASE_URL": shared_pg_url, "DOCKER_HOST": TEST_DOCKER_HOST}
+
+
+def test_alertmanager_retrying_while_opsfleet_is_down_gives_one_action(tmp_path, api_container, pg_env, make_alertmanager):
+    before = started_at(api_container)
+    fleet = Fleet(tmp_path, config(api_container.name), pg_env)
+    with fleet:
+        am = make_alertmanager(f"{fleet.url}/hooks/alertmanager", token=fleet.token, group_interval="2s")
+        am.fire({"alertname": "ServiceDown", "service": "api"})
+        time.sleep(4)  # Alertmanager tries, gets connection refused, backs off and retries
+        fleet.start()
+        runs = fleet.wait(lambda: fleet.runs() or None, 60, "Alertmanager's retry to arrive")
+        run = fleet.wait_run(runs[0]["id"])
+        assert run["status"] == "succeeded"
+        time.sleep(6)  # further group_interval flushes
+        assert len(fleet.runs()) == 1
+        assert started_at(api_container) != before
+
+
+def test_ha_pair_delivering_twice_gives_one_action(tmp_path, api_container, pg_env, make_alertmanager):
+    with Fleet(tmp_path, config(api_container.name), pg_env).start() as fleet:
+        pair = [make_alertmanager(f"{fleet.url}/hooks/alertmanager", token=fleet.token) for _ in range(2)]
+        starts = "2026-12-03T09:00:00.123456789Z"
+        for am in pair:  # Prometheus sends every alert to both members of the pair
+            am.post_alerts([{"labels": {"alertname": "ServiceDown", "service": "api"}, "startsAt": starts}])
+
+        def repeated():
+            runs = fleet.runs()
+            return runs if runs and runs[0]["repeats"] >= 1 else None
+
+        [run] = fleet.wait(repeated, 30, "both members' notifications")
+        assert fleet.wait_run(run["id"])["status"] == "succeeded"
+        assert len(fleet.runs()) == 1
+
+
+def _payload(fingerprint: str, service: str = "api") -> bytes:
+    return json.dumps({
+        "version": "4", "status": "firing", "receiver": "fleet", "groupKey": "{}:{}", "truncatedAlerts": 0,
+        "groupLabels": {}, "commonLabels": {}, "commonAnnotations": {}, "externalURL": "",
+        "alerts": [{"status": "firing", "labels": {"alertname": "ServiceDown", "service": service},
+                    "annotations": {}, "startsAt": "2026-12-03T11:00:00Z", "endsAt": "0001-01-01T00:00:00Z",
+                    "generatorURL": "", "fingerprint": fingerprint}],
+    }).encode()
+
+
+def test_concurrent_posts_to_several_web_processes_decide_once(tmp_path, api_container, pg_env):
+    # Two gunicorn workers, no Celery worker: runs stay queued, so every
+    # decision after the first sees the target busy.
+    with Fleet(tmp_path, config(api_container.name), pg_env).start("web") as fleet:
+        with ThreadPoolExecutor(16) as pool:
+            same = list(pool.map(lambda _: fleet.post_alerts(_payload("00000000000000aa")), range(16)))
+        assert {a.status_code for a in same} == {202}
+        assert len({a.json()["runs"][0] for a in same}) == 1
+        assert sorted(a.json()["alerts"][0]["outcome"] for a in same) == ["act"] + ["repeat"] * 15
+
+        with ThreadPoolExecutor(10) as pool:
+            distinct = list(pool.map(lambda i: fleet.post_alerts(_payload(f"{i + 1:016x}")), range(10)))
+        outcomes = sorted(a.json()["alerts"][0]["outcome"] for a in distinct)
+        assert outcomes == ["skip"] * 10  # the first alert's run still holds the target
+        assert len([r for r in fleet.runs() if r["status"] == "queued"]) == 1
+
+
+def test_steps_of_a_pinned_service_run_on_its_hosts_worker(tmp_path, api_container, pg_env):
+    before = started_at(api_container)
+    with Fleet(tmp_path, config(api_container.name, host="edge-1"), pg_env) as fleet:
+        fleet.start("web", "worker", "worker@edge-1")
+        [run_id] = fleet.post_alerts(_payload("00000000000000bb")).json()["runs"]
+        assert fleet.wait_run(run_id)["status"] == "succeeded"
+        assert started_at(api_container) != before
+        host_log = fleet.log("worker@edge-1").read_text()
+        main_log = fleet.log("worker").read_text()
+        assert host_log.count("Task opsfleet.runs.step[") >= 3 and "opsfleet.runs.step[" not in main_log
+        assert "Task opsfleet.runs.start[" in main_log
+
+
+def test_chunked_body_over_the_limit_is_413_under_gunicorn(tmp_path, api_container, pg_env):
+    import requests
+
+    with Fleet(tmp_path, config(api_container.name), pg_env).start("web") as fleet:
+        def chunks():
+            for _ in range(40):
+                yield b" " * 65536  # 2.5 MiB in all, no Content-Length
+
+        answer = requests.post(
+            f"{fleet.url}/hooks/alertmanager", data=chunks(), timeout=10,
+            headers={"Authorization": f"Bearer {fleet.token}", "Content-Type": "application/json"},
+        )
+        assert answer.status_code == 413 and "too large" in answer.json()["error"]
+        small = requests.post(
+            f"{fleet.url}/hooks/alertmanager", data=iter([_payload("00000000000000cc")]), timeout=10,
+            headers={"Authorization": f"Bearer {fleet.token}"},
+        )
+        assert small.status_code == 202
