@@ -40,7 +40,7 @@ class Policy:
 class TargetState:
     """The rule's history on one target, and whether the target is busy."""
 
-    active_run: int | None = None  # a queued or running run on the target, any rule
+    active_run: int | None = None  # a queued or running run on the target, any rule (0: one being written)
     last_action_at: datetime | None = None  # this rule, this target
     actions_in_cap_window: int = 0
     escalated_in_cap_window: bool = False
@@ -83,7 +83,9 @@ def judge(policy: Policy, rule: RuleState, target: TargetState, now: datetime) -
             return Decision("escalate", why + ", escalated", storm=True)
         return Decision("skip", why, storm=True)
     if target.active_run is not None:
-        return Decision("skip", f"locked: run {target.active_run} is working on this target")
+        # A run id not written yet (an earlier alert of the same notification) is 0.
+        who = f"run {target.active_run}" if target.active_run > 0 else "an earlier alert of this notification"
+        return Decision("skip", f"locked: {who} is working on this target")
     if target.last_action_at is not None and now - target.last_action_at < policy.cooldown:
         left = policy.cooldown - (now - target.last_action_at)
         return Decision("skip", f"cooldown: acted {_human(now - target.last_action_at)} ago, {_human(left)} left")

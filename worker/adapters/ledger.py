@@ -126,6 +126,16 @@ runs = sa.Table(
     sa.Index("runs_fingerprint", "fingerprint"),
 )
 
+# Which subjects (targets, or alerts without one) fired for each rule, and
+# when last: what the storm breaker counts, one row per subject.
+alert_subjects = sa.Table(
+    "alert_subjects",
+    metadata,
+    sa.Column("rule", sa.String(64), primary_key=True),
+    sa.Column("subject", sa.String(200), primary_key=True),
+    sa.Column("last_seen", UTCDateTime, nullable=False),
+)
+
 steps = sa.Table(
     "steps",
     metadata,
@@ -317,6 +327,18 @@ class Ledger:
                 .where(runs.c.id.in_(ids), runs.c.status == "queued")
                 .values(enqueued_at=utcnow(), enqueue_count=runs.c.enqueue_count + 1)
             )
+
+    def clear_enqueued(self, run_ids: Iterable[int]) -> None:
+        """The broker did not take these after all: let the sweeper send them at once."""
+        ids = list(run_ids)
+        if not ids:
+            return
+        with self._tx() as conn:
+            conn.execute(runs.update().where(runs.c.id.in_(ids), runs.c.status == "queued").values(enqueued_at=None))
+
+    def forget_subjects(self, before: datetime) -> int:
+        with self._tx() as conn:
+            return conn.execute(alert_subjects.delete().where(alert_subjects.c.last_seen < before)).rowcount
 
     def runs_to_enqueue(self, not_enqueued_since: datetime, limit: int = 200) -> list[int]:
         """Queued runs never enqueued, or enqueued long ago and still not started."""
@@ -511,7 +533,11 @@ class Ledger:
 
 
 class IntakeTx:
-    """Reads and writes of one intake transaction (see `Ledger.intake`)."""
+    """Reads and writes of one intake transaction (see `Ledger.intake`).
+
+    Batched: a notification of 50 alerts costs a handful of statements, not
+    50 times a handful, so a storm is ingested at the rate it arrives.
+    """
 
     def __init__(self, ledger: Ledger, conn: Connection, now: datetime):
         self.ledger = ledger
@@ -519,9 +545,9 @@ class IntakeTx:
         self.now = now
 
     def lock(self, keys: Iterable[str]) -> None:
-        """Serialise intakes touching the same keys. PostgreSQL: transaction-scoped
-        advisory locks, taken in sorted order so two intakes cannot deadlock.
-        SQLite needs nothing: BEGIN IMMEDIATE already admits one writer."""
+        """Serialise intakes touching the same keys (targets). PostgreSQL:
+        transaction-scoped advisory locks, taken in sorted order so two intakes
+        cannot deadlock. SQLite needs nothing: BEGIN IMMEDIATE admits one writer."""
         if self.ledger.dialect != "postgresql":
             return
         for key in sorted(set(keys)):
@@ -535,15 +561,8 @@ class IntakeTx:
             .returning(events.c.id)
         ).scalar_one()
 
-    def existing_run(self, dedup_key: str) -> RecordedRun | None:
-        row = self.conn.execute(
-            sa.select(runs.c.id, runs.c.status).where(runs.c.dedup_key == dedup_key)
-        ).one_or_none()
-        return None if row is None else RecordedRun(row.id, False, row.status)
-
-    def add_run(self, event_id: int | None, new: NewRun) -> RecordedRun:
-        """Insert a run, or count a repeat on the run that has its dedup key."""
-        values = dict(
+    def _values(self, event_id: int | None, new: NewRun, enqueued: bool) -> dict[str, Any]:
+        return dict(
             event_id=event_id,
             trigger=new.trigger,
             triggered_by=new.triggered_by,
@@ -557,71 +576,119 @@ class IntakeTx:
             reason=new.reason,
             created_at=self.now,
             finished_at=self.now if new.status in FINAL_STATUSES else None,
+            # Set before the broker send; cleared if the send fails (see clear_enqueued).
+            enqueued_at=self.now if enqueued and new.status == "queued" else None,
+            enqueue_count=1 if enqueued and new.status == "queued" else 0,
             fingerprint=new.fingerprint,
             alert_starts_at=new.alert_starts_at,
+            repeats=0,
         )
-        stmt = self.ledger._insert(runs).values(**values)
-        if new.dedup_key is not None:
-            stmt = stmt.on_conflict_do_nothing(index_elements=["dedup_key"])
-        run_id = self.conn.execute(stmt.returning(runs.c.id)).scalar()
-        if run_id is not None:
-            return RecordedRun(run_id, True, new.status)
-        row = self.conn.execute(
-            runs.update()
-            .where(runs.c.dedup_key == new.dedup_key)
-            .values(repeats=runs.c.repeats + 1, last_repeat_at=self.now)
-            .returning(runs.c.id, runs.c.status)
-        ).one()
-        return RecordedRun(row.id, False, row.status)
 
-    def target_history(self, rule: str, target: str, cap_since: datetime) -> dict[str, Any]:
-        """What the safety checks need to know about one target."""
-        active = self.conn.execute(
-            sa.select(sa.func.min(runs.c.id)).where(
-                runs.c.target == target, runs.c.status.in_(ACTIVE_STATUSES), runs.c.playbook != "escalate"
-            )
-        ).scalar()
-        acted = sa.and_(
-            runs.c.rule == rule,
-            runs.c.target == target,
-            runs.c.trigger == "alert",
-            runs.c.playbook != "escalate",
-            runs.c.status.in_(ACTED_STATUSES),
+    def add_run(self, event_id: int | None, new: NewRun) -> RecordedRun:
+        """Insert a run, or count a repeat on the run that has its dedup key."""
+        return self.add_runs(event_id, [new])[0]
+
+    def add_runs(self, event_id: int | None, new_runs: list[NewRun], enqueued: bool = False) -> list[RecordedRun]:
+        """Insert runs in one statement; a run whose dedup key exists already is
+        not inserted: that run's repeat counter goes up instead (created=False)."""
+        if not new_runs:
+            return []
+        stmt = self.ledger._insert(runs).values([self._values(event_id, new, enqueued) for new in new_runs])
+        stmt = stmt.on_conflict_do_nothing(index_elements=["dedup_key"])
+        inserted = {}
+        for row in self.conn.execute(stmt.returning(runs.c.id, runs.c.dedup_key, runs.c.status)):
+            inserted[row.dedup_key if row.dedup_key is not None else ("id", row.id)] = row
+        repeated_keys = [new.dedup_key for new in new_runs if new.dedup_key not in inserted]
+        repeated = {}
+        if repeated_keys:
+            for row in self.conn.execute(
+                runs.update()
+                .where(runs.c.dedup_key.in_(repeated_keys))
+                .values(repeats=runs.c.repeats + 1, last_repeat_at=self.now)
+                .returning(runs.c.id, runs.c.dedup_key, runs.c.status)
+            ):
+                repeated[row.dedup_key] = row
+        # Runs without a dedup key come back in VALUES order (PostgreSQL and SQLite both).
+        unkeyed = iter(sorted(row.id for key, row in inserted.items() if isinstance(key, tuple)))
+        out = []
+        for new in new_runs:
+            if new.dedup_key is None:
+                row_id = next(unkeyed)
+                out.append(RecordedRun(row_id, True, new.status))
+            elif new.dedup_key in inserted:
+                out.append(RecordedRun(inserted[new.dedup_key].id, True, new.status))
+            else:
+                row = repeated[new.dedup_key]
+                out.append(RecordedRun(row.id, False, row.status))
+        return out
+
+    def existing_runs(self, dedup_keys: Iterable[str]) -> set[str]:
+        keys = list(set(dedup_keys))
+        if not keys:
+            return set()
+        return set(self.conn.execute(sa.select(runs.c.dedup_key).where(runs.c.dedup_key.in_(keys))).scalars())
+
+    def active_runs(self, targets: Iterable[str]) -> dict[str, int]:
+        """target → the oldest queued or running run on it (escalations do not hold a target)."""
+        targets = list(set(targets))
+        if not targets:
+            return {}
+        rows = self.conn.execute(
+            sa.select(runs.c.target, sa.func.min(runs.c.id))
+            .where(runs.c.target.in_(targets), runs.c.status.in_(ACTIVE_STATUSES), runs.c.playbook != "escalate")
+            .group_by(runs.c.target)
         )
-        last = self.conn.execute(sa.select(sa.func.max(runs.c.created_at)).where(acted)).scalar()
-        in_window = self.conn.execute(
-            sa.select(sa.func.count()).where(acted, runs.c.created_at >= cap_since)
-        ).scalar_one()
-        escalated = self.conn.execute(
-            sa.select(sa.func.count()).where(
+        return dict(rows.all())
+
+    def rule_history(self, rule: str, targets: Iterable[str], cap_since: datetime) -> dict[str, dict[str, Any]]:
+        """target → what the rule did there: last action, actions and escalations since cap_since."""
+        targets = list(set(targets))
+        if not targets:
+            return {}
+        acted = runs.c.playbook != "escalate"
+        in_window = runs.c.created_at >= cap_since
+        rows = self.conn.execute(
+            sa.select(
+                runs.c.target,
+                sa.func.max(sa.case((acted, runs.c.created_at))),
+                sa.func.count(sa.case((sa.and_(acted, in_window), 1))),
+                sa.func.count(sa.case((sa.and_(~acted, in_window), 1))),
+            )
+            .where(
                 runs.c.rule == rule,
-                runs.c.target == target,
-                runs.c.playbook == "escalate",
-                runs.c.created_at >= cap_since,
+                runs.c.target.in_(targets),
+                runs.c.trigger == "alert",
+                runs.c.status.in_(ACTED_STATUSES),
             )
-        ).scalar_one()
-        return {
-            "active_run": active,
-            "last_action_at": last,
-            "actions_in_cap_window": in_window,
-            "escalated_in_cap_window": escalated > 0,
-        }
-
-    def rule_subjects(self, rule: str, since: datetime) -> set[str]:
-        """Distinct targets (or alerts, where no target) the rule saw since `since`."""
-        subject = sa.func.coalesce(runs.c.target, sa.literal("alert:") + runs.c.fingerprint)
-        return set(
-            self.conn.execute(
-                sa.select(subject)
-                .distinct()
-                .where(
-                    runs.c.rule == rule,
-                    runs.c.trigger == "alert",
-                    runs.c.playbook != "escalate",
-                    runs.c.created_at >= since,
-                )
-            ).scalars()
+            .group_by(runs.c.target)
         )
+        history = {}
+        for target, last, actions, escalations in rows:
+            if isinstance(last, str):  # SQLite returns max() of a DateTime as text
+                last = datetime.fromisoformat(last).replace(tzinfo=UTC)
+            elif last is not None and last.tzinfo is None:
+                last = last.replace(tzinfo=UTC)
+            history[target] = {
+                "last_action_at": last,
+                "actions_in_cap_window": actions,
+                "escalated_in_cap_window": escalations > 0,
+            }
+        return history
+
+    def touch_subjects(self, rule: str, subjects: Iterable[str]) -> None:
+        """Record that these subjects (targets, or alerts without one) fired for the rule now."""
+        rows = [{"rule": rule, "subject": subject, "last_seen": self.now} for subject in set(subjects)]
+        if not rows:
+            return
+        stmt = self.ledger._insert(alert_subjects).values(rows)
+        self.conn.execute(
+            stmt.on_conflict_do_update(index_elements=["rule", "subject"], set_={"last_seen": stmt.excluded.last_seen})
+        )
+
+    def count_subjects(self, rule: str, since: datetime) -> int:
+        return self.conn.execute(
+            sa.select(sa.func.count()).where(alert_subjects.c.rule == rule, alert_subjects.c.last_seen >= since)
+        ).scalar_one()
 
     def storm_escalated(self, rule: str, since: datetime) -> bool:
         return (
@@ -636,14 +703,16 @@ class IntakeTx:
             > 0
         )
 
-    def resolve_alert_runs(self, fingerprint: str, starts_at: str) -> list[int]:
-        """Mark the runs answering this firing as resolved; return those newly marked."""
-        return list(
+    def resolve_alert_runs(self, alerts: Iterable[tuple[str, str]]) -> list[int]:
+        """Mark the runs answering these (fingerprint, startsAt) firings resolved; return those newly marked."""
+        pairs = list(set(alerts))
+        if not pairs:
+            return []
+        return sorted(
             self.conn.execute(
                 runs.update()
                 .where(
-                    runs.c.fingerprint == fingerprint,
-                    runs.c.alert_starts_at == starts_at,
+                    sa.tuple_(runs.c.fingerprint, runs.c.alert_starts_at).in_(pairs),
                     runs.c.resolved_at.is_(None),
                 )
                 .values(resolved_at=self.now)

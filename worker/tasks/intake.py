@@ -59,39 +59,11 @@ def _alert_run(decision: AlertDecision, status: str, reason: str) -> NewRun:
     )
 
 
-class _Judge:
-    """Applies worker.safety to new firings, with the state read from `tx` once per rule."""
-
-    def __init__(self, tx: IntakeTx, decisions: list[AlertDecision], truncated: int):
-        self.tx = tx
-        self.truncated = truncated
-        self.payload_subjects: dict[str, set[str]] = defaultdict(set)
-        for d in decisions:
-            if d.makes_run:
-                self.payload_subjects[d.rule].add(d.subject)
-        self.rule_states: dict[str, RuleState] = {}
-
-    def rule_state(self, d: AlertDecision) -> RuleState:
-        if d.rule not in self.rule_states:
-            since = self.tx.now - d.policy.storm_window
-            subjects = self.tx.rule_subjects(d.rule, since) | self.payload_subjects[d.rule]
-            self.rule_states[d.rule] = RuleState(len(subjects), self.truncated, self.tx.storm_escalated(d.rule, since))
-        return self.rule_states[d.rule]
-
-    def decide(self, d: AlertDecision):
-        target = TargetState()
-        if d.target:
-            target = TargetState(**self.tx.target_history(d.rule, d.target, self.tx.now - d.policy.cap_window))
-        verdict = judge(d.policy, self.rule_state(d), target, self.tx.now)
-        if verdict.storm and verdict.verdict == "escalate":
-            state = self.rule_states[d.rule]
-            self.rule_states[d.rule] = RuleState(state.subjects_in_window, state.truncated_alerts, True)
-        return verdict
-
-
-def _escalation(decision: AlertDecision, reason: str, storm: bool, alerts_in_payload: int) -> NewRun:
+def _escalation(decision: AlertDecision, reason: str, storm: bool, alerts_in_payload: int, now) -> NewRun:
     target = None if storm else decision.target
     what = f"storm on rule {decision.rule}" if storm else f"{decision.rule} on {decision.target}"
+    window = decision.policy.storm_window if storm else decision.policy.cap_window
+    bucket = int(now.timestamp() // window.total_seconds())
     return NewRun(
         trigger="alert",
         playbook="escalate",
@@ -101,68 +73,132 @@ def _escalation(decision: AlertDecision, reason: str, storm: bool, alerts_in_pay
         target=target,
         params={"reason": reason, "alert": _summary(decision.alert), "storm": storm, "alerts": alerts_in_payload},
         summary=f"escalation: {what}: {reason}",
+        # One escalation per rule (storm) or rule and target (cap) per window,
+        # however many web processes decide at once.
+        dedup_key=f"escalate:{decision.rule}:{target or '*storm*'}:{bucket}",
     )
+
+
+class _State:
+    """Everything the safety checks read, loaded from the ledger in a few
+    batched queries, then kept current while this notification's alerts are
+    decided in order (an action here makes the target busy for the next)."""
+
+    def __init__(self, tx: IntakeTx, new: list[AlertDecision], truncated: int):
+        self.tx = tx
+        self.truncated = truncated
+        targets = {d.target for d in new if d.target}
+        self.active = tx.active_runs(targets)
+        self.history: dict[tuple[str, str], dict] = {}
+        self.rules: dict[str, RuleState] = {}
+        by_rule: dict[str, list[AlertDecision]] = defaultdict(list)
+        for d in new:
+            by_rule[d.rule].append(d)
+        for rule, ds in by_rule.items():
+            policy = ds[0].policy
+            tx.touch_subjects(rule, {d.subject for d in ds})
+            since = tx.now - policy.storm_window
+            self.rules[rule] = RuleState(tx.count_subjects(rule, since), truncated, tx.storm_escalated(rule, since))
+            found = tx.rule_history(rule, {d.target for d in ds if d.target}, tx.now - policy.cap_window)
+            for target, facts in found.items():
+                self.history[(rule, target)] = facts
+
+    def judge(self, d: AlertDecision):
+        target = TargetState()
+        if d.target:
+            target = TargetState(active_run=self.active.get(d.target), **self.history.get((d.rule, d.target), {}))
+        return judge(d.policy, self.rules[d.rule], target, self.tx.now)
+
+    def acted(self, d: AlertDecision) -> None:
+        if d.target:
+            self.active.setdefault(d.target, 0)  # busy from now on; its run id is not written yet
+
+    def escalated(self, d: AlertDecision, storm: bool) -> None:
+        if storm:
+            state = self.rules[d.rule]
+            self.rules[d.rule] = RuleState(state.subjects_in_window, state.truncated_alerts, True)
+        elif d.target:
+            facts = self.history.setdefault((d.rule, d.target), {})
+            facts["escalated_in_cap_window"] = True
 
 
 def accept_alerts(app: Celery, *, alerts: list[Alert], truncated: int, summary: str, body: str) -> AlertIntake:
     runtime = app.opsfleet
     decisions = decide_alerts(alerts, runtime.config)
     acting = [d for d in decisions if d.makes_run]
-    keys = {f"rule:{d.rule}" for d in acting} | {f"target:{d.target}" for d in acting if d.target}
-    report: list[dict] = []
-    created_queued: list[int] = []
-    all_runs: set[int] = set()
     with runtime.ledger.intake() as tx:
-        tx.lock(keys)
+        # Per target: two intakes about one target never decide at once.
+        tx.lock(f"target:{d.target}" for d in acting if d.target)
         event_id = tx.add_event(source="alertmanager", summary=summary, body=body)
-        judge_ = _Judge(tx, decisions, truncated)
+        known = tx.existing_runs(d.dedup_key for d in acting)
+        # New firings: not in the ledger, and the first of any twins in this notification.
+        fresh, seen = [], set()
+        for d in acting:
+            if d.dedup_key not in known and d.dedup_key not in seen:
+                fresh.append(d)
+                seen.add(d.dedup_key)
+        fresh_ids = {id(d) for d in fresh}
+        state = _State(tx, [d for d in fresh if d.outcome == "act"], truncated)
+
+        # Decide in order; collect the runs to write in one statement.
+        plan: list[tuple[AlertDecision, str, str, NewRun | None, NewRun | None]] = []
         for d in decisions:
-            outcome, reason, run_id, escalation_id = d.outcome, d.reason, None, None
-            if d.makes_run and tx.existing_run(d.dedup_key):
-                run = tx.add_run(event_id, _alert_run(d, "skipped", d.reason))
-                outcome, run_id = "repeat", run.id
+            if not d.makes_run:
+                plan.append((d, d.outcome, d.reason, None, None))
+            elif id(d) not in fresh_ids:
+                plan.append((d, "repeat", d.reason, _alert_run(d, "skipped", d.reason), None))
             elif d.outcome == "skip":
-                run_id = tx.add_run(event_id, _alert_run(d, "skipped", d.reason)).id
-            elif d.outcome == "act":
-                verdict = judge_.decide(d)
-                outcome, reason = verdict.verdict, verdict.reason
-                if verdict.verdict == "act":
-                    run_id = tx.add_run(event_id, _alert_run(d, "queued", reason)).id
-                    created_queued.append(run_id)
+                plan.append((d, "skip", d.reason, _alert_run(d, "skipped", d.reason), None))
+            else:
+                verdict = state.judge(d)
+                outcome, reason, escalation = verdict.verdict, verdict.reason, None
+                if outcome == "act":
+                    state.acted(d)
+                    run = _alert_run(d, "queued", reason)
                 else:
-                    if verdict.verdict == "dry_run":
+                    if outcome == "dry_run":
                         reason = f"dry run: would {d.playbook} {d.target or ''}".rstrip()
-                    run_id = tx.add_run(event_id, _alert_run(d, "skipped", reason)).id
-                if verdict.verdict == "escalate":
-                    escalation_id = tx.add_run(event_id, _escalation(d, reason, verdict.storm, len(alerts))).id
-                    created_queued.append(escalation_id)
-            if run_id:
-                all_runs.add(run_id)
-            if escalation_id:
-                all_runs.add(escalation_id)
-            metrics.ALERT_DECISIONS.labels(outcome).inc()
-            if run_id and outcome in ("skip", "dry_run", "escalate"):
-                # A skip is a run that ended at birth: count it with the finished ones.
-                metrics.RUNS_FINISHED.labels("alert", d.playbook or "", "skipped").inc()
-            report.append(
-                {
-                    "fingerprint": d.alert.fingerprint,
-                    "alertname": d.alert.name,
-                    "outcome": outcome,
-                    "reason": reason,
-                    "rule": d.rule,
-                    "target": d.target,
-                    "run_id": run_id,
-                    "escalation_run_id": escalation_id,
-                }
-            )
-        resolved_runs = []
-        for alert in alerts:
-            if alert.status == "resolved":
-                resolved_runs += tx.resolve_alert_runs(alert.fingerprint, alert.starts_at)
+                    run = _alert_run(d, "skipped", reason)
+                if outcome == "escalate":
+                    state.escalated(d, verdict.storm)
+                    escalation = _escalation(d, reason, verdict.storm, len(alerts), tx.now)
+                plan.append((d, outcome, reason, run, escalation))
+
+        new_runs = [r for _, _, _, run, esc in plan for r in (run, esc) if r is not None]
+        recorded = iter(tx.add_runs(event_id, new_runs, enqueued=True))
+        resolved_runs = tx.resolve_alert_runs((a.fingerprint, a.starts_at) for a in alerts if a.status == "resolved")
+
+    report, queued, all_runs = [], [], set()
+    for d, outcome, reason, run, escalation in plan:
+        run_rec = next(recorded) if run is not None else None
+        esc_rec = next(recorded) if escalation is not None else None
+        for rec in (run_rec, esc_rec):
+            if rec is None:
+                continue
+            all_runs.add(rec.id)
+            if rec.created and rec.status == "queued":
+                queued.append(rec.id)
+        if run_rec is not None and not run_rec.created and outcome != "repeat":
+            outcome = "repeat"  # a twin decided the same alert first, in another process
+        metrics.ALERT_DECISIONS.labels(outcome).inc()
+        if run_rec is not None and run_rec.created and outcome in ("skip", "dry_run", "escalate"):
+            # A skip is a run that ended at birth: count it with the finished ones.
+            metrics.RUNS_FINISHED.labels("alert", d.playbook or "", "skipped").inc()
+        report.append(
+            {
+                "fingerprint": d.alert.fingerprint,
+                "alertname": d.alert.name,
+                "outcome": outcome,
+                "reason": reason,
+                "rule": d.rule,
+                "target": d.target,
+                "run_id": run_rec.id if run_rec else None,
+                "escalation_run_id": esc_rec.id if esc_rec and esc_rec.created else None,
+            }
+        )
     for alert in alerts:
         metrics.ALERTS_RECEIVED.labels(alert.status).inc()
-    enqueued = enqueue_runs(app, runtime.ledger, created_queued)
+    enqueued = enqueue_runs(app, runtime.ledger, queued, marked=True)
     for run_id in resolved_runs:
         request_report(app, run_id)
     return AlertIntake(event_id, report, sorted(all_runs), enqueued, resolved_runs)

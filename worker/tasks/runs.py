@@ -161,11 +161,13 @@ def finish_run(self, run_id: int) -> None:
     end_run(self.app, run, "succeeded", f"{len(run['steps'])} steps succeeded")
 
 
-def enqueue_runs(app, ledger, run_ids: list[int]) -> list[int]:
+def enqueue_runs(app, ledger, run_ids: list[int], marked: bool = False) -> list[int]:
     """Send `start` for each run; return those the broker took.
 
     The ledger already holds the runs, so a broker that is down loses nothing:
     the sweeper sends them later. `start` is idempotent, so sending twice is safe.
+    `marked`: the runs were recorded as enqueued already (one write fewer on the
+    edge's hot path); those the broker refuses are unmarked for the sweeper.
     """
     sent = []
     for run_id in run_ids:
@@ -175,9 +177,11 @@ def enqueue_runs(app, ledger, run_ids: list[int]) -> list[int]:
             log.warning("broker refused run %s (the sweeper will enqueue it): %s", run_id, err)
             break
         sent.append(run_id)
-    if sent:
-        try:
+    try:
+        if marked:
+            ledger.clear_enqueued(run_ids[len(sent) :])
+        elif sent:
             ledger.mark_enqueued(sent)
-        except LedgerUnavailable as err:
-            log.warning("could not mark runs %s enqueued (harmless: start is idempotent): %s", sent, err)
+    except LedgerUnavailable as err:
+        log.warning("could not record what the broker took (harmless: the sweeper re-sends): %s", err)
     return sent
