@@ -113,3 +113,55 @@ class DockerAdapter:
             raise DockerError(f"container {container.name}: restart failed: {err}") from None
         finally:
             api.timeout = previous
+
+    # -- backups and recovery ------------------------------------------------------
+
+    def version(self) -> dict:
+        try:
+            info = self.client.version()
+        except DockerException as err:
+            raise DockerError(f"Docker at {self.base_url or 'the default socket'} does not answer: {err}") from None
+        return {"version": info.get("Version"), "api_version": info.get("ApiVersion")}
+
+    def inventory(self) -> dict:
+        """Images and containers, for the monthly inventory backup."""
+        try:
+            images = self.client.images.list()
+            containers = self.client.containers.list(all=True)
+        except DockerException as err:
+            raise DockerError(f"cannot list images and containers: {err}") from None
+        return {
+            "images": sorted(
+                ({"id": i.id, "tags": sorted(i.tags), "created": i.attrs.get("Created")} for i in images),
+                key=lambda i: i["id"],
+            ),
+            "containers": sorted(
+                (
+                    {
+                        "name": c.name,
+                        "image": c.attrs.get("Config", {}).get("Image"),
+                        "status": c.status,
+                        "labels": c.labels,
+                    }
+                    for c in containers
+                ),
+                key=lambda c: c["name"],
+            ),
+        }
+
+    def stop(self, container, stop_timeout: int) -> None:
+        api = self.client.api
+        previous = api.timeout
+        api.timeout = self.timeout + stop_timeout
+        try:
+            container.stop(timeout=stop_timeout)
+        except DockerException as err:
+            raise DockerError(f"container {container.name}: stop failed: {err}") from None
+        finally:
+            api.timeout = previous
+
+    def start(self, container) -> None:
+        try:
+            container.start()
+        except DockerException as err:
+            raise DockerError(f"container {container.name}: start failed: {err}") from None

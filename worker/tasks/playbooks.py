@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from worker.tasks import remediate
+from worker.tasks import backup, remediate
 from worker.tasks.steps import Step
 
 PLAYBOOKS: dict[str, tuple[Step, ...]] = {
     **remediate.PLAYBOOKS,
+    **backup.PLAYBOOKS,
 }

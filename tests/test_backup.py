@@ -1,0 +1,227 @@
+"""Backup sets against the real shared PostgreSQL 15, real files and real tools (pg_dump,
+pg_restore, GNU tar): committed only when verified; failures leave older sets intact."""
+
+from __future__ import annotations
+
+import json
+import stat
+import subprocess
+import tarfile
+import threading
+import io
+
+import psycopg
+import pytest
+import zstandard
+
+from tests.backup_support import ROWS, engine, fill_database, make_config_files, make_documents, record, run_playbook, sets_in
+from tests.support.servers import shared_postgres_database
+from worker.adapters.backupstore import list_sets
+from worker.adapters.postgres import Postgres
+from worker.tasks.backup import verify_item, verify_set
+from worker.tasks.runs import execute_inline
+
+
+@pytest.fixture
+def source_db():
+    with shared_postgres_database("opsfleet_bk") as url:
+        fill_database(url)
+        yield url
+
+
+@pytest.fixture
+def stack(tmp_path, source_db):
+    docs = make_documents(tmp_path)
+    config_files = make_config_files(tmp_path)
+    backup = {
+        "root": str(tmp_path / "backups"),
+        "timezone": "Europe/Berlin",
+        "min_free_bytes": 0,
+        "series": {
+            "db": {"kind": "database", "database_url": source_db},
+            "documents": {"kind": "documents", "path": str(docs)},
+            "config": {"kind": "config", "paths": [str(p) for p in config_files]},
+        },
+    }
+    return tmp_path, engine(tmp_path, backup), backup
+
+
+def test_a_backup_set_is_dumped_verified_committed_and_restores_with_the_same_rows(stack):
+    tmp_path, app, _ = stack
+    run = run_playbook(app, "backup_set")
+    assert run["status"] == "succeeded", (run["reason"], [s["output"] for s in run["steps"]])
+    assert [s["name"] for s in run["steps"]] == ["prepare", "dump", "verify", "commit", "retention"]
+
+    (only,) = list_sets(tmp_path / "backups")
+    assert sets_in(tmp_path / "backups") == [only.id] and only.id.endswith("Z")  # no .partial left
+    m = only.manifest
+    assert m["state"] == "complete" and m["run_id"] == run["id"] and m["verification"]["ok"]
+    assert set(m["items"]) == {"db", "documents", "config"}
+    db = m["items"]["db"]
+    assert db["row_counts"] == ROWS and db["server_version"].startswith("15")
+    assert db["verified"] and db["files"][0]["name"] == "db.dump.zst"
+    assert m["tools"]["pg_dump"].startswith("pg_dump (PostgreSQL) 15")
+    assert m["items"]["documents"]["file_count"] == 21 and m["items"]["documents"]["problems"] == []
+    assert m["host"]["disk"]["free_bytes"] > 0 and "docker" in m["host"]
+    for item in m["items"].values():
+        for f in item["files"]:
+            assert stat.S_IMODE((only.path / f["name"]).stat().st_mode) == 0o600
+    assert all(v.ok for v in verify_set(only, deep=True).values())
+
+    # The config archive holds .env, and it comes back 0600 from a restore (see test_restore);
+    # here: the archive itself is readable by its owner only and lists the file.
+    data = b"".join(zstandard.ZstdDecompressor().read_to_iter(open(only.path / "config.tar.zst", "rb")))
+    names = tarfile.open(fileobj=io.BytesIO(data)).getnames()
+    assert any(n.endswith("app/.env") for n in names)
+
+    # Restore into a new database and compare row counts with the manifest.
+    with shared_postgres_database("opsfleet_rs") as target_url:
+        pg = Postgres(target_url)
+        plain = tmp_path / "db.dump"
+        with open(plain, "wb") as out:
+            from worker.adapters.archive import iter_decompressed
+
+            for chunk in iter_decompressed(only.path / "db.dump.zst", "zstd"):
+                out.write(chunk)
+        pg.restore(plain, pg.dbname, jobs=2, timeout=120)
+        assert pg.row_counts() == db["row_counts"]
+
+
+def test_a_truncated_dump_fails_verification(stack):
+    tmp_path, app, _ = stack
+    assert run_playbook(app, "backup_set", {"series": ["db"]})["status"] == "succeeded"
+    (only,) = list_sets(tmp_path / "backups")
+    dump = only.path / "db.dump.zst"
+    data = dump.read_bytes()
+    dump.write_bytes(data[: len(data) * 2 // 3])
+    result = verify_item(only.path, only.items["db"], "zstd", deep=True)
+    assert not result.ok and "truncated" in result.detail
+
+
+def test_pg_restore_list_passes_a_truncated_dump_but_our_full_read_does_not(source_db, tmp_path):
+    # Why verification is a full read: the table of contents sits at the front.
+    pg = Postgres(source_db)
+    whole = subprocess.run(["pg_dump", "--format=custom", "--compress=0"], env=pg.env(), capture_output=True, check=True).stdout
+    cut = tmp_path / "cut.dump"
+    cut.write_bytes(whole[: len(whole) * 2 // 3])
+    assert subprocess.run(["pg_restore", "--list", str(cut)], capture_output=True).returncode == 0
+    assert subprocess.run(["pg_restore", "--file=/dev/null", str(cut)], capture_output=True).returncode != 0
+
+
+def test_a_server_stopped_mid_run_fails_cleanly_and_keeps_older_sets(tmp_path, private_postgres, monkeypatch):
+    fill_database(private_postgres.url)
+    app = engine(tmp_path, {
+        "root": str(tmp_path / "backups"), "min_free_bytes": 0,
+        "series": {"db": {"kind": "database", "database_url": private_postgres.url}},
+    })  # fmt: skip
+    assert run_playbook(app, "backup_set")["status"] == "succeeded"
+    older = sets_in(tmp_path / "backups")
+
+    # Hold the next run inside its dump step, stop the server there, let the step go on.
+    hold_dir = tmp_path / "hold"
+    hold_dir.mkdir()
+    monkeypatch.setenv("OPSFLEET_TEST_HOLD_DIR", str(hold_dir))
+    (hold_dir / "hold-backup_set-dump").touch()
+    run_id = record(app, "backup_set")
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(execute_inline(app, run_id)))
+    worker.start()
+    from tests.support.servers import wait_for
+
+    wait_for(lambda: (hold_dir / f"held-{run_id}-dump").exists(), 60, what="the dump step to be held")
+    private_postgres.stop()
+    (hold_dir / "hold-backup_set-dump").unlink()
+    worker.join(120)
+    assert result["status"] == "failed" and "step dump failed" in result["reason"]
+    assert "cannot connect" in result["reason"] or "pg_dump" in result["reason"]
+    assert [s["name"] for s in result["steps"]] == ["prepare", "dump"]  # no retention after a failure
+    assert sets_in(tmp_path / "backups") == older  # partial removed, older set intact
+    assert app.opsfleet.ledger.get_lock("backup:db") is None
+
+
+def test_a_filling_disk_fails_cleanly_with_older_backups_intact(tmp_path, source_db):
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], check=True)
+    try:
+        app = engine(tmp_path, {
+            "root": str(mount / "backups"), "min_free_bytes": 0,
+            "series": {"db": {"kind": "database", "database_url": source_db}},
+        })  # fmt: skip
+        assert run_playbook(app, "backup_set")["status"] == "succeeded"
+        older = sets_in(mount / "backups")
+        (first,) = list_sets(mount / "backups")
+        # 4 MB of incompressible rows: the next dump cannot fit in what is left of 3 MB.
+        with psycopg.connect(source_db, autocommit=True) as conn:
+            conn.execute("CREATE TABLE blobs AS SELECT g AS id, decode(string_agg(md5(random()::text || g2), ''), 'hex') AS b "
+                         "FROM generate_series(1, 64) g, generate_series(1, 4096) g2 GROUP BY g")  # fmt: skip
+        run = run_playbook(app, "backup_set")
+        assert run["status"] == "failed", run
+        assert "No space left on device" in run["reason"]
+        assert sets_in(mount / "backups") == older
+        assert all(v.ok for v in verify_set(list_sets(mount / "backups")[0]).values())
+        assert list_sets(mount / "backups")[0].id == first.id
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_two_concurrent_runs_make_one_backup_and_one_recorded_skip(stack, monkeypatch):
+    tmp_path, app, _ = stack
+    hold_dir = tmp_path / "hold"
+    hold_dir.mkdir()
+    monkeypatch.setenv("OPSFLEET_TEST_HOLD_DIR", str(hold_dir))
+    (hold_dir / "hold-backup_set-dump").touch()
+    first_id = record(app, "backup_set")
+    first = {}
+    worker = threading.Thread(target=lambda: first.update(execute_inline(app, first_id)))
+    worker.start()
+    from tests.support.servers import wait_for
+
+    wait_for(lambda: (hold_dir / f"held-{first_id}-dump").exists(), 60, what="the first run to hold its locks")
+    second = run_playbook(app, "backup_set")
+    (hold_dir / "hold-backup_set-dump").unlink()
+    worker.join(120)
+    assert first["status"] == "succeeded"
+    assert second["status"] == "skipped" and second["reason"].startswith("overlap: db: another run holds its lock")
+    assert len(list_sets(tmp_path / "backups")) == 1
+    from worker.adapters.metrics import scrape
+
+    assert b'opsfleet_backup_skipped_overlaps_total{series="db"}' in scrape()
+
+
+def test_two_beats_in_one_slot_make_one_backup_run(stack):
+    _, app, _ = stack
+    trigger = app.tasks["opsfleet.schedule.trigger"]
+    a = trigger.apply(args=("backup_set", "all"), kwargs={"slot_seconds": 3600}).get()
+    b = trigger.apply(args=("backup_set", "all"), kwargs={"slot_seconds": 3600}).get()
+    assert a["created"] and not b["created"] and a["run_id"] == b["run_id"]
+
+
+def test_files_changing_during_the_archive_are_reported_not_fatal(tmp_path):
+    from worker.adapters.archive import tar_problems
+
+    reported, fatal = tar_problems(
+        "tar: documents/a.txt: file changed as we read it\n"
+        "tar: documents/b.txt: File removed before we read it\n"
+        "tar: Exiting with failure status due to previous errors\n"
+    )
+    assert reported == ["documents/a.txt: file changed as we read it", "documents/b.txt: File removed before we read it"]
+    assert fatal == []
+    _, fatal = tar_problems("tar: documents/c: Cannot open: Permission denied\n")
+    assert fatal == ["documents/c: Cannot open: Permission denied"]
+
+
+def test_free_space_precheck_refuses_before_writing(stack):
+    tmp_path, app, backup = stack
+    assert run_playbook(app, "backup_set", {"series": ["documents"]})["status"] == "succeeded"
+    greedy = engine(tmp_path, {**backup, "min_free_bytes": 10**15})
+    run = run_playbook(greedy, "backup_set", {"series": ["documents"]})
+    assert run["status"] == "failed" and "not enough free space" in run["reason"]
+    assert len(list_sets(tmp_path / "backups")) == 1
+    assert greedy.opsfleet.ledger.get_lock("backup:documents") is None
+
+
+def test_unknown_series_is_refused_by_name(stack):
+    _, app, _ = stack
+    run = run_playbook(app, "backup_set", {"series": ["nope"]})
+    assert run["status"] == "failed" and "no backup series or kind named nope" in run["reason"]
