@@ -271,6 +271,11 @@ class BackupSettings(_Strict):
     retention: RetentionSpec = RetentionSpec()
     schedule: BackupSchedule = BackupSchedule()
     drill: DrillSettings = DrillSettings()
+    recover_stop_order: tuple[str, ...] = Field(
+        default=(), description="Services `opsfleet recover` stops in this order (and starts in reverse)."
+    )
+    health_timeout_seconds: int = Field(default=120, ge=1, description="Recovery's health gate waits this long.")
+    stop_timeout_seconds: int = Field(default=10, ge=0, le=600, description="Docker stop timeout for restores' stops.")
     series: dict[str, SeriesSpec] = Field(default_factory=dict)
 
     @field_validator("timezone")
@@ -428,6 +433,10 @@ def _cross_check(config: Config) -> list[str]:
             if service not in config.services:
                 known = ", ".join(names) or "none configured"
                 problems.append(f'backup.series.{name}.stop_services: unknown service "{service}" (services: {known})')
+    for service in config.backup.recover_stop_order:
+        if service not in config.services:
+            known = ", ".join(names) or "none configured"
+            problems.append(f'backup.recover_stop_order: unknown service "{service}" (services: {known})')
     if config.backup.step_timeout_seconds + 30 >= config.broker.visibility_timeout_seconds:
         problems.append(
             f"backup.step_timeout_seconds: must be below broker.visibility_timeout_seconds - 30 "

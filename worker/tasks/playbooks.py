@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from worker.tasks import backup, remediate
+from worker.tasks import backup, remediate, restore
 from worker.tasks.steps import Step
 
 PLAYBOOKS: dict[str, tuple[Step, ...]] = {
     **remediate.PLAYBOOKS,
     **backup.PLAYBOOKS,
+    **restore.PLAYBOOKS,
 }

@@ -159,7 +159,7 @@ def finish_run(self, run_id: int) -> None:
     end_run(self.app, run, "succeeded", f"{len(run['steps'])} steps succeeded")
 
 
-def execute_inline(app, run_id: int) -> dict:
+def execute_inline(app, run_id: int, on_step=None) -> dict:
     """Run a recorded run here and now, step by step through the same tasks a
     worker runs (for `opsfleet backup run`, `opsfleet restore`): the ledger
     records it exactly as if a worker had. Returns the finished run."""
@@ -172,9 +172,14 @@ def execute_inline(app, run_id: int) -> dict:
         end_run(app, run, "failed", f'unknown playbook "{run["playbook"]}"')
         return runtime.ledger.get_run(run_id)
     for seq in range(len(steps)):
+        if on_step is not None:
+            on_step(seq, steps[seq].name, None)
         app.tasks["opsfleet.runs.step"].apply(args=(run_id, seq))
-        if runtime.ledger.get_run(run_id)["status"] != "running":
-            return runtime.ledger.get_run(run_id)
+        current = runtime.ledger.get_run(run_id)
+        if on_step is not None and len(current["steps"]) > seq:
+            on_step(seq, steps[seq].name, current["steps"][seq])
+        if current["status"] != "running":
+            return current
     app.tasks["opsfleet.runs.finish"].apply(args=(run_id,))
     return runtime.ledger.get_run(run_id)
 
