@@ -225,3 +225,19 @@ def test_unknown_series_is_refused_by_name(stack):
     _, app, _ = stack
     run = run_playbook(app, "backup_set", {"series": ["nope"]})
     assert run["status"] == "failed" and "no backup series or kind named nope" in run["reason"]
+
+
+def test_gzip_is_selectable_and_a_truncated_gzip_archive_fails_verification(tmp_path):
+    docs = make_documents(tmp_path)
+    app = engine(tmp_path, {
+        "root": str(tmp_path / "backups"), "min_free_bytes": 0, "compression": "gzip",
+        "series": {"documents": {"kind": "documents", "path": str(docs)}},
+    })  # fmt: skip
+    assert run_playbook(app, "backup_set")["status"] == "succeeded"
+    (only,) = list_sets(tmp_path / "backups")
+    archive = only.path / "documents.tar.gz"
+    assert subprocess.run(["gzip", "-t", str(archive)]).returncode == 0  # plain gzip, for compatibility
+    assert verify_item(only.path, only.items["documents"], "gzip", deep=True).ok
+    archive.write_bytes(archive.read_bytes()[:-100])
+    result = verify_item(only.path, only.items["documents"], "gzip", deep=True)
+    assert not result.ok

@@ -86,3 +86,17 @@ def test_backup_config_errors_name_the_key():
         with pytest.raises(ConfigError) as caught:
             parse_config({"backup": backup}, source="t", base_dir=".", environ={})
         assert any(p.startswith(expected) for p in caught.value.problems), (expected, caught.value.problems)
+
+
+def test_long_backup_steps_carry_their_own_time_limits(tmp_path):
+    from worker.celery_factory import create_celery
+    from worker.tasks.runs import build_chain
+
+    loaded = parse_config(
+        {"fleet": {"data_dir": str(tmp_path)}, "backup": {"step_timeout_seconds": 1800}},
+        source="t", base_dir=tmp_path, environ={},
+    )  # fmt: skip
+    app = create_celery(loaded)
+    limits = [(t.args[1], t.options.get("soft_time_limit"), t.options.get("time_limit")) for t in build_chain(app, 1, "backup_set").tasks[:-1]]
+    # prepare, commit and retention keep the worker's limits; dump and verify get backup.step_timeout_seconds.
+    assert limits == [(0, None, None), (1, 1800, 1830), (2, 1800, 1830), (3, None, None), (4, None, None)]
