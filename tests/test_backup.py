@@ -3,7 +3,6 @@ pg_restore, GNU tar): committed only when verified; failures leave older sets in
 
 from __future__ import annotations
 
-import json
 import stat
 import subprocess
 import tarfile

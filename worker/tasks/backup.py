@@ -24,14 +24,17 @@ never touched. Steps find the partial set by the run id in its manifest.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import json
 import os
 import shutil
 import socket
 import subprocess
+import tempfile
+import threading
 import time
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -416,8 +419,6 @@ def dump_database(ctx: StepContext, series: str, spec: SeriesSpec, folder: Path)
         fd = os.open(folder / roles_name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as handle:
             handle.write(roles)
-        import hashlib
-
         files.append({"name": roles_name, "size": len(roles), "sha256": hashlib.sha256(roles).hexdigest(), "format": "sql"})
     except ArchiveError as err:
         problems.append(f"roles not captured (pg_dumpall --roles-only): {err}")
@@ -527,8 +528,7 @@ def verify_item(
 ) -> Verification:
     """Full read of every file: sha256 against the manifest and decompression to
     the end (truncation fails). deep: also pg_restore the whole dump to /dev/null
-    (or tar --list the archive and compare its entry count)."""
-    import hashlib
+    (or tar --list the archive and compare its entry count). sha_only: the hash only."""
 
     details = []
     for f in item.get("files", []):
@@ -552,8 +552,6 @@ def verify_item(
                     return Verification(False, f"{f['name']}: {entries} entries, the manifest says {item['entry_count']}")
             else:
                 # sha256 of the file and its decompression in parallel (both release the GIL).
-                import threading
-
                 hashed = threading.Thread(target=_hash_into, args=(path, digest))
                 hashed.start()
                 try:
@@ -577,8 +575,6 @@ def _hash_into(path: Path, digest) -> None:
 
 def _feed(path: Path, compression: str, digest, argv: list[str], timeout: float) -> str:
     """Decompress `path` into a tool's stdin; return its stdout; ArchiveError when it fails."""
-    import tempfile
-
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=out, stderr=err)
         with Watchdog(timeout, proc) as dog:
