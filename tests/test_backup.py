@@ -240,3 +240,32 @@ def test_gzip_is_selectable_and_a_truncated_gzip_archive_fails_verification(tmp_
     archive.write_bytes(archive.read_bytes()[:-100])
     result = verify_item(only.path, only.items["documents"], "gzip", deep=True)
     assert not result.ok
+
+
+def test_directory_format_dumps_in_parallel_and_restores_in_place(tmp_path, source_db):
+    app = engine(tmp_path, {
+        "root": str(tmp_path / "backups"), "min_free_bytes": 0,
+        "series": {"db": {"kind": "database", "database_url": source_db, "format": "directory", "jobs": 2}},
+    })  # fmt: skip
+    run = run_playbook(app, "backup_set")
+    assert run["status"] == "succeeded", run["reason"]
+    (only,) = list_sets(tmp_path / "backups")
+    item = only.items["db"]
+    assert item["format"] == "directory" and item["row_counts"] == ROWS
+    assert any(f["name"] == "db.dir/toc.dat" for f in item["files"])
+    assert verify_item(only.path, item, "zstd", deep=True).ok
+
+    with shared_postgres_database("opsfleet_rs") as target_url:
+        from worker.tasks.restore import PLAYBOOKS  # noqa: F401  (registered)
+
+        target = Postgres(target_url).dbname
+        Postgres(target_url).drop_database(target)  # restores go into a fresh database
+        restored = run_playbook(app, "restore", {"plan": {"db": only.id}, "target_db": target, "swap": False})
+        assert restored["status"] == "succeeded", restored["reason"]
+        assert Postgres(target_url).row_counts() == ROWS
+
+    # A damaged table file fails verification.
+    data_file = next(only.path / f["name"] for f in item["files"] if f["name"].endswith(".dat.gz"))
+    data_file.write_bytes(data_file.read_bytes()[:-5])
+    result = verify_item(only.path, item, "zstd", deep=True)
+    assert not result.ok and "sha256 differs" in result.detail

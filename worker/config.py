@@ -212,7 +212,12 @@ class SeriesSpec(_Strict):
     stop_services: tuple[str, ...] = Field(
         default=(), description="Configured services using this database: stopped for a restore's swap, then started."
     )
-    jobs: int = Field(default=2, ge=1, le=32, description="Parallel pg_restore jobs.")
+    # custom: one file, pg_dump's compression off and zstd outside (fast), restored
+    # with pg_restore -j from a decompressed copy. directory: pg_dump -j <jobs> writes
+    # one gzip file per table (level directory_compress), restored in place with -j.
+    format: Literal["custom", "directory"] = "custom"
+    directory_compress: int = Field(default=1, ge=0, le=9, description="pg_dump --compress for directory format.")
+    jobs: int = Field(default=2, ge=1, le=32, description="pg_restore -j (and pg_dump -j for directory format).")
     path: Path | None = None
     paths: tuple[Path, ...] = ()
     secret_files: tuple[str, ...] = Field(

@@ -142,8 +142,8 @@ def forget_item(backup_set: BackupSet, series: str, reasons: str, now: datetime)
     manifest["items"] = remaining
     manifest.setdefault("pruned", {})[series] = {"at": iso(now), "reasons": reasons}
     write_manifest(backup_set.path, manifest)  # the item leaves the manifest before its files go
-    for f in item.get("files", []):
-        target = backup_set.path / f["name"]
+    for top in {f["name"].split("/")[0] for f in item.get("files", [])}:
+        target = backup_set.path / top
         if target.is_dir():
             shutil.rmtree(target, ignore_errors=True)
         else:

@@ -150,11 +150,15 @@ def restore_database_into(
     """Fresh database `dbname` from the set's dump, row counts checked; dropped again on failure."""
     item = found.items[series]
     compression = found.manifest.get("compression", "zstd")
-    plain = _scratch(ctx) / f"{series}.dump"
-    dump_file = next(f for f in item["files"] if ".dump" in f["name"])
     roles_file = next((f for f in item["files"] if f["name"].endswith(".roles.sql")), None)
     began = time.monotonic()
-    decompress_to(found.path / dump_file["name"], compression, plain, expect_sha256=dump_file["sha256"])
+    if item.get("format") == "directory":
+        # pg_restore -j reads the directory in place (its files were hashed by the check step).
+        plain = found.path / next(f["name"].split("/")[0] for f in item["files"] if "/" in f["name"])
+    else:
+        plain = _scratch(ctx) / f"{series}.dump"
+        dump_file = next(f for f in item["files"] if ".dump" in f["name"])
+        decompress_to(found.path / dump_file["name"], compression, plain, expect_sha256=dump_file["sha256"])
     t_unpacked = time.monotonic()
     if pg.database_exists(dbname):
         raise StepFailed(f"database {dbname} exists already on {pg.where()}: restores go into a fresh database")
@@ -176,7 +180,8 @@ def restore_database_into(
         pg.drop_database(dbname)
         raise
     finally:
-        plain.unlink(missing_ok=True)
+        if plain.is_file():
+            plain.unlink(missing_ok=True)
     return (
         f"{series}: {len(expected)} tables, {sum(expected.values())} rows restored into {dbname} and match the manifest "
         f"(unpacked and sha256-checked {t_unpacked - began:.1f}s, pg_restore -j{spec.jobs} {t_restored - t_unpacked:.1f}s, "
