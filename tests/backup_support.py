@@ -3,10 +3,17 @@ config files, and an in-process engine (SQLite ledger, embedded broker) to run p
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 
+import docker
 import psycopg
+
+from tests.support.servers import TEST_IMAGE, _postgres_bin, free_port, wait_for
 
 from worker.adapters.ledger import NewRun
 from worker.celery_factory import create_celery
@@ -72,3 +79,45 @@ def run_playbook(app, playbook: str, params: dict | None = None) -> dict:
 
 def sets_in(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir()) if root.exists() else []
+
+
+def postgres_uid_gid() -> str:
+    """Numeric: Docker looks users up in the image's /etc/passwd, which this image lacks."""
+    import pwd
+
+    entry = pwd.getpwnam("postgres")
+    return f"{entry.pw_uid}:{entry.pw_gid}"
+
+
+@contextlib.contextmanager
+def postgres_in_container(client, name: str = "opsfleet-bk-postgres"):
+    """PostgreSQL 15 running inside a container of the busybox test image (nothing can be
+    pulled here): the host's PostgreSQL binaries and libraries are bind-mounted read-only,
+    the data directory is a fresh initdb. Host networking, so tests also reach it on
+    127.0.0.1:PORT. Yields (container, port)."""
+    port = free_port()
+    folder = Path(tempfile.mkdtemp(prefix="opsfleet-pgc-"))
+    shutil.chown(folder, "postgres", "postgres")
+    bin_dir = Path(_postgres_bin("postgres")).parent
+    subprocess.run(
+        [str(bin_dir / "initdb"), "-D", str(folder / "data"), "-U", "postgres", "--auth=trust", "--no-sync",
+         "--encoding=UTF8", "--locale=C.UTF-8"],
+        user="postgres", group="postgres", extra_groups=[], cwd=folder, check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    with contextlib.suppress(docker.errors.NotFound):
+        client.containers.get(name).remove(force=True)
+    container = client.containers.run(
+        TEST_IMAGE,
+        [str(bin_dir / "postgres"), "-D", "/pg/data", "-p", str(port), "-k", "/pg", "-c", "listen_addresses=127.0.0.1"],
+        name=name, detach=True, network_mode="host", user=postgres_uid_gid(),
+        volumes={"/usr": {"bind": "/usr", "mode": "ro"}, "/usr/lib": {"bind": "/lib", "mode": "ro"},
+                 "/usr/lib64": {"bind": "/lib64", "mode": "ro"}, "/etc": {"bind": "/etc", "mode": "ro"},
+                 str(folder): {"bind": "/pg", "mode": "rw"}},
+    )  # fmt: skip
+    try:
+        wait_for(lambda: psycopg.connect(f"postgresql://postgres@127.0.0.1:{port}/postgres", connect_timeout=2).close() or True,
+                 30, interval=0.2, what="PostgreSQL in a container")  # fmt: skip
+        yield container, port, str(bin_dir)
+    finally:
+        container.remove(force=True)
+        shutil.rmtree(folder, ignore_errors=True)

@@ -165,3 +165,34 @@ def test_recover_latest_brings_busybox_services_back_through_the_health_gate(sit
     for c in (api, worker):
         c.reload()
         assert c.status == "running" and c.attrs["State"]["StartedAt"] != before[c.name]
+
+
+def test_database_in_a_container_is_backed_up_and_restored_through_docker_exec(tmp_path, dockerd, monkeypatch):
+    from tests.backup_support import engine, postgres_in_container, postgres_uid_gid, run_playbook
+    from worker.adapters.backupstore import list_sets
+
+    monkeypatch.setenv("DOCKER_HOST", TEST_DOCKER_HOST)
+    with postgres_in_container(dockerd) as (container, port, bin_dir):
+        with psycopg.connect(f"postgresql://postgres@127.0.0.1:{port}/postgres", autocommit=True) as admin:
+            admin.execute("CREATE DATABASE shop")
+        fill_database(f"postgresql://postgres@127.0.0.1:{port}/shop")
+        app = engine(tmp_path, {
+            "root": str(tmp_path / "backups"), "min_free_bytes": 0,
+            "series": {"db": {
+                "kind": "database", "service": "postgres", "bin_dir": bin_dir, "exec_user": postgres_uid_gid(),
+                # As seen inside the container: its socket directory and port.
+                "database_url": f"postgresql://postgres@/shop?host=/pg&port={port}",
+            }},
+        }, services={"postgres": {"container": container.name}})  # fmt: skip
+        run = run_playbook(app, "backup_set")
+        assert run["status"] == "succeeded", (run["reason"], [s["output"] for s in run["steps"]])
+        (only,) = list_sets(tmp_path / "backups")
+        item = only.items["db"]
+        assert item["row_counts"] == ROWS and item["source"] == f"container {container.name}, database shop"
+        assert any(f["name"] == "db.roles.sql" for f in item["files"])
+
+        with psycopg.connect(f"postgresql://postgres@127.0.0.1:{port}/shop", autocommit=True) as conn:
+            conn.execute("TRUNCATE orders")
+        restored = run_playbook(app, "restore", {"plan": {"db": only.id}, "swap": True})
+        assert restored["status"] == "succeeded", (restored["reason"], [s["output"] for s in restored["steps"]])
+        assert Postgres(f"postgresql://postgres@127.0.0.1:{port}/shop").row_counts() == ROWS

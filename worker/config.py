@@ -209,6 +209,13 @@ class SeriesSpec(_Strict):
     # Default: models weekly, inventory monthly, everything else daily.
     every: Literal["daily", "weekly", "monthly"] | None = None
     database_url: str | None = None
+    service: str | None = Field(
+        default=None,
+        description="Configured service whose container runs PostgreSQL: dump and restore by `docker exec`; "
+        "database_url is then the connection as seen inside the container.",
+    )
+    bin_dir: str | None = Field(default=None, description="Where pg_dump/psql are inside the container (default: PATH).")
+    exec_user: str = Field(default="postgres", description="User the tools run as inside the container.")
     stop_services: tuple[str, ...] = Field(
         default=(), description="Configured services using this database: stopped for a restore's swap, then started."
     )
@@ -434,6 +441,9 @@ def _cross_check(config: Config) -> list[str]:
             known = ", ".join(names) or "none configured"
             problems.append(f'remediation.rules[{i}].target.service: unknown service "{service}" (services: {known})')
     for name, series in config.backup.series.items():
+        if series.service and series.service not in config.services:
+            known = ", ".join(names) or "none configured"
+            problems.append(f'backup.series.{name}.service: unknown service "{series.service}" (services: {known})')
         for service in series.stop_services:
             if service not in config.services:
                 known = ", ".join(names) or "none configured"

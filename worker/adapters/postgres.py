@@ -176,6 +176,11 @@ class Postgres:
         with self.admin() as conn:
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
+    def rename_database(self, old: str, new: str) -> None:
+        with self.admin() as conn:
+            conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
+                sql.Identifier(check_db_name(old)), sql.Identifier(check_db_name(new))))
+
     def swap_databases(self, live: str, restored: str, keep_as: str) -> None:
         """live -> keep_as, restored -> live. Connections to live are refused,
         then ended (its users are expected to be stopped already)."""
@@ -233,3 +238,167 @@ def _count_rows(conn: psycopg.Connection) -> dict[str, int]:
 def _first_line(err: Exception) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else err.__class__.__name__
+
+
+# -- PostgreSQL inside a container, through `docker exec` ------------------------------------
+
+_COUNTS_ONE_QUERY = (
+    "SELECT n.nspname || '.' || c.relname, (xpath('/row/c/text()', query_to_xml("
+    "format('SELECT count(*) AS c FROM %I.%I', n.nspname, c.relname), false, true, '')))[1]::text "
+    + _TABLES[_TABLES.index("FROM pg_class"):]
+)
+_SEP = "\x1f"  # psql field separator: no table name holds a unit separator
+
+
+class ContainerPostgres:
+    """The Postgres operations backups and restores need, run with the tools
+    inside a container (`docker exec`), as the seed did: the tools match the
+    server's version and no port has to be reachable from the host.
+
+    `url` is the connection as seen inside the container (e.g.
+    postgresql://postgres@/shop?host=/var/run/postgresql); it reaches the tools
+    as libpq environment variables of the exec, never in argv. SQL goes to psql
+    on stdin. Restores stream the dump into pg_restore's stdin (serial: a
+    parallel restore needs the file inside the container)."""
+
+    def __init__(self, docker, container, url: str, bin_dir: str | None, user: str, timeout_seconds: float = 3000):
+        self.docker = docker
+        self.container = container
+        self.host_side = Postgres(url, timeout_seconds)
+        self.dbname = self.host_side.dbname
+        self.bin = (bin_dir.rstrip("/") + "/") if bin_dir else ""
+        self.user = user
+        self.timeout = timeout_seconds
+
+    def where(self) -> str:
+        return f"container {self.container.name}, database {self.dbname}"
+
+    def env(self, dbname: str | None = None) -> dict[str, str]:
+        env = {k: v for k, v in self.host_side.env(dbname).items() if k.startswith("PG")}
+        env.setdefault("PGDATABASE", self.dbname)
+        return env
+
+    def _exec(self, argv, dbname=None, stdin=False, stderr_path=None):
+        from worker.adapters.docker import DockerError
+
+        try:
+            return self.docker.exec_process(
+                self.container, [self.bin + argv[0], *argv[1:]], self.env(dbname), self.user, stdin, stderr_path
+            )
+        except DockerError as err:
+            raise PostgresError(str(err)) from None
+
+    def _psql(self, script: str, dbname: str | None = None, timeout: float = 120) -> list[list[str]]:
+        proc = self._exec(["psql", "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", f"--field-separator={_SEP}"],
+                          dbname, stdin=True)  # fmt: skip
+        proc.stdin.write(script.encode())
+        proc.stdin.close()
+        out = proc.read_all()
+        if proc.wait(timeout) != 0:
+            raise PostgresError(f"psql in {self.container.name}: {proc.stderr.decode(errors='replace').strip()[-500:]}")
+        return [line.split(_SEP) for line in out.decode().splitlines() if line]
+
+    @staticmethod
+    def tool_version(tool: str) -> str:
+        return f"{tool} (in the container)"
+
+    def server_version(self) -> str:
+        return self._psql("SHOW server_version;\n")[0][0]
+
+    def row_counts(self, dbname: str | None = None) -> dict[str, int]:
+        return {name: int(count) for name, count in self._psql(_COUNTS_ONE_QUERY + ";\n", dbname)}
+
+    @contextmanager
+    def snapshot(self) -> Iterator[Snapshot]:
+        """An interactive psql holds a REPEATABLE READ transaction open; its
+        snapshot is exported and the rows counted in it."""
+        proc = self._exec(["psql", "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", f"--field-separator={_SEP}"],
+                          stdin=True)  # fmt: skip
+        try:
+            proc.stdin.write(
+                (
+                    "BEGIN ISOLATION LEVEL REPEATABLE READ;\nSELECT 'snapshot', pg_export_snapshot();\n"
+                    "SELECT 'version', current_setting('server_version');\n"
+                    + _COUNTS_ONE_QUERY + ";\n\\echo opsfleet-end\n"
+                ).encode()
+            )
+            buffered = b""
+            while b"opsfleet-end\n" not in buffered:
+                chunk = proc.stdout.read()
+                if not chunk:
+                    proc.wait(30)
+                    raise PostgresError(
+                        f"psql in {self.container.name} ended: {proc.stderr.decode(errors='replace').strip()[-500:]}"
+                    )
+                buffered += chunk
+            rows = [line.split(_SEP) for line in buffered.decode().splitlines() if line and line != "opsfleet-end"]
+            snap = next(r[1] for r in rows if r[0] == "snapshot")
+            version = next(r[1] for r in rows if r[0] == "version")
+            counts = {r[0]: int(r[1]) for r in rows if r[0] not in ("snapshot", "version")}
+            yield Snapshot(snap, counts, version)
+            proc.stdin.write(b"COMMIT;\n")
+        finally:
+            proc.stdin.close()
+            try:
+                proc.wait(30)
+            except Exception:
+                proc.kill()
+
+    def dump_process(self, snapshot_id: str, stderr: Path):
+        return self._exec(
+            ["pg_dump", "--format=custom", "--compress=0", f"--snapshot={snapshot_id}", "--no-password"],
+            stderr_path=stderr,
+        )
+
+    def dump_roles(self, timeout: float = 60) -> bytes:
+        proc = self._exec(["pg_dumpall", "--roles-only", "--no-password"])
+        out = proc.read_all()
+        if proc.wait(timeout) != 0:
+            raise ArchiveError(f"pg_dumpall exited {proc.returncode}: {proc.stderr.decode(errors='replace')[-300:]}")
+        return out
+
+    def database_exists(self, name: str) -> bool:
+        check_db_name(name)
+        return bool(self._psql(f"SELECT 1 FROM pg_database WHERE datname = '{name}';\n", "postgres"))
+
+    def create_database(self, name: str) -> None:
+        self._psql(f'CREATE DATABASE "{check_db_name(name)}" TEMPLATE template0;\n', "postgres")
+
+    def drop_database(self, name: str) -> None:
+        self._psql(f'DROP DATABASE IF EXISTS "{check_db_name(name)}" WITH (FORCE);\n', "postgres")
+
+    def rename_database(self, old: str, new: str) -> None:
+        self._psql(f'ALTER DATABASE "{check_db_name(old)}" RENAME TO "{check_db_name(new)}";\n', "postgres")
+
+    def swap_databases(self, live: str, restored: str, keep_as: str) -> None:
+        for name in (live, restored, keep_as):
+            check_db_name(name)
+        self._psql(
+            f'ALTER DATABASE "{live}" WITH ALLOW_CONNECTIONS false;\n'
+            f"SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname IN ('{live}', '{restored}') "
+            "AND pid <> pg_backend_pid();\n"
+            f'ALTER DATABASE "{live}" RENAME TO "{keep_as}";\n'
+            f'ALTER DATABASE "{restored}" RENAME TO "{live}";\n'
+            f'ALTER DATABASE "{keep_as}" WITH ALLOW_CONNECTIONS true;\n',
+            "postgres",
+        )
+
+    def restore(self, dump: Path, dbname: str, jobs: int, timeout: float, roles: Path | None = None) -> None:
+        if roles is not None and roles.exists():
+            self._psql(roles.read_text(), "postgres")
+        argv = ["pg_restore", "--no-password", f"--dbname={dbname}", "--exit-on-error"]
+        if roles is None:
+            argv.append("--no-owner")
+        proc = self._exec(argv, dbname, stdin=True)
+        try:
+            with open(dump, "rb") as handle:
+                while chunk := handle.read(1 << 20):
+                    proc.stdin.write(chunk)
+        except OSError as err:
+            proc.kill()
+            raise PostgresError(f"pg_restore in {self.container.name} stopped reading: {err}") from None
+        proc.stdin.close()
+        if proc.wait(timeout) != 0:
+            raise PostgresError(
+                f"pg_restore into {dbname} in {self.container.name} failed: {proc.stderr.decode(errors='replace').strip()[-500:]}"
+            )

@@ -430,9 +430,25 @@ def dump_database_directory(ctx: StepContext, series: str, spec: SeriesSpec, fol
     }
 
 
+def postgres_for(ctx: StepContext, spec: SeriesSpec):
+    """The series' database: over a connection, or through `docker exec` into its service."""
+    if not spec.service:
+        return Postgres(spec.database_url, spec.timeout_seconds)
+    from worker.adapters.docker import DockerError
+    from worker.adapters.postgres import ContainerPostgres
+
+    try:
+        container = ctx.runtime.docker.find_container(spec.service, ctx.config.services[spec.service])
+    except DockerError as err:
+        raise StepFailed(str(err)) from None
+    return ContainerPostgres(ctx.runtime.docker, container, spec.database_url, spec.bin_dir, spec.exec_user, spec.timeout_seconds)
+
+
 def dump_database(ctx: StepContext, series: str, spec: SeriesSpec, folder: Path) -> dict[str, Any]:
-    pg = Postgres(spec.database_url, spec.timeout_seconds)
+    pg = postgres_for(ctx, spec)
     if spec.format == "directory":
+        if spec.service:
+            raise StepFailed(f"backup.series.{series}.format: directory is not available with service (docker exec)")
         return dump_database_directory(ctx, series, spec, folder, pg)
     name = f"{series}.dump{_suffix(ctx)}"
     errors = folder / f".{series}.pg_dump.log"

@@ -40,7 +40,7 @@ from worker.adapters.backupstore import BackupSet, get_set, list_sets, newest_ho
 from worker.adapters.docker import DockerError
 from worker.adapters.postgres import Postgres, PostgresError, check_db_name
 from worker.config import SeriesSpec
-from worker.tasks.backup import is_secret, verify_item
+from worker.tasks.backup import is_secret, postgres_for, verify_item
 from worker.tasks.steps import Step, StepContext, StepFailed
 
 FILE_KINDS = ("documents", "models", "config")
@@ -249,7 +249,7 @@ def database(ctx: StepContext) -> str:
     target_db = ctx.params.get("target_db")
     swap = ctx.params.get("swap", not target_db)
     for series, spec, found in _planned(ctx, ("database",)):
-        pg = Postgres(spec.database_url, spec.timeout_seconds)
+        pg = postgres_for(ctx, spec)
         live = check_db_name(pg.dbname)
         fresh = check_db_name(target_db or f"{live}_restore_{ctx.run['id']}")
         try:
@@ -264,10 +264,7 @@ def database(ctx: StepContext) -> str:
                     pg.swap_databases(live, fresh, keep_as)
                     lines.append(f"{series}: {fresh} is now {live}; the previous {live} is kept as {keep_as}")
                 else:
-                    with pg.admin() as conn:
-                        from psycopg import sql
-
-                        conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(fresh), sql.Identifier(live)))
+                    pg.rename_database(fresh, live)
                     lines.append(f"{series}: {fresh} is now {live} (there was no {live})")
             finally:
                 lines += start_services(ctx, list(reversed(stopped)))
@@ -346,8 +343,7 @@ def drill(ctx: StepContext) -> str:
             if not result.ok:
                 raise StepFailed(f"{series}: {result.detail}")
             if item["kind"] == "database" and spec is not None:
-                url = settings.server_url or spec.database_url
-                pg = Postgres(url, spec.timeout_seconds)
+                pg = Postgres(settings.server_url, spec.timeout_seconds) if settings.server_url else postgres_for(ctx, spec)
                 scratch_db = check_db_name(f"opsfleet_drill_{ctx.run['id']}_{series.replace('-', '_')}"[:63])
                 lines.append(restore_database_into(ctx, series, spec, newest, pg, scratch_db, with_roles=bool(settings.server_url)))
                 pg.drop_database(scratch_db)
