@@ -70,6 +70,14 @@ def build_schedule(config: Config) -> dict[str, dict]:
             "kwargs": {"slot_seconds": 3600},
             "options": {"expires": 3000},
         }
+        hour, minute = _hm(backup.schedule.summary_at)
+        schedule["backup-summary"] = {
+            "task": "opsfleet.schedule.trigger",
+            "schedule": LocalCrontab(backup.timezone, minute=minute, hour=hour),
+            "args": ("backup_summary", "all"),
+            "kwargs": {"slot_seconds": 3600},
+            "options": {"expires": 3000},
+        }
     if backup.series and backup.drill.enabled:
         hour, minute = _hm(backup.drill.at)
         schedule["restore-drill"] = {

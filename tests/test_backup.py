@@ -269,3 +269,22 @@ def test_directory_format_dumps_in_parallel_and_restores_in_place(tmp_path, sour
     data_file.write_bytes(data_file.read_bytes()[:-5])
     result = verify_item(only.path, item, "zstd", deep=True)
     assert not result.ok and "sha256 differs" in result.detail
+
+
+def test_daily_summary_fails_on_a_missing_or_stale_backup(stack):
+    from datetime import timedelta
+
+    from worker.adapters.ledger import utcnow
+    from worker.tasks.backup import summarize
+
+    tmp_path, app, _ = stack
+    assert run_playbook(app, "backup_set", {"series": ["db"]})["status"] == "succeeded"
+    partial = run_playbook(app, "backup_summary")
+    assert partial["status"] == "failed" and "documents (documents): NO verified backup" in partial["steps"][0]["output"]
+    assert run_playbook(app, "backup_set")["status"] == "succeeded"
+    done = run_playbook(app, "backup_summary")
+    assert done["status"] == "succeeded", done["reason"]
+    text = done["steps"][0]["output"]
+    assert "db (database, daily): newest" in text and "last 24 h: 2 × backup_set succeeded" in text
+    fresh, text = summarize(app.opsfleet.config, list_sets(tmp_path / "backups"), [], utcnow() + timedelta(hours=27))
+    assert not fresh and "db (database, daily): STALE newest" in text

@@ -100,3 +100,9 @@ def test_long_backup_steps_carry_their_own_time_limits(tmp_path):
     limits = [(t.args[1], t.options.get("soft_time_limit"), t.options.get("time_limit")) for t in build_chain(app, 1, "backup_set").tasks[:-1]]
     # prepare, commit and retention keep the worker's limits; dump and verify get backup.step_timeout_seconds.
     assert limits == [(0, None, None), (1, 1800, 1830), (2, 1800, 1830), (3, None, None), (4, None, None)]
+
+
+def test_daily_summary_is_scheduled_at_its_local_time():
+    entry = build_schedule(config(schedule={"summary_at": "07:15"}))["backup-summary"]
+    assert entry["args"] == ("backup_summary", "all")
+    assert (entry["schedule"]._orig_hour, entry["schedule"]._orig_minute, entry["schedule"].tz_name) == (7, 15, "Europe/Berlin")

@@ -255,6 +255,10 @@ class BackupSchedule(_Strict):
     at: str = Field(default="02:30", pattern=r"^([01]\d|2[0-3]):[0-5]\d$", description="Local time (backup.timezone).")
     weekly_on: Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"] = "sun"
     monthly_on: int = Field(default=1, ge=1, le=28)
+    summary_at: str = Field(
+        default="08:00", pattern=r"^([01]\d|2[0-3]):[0-5]\d$",
+        description="Local time of the daily summary (a run reported to Slack; failed when a backup is stale).",
+    )
     enabled: bool = True
 
 

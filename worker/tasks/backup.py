@@ -680,6 +680,53 @@ def verify_set(backup_set: BackupSet, deep: bool = True) -> dict[str, Verificati
     }
 
 
+# -- daily summary (its output is the run's Slack reply) ------------------------------------------
+
+MAX_AGE_HOURS = {"daily": 26, "weekly": 8 * 24, "monthly": 32 * 24}
+
+
+def summarize(config: Config, sets: list[BackupSet], runs: list[dict], now: datetime) -> tuple[bool, str]:
+    """(all fresh, text): per series the newest verified backup, its age against its
+    cadence, size; the last day's backup and drill runs by status."""
+    tz = ZoneInfo(config.backup.timezone)
+    lines, fresh = [], True
+    for name, spec in sorted(config.backup.series.items()):
+        newest = next((s for s in sets if name in s.items and s.verified(name)), None)
+        if newest is None:
+            fresh = False
+            lines.append(f"{name} ({spec.kind}): NO verified backup")
+            continue
+        taken = newest.item_taken_at(name)
+        hours = (now - taken).total_seconds() / 3600
+        stale = hours > MAX_AGE_HOURS[spec.cadence]
+        fresh = fresh and not stale
+        lines.append(
+            f"{name} ({spec.kind}, {spec.cadence}): {'STALE ' if stale else ''}newest {newest.id} "
+            f"({taken.astimezone(tz):%Y-%m-%d %H:%M %Z}, {hours:.0f} h ago), {newest.size(name) / 1e6:.1f} MB"
+        )
+    by_status: dict[str, int] = {}
+    for run in runs:
+        key = f"{run['playbook']} {run['status']}"
+        by_status[key] = by_status.get(key, 0) + 1
+    if by_status:
+        lines.append("last 24 h: " + ", ".join(f"{n} × {k}" for k, n in sorted(by_status.items())))
+    return fresh, "\n".join(lines) or "no backup series configured"
+
+
+def summary(ctx: StepContext) -> str:
+    from datetime import timedelta
+
+    now = utcnow()
+    recent = [
+        r for r in ctx.runtime.ledger.list_runs(limit=500)
+        if r["playbook"] in ("backup_set", "restore_drill", "restore", "recover") and r["created_at"] > now - timedelta(hours=24)
+    ]  # fmt: skip
+    fresh, text = summarize(ctx.config, list_sets(_root(ctx)), recent, now)
+    if not fresh:
+        raise StepFailed("backups are missing or stale:\n" + text)
+    return text
+
+
 def _step_timeout(config: Config) -> int:
     return config.backup.step_timeout_seconds
 
@@ -692,6 +739,7 @@ PLAYBOOKS = {
         Step("commit", commit),
         Step("retention", retention),
     ),
+    "backup_summary": (Step("summary", summary),),
 }
 
 __all__ = ["PLAYBOOKS", "due_series", "prune", "verify_item", "verify_set", "read_manifest", "is_secret"]
