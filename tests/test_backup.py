@@ -256,8 +256,6 @@ def test_directory_format_dumps_in_parallel_and_restores_in_place(tmp_path, sour
     assert verify_item(only.path, item, "zstd", deep=True).ok
 
     with shared_postgres_database("opsfleet_rs") as target_url:
-        from worker.tasks.restore import PLAYBOOKS  # noqa: F401  (registered)
-
         target = Postgres(target_url).dbname
         Postgres(target_url).drop_database(target)  # restores go into a fresh database
         restored = run_playbook(app, "restore", {"plan": {"db": only.id}, "target_db": target, "swap": False})

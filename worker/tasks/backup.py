@@ -705,8 +705,8 @@ def summarize(config: Config, sets: list[BackupSet], runs: list[dict], now: date
             f"({taken.astimezone(tz):%Y-%m-%d %H:%M %Z}, {hours:.0f} h ago), {newest.size(name) / 1e6:.1f} MB"
         )
     by_status: dict[str, int] = {}
-    for run in runs:
-        key = f"{run['playbook']} {run['status']}"
+    for r in runs:
+        key = f"{r['playbook']} {r['status']}"
         by_status[key] = by_status.get(key, 0) + 1
     if by_status:
         lines.append("last 24 h: " + ", ".join(f"{n} × {k}" for k, n in sorted(by_status.items())))
