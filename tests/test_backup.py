@@ -286,3 +286,32 @@ def test_daily_summary_fails_on_a_missing_or_stale_backup(stack):
     assert "db (database, daily): newest" in text and "last 24 h: 2 × backup_set succeeded" in text
     fresh, text = summarize(app.opsfleet.config, list_sets(tmp_path / "backups"), [], utcnow() + timedelta(hours=27))
     assert not fresh and "db (database, daily): STALE newest" in text
+
+
+def test_files_vanishing_or_changing_while_archived_are_reported_in_the_manifest(tmp_path, monkeypatch):
+    import worker.tasks.backup as backup_module
+
+    docs = make_documents(tmp_path)
+    (docs / "a-big.bin").write_bytes(b"\0" * 3_000_000)
+    (docs / "zz-late.txt").write_text("goes away\n")
+    original = backup_module.tar_create_argv
+
+    def tar_that_sees_changes(base, members, index):
+        # GNU tar runs this at each 10 KB record: the tree changes while it is archived.
+        action = f"exec=sh -c 'rm -f {docs}/zz-late.txt; echo more >> {docs}/a-big.bin'"
+        argv = original(base, members, index)
+        return argv[:1] + ["--checkpoint=1", f"--checkpoint-action={action}"] + argv[1:]
+
+    monkeypatch.setattr(backup_module, "tar_create_argv", tar_that_sees_changes)
+    app = engine(tmp_path, {
+        "root": str(tmp_path / "backups"), "min_free_bytes": 0,
+        "series": {"documents": {"kind": "documents", "path": str(docs)}},
+    })  # fmt: skip
+    run = run_playbook(app, "backup_set")
+    assert run["status"] == "succeeded", run["reason"]
+    (only,) = list_sets(tmp_path / "backups")
+    problems = only.items["documents"]["problems"]
+    assert "documents/a-big.bin: file changed as we read it" in problems
+    assert "documents/zz-late.txt: File removed before we read it" in problems
+    assert "1 problems reported" not in run["steps"][1]["output"] and "problems reported" in run["steps"][1]["output"]
+    assert verify_item(only.path, only.items["documents"], "zstd", deep=True).ok

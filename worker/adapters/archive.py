@@ -235,7 +235,7 @@ _CHANGED_MARKERS = ("file changed as we read it", "File removed before we read i
 def tar_create_argv(base: Path, members: list[str], index_file: Path) -> list[str]:
     """GNU tar writing the archive to stdout, listing members into index_file."""
     return [
-        "tar", "--create", "--file=-", "--format=posix", "--numeric-owner", "--sparse",
+        "tar", "--create", "--file=-", "--format=posix", "--numeric-owner", "--sparse", "--sort=name",
         f"--directory={base}", "--verbose", f"--index-file={index_file}", "--warning=no-file-ignored",
         "--", *members,
     ]  # fmt: skip
