@@ -315,3 +315,28 @@ def test_files_vanishing_or_changing_while_archived_are_reported_in_the_manifest
     assert "documents/zz-late.txt: File removed before we read it" in problems
     assert "1 problems reported" not in run["steps"][1]["output"] and "problems reported" in run["steps"][1]["output"]
     assert verify_item(only.path, only.items["documents"], "zstd", deep=True).ok
+
+
+def test_drill_on_a_throwaway_cluster_restores_roles_first_and_keeps_owners(tmp_path, private_postgres):
+    from tests.support.servers import PrivatePostgres
+
+    with psycopg.connect(private_postgres.url, autocommit=True) as admin:
+        admin.execute("CREATE ROLE shop_owner LOGIN")
+        admin.execute("CREATE DATABASE shop OWNER shop_owner")
+    shop = private_postgres.url.rsplit("/", 1)[0] + "/shop"
+    fill_database(shop)
+    with psycopg.connect(shop, autocommit=True) as conn:
+        conn.execute("ALTER TABLE customers OWNER TO shop_owner")
+    with PrivatePostgres() as throwaway:
+        app = engine(tmp_path, {
+            "root": str(tmp_path / "backups"), "min_free_bytes": 0,
+            "drill": {"server_url": throwaway.url},
+            "series": {"db": {"kind": "database", "database_url": shop}},
+        })  # fmt: skip
+        assert run_playbook(app, "backup_set")["status"] == "succeeded"
+        drill = run_playbook(app, "restore_drill")
+        assert drill["status"] == "succeeded", drill["reason"]
+        assert "match the manifest" in drill["steps"][0]["output"]
+        with psycopg.connect(throwaway.url) as conn:
+            assert conn.execute("SELECT 1 FROM pg_roles WHERE rolname = 'shop_owner'").fetchone()  # roles came first
+            assert not conn.execute("SELECT 1 FROM pg_database WHERE datname LIKE 'opsfleet_drill_%'").fetchall()
