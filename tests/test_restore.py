@@ -196,3 +196,23 @@ def test_database_in_a_container_is_backed_up_and_restored_through_docker_exec(t
         restored = run_playbook(app, "restore", {"plan": {"db": only.id}, "swap": True})
         assert restored["status"] == "succeeded", (restored["reason"], [s["output"] for s in restored["steps"]])
         assert Postgres(f"postgresql://postgres@127.0.0.1:{port}/shop").row_counts() == ROWS
+
+
+def test_inventory_series_records_images_and_containers(tmp_path, make_container, monkeypatch):
+    import json as jsonlib
+
+    from tests.backup_support import engine, run_playbook
+    from worker.adapters.archive import iter_decompressed
+    from worker.adapters.backupstore import list_sets
+
+    make_container("opsfleet-bk-inventory")
+    monkeypatch.setenv("DOCKER_HOST", TEST_DOCKER_HOST)
+    app = engine(tmp_path, {"root": str(tmp_path / "backups"), "min_free_bytes": 0, "series": {"images": {"kind": "inventory"}}})
+    assert app.opsfleet.config.backup.series["images"].cadence == "monthly"
+    run = run_playbook(app, "backup_set", {"series": ["inventory"]})
+    assert run["status"] == "succeeded", run["reason"]
+    (only,) = list_sets(tmp_path / "backups")
+    facts = jsonlib.loads(b"".join(iter_decompressed(only.path / "images.json.zst", "zstd")))
+    assert "opsfleet-bk-inventory" in [c["name"] for c in facts["containers"]]
+    assert any("opsfleet-test/busybox:1" in i["tags"] for i in facts["images"])
+    assert only.manifest["host"]["docker"]["version"]
