@@ -340,3 +340,15 @@ def test_drill_on_a_throwaway_cluster_restores_roles_first_and_keeps_owners(tmp_
         with psycopg.connect(throwaway.url) as conn:
             assert conn.execute("SELECT 1 FROM pg_roles WHERE rolname = 'shop_owner'").fetchone()  # roles came first
             assert not conn.execute("SELECT 1 FROM pg_database WHERE datname LIKE 'opsfleet_drill_%'").fetchall()
+
+
+def test_drill_fails_when_a_series_has_no_verified_backup_or_a_file_is_damaged(stack):
+    tmp_path, app, _ = stack
+    assert run_playbook(app, "backup_set", {"series": ["db"]})["status"] == "succeeded"
+    drill = run_playbook(app, "restore_drill")
+    assert drill["status"] == "failed" and "no verified backup" in drill["reason"] and "documents" in drill["reason"]
+    assert run_playbook(app, "backup_set")["status"] == "succeeded"
+    newest = list_sets(tmp_path / "backups")[0]
+    (newest.path / "documents.tar.zst").write_bytes(b"not zstd")
+    drill = run_playbook(app, "restore_drill")
+    assert drill["status"] == "failed" and "documents in " in drill["reason"]

@@ -13,8 +13,8 @@
   `<path>.before-restore-<run>`, the restored one renamed into place. Config
   files likewise, one by one; secret files (`.env`) come back mode 0600.
 
-`restore_drill`: restores the newest set into a scratch database (roles
-first when a throwaway server is configured) and a scratch directory,
+`restore_drill`: restores each series' newest verified backup into a scratch
+database (roles first when a throwaway server is configured) and a scratch directory,
 compares row counts, file counts and checksums with the manifest, records
 the time taken (`opsfleet_restore_drill_seconds`), removes the scratch.
 
@@ -325,38 +325,42 @@ def cleanup(ctx: StepContext) -> str:
 
 
 def drill(ctx: StepContext) -> str:
+    """Each series' newest verified backup (the newest set, and older sets for
+    series it does not hold: a weekly series lives in fewer sets)."""
     began = time.monotonic()
     root = _root(ctx)
     sets = list_sets(root)
-    if not sets:
-        metrics.RESTORE_DRILL_RESULT.set(0)
-        raise StepFailed(f"no backup set in {root} to drill on")
-    newest = sets[0]
     settings = ctx.config.backup.drill
     scratch = (settings.scratch_dir or (root / ".drill")) / str(ctx.run["id"])
-    lines = [f"drill on set {newest.id}"]
+    plan = {name: newest_holding(sets, name) for name in ctx.config.backup.series}
+    missing = sorted(name for name, found in plan.items() if found is None)
+    lines = []
     ok = False
     try:
-        for series, item in newest.items.items():
-            spec = ctx.config.backup.series.get(series)
-            result = verify_item(newest.path, item, newest.manifest.get("compression", "zstd"), deep=False)
+        if missing or not plan:
+            raise StepFailed(f"no verified backup in {root} of {', '.join(missing) or 'any series'}")
+        for series, found in sorted(plan.items()):
+            spec = ctx.config.backup.series[series]
+            item = found.items[series]
+            compression = found.manifest.get("compression", "zstd")
+            result = verify_item(found.path, item, compression, deep=False, sha_only=item["kind"] == "database")
             if not result.ok:
-                raise StepFailed(f"{series}: {result.detail}")
-            if item["kind"] == "database" and spec is not None:
+                raise StepFailed(f"{series} in {found.id}: {result.detail}")
+            if item["kind"] == "database":
                 pg = Postgres(settings.server_url, spec.timeout_seconds) if settings.server_url else postgres_for(ctx, spec)
-                scratch_db = check_db_name(f"opsfleet_drill_{ctx.run['id']}_{series.replace('-', '_')}"[:63])
-                lines.append(restore_database_into(ctx, series, spec, newest, pg, scratch_db, with_roles=bool(settings.server_url)))
+                scratch_db = check_db_name(f"opsfleet_drill_{ctx.run['id']}_{series.replace('-', '_').replace('.', '_')}"[:63])
+                lines.append(f"{found.id} " + restore_database_into(ctx, series, spec, found, pg, scratch_db, with_roles=bool(settings.server_url)))
                 pg.drop_database(scratch_db)
             elif "file_count" in item and ".tar" in item["files"][0]["name"]:
                 dest = scratch / series
-                extract(newest.path / item["files"][0]["name"], newest.manifest.get("compression", "zstd"), dest, 3000)
+                extract(found.path / item["files"][0]["name"], compression, dest, spec.timeout_seconds)
                 got = count_files(dest)
                 if got != item["file_count"]:
-                    raise StepFailed(f"{series}: {got} files extracted, the manifest says {item['file_count']}")
-                lines.append(f"{series}: {got} files extracted, checksums and count match")
+                    raise StepFailed(f"{series} in {found.id}: {got} files extracted, the manifest says {item['file_count']}")
+                lines.append(f"{found.id} {series}: {got} files extracted, checksums and count match")
                 shutil.rmtree(dest, ignore_errors=True)
             else:
-                lines.append(f"{series}: checksum matches")
+                lines.append(f"{found.id} {series}: checksum and decompression OK")
         ok = True
     except (ArchiveError, PostgresError) as err:
         raise StepFailed(str(err)) from None
