@@ -35,7 +35,7 @@ from pathlib import Path
 import requests
 
 from worker.adapters import metrics
-from worker.adapters.archive import ArchiveError, Watchdog, iter_decompressed, tail
+from worker.adapters.archive import ArchiveError, Watchdog, free_bytes, iter_decompressed, tail
 from worker.adapters.backupstore import BackupSet, get_set, list_sets, newest_holding
 from worker.adapters.docker import DockerError
 from worker.adapters.postgres import Postgres, PostgresError, check_db_name
@@ -158,6 +158,13 @@ def restore_database_into(
     else:
         plain = _scratch(ctx) / f"{series}.dump"
         dump_file = next(f for f in item["files"] if ".dump" in f["name"])
+        need = int(dump_file.get("uncompressed_bytes", 0) * 1.05)
+        free = free_bytes(plain.parent)
+        if free < need:
+            raise StepFailed(
+                f"{series}: the decompressed dump needs {need / 1e6:.0f} MB in {plain.parent}, {free / 1e6:.0f} MB free "
+                "(pg_restore -j needs a seekable file)"
+            )
         decompress_to(found.path / dump_file["name"], compression, plain, expect_sha256=dump_file["sha256"])
     t_unpacked = time.monotonic()
     if pg.database_exists(dbname):
