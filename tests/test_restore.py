@@ -190,6 +190,7 @@ def test_database_in_a_container_is_backed_up_and_restored_through_docker_exec(t
         item = only.items["db"]
         assert item["row_counts"] == ROWS and item["source"] == f"container {container.name}, database shop"
         assert any(f["name"] == "db.roles.sql" for f in item["files"])
+        assert item["pg_dump"].startswith("pg_dump (PostgreSQL) 15")  # the container's own tool
 
         with psycopg.connect(f"postgresql://postgres@127.0.0.1:{port}/shop", autocommit=True) as conn:
             conn.execute("TRUNCATE orders")

@@ -298,9 +298,10 @@ class ContainerPostgres:
             raise PostgresError(f"psql in {self.container.name}: {proc.stderr.decode(errors='replace').strip()[-500:]}")
         return [line.split(_SEP) for line in out.decode().splitlines() if line]
 
-    @staticmethod
-    def tool_version(tool: str) -> str:
-        return f"{tool} (in the container)"
+    def tool_version(self, tool: str) -> str:
+        proc = self._exec([tool, "--version"])
+        out = proc.read_all().decode(errors="replace").strip()
+        return out if proc.wait(30) == 0 else f"unknown ({proc.stderr.decode(errors='replace').strip()[-200:]})"
 
     def server_version(self) -> str:
         return self._psql("SHOW server_version;\n")[0][0]

@@ -481,7 +481,9 @@ def dump_database(ctx: StepContext, series: str, spec: SeriesSpec, folder: Path)
     }]  # fmt: skip
     roles, problems = _roles(pg, series, folder)
     files += roles
+    extra = {"pg_dump": pg.tool_version("pg_dump")} if spec.service else {}
     return {
+        **extra,
         "source": pg.where(),
         "format": "custom",
         "server_version": snap.server_version,
