@@ -166,7 +166,11 @@ def execute_inline(app, run_id: int, on_step=None) -> dict:
     runtime = app.opsfleet
     run = runtime.ledger.claim_run(run_id, runtime.worker_name, _step_lease(app))
     if run is None:
-        return runtime.ledger.get_run(run_id)
+        # Someone else claimed it (the sweeper may enqueue a fresh queued run to a
+        # worker): follow it to its end instead of running it twice.
+        while (current := runtime.ledger.get_run(run_id))["status"] in ("queued", "running"):
+            time.sleep(1)
+        return current
     steps = PLAYBOOKS.get(run["playbook"])
     if steps is None:
         end_run(app, run, "failed", f'unknown playbook "{run["playbook"]}"')
