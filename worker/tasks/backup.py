@@ -203,6 +203,8 @@ def prepare(ctx: StepContext) -> str:
     # Partial sets of runs that are no longer running (a worker died): remove.
     removed = []
     for path, manifest in partial_sets(root):
+        if manifest is None and time.time() - path.stat().st_mtime < 600:
+            continue  # being created by another run right now (mkdir, then its manifest)
         other = ledger.get_run(manifest["run_id"]) if manifest and "run_id" in manifest else None
         if other is None or (other["status"] != "running" and other["id"] != ctx.run["id"]):
             shutil.rmtree(path, ignore_errors=True)
