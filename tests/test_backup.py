@@ -352,3 +352,18 @@ def test_drill_fails_when_a_series_has_no_verified_backup_or_a_file_is_damaged(s
     (newest.path / "documents.tar.zst").write_bytes(b"not zstd")
     drill = run_playbook(app, "restore_drill")
     assert drill["status"] == "failed" and "documents in " in drill["reason"]
+
+
+def test_a_dead_runs_partial_set_and_locks_are_cleared_by_the_next_run(stack):
+    tmp_path, app, _ = stack
+    ledger = app.opsfleet.ledger
+    dead = record(app, "backup_set")
+    ledger.claim_run(dead, "worker-that-dies", 60)
+    app.tasks["opsfleet.runs.step"].apply(args=(dead, 0))  # prepare: locks taken, .partial made
+    assert any(name.endswith(".partial") for name in sets_in(tmp_path / "backups"))
+    ledger.finish_run(dead, "failed", "worker lost: the step lease expired")  # what the sweeper records
+    run = run_playbook(app, "backup_set")
+    assert run["status"] == "succeeded", run["reason"]
+    assert "removed stale partial set" in run["steps"][0]["output"]
+    assert not any(name.endswith(".partial") for name in sets_in(tmp_path / "backups"))
+    assert ledger.get_lock("backup:db") is None
