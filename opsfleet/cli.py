@@ -303,6 +303,274 @@ def _print_run(run: dict) -> None:
             click.echo(f"      {line}")
 
 
+# -- backups and restores ------------------------------------------------------------------
+
+
+def _engine(ctx: click.Context):
+    """The Celery app (for its tasks, run here in-process) and its ledger, migrated."""
+    from worker.adapters.ledger import LedgerUnavailable
+    from worker.celery_factory import create_celery
+
+    loaded = _load(ctx)
+    app = create_celery(loaded)
+    try:
+        app.opsfleet.ledger.migrate()
+    except LedgerUnavailable as err:
+        click.echo(f"opsfleet: {err}", err=True)
+        ctx.exit(1)
+    return app
+
+
+def _who() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except Exception:  # no user name in a container
+        return f"uid {os.getuid()}"
+
+
+def _execute(ctx: click.Context, app, playbook: str, params: dict, target: str) -> None:
+    """Record a manual run, run its steps here with progress, print a summary; exit 1 unless it succeeded."""
+    from worker.adapters.ledger import NewRun
+    from worker.tasks.runs import execute_inline
+
+    recorded = app.opsfleet.ledger.record_event(
+        source="cli", summary=f"{playbook} {target}", body=json.dumps(params),
+        new_runs=[NewRun(trigger="manual", triggered_by=_who(), playbook=playbook, target=target, params=params,
+                         summary=f"{playbook} {target} from the command line")],
+    )  # fmt: skip
+    run_id = recorded.runs[0].id
+    began = time.monotonic()
+    click.echo(f"run {run_id}: {playbook}")
+
+    def progress(seq, name, step):
+        if step is None:
+            click.echo(f"  [{seq + 1}] {name} …")
+            return
+        click.echo(f"  [{seq + 1}] {name}: {step['status']}")
+        for line in step["output"].splitlines()[:40]:
+            click.echo(f"        {line}")
+
+    run = execute_inline(app, run_id, on_step=progress)
+    click.echo(f"run {run_id} {run['status']} in {time.monotonic() - began:.1f}s: {run['reason']}")
+    if run["status"] != "succeeded":
+        ctx.exit(1)
+
+
+def _local(moment, tz: str) -> str:
+    from zoneinfo import ZoneInfo
+
+    return f"{moment.astimezone(ZoneInfo(tz)):%Y-%m-%d %H:%M %Z}"
+
+
+@cli.group("backup")
+def backup_group() -> None:
+    """Backup sets: list, run, verify, prune (see README "Backups")."""
+
+
+@backup_group.command("list")
+@click.option("--kind", help="Only sets holding a series of this kind (database, documents, config, models, inventory).")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def backup_list(ctx, kind, as_json) -> None:
+    """Complete backup sets, newest first (by the manifest's time, not the name)."""
+    from worker.adapters.backupstore import list_sets
+
+    loaded = _load(ctx)
+    sets = list_sets(loaded.backup_root)
+    if kind:
+        sets = [s for s in sets if any(i["kind"] == kind for i in s.items.values())]
+    if as_json:
+        click.echo(json.dumps([s.manifest for s in sets], indent=2))
+        return
+    if not sets:
+        click.echo(f"no backup sets in {loaded.backup_root}")
+        return
+    tz = loaded.config.backup.timezone
+    click.echo(f"{'SET':22}  {'TAKEN (' + tz + ')':26}  {'SERIES':12}  {'KIND':10}  {'SIZE':>10}  VERIFIED")
+    for s in sets:
+        for series, item in sorted(s.items.items()):
+            if kind and item["kind"] != kind:
+                continue
+            click.echo(
+                f"{s.id:22}  {_local(s.item_taken_at(series), tz):26}  {series:12}  {item['kind']:10}  "
+                f"{s.size(series) / 1e6:>8.2f}MB  {'yes' if item.get('verified') else 'NO'}"
+            )
+
+
+@backup_group.command("run")
+@click.option("--kind", "kinds", multiple=True, help="Only series of this kind (repeatable). Default: every series.")
+@click.option("--series", "names", multiple=True, help="Only this series (repeatable).")
+@click.pass_context
+def backup_run(ctx, kinds, names) -> None:
+    """Back up now, as one set; recorded in the ledger as a manual run."""
+    app = _engine(ctx)
+    wanted = list(kinds) + list(names) or list(app.opsfleet.config.backup.series)
+    if not wanted:
+        click.echo("opsfleet: no backup series configured (backup.series)", err=True)
+        ctx.exit(2)
+    _execute(ctx, app, "backup_set", {"series": wanted}, "all")
+
+
+@backup_group.command("verify")
+@click.argument("set_id")
+@click.pass_context
+def backup_verify(ctx, set_id) -> None:
+    """Full read of every file in a set: sha256 against the manifest, a complete
+    decompression, pg_restore of the whole dump to /dev/null, tar --list of each
+    archive. The result is written into the manifest (a failed item is never
+    restored by --latest and never counted by retention)."""
+    from worker.adapters.backupstore import get_set, iso, write_manifest
+    from worker.adapters.ledger import utcnow
+    from worker.tasks.backup import verify_set
+
+    loaded = _load(ctx)
+    found = get_set(loaded.backup_root, set_id)
+    if found is None:
+        click.echo(f"opsfleet: no backup set {set_id} in {loaded.backup_root}", err=True)
+        ctx.exit(1)
+    results = verify_set(found, deep=True)
+    for series, result in results.items():
+        click.echo(f"{series}: {'OK' if result.ok else 'FAILED'}: {result.detail}")
+        found.items[series]["verified"] = result.ok
+        found.items[series]["verification"] = {"at": iso(utcnow()), "detail": result.detail, "deep": True}
+    write_manifest(found.path, found.manifest)
+    if not all(r.ok for r in results.values()):
+        ctx.exit(1)
+
+
+@backup_group.command("prune")
+@click.option("--dry-run", is_flag=True, help="Print what would go and why each backup stays; delete nothing.")
+@click.option("--yes", is_flag=True, help="Do not ask before deleting.")
+@click.pass_context
+def backup_prune(ctx, dry_run, yes) -> None:
+    """Apply retention (backup.retention, per-series overrides) to every series."""
+    from worker.tasks.backup import prune
+
+    loaded = _load(ctx)
+    lines = prune(loaded.config, loaded.backup_root, dry_run=True)
+    for line in lines:
+        click.echo(line)
+    going = sum(1 for line in lines if line.startswith("would forget"))
+    if dry_run or not going:
+        click.echo(f"{going} backup items would be deleted" if dry_run else "nothing to delete")
+        return
+    if not yes and not click.confirm(f"delete {going} backup items?", default=False):
+        ctx.exit(1)
+    done = prune(loaded.config, loaded.backup_root, dry_run=False)
+    click.echo(f"deleted {sum(1 for line in done if line.startswith('forget'))} backup items")
+
+
+@backup_group.command("drill")
+@click.pass_context
+def backup_drill(ctx) -> None:
+    """Run the restore drill now (what the weekly schedule runs)."""
+    app = _engine(ctx)
+    _execute(ctx, app, "restore_drill", {}, "newest")
+
+
+def _restore_plan(ctx, loaded, set_id, latest, kinds):
+    from worker.adapters.backupstore import list_sets
+    from worker.tasks.restore import plan_restore
+
+    if bool(set_id) == bool(latest):
+        click.echo("opsfleet: name a backup set ID or --latest (one of them)", err=True)
+        ctx.exit(2)
+    sets = list_sets(loaded.backup_root)
+    plan = plan_restore(sets, loaded.config.backup.series, kinds, None if latest else set_id)
+    if not plan:
+        where = "the newest verified sets" if latest else f"set {set_id}"
+        click.echo(f"opsfleet: {where} in {loaded.backup_root} hold no verified item of kind {', '.join(kinds)}", err=True)
+        ctx.exit(1)
+    by_id = {s.id: s for s in sets}
+    tz = loaded.config.backup.timezone
+    for series, sid in sorted(plan.items()):
+        s = by_id[sid]
+        item = s.items[series]
+        facts = (
+            f"{len(item.get('row_counts', {}))} tables, {sum(item.get('row_counts', {}).values())} rows"
+            if item["kind"] == "database" else f"{item.get('file_count', '?')} files"
+        )  # fmt: skip
+        click.echo(
+            f"  {series} ({item['kind']}) from set {sid}, taken {_local(s.item_taken_at(series), tz)}, "
+            f"{s.size(series) / 1e6:.2f} MB, {facts}, source {item.get('source')}"
+        )
+    return plan
+
+
+def _kinds(database, documents, config, models, default):
+    chosen = [k for k, on in (("database", database), ("documents", documents), ("config", config), ("models", models)) if on]
+    return chosen or default
+
+
+@cli.command("restore")
+@click.argument("set_id", required=False)
+@click.option("--latest", is_flag=True, help="For each item asked for, the newest verified set holding it.")
+@click.option("--database", is_flag=True, help="Restore database series.")
+@click.option("--documents", is_flag=True, help="Restore documents series.")
+@click.option("--config", "config_files", is_flag=True, help="Restore config series.")
+@click.option("--models", is_flag=True, help="Restore models series.")
+@click.option("--target-db", help="Restore the database into this new database and stop there (no swap).")
+@click.option("--dry-run", is_flag=True, help="Show what would be restored; change nothing.")
+@click.option("--yes", is_flag=True, help="Do not ask.")
+@click.pass_context
+def restore(ctx, set_id, latest, database, documents, config_files, models, target_db, dry_run, yes) -> None:
+    """Restore from a backup set (default items: database and documents).
+
+    A database goes into a fresh database first and is checked against the
+    manifest's row counts; only then is it swapped in (rename; the services in
+    stop_services stopped and started), the old one kept as <name>_before_<run>.
+    A documents tree is extracted beside the current one, which is moved aside
+    to <path>.before-restore-<run>. Recorded as a run in the ledger."""
+    loaded = _load(ctx)
+    kinds = _kinds(database, documents, config_files, models, ["database", "documents"])
+    click.echo("restore plan:")
+    plan = _restore_plan(ctx, loaded, set_id, latest, kinds)
+    if target_db:
+        click.echo(f"  databases go into {target_db} (no swap)")
+    else:
+        click.echo("  databases: restored into a fresh database, checked, then swapped in by rename")
+    if dry_run:
+        click.echo("dry run: nothing changed")
+        return
+    if not yes and not click.confirm("restore now?", default=False):
+        ctx.exit(1)
+    app = _engine(ctx)
+    _execute(ctx, app, "restore", {"plan": plan, "target_db": target_db, "swap": not target_db}, "restore")
+
+
+@cli.command("recover")
+@click.argument("set_id", required=False)
+@click.option("--latest", is_flag=True, help="For each item, the newest verified set holding it.")
+@click.option("--config", "config_files", is_flag=True, help="Restore config series too.")
+@click.option("--models", is_flag=True, help="Restore models series too.")
+@click.option("--dry-run", is_flag=True, help="Show the plan; change nothing.")
+@click.option("--yes", is_flag=True, help="Do not ask.")
+@click.pass_context
+def recover(ctx, set_id, latest, config_files, models, dry_run, yes) -> None:
+    """Full recovery: stop the services (backup.recover_stop_order), restore
+    database and documents (config and models when asked), start the services
+    in reverse order, pass the health gate. On a failure the services stay
+    stopped and the report says where it stopped."""
+    loaded = _load(ctx)
+    kinds = ["database", "documents"] + (["config"] if config_files else []) + (["models"] if models else [])
+    services = list(loaded.config.backup.recover_stop_order)
+    click.echo(f"recovery plan (services stopped in this order: {', '.join(services) or 'none configured'}):")
+    plan = _restore_plan(ctx, loaded, set_id, latest, kinds)
+    if dry_run:
+        click.echo("dry run: nothing changed")
+        return
+    if not yes and not click.confirm("stop the services and recover now?", default=False):
+        ctx.exit(1)
+    app = _engine(ctx)
+    params = {
+        "plan": plan, "swap": True, "services": services, "services_stopped": True,
+        "health_timeout_seconds": loaded.config.backup.health_timeout_seconds,
+    }  # fmt: skip
+    _execute(ctx, app, "recover", params, "recover")
+
+
 def main() -> None:
     cli(prog_name="opsfleet")
 

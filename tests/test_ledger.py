@@ -113,3 +113,19 @@ def test_unreachable_postgres_is_ledger_unavailable():
     led = Ledger(f"postgresql://postgres@127.0.0.1:{free_port()}/none")
     with pytest.raises(LedgerUnavailable, match="unavailable"):
         led.ping()
+
+
+def test_named_lock_is_exclusive_until_it_expires(ledger):
+    from datetime import timedelta
+
+    from worker.adapters.ledger import utcnow
+
+    t0 = utcnow()
+    assert ledger.acquire_lock("backup:db", "run:1", 60, now=t0)
+    assert not ledger.acquire_lock("backup:db", "run:2", 60, now=t0 + timedelta(seconds=30))
+    assert ledger.acquire_lock("backup:db", "run:1", 60, now=t0 + timedelta(seconds=30))  # same holder extends
+    # run:1 crashed: its lock lapses at its expiry and run:3 takes it.
+    assert ledger.acquire_lock("backup:db", "run:3", 60, now=t0 + timedelta(seconds=91))
+    assert not ledger.release_lock("backup:db", "run:1")
+    assert ledger.get_lock("backup:db")["holder"] == "run:3"
+    assert ledger.release_lock("backup:db", "run:3") and ledger.get_lock("backup:db") is None

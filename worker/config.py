@@ -277,6 +277,133 @@ class EscalationSettings(_Strict):
     timeout_seconds: int = Field(default=10, ge=1, le=60)
 
 
+class RetentionSpec(_Strict):
+    """Grandfather-father-son counts; see worker/retention.py for the exact rules."""
+
+    daily: int = Field(default=30, ge=0)
+    weekly: int = Field(default=12, ge=0)
+    monthly: int = Field(default=12, ge=0)
+    min_count: int = Field(default=3, ge=0, description="Newest verified backups kept whatever the rules say.")
+
+
+BackupKind = Literal["database", "documents", "config", "models", "inventory"]
+
+
+class SeriesSpec(_Strict):
+    """One thing backed up. `database`: PostgreSQL by pg_dump over a
+    connection (`database_url`, credentials as ${VAR}). `documents` and
+    `models`: a directory tree (`path`). `config`: listed files and
+    directories (`paths`). `inventory`: Docker images and containers."""
+
+    kind: BackupKind
+    # Default: models weekly, inventory monthly, everything else daily.
+    every: Literal["daily", "weekly", "monthly"] | None = None
+    database_url: str | None = None
+    service: str | None = Field(
+        default=None,
+        description="Configured service whose container runs PostgreSQL: dump and restore by `docker exec`; "
+        "database_url is then the connection as seen inside the container.",
+    )
+    bin_dir: str | None = Field(default=None, description="Where pg_dump/psql are inside the container (default: PATH).")
+    exec_user: str = Field(default="postgres", description="User the tools run as inside the container.")
+    stop_services: tuple[str, ...] = Field(
+        default=(), description="Configured services using this database: stopped for a restore's swap, then started."
+    )
+    # custom: one file, pg_dump's compression off and zstd outside (fast), restored
+    # with pg_restore -j from a decompressed copy. directory: pg_dump -j <jobs> writes
+    # one gzip file per table (level directory_compress), restored in place with -j.
+    format: Literal["custom", "directory"] = "custom"
+    directory_compress: int = Field(default=1, ge=0, le=9, description="pg_dump --compress for directory format.")
+    jobs: int = Field(default=2, ge=1, le=32, description="pg_restore -j (and pg_dump -j for directory format).")
+    path: Path | None = None
+    paths: tuple[Path, ...] = ()
+    secret_files: tuple[str, ...] = Field(
+        default=(".env", "*.env", "*.key", "*.pem"), description="Glob of file names stored mode 0600."
+    )
+    retention: RetentionSpec | None = None
+    timeout_seconds: int = Field(default=3000, ge=10, description="Dump, archive or restore of this series.")
+
+    @model_validator(mode="after")
+    def _source(self) -> SeriesSpec:
+        if self.kind == "database":
+            if not self.database_url:
+                raise ValueError("a database series needs database_url (credentials as ${VAR})")
+        elif self.kind in ("documents", "models"):
+            if self.path is None:
+                raise ValueError(f"a {self.kind} series needs path")
+        elif self.kind == "config":
+            if not self.paths:
+                raise ValueError("a config series needs paths (files and directories)")
+        return self
+
+    @property
+    def cadence(self) -> str:
+        return self.every or {"models": "weekly", "inventory": "monthly"}.get(self.kind, "daily")
+
+
+class BackupSchedule(_Strict):
+    at: str = Field(default="02:30", pattern=r"^([01]\d|2[0-3]):[0-5]\d$", description="Local time (backup.timezone).")
+    weekly_on: Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"] = "sun"
+    monthly_on: int = Field(default=1, ge=1, le=28)
+    summary_at: str = Field(
+        default="08:00", pattern=r"^([01]\d|2[0-3]):[0-5]\d$",
+        description="Local time of the daily summary (a run reported to Slack; failed when a backup is stale).",
+    )
+    enabled: bool = True
+
+
+class DrillSettings(_Strict):
+    enabled: bool = True
+    weekday: Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"] = "sat"
+    at: str = Field(default="04:00", pattern=r"^([01]\d|2[0-3]):[0-5]\d$")
+    scratch_dir: Path | None = Field(default=None, description="Default: <backup.root>/.drill")
+    # The scratch database is created on the series' own server unless a
+    # separate (throwaway) server is named here.
+    server_url: str | None = None
+
+
+class BackupSettings(_Strict):
+    root: Path = Field(default=Path("/backup"), description="Backup sets live here, one directory each.")
+    timezone: str = Field(default="UTC", description="IANA time zone for schedules and retention periods.")
+    compression: Literal["zstd", "gzip"] = "zstd"
+    zstd_level: int = Field(default=3, ge=1, le=19)
+    threads: int = Field(default=2, ge=1, le=64, description="zstd worker threads.")
+    lock_ttl_seconds: int = Field(default=6 * 3600, ge=60, description="A crashed worker's series lock expires after this.")
+    free_space_factor: float = Field(default=1.2, ge=1.0, description="Need previous size × this free before starting.")
+    min_free_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
+    step_timeout_seconds: int = Field(
+        default=3300, ge=30, description="Soft limit of a backup or restore step (all its series together)."
+    )
+    retention: RetentionSpec = RetentionSpec()
+    schedule: BackupSchedule = BackupSchedule()
+    drill: DrillSettings = DrillSettings()
+    recover_stop_order: tuple[str, ...] = Field(
+        default=(), description="Services `opsfleet recover` stops in this order (and starts in reverse)."
+    )
+    health_timeout_seconds: int = Field(default=120, ge=1, description="Recovery's health gate waits this long.")
+    stop_timeout_seconds: int = Field(default=10, ge=0, le=600, description="Docker stop timeout for restores' stops.")
+    series: dict[str, SeriesSpec] = Field(default_factory=dict)
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f'unknown time zone "{value}" (an IANA name such as Europe/Berlin)') from None
+        return value
+
+    @field_validator("series")
+    @classmethod
+    def _series_names(cls, series: dict[str, SeriesSpec]) -> dict[str, SeriesSpec]:
+        for name in series:
+            if not re.fullmatch(_SERVICE_NAME, name):
+                raise ValueError(f'series name "{name}" must match {_SERVICE_NAME}')
+        return series
+
+
 class Config(_Strict):
     fleet: FleetSettings = FleetSettings()
     web: WebSettings = WebSettings()
@@ -288,6 +415,7 @@ class Config(_Strict):
     services: dict[str, ServiceSpec] = Field(default_factory=dict)
     remediation: RemediationSettings = RemediationSettings()
     escalation: EscalationSettings = EscalationSettings()
+    backup: BackupSettings = BackupSettings()
 
     @field_validator("services")
     @classmethod
@@ -348,6 +476,11 @@ class LoadedConfig:
     @property
     def data_dir(self) -> Path:
         path = self.config.fleet.data_dir
+        return path if path.is_absolute() else (self.base_dir / path).resolve()
+
+    @property
+    def backup_root(self) -> Path:
+        path = self.config.backup.root
         return path if path.is_absolute() else (self.base_dir / path).resolve()
 
 
@@ -419,6 +552,23 @@ def _cross_check(config: Config) -> list[str]:
         if service and service not in config.services:
             known = ", ".join(names) or "none configured"
             problems.append(f'remediation.rules[{i}].target.service: unknown service "{service}" (services: {known})')
+    for name, series in config.backup.series.items():
+        if series.service and series.service not in config.services:
+            known = ", ".join(names) or "none configured"
+            problems.append(f'backup.series.{name}.service: unknown service "{series.service}" (services: {known})')
+        for service in series.stop_services:
+            if service not in config.services:
+                known = ", ".join(names) or "none configured"
+                problems.append(f'backup.series.{name}.stop_services: unknown service "{service}" (services: {known})')
+    for service in config.backup.recover_stop_order:
+        if service not in config.services:
+            known = ", ".join(names) or "none configured"
+            problems.append(f'backup.recover_stop_order: unknown service "{service}" (services: {known})')
+    if config.backup.step_timeout_seconds + 30 >= config.broker.visibility_timeout_seconds:
+        problems.append(
+            f"backup.step_timeout_seconds: must be below broker.visibility_timeout_seconds - 30 "
+            f"({config.broker.visibility_timeout_seconds}), or Redis re-delivers a backup step that is still running"
+        )
     return problems
 
 

@@ -180,3 +180,191 @@ class DockerAdapter:
                     raise DockerError(f"container {old.name}: cannot remove: {err}") from None
             return new
         return None
+
+    # -- backups and recovery ------------------------------------------------------
+
+    def version(self) -> dict:
+        try:
+            info = self.client.version()
+        except DockerException as err:
+            raise DockerError(f"Docker at {self.base_url or 'the default socket'} does not answer: {err}") from None
+        return {"version": info.get("Version"), "api_version": info.get("ApiVersion")}
+
+    def inventory(self) -> dict:
+        """Images and containers, for the monthly inventory backup."""
+        try:
+            images = self.client.images.list()
+            containers = self.client.containers.list(all=True)
+        except DockerException as err:
+            raise DockerError(f"cannot list images and containers: {err}") from None
+        return {
+            "images": sorted(
+                ({"id": i.id, "tags": sorted(i.tags), "created": i.attrs.get("Created")} for i in images),
+                key=lambda i: i["id"],
+            ),
+            "containers": sorted(
+                (
+                    {
+                        "name": c.name,
+                        "image": c.attrs.get("Config", {}).get("Image"),
+                        "status": c.status,
+                        "labels": c.labels,
+                    }
+                    for c in containers
+                ),
+                key=lambda c: c["name"],
+            ),
+        }
+
+    def stop(self, container, stop_timeout: int) -> None:
+        api = self.client.api
+        previous = api.timeout
+        api.timeout = self.timeout + stop_timeout
+        try:
+            container.stop(timeout=stop_timeout)
+        except DockerException as err:
+            raise DockerError(f"container {container.name}: stop failed: {err}") from None
+        finally:
+            api.timeout = previous
+
+    def start(self, container) -> None:
+        try:
+            container.start()
+        except DockerException as err:
+            raise DockerError(f"container {container.name}: start failed: {err}") from None
+
+    def exec_process(self, container, argv: list[str], env: dict[str, str], user: str = "", stdin: bool = False,
+                     stderr_path=None) -> "ExecProcess":
+        """`docker exec` a command, streaming: see ExecProcess. argv is a list (no shell)."""
+        api = self.client.api
+        try:
+            created = api.exec_create(container.id, argv, stdout=True, stderr=True, stdin=stdin, user=user, environment=env)
+            sock = api.exec_start(created["Id"], socket=True)
+        except DockerException as err:
+            raise DockerError(f"container {container.name}: cannot exec {argv[0]}: {err}") from None
+        return ExecProcess(api, created["Id"], sock, argv[0], stderr_path)
+
+
+class _ExecStdout:
+    def __init__(self, proc: "ExecProcess"):
+        self.proc = proc
+
+    def read(self, n: int = -1) -> bytes:
+        return self.proc._read_stdout()
+
+    def close(self) -> None:
+        pass
+
+
+class _ExecStdin:
+    def __init__(self, proc: "ExecProcess"):
+        self.proc = proc
+
+    def write(self, data: bytes) -> int:
+        self.proc._raw.sendall(data)
+        return len(data)
+
+    def close(self) -> None:
+        import socket as pysocket
+
+        try:
+            self.proc._raw.shutdown(pysocket.SHUT_WR)  # the command sees end of input
+        except OSError:
+            pass
+
+
+class ExecProcess:
+    """A command running in a container through `docker exec`, shaped like the
+    part of subprocess.Popen the backup code uses: stdout.read(), stdin.write()/
+    close(), poll(), wait(), returncode, kill(). Docker multiplexes stdout and
+    stderr on one connection (8-byte frame headers); stderr is kept (and written
+    to stderr_path when given). kill() closes the connection: the command then
+    gets end of input / a broken pipe."""
+
+    def __init__(self, api, exec_id: str, sock, name: str, stderr_path=None):
+        self.api = api
+        self.exec_id = exec_id
+        self._sock = sock
+        self._raw = getattr(sock, "_sock", sock)
+        self.name = name
+        self.stderr = b""
+        self.stderr_path = stderr_path
+        self.returncode: int | None = None
+        self._eof = False
+        self.stdout = _ExecStdout(self)
+        self.stdin = _ExecStdin(self)
+
+    def _recv_exactly(self, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = self._raw.recv(n - len(data))
+            if not chunk:
+                return b""
+            data += chunk
+        return data
+
+    def _read_stdout(self) -> bytes:
+        """The next stdout bytes; b"" at the end."""
+        while not self._eof:
+            try:
+                header = self._recv_exactly(8)
+            except OSError:
+                header = b""
+            if len(header) < 8:
+                self._eof = True
+                break
+            size = int.from_bytes(header[4:8], "big")
+            payload = self._recv_exactly(size) if size else b""
+            if header[0] == 2:
+                self.stderr += payload
+                continue
+            if payload:
+                return payload
+        return b""
+
+    def read_all(self) -> bytes:
+        out = []
+        while chunk := self._read_stdout():
+            out.append(chunk)
+        return b"".join(out)
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                info = self.api.exec_inspect(self.exec_id)
+            except DockerException:
+                return None
+            if not info.get("Running") and info.get("ExitCode") is not None:
+                self.returncode = int(info["ExitCode"])
+                if self.stderr_path is not None:
+                    with open(self.stderr_path, "ab") as handle:
+                        handle.write(self.stderr)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        import time
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._eof:
+            if not self._read_stdout():
+                break
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                import subprocess
+
+                raise subprocess.TimeoutExpired(self.name, timeout)
+            time.sleep(0.05)
+        self.close()
+        return self.returncode
+
+    def send_signal(self, _sig) -> None:
+        self.kill()
+
+    def kill(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        try:
+            self._sock.close()
+        except Exception:
+            pass

@@ -151,6 +151,17 @@ steps = sa.Table(
     sa.UniqueConstraint("run_id", "seq", name="steps_run_seq"),
 )
 
+# Named locks with an expiry (one backup per series at a time): a crashed
+# holder's lock lapses at expires_at. Added to existing ledgers by create_all.
+locks = sa.Table(
+    "locks",
+    metadata,
+    sa.Column("name", sa.String(255), primary_key=True),
+    sa.Column("holder", sa.String(255), nullable=False),
+    sa.Column("acquired_at", UTCDateTime, nullable=False),
+    sa.Column("expires_at", UTCDateTime, nullable=False),
+)
+
 
 @dataclass(frozen=True)
 class NewRun:
@@ -452,6 +463,39 @@ class Ledger:
                     .values(status="failed", finished_at=now, output="worker lost during this step")
                 )
             return expired
+
+    # -- locks --------------------------------------------------------------------
+
+    def acquire_lock(self, name: str, holder: str, ttl_seconds: float, now: datetime | None = None) -> bool:
+        """Take `name` for `holder` until now + ttl. True when taken (or already
+        held by the same holder, whose expiry is then extended); False when
+        someone else holds it and it has not expired."""
+        now = now or utcnow()
+        until = now + timedelta(seconds=ttl_seconds)
+        with self._tx() as conn:
+            inserted = conn.execute(
+                self._insert(locks)
+                .values(name=name, holder=holder, acquired_at=now, expires_at=until)
+                .on_conflict_do_nothing(index_elements=["name"])
+                .returning(locks.c.name)
+            ).scalar()
+            if inserted is not None:
+                return True
+            taken = conn.execute(
+                locks.update()
+                .where(locks.c.name == name, sa.or_(locks.c.expires_at < now, locks.c.holder == holder))
+                .values(holder=holder, acquired_at=now, expires_at=until)
+            )
+            return taken.rowcount == 1
+
+    def release_lock(self, name: str, holder: str) -> bool:
+        with self._tx() as conn:
+            return conn.execute(locks.delete().where(locks.c.name == name, locks.c.holder == holder)).rowcount == 1
+
+    def get_lock(self, name: str) -> dict[str, Any] | None:
+        with self._tx() as conn:
+            row = conn.execute(sa.select(locks).where(locks.c.name == name)).one_or_none()
+            return None if row is None else _row_dict(row)
 
     # -- reading ------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ import os
 from prometheus_client import (
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
     multiprocess,
@@ -50,6 +51,42 @@ SWEEPER_ACTIONS = Counter(
 )
 REPORTS = Counter("opsfleet_reports_total", "Reports to outside services, by outcome.", ["service", "outcome"])
 
+# Backups. Gauges are "mostrecent" across processes: the last value any worker set.
+BACKUP_LAST_SUCCESS = Gauge(
+    "opsfleet_backup_last_success_timestamp_seconds",
+    "When the series' last verified backup was committed (Unix time).",
+    ["kind", "series"],
+    multiprocess_mode="mostrecent",
+)
+BACKUP_SIZE = Gauge(
+    "opsfleet_backup_size_bytes", "Size of the series' last committed backup.", ["kind", "series"],
+    multiprocess_mode="mostrecent",
+)
+BACKUP_DURATION = Histogram(
+    "opsfleet_backup_duration_seconds",
+    "Dump or archive of one series, including its streaming verification.",
+    ["kind"],
+    buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600),
+)
+BACKUP_VERIFICATIONS = Counter(
+    "opsfleet_backup_verifications_total", "Full-read verifications of backup files, by result.", ["kind", "result"]
+)
+BACKUP_SKIPPED = Counter(
+    "opsfleet_backup_skipped_overlaps_total",
+    "Series not backed up because another run held its lock.",
+    ["series"],
+)
+BACKUP_FAILURES = Counter("opsfleet_backup_failures_total", "Backup sets that failed, by step.", ["step"])
+BACKUP_PRUNED = Counter("opsfleet_backup_pruned_total", "Backup items deleted by retention.", ["series"])
+RESTORE_DRILL_SECONDS = Gauge(
+    "opsfleet_restore_drill_seconds", "Time the last restore drill took (restore and all checks).",
+    multiprocess_mode="mostrecent",
+)
+RESTORE_DRILL_RESULT = Gauge(
+    "opsfleet_restore_drill_success", "1 when the last restore drill passed, 0 when it failed.",
+    multiprocess_mode="mostrecent",
+)
+
 
 def scrape() -> bytes:
     """One exposition for all processes sharing the multiprocess directory."""
@@ -69,6 +106,15 @@ def mark_process_dead(pid: int) -> None:
 
 __all__ = [
     "ALERTS_RECEIVED",
+    "BACKUP_DURATION",
+    "BACKUP_FAILURES",
+    "BACKUP_LAST_SUCCESS",
+    "BACKUP_PRUNED",
+    "BACKUP_SIZE",
+    "BACKUP_SKIPPED",
+    "BACKUP_VERIFICATIONS",
+    "RESTORE_DRILL_RESULT",
+    "RESTORE_DRILL_SECONDS",
     "ALERT_DECISIONS",
     "CONTENT_TYPE",
     "REPORTS",

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from worker.tasks import escalate, remediate
+from worker.tasks import backup, escalate, remediate, restore
 from worker.tasks.steps import Step
 
 PLAYBOOKS: dict[str, tuple[Step, ...]] = {
     **remediate.PLAYBOOKS,
     **escalate.PLAYBOOKS,
+    **backup.PLAYBOOKS,
+    **restore.PLAYBOOKS,
 }

@@ -22,7 +22,7 @@ from worker.adapters import metrics
 from worker.adapters.ledger import LedgerUnavailable
 from worker.celery_factory import host_queue
 from worker.tasks.playbooks import PLAYBOOKS
-from worker.tasks.steps import StepContext, StepFailed, hold_if_asked
+from worker.tasks.steps import StepContext, StepFailed, StepSkipped, hold_if_asked
 
 log = logging.getLogger("opsfleet.runs")
 
@@ -37,14 +37,19 @@ def build_chain(app, run_id: int, playbook: str, queue: str | None = None) -> Si
     `queue` routes the steps to one host's worker; None keeps the default route.
     """
     steps = PLAYBOOKS[playbook]
+    config = app.opsfleet.config
     options = {"queue": queue, "routing_key": queue} if queue else {}
+
+    def one(seq: int, step) -> Signature:
+        sig = app.signature("opsfleet.runs.step", args=(run_id, seq), immutable=True, **options)
+        if step.timeout:  # a long step (a dump) carries its own limits
+            sig = sig.set(soft_time_limit=step.soft_limit(config), time_limit=step.hard_limit(config))
+        return sig
+
     # Immutable: a step's return value is not its successor's argument; the
     # ledger carries everything between steps.
     return chain(
-        *(
-            app.signature("opsfleet.runs.step", args=(run_id, seq), immutable=True, **options)
-            for seq in range(len(steps))
-        ),
+        *(one(seq, step) for seq, step in enumerate(steps)),
         app.signature("opsfleet.runs.finish", args=(run_id,), immutable=True),
     )
 
@@ -57,9 +62,10 @@ def queue_for_run(config, run: dict) -> str | None:
     return host_queue(host) if host else None
 
 
-def _step_lease(app) -> float:
-    worker = app.opsfleet.config.worker
-    return worker.step_hard_timeout_seconds + worker.queue_grace_seconds
+def _step_lease(app, step=None) -> float:
+    config = app.opsfleet.config
+    hard = step.hard_limit(config) if step is not None else config.worker.step_hard_timeout_seconds
+    return max(hard, config.worker.step_hard_timeout_seconds) + config.worker.queue_grace_seconds
 
 
 def request_report(app, run_id: int) -> None:
@@ -117,7 +123,7 @@ def run_step(self, run_id: int, seq: int) -> None:
         if run is None:
             raise Ignore()
         step = PLAYBOOKS[run["playbook"]][seq]
-        verdict = ledger.begin_step(run_id, seq, step.name, _step_lease(self.app))
+        verdict = ledger.begin_step(run_id, seq, step.name, _step_lease(self.app, step))
     except LedgerUnavailable as err:
         raise self.retry(countdown=5, exc=err) from None
     if verdict == "not_running":
@@ -135,6 +141,8 @@ def run_step(self, run_id: int, seq: int) -> None:
         output = step.fn(StepContext(runtime, run))
     except StepFailed as err:
         status, output = "failed", str(err)
+    except StepSkipped as err:
+        status, output = "skipped", str(err)
     except SoftTimeLimitExceeded:
         status, output = "failed", f"timed out after {time.monotonic() - began:.0f}s"
     except Exception as err:  # a bug or an unexpected outside error: the stack goes to the log only
@@ -144,6 +152,9 @@ def run_step(self, run_id: int, seq: int) -> None:
     output = runtime.loaded.redact(output)  # step output goes to the ledger, the API and Slack
     _ledger_write(ledger.end_step, run_id, seq, status, output, _step_lease(self.app))
     metrics.STEPS_FINISHED.labels(run["playbook"], step.name, status).inc()
+    if status == "skipped":
+        end_run(self.app, run, "skipped", output)
+        raise Ignore()
     if status == "failed":
         end_run(self.app, run, "failed", f"step {step.name} failed: {output.splitlines()[0] if output else ''}")
         raise Ignore()
@@ -159,6 +170,35 @@ def finish_run(self, run_id: int) -> None:
     if run is None or run["status"] != "running":
         return
     end_run(self.app, run, "succeeded", f"{len(run['steps'])} steps succeeded")
+
+
+def execute_inline(app, run_id: int, on_step=None) -> dict:
+    """Run a recorded run here and now, step by step through the same tasks a
+    worker runs (for `opsfleet backup run`, `opsfleet restore`): the ledger
+    records it exactly as if a worker had. Returns the finished run."""
+    runtime = app.opsfleet
+    run = runtime.ledger.claim_run(run_id, runtime.worker_name, _step_lease(app))
+    if run is None:
+        # Someone else claimed it (the sweeper may enqueue a fresh queued run to a
+        # worker): follow it to its end instead of running it twice.
+        while (current := runtime.ledger.get_run(run_id))["status"] in ("queued", "running"):
+            time.sleep(1)
+        return current
+    steps = PLAYBOOKS.get(run["playbook"])
+    if steps is None:
+        end_run(app, run, "failed", f'unknown playbook "{run["playbook"]}"')
+        return runtime.ledger.get_run(run_id)
+    for seq in range(len(steps)):
+        if on_step is not None:
+            on_step(seq, steps[seq].name, None)
+        app.tasks["opsfleet.runs.step"].apply(args=(run_id, seq))
+        current = runtime.ledger.get_run(run_id)
+        if on_step is not None and len(current["steps"]) > seq:
+            on_step(seq, steps[seq].name, current["steps"][seq])
+        if current["status"] != "running":
+            return current
+    app.tasks["opsfleet.runs.finish"].apply(args=(run_id,))
+    return runtime.ledger.get_run(run_id)
 
 
 def enqueue_runs(app, ledger, run_ids: list[int], marked: bool = False) -> list[int]:

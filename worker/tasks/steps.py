@@ -23,6 +23,11 @@ class StepFailed(Exception):
     """The step did not achieve its aim; the message is for the on-call engineer."""
 
 
+class StepSkipped(Exception):
+    """There is nothing for this run to do (say, another run holds the lock):
+    the run ends as `skipped` with this reason, and no later step runs."""
+
+
 @dataclass(frozen=True)
 class StepContext:
     runtime: Runtime
@@ -41,6 +46,17 @@ class StepContext:
 class Step:
     name: str
     fn: Callable[[StepContext], str]
+    # Steps that may run longer than worker.step_*_timeout_seconds (a dump)
+    # give their own soft limit, from the configuration.
+    timeout: Callable[[Config], int] | None = None
+
+    def soft_limit(self, config: Config) -> int:
+        return self.timeout(config) if self.timeout else config.worker.step_soft_timeout_seconds
+
+    def hard_limit(self, config: Config) -> int:
+        if self.timeout:
+            return self.timeout(config) + 30
+        return config.worker.step_hard_timeout_seconds
 
 
 def hold_if_asked(playbook: str, step: str, run_id: int) -> None:

@@ -1,0 +1,219 @@
+"""The operator's commands end to end against the real shared PostgreSQL, real files and the
+private dockerd: backup run/list/verify/prune, restore (fresh database checked against the
+manifest, then swapped in; documents moved aside; config with .env back at 0600), the
+restore drill, and recover --latest bringing busybox services back through the health gate."""
+
+from __future__ import annotations
+
+import stat
+
+import psycopg
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from opsfleet.cli import cli
+from tests.backup_support import ROWS, fill_database, make_config_files, make_documents
+from tests.support.servers import SHARED_POSTGRES_URL, TEST_DOCKER_HOST, shared_postgres_database
+from worker.adapters.postgres import Postgres
+
+
+@pytest.fixture
+def site(tmp_path, monkeypatch):
+    """A configuration file naming a real database, a documents tree and config files."""
+    with shared_postgres_database("opsfleet_rs") as url:
+        fill_database(url)
+        docs = make_documents(tmp_path)
+        env_file, compose = make_config_files(tmp_path)
+        config = {
+            "fleet": {"data_dir": str(tmp_path / "data")},
+            "backup": {
+                "root": str(tmp_path / "backups"),
+                "timezone": "Europe/Berlin",
+                "min_free_bytes": 0,
+                "series": {
+                    "db": {"kind": "database", "database_url": "${SHOP_DB_URL}"},
+                    "documents": {"kind": "documents", "path": str(docs)},
+                    "config": {"kind": "config", "paths": [str(env_file), str(compose)]},
+                },
+            },
+        }
+        path = tmp_path / "opsfleet.yaml"
+        path.write_text(yaml.safe_dump(config))
+        monkeypatch.setenv("SHOP_DB_URL", url)  # credentials only through ${VAR}
+        monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/docker.sock")
+        monkeypatch.delenv("DATABASE_URL", raising=False)
+        monkeypatch.delenv("REDIS_URL", raising=False)
+        live = Postgres(url).dbname
+        yield {"path": path, "url": url, "docs": docs, "env": env_file, "tmp": tmp_path, "live": live, "config": config}
+        with psycopg.connect(SHARED_POSTGRES_URL, autocommit=True) as admin:  # databases a restore left behind
+            for (name,) in admin.execute("SELECT datname FROM pg_database WHERE datname LIKE %s", (live + "_%",)).fetchall():
+                admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def opsfleet(site, *args, ok=True):
+    result = CliRunner().invoke(cli, ["--config", str(site["path"]), *args], catch_exceptions=False)
+    if ok:
+        assert result.exit_code == 0, result.output
+    return result
+
+
+def counts(url):
+    return Postgres(url).row_counts()
+
+
+def test_backup_then_restore_into_a_new_database_then_swap(site):
+    out = opsfleet(site, "backup", "run").output
+    assert "prepare: succeeded" in out and "retention: succeeded" in out and "succeeded in" in out
+    listing = opsfleet(site, "backup", "list").output
+    assert "db" in listing and "documents" in listing and "config" in listing and "NO" not in listing
+    set_id = listing.splitlines()[1].split()[0]
+    assert "db: OK" in opsfleet(site, "backup", "verify", set_id).output
+
+    # The live database drifts after the backup.
+    with psycopg.connect(site["url"], autocommit=True) as conn:
+        conn.execute("DELETE FROM orders WHERE id > 100")
+        conn.execute("INSERT INTO customers (name) VALUES ('late')")
+
+    dry = opsfleet(site, "restore", "--latest", "--database", "--dry-run").output
+    assert f"db (database) from set {set_id}" in dry and "3 tables, 427 rows" in dry and "dry run" in dry
+    assert counts(site["url"])["public.orders"] == 100
+
+    # Into a named new database: checked against the manifest, live one untouched.
+    side = site["live"] + "_side"
+    out = opsfleet(site, "restore", set_id, "--database", "--target-db", side, "--yes").output
+    assert "match the manifest" in out
+    assert counts(site["url"].rsplit("/", 1)[0] + "/" + side) == ROWS
+    assert counts(site["url"])["public.orders"] == 100
+
+    # Swap: fresh database, checked, renamed into place; the previous one is kept.
+    out = opsfleet(site, "restore", "--latest", "--database", "--yes").output
+    assert "is now " + site["live"] in out
+    assert counts(site["url"]) == ROWS
+    with psycopg.connect(SHARED_POSTGRES_URL) as admin:
+        kept = admin.execute("SELECT datname FROM pg_database WHERE datname LIKE %s", (site["live"] + "_before_%",)).fetchall()
+    assert len(kept) == 1
+    base = site["url"].rsplit("/", 1)[0]
+    assert counts(f"{base}/{kept[0][0]}")["public.orders"] == 100  # the drifted one, kept
+
+    runs = opsfleet(site, "runs", "--json").output
+    assert '"playbook": "restore"' in runs and '"trigger": "manual"' in runs
+
+
+def test_documents_restore_moves_the_current_tree_aside_and_config_comes_back_0600(site):
+    opsfleet(site, "backup", "run", "--kind", "documents", "--kind", "config")
+    docs, env = site["docs"], site["env"]
+    (docs / "readme.md").unlink()
+    (docs / "new.txt").write_text("after the backup\n")
+    env.write_text("DB_PASSWORD=changed\n")
+
+    out = opsfleet(site, "restore", "--latest", "--documents", "--config", "--yes").output
+    assert "21 files restored" in out
+    assert (docs / "readme.md").read_text() == "documents\n" and not (docs / "new.txt").exists()
+    aside = [p for p in docs.parent.iterdir() if p.name.startswith("documents.before-restore-")]
+    assert len(aside) == 1 and (aside[0] / "new.txt").exists()
+    assert env.read_text() == "DB_PASSWORD=s3cret\n"
+    assert stat.S_IMODE(env.stat().st_mode) == 0o600
+    assert list(env.parent.glob(".env.before-restore-*"))
+
+
+def test_prune_dry_run_says_why_each_stays_and_deletes_nothing(site):
+    opsfleet(site, "backup", "run", "--kind", "documents")
+    out = opsfleet(site, "backup", "prune", "--dry-run").output
+    assert "keep   documents" in out and "daily" in out and "newest verified" in out
+    assert "0 backup items would be deleted" in out
+
+
+def test_restore_drill_restores_into_scratch_and_records_its_time(site):
+    opsfleet(site, "backup", "run")
+    out = opsfleet(site, "backup", "drill").output
+    assert "match the manifest" in out and "drill passed in" in out and "21 files extracted" in out
+    with psycopg.connect(SHARED_POSTGRES_URL) as admin:
+        assert not admin.execute("SELECT 1 FROM pg_database WHERE datname LIKE 'opsfleet_drill_%'").fetchall()
+    from worker.adapters.metrics import scrape
+
+    assert b"opsfleet_restore_drill_seconds" in scrape()
+
+
+def test_restore_refuses_without_a_set_and_a_missing_set(site):
+    assert opsfleet(site, "restore", "--database", "--yes", ok=False).exit_code == 2
+    result = opsfleet(site, "restore", "20990101T000000Z", "--yes", ok=False)
+    assert result.exit_code == 1 and "hold no verified item" in result.output
+
+
+def test_recover_latest_brings_busybox_services_back_through_the_health_gate(site, make_container, monkeypatch):
+    api = make_container("opsfleet-bk-api")
+    worker = make_container("opsfleet-bk-worker")
+    before = {c.name: c.attrs["State"]["StartedAt"] for c in (api, worker)}
+    config = site["config"]
+    config["services"] = {"api": {"container": "opsfleet-bk-api"}, "worker": {"container": "opsfleet-bk-worker"}}
+    config["backup"]["recover_stop_order"] = ["api", "worker"]
+    config["backup"]["health_timeout_seconds"] = 30
+    config["backup"]["stop_timeout_seconds"] = 1  # busybox sleep as PID 1 ignores SIGTERM
+    config["backup"]["series"]["db"]["stop_services"] = ["api", "worker"]
+    site["path"].write_text(yaml.safe_dump(config))
+    monkeypatch.setenv("DOCKER_HOST", TEST_DOCKER_HOST)
+
+    opsfleet(site, "backup", "run")
+    with psycopg.connect(site["url"], autocommit=True) as conn:
+        conn.execute("TRUNCATE orders")
+    out = opsfleet(site, "recover", "--latest", "--yes").output
+    assert "stopped api" in out and "stopped worker" in out
+    assert out.index("started worker") < out.index("started api")  # reverse order
+    assert "2 services running and healthy" in out
+    assert counts(site["url"]) == ROWS
+    for c in (api, worker):
+        c.reload()
+        assert c.status == "running" and c.attrs["State"]["StartedAt"] != before[c.name]
+
+
+def test_database_in_a_container_is_backed_up_and_restored_through_docker_exec(tmp_path, dockerd, monkeypatch):
+    from tests.backup_support import engine, postgres_in_container, postgres_uid_gid, run_playbook
+    from worker.adapters.backupstore import list_sets
+
+    monkeypatch.setenv("DOCKER_HOST", TEST_DOCKER_HOST)
+    with postgres_in_container(dockerd) as (container, port, bin_dir):
+        with psycopg.connect(f"postgresql://postgres@127.0.0.1:{port}/postgres", autocommit=True) as admin:
+            admin.execute("CREATE DATABASE shop")
+        fill_database(f"postgresql://postgres@127.0.0.1:{port}/shop")
+        app = engine(tmp_path, {
+            "root": str(tmp_path / "backups"), "min_free_bytes": 0,
+            "series": {"db": {
+                "kind": "database", "service": "postgres", "bin_dir": bin_dir, "exec_user": postgres_uid_gid(),
+                # As seen inside the container: its socket directory and port.
+                "database_url": f"postgresql://postgres@/shop?host=/pg&port={port}",
+            }},
+        }, services={"postgres": {"container": container.name}})  # fmt: skip
+        run = run_playbook(app, "backup_set")
+        assert run["status"] == "succeeded", (run["reason"], [s["output"] for s in run["steps"]])
+        (only,) = list_sets(tmp_path / "backups")
+        item = only.items["db"]
+        assert item["row_counts"] == ROWS and item["source"] == f"container {container.name}, database shop"
+        assert any(f["name"] == "db.roles.sql" for f in item["files"])
+        assert item["pg_dump"].startswith("pg_dump (PostgreSQL) 15")  # the container's own tool
+
+        with psycopg.connect(f"postgresql://postgres@127.0.0.1:{port}/shop", autocommit=True) as conn:
+            conn.execute("TRUNCATE orders")
+        restored = run_playbook(app, "restore", {"plan": {"db": only.id}, "swap": True})
+        assert restored["status"] == "succeeded", (restored["reason"], [s["output"] for s in restored["steps"]])
+        assert Postgres(f"postgresql://postgres@127.0.0.1:{port}/shop").row_counts() == ROWS
+
+
+def test_inventory_series_records_images_and_containers(tmp_path, make_container, monkeypatch):
+    import json as jsonlib
+
+    from tests.backup_support import engine, run_playbook
+    from worker.adapters.archive import iter_decompressed
+    from worker.adapters.backupstore import list_sets
+
+    make_container("opsfleet-bk-inventory")
+    monkeypatch.setenv("DOCKER_HOST", TEST_DOCKER_HOST)
+    app = engine(tmp_path, {"root": str(tmp_path / "backups"), "min_free_bytes": 0, "series": {"images": {"kind": "inventory"}}})
+    assert app.opsfleet.config.backup.series["images"].cadence == "monthly"
+    run = run_playbook(app, "backup_set", {"series": ["inventory"]})
+    assert run["status"] == "succeeded", run["reason"]
+    (only,) = list_sets(tmp_path / "backups")
+    facts = jsonlib.loads(b"".join(iter_decompressed(only.path / "images.json.zst", "zstd")))
+    assert "opsfleet-bk-inventory" in [c["name"] for c in facts["containers"]]
+    assert any("opsfleet-test/busybox:1" in i["tags"] for i in facts["images"])
+    assert only.manifest["host"]["docker"]["version"]

@@ -1,0 +1,289 @@
+"""Files on disk for backups: streaming compression (zstd multithreaded, or
+gzip), sha256 while writing, decompression that notices truncation, GNU tar
+as a child process, fsync, free space, and child processes with deadlines.
+
+Every child process is started from an argv list (never a shell) and runs
+under a `Watchdog` that kills it at its deadline.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+import zstandard
+
+CHUNK = 1 << 20
+SUFFIX = {"zstd": ".zst", "gzip": ".gz"}
+
+
+class ArchiveError(Exception):
+    """A file could not be written or read back intact; the message says which and why."""
+
+
+# -- child processes -------------------------------------------------------------------
+
+
+class Watchdog:
+    """Kills the given processes when `seconds` run out; `fired` tells afterwards."""
+
+    def __init__(self, seconds: float, *procs: subprocess.Popen):
+        self.procs = list(procs)
+        self.seconds = seconds
+        self.fired = False
+        self._timer = threading.Timer(seconds, self._fire)
+        self._timer.daemon = True
+
+    def add(self, proc: subprocess.Popen) -> None:
+        self.procs.append(proc)
+
+    def _fire(self) -> None:
+        self.fired = True
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+
+    def __enter__(self) -> Watchdog:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._timer.cancel()
+
+
+def run(argv: list[str], timeout: float, env: dict[str, str] | None = None, stdin_bytes: bytes | None = None) -> str:
+    """Run a tool to completion; its stdout, or ArchiveError with its stderr tail."""
+    try:
+        done = subprocess.run(
+            argv, input=stdin_bytes, capture_output=True, timeout=timeout, env=env, check=False
+        )
+    except subprocess.TimeoutExpired:
+        raise ArchiveError(f"{argv[0]} did not finish within {timeout:.0f}s") from None
+    except OSError as err:
+        raise ArchiveError(f"cannot run {argv[0]}: {err.strerror}") from None
+    if done.returncode != 0:
+        raise ArchiveError(f"{Path(argv[0]).name} exited {done.returncode}: {tail(done.stderr)}")
+    return done.stdout.decode(errors="replace")
+
+
+def tail(data: bytes | str, lines: int = 6) -> str:
+    text = data.decode(errors="replace") if isinstance(data, bytes) else data
+    return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:]) or "(no message)"
+
+
+# -- writing -----------------------------------------------------------------------------
+
+
+class HashingWriter:
+    """A file being written: counts and hashes the bytes that reach it."""
+
+    def __init__(self, path: Path, mode: int = 0o600):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        self.file: BinaryIO = os.fdopen(fd, "wb")
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.file.write(data)
+        self.sha256.update(data)
+        self.size += len(data)
+        return len(data)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+
+
+class CompressedWriter:
+    """bytes -> compressor -> HashingWriter(path). `close()` returns (size, sha256)."""
+
+    def __init__(self, path: Path, compression: str, level: int = 3, threads: int = 2):
+        self.raw = HashingWriter(path)
+        self.compression = compression
+        self.uncompressed = 0
+        if compression == "zstd":
+            compressor = zstandard.ZstdCompressor(level=level, threads=threads, write_checksum=True)
+            self.stream = compressor.stream_writer(self.raw, closefd=False, write_size=CHUNK)
+        elif compression == "gzip":
+            self.stream = gzip.GzipFile(fileobj=self.raw, mode="wb", compresslevel=6, mtime=0)
+        else:
+            raise ValueError(f"unknown compression {compression}")
+
+    def write(self, data: bytes) -> None:
+        self.stream.write(data)
+        self.uncompressed += len(data)
+
+    def close(self) -> tuple[int, str]:
+        if self.compression == "zstd":
+            self.stream.flush(zstandard.FLUSH_FRAME)
+        self.stream.close()
+        self.raw.close()
+        return self.raw.size, self.raw.sha256.hexdigest()
+
+    def abort(self) -> None:
+        try:
+            self.raw.file.close()
+        except OSError:
+            pass
+
+
+# -- reading ----------------------------------------------------------------------------
+
+
+def iter_file(path: Path) -> Iterator[bytes]:
+    with open(path, "rb") as handle:
+        while chunk := handle.read(CHUNK):
+            yield chunk
+
+
+def iter_decompressed(path: Path, compression: str, hasher=None) -> Iterator[bytes]:
+    """The file's content, decompressed; raises ArchiveError when it is truncated
+    or corrupt (zstd frames are checked to their end and checksum: the library's
+    stream reader would end quietly on a truncated file). `hasher` sees the raw bytes."""
+    if compression == "gzip":
+        try:
+            with open(path, "rb") as raw, gzip.GzipFile(fileobj=_Tee(raw, hasher), mode="rb") as handle:
+                while chunk := handle.read(CHUNK):
+                    yield chunk
+        except (EOFError, OSError, gzip.BadGzipFile) as err:
+            raise ArchiveError(f"{path.name}: gzip check failed: {err}") from None
+        return
+    dctx = zstandard.ZstdDecompressor()
+    obj = dctx.decompressobj()
+    started = False
+    try:
+        for raw in iter_file(path):
+            if hasher is not None:
+                hasher.update(raw)
+            while raw:
+                if obj.eof:  # a new frame follows the finished one
+                    obj = dctx.decompressobj()
+                out = obj.decompress(raw)
+                started = True
+                raw = obj.unused_data if obj.eof else b""
+                if out:
+                    yield out
+    except zstandard.ZstdError as err:
+        raise ArchiveError(f"{path.name}: zstd check failed: {err}") from None
+    if not started or not obj.eof:
+        raise ArchiveError(f"{path.name}: truncated (the zstd frame does not end)")
+
+
+class _Tee:
+    def __init__(self, raw, hasher):
+        self.raw, self.hasher = raw, hasher
+
+    def read(self, n=-1):
+        data = self.raw.read(n)
+        if self.hasher is not None:
+            self.hasher.update(data)
+        return data
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    for chunk in iter_file(path):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+# -- disk -----------------------------------------------------------------------------------
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: Path) -> None:
+    for folder, _dirs, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(folder))
+
+
+def free_bytes(path: Path) -> int:
+    return shutil.disk_usage(path).free
+
+
+# -- tar --------------------------------------------------------------------------------------
+
+# GNU tar's warnings when the tree changes under it; its exit status is then 1.
+_CHANGED_MARKERS = ("file changed as we read it", "File removed before we read it", "Cannot stat", "file is unchanged")
+
+
+def tar_create_argv(base: Path, members: list[str], index_file: Path) -> list[str]:
+    """GNU tar writing the archive to stdout, listing members into index_file."""
+    return [
+        "tar", "--create", "--file=-", "--format=posix", "--numeric-owner", "--sparse", "--sort=name",
+        f"--directory={base}", "--verbose", f"--index-file={index_file}", "--warning=no-file-ignored",
+        "--", *members,
+    ]  # fmt: skip
+
+
+def tar_problems(stderr: str) -> tuple[list[str], list[str]]:
+    """Split tar's stderr into (changed/vanished files: reported, other errors: fatal)."""
+    reported, fatal = [], []
+    for line in stderr.splitlines():
+        line = line.strip()
+        if not line or line.startswith("tar: Exiting with failure status"):
+            continue
+        (reported if any(m in line for m in _CHANGED_MARKERS) else fatal).append(line.removeprefix("tar: "))
+    return reported, fatal
+
+
+def stream_into(
+    source: subprocess.Popen, writer: CompressedWriter, check: subprocess.Popen | None, watchdog: Watchdog
+) -> str:
+    """Pump source's stdout into writer (and into check's stdin, a verifier
+    reading the same bytes as they stream). Returns "" or the verifier's
+    complaint about its stdin closing early."""
+    problem = ""
+    try:
+        while chunk := source.stdout.read(CHUNK):
+            writer.write(chunk)
+            if check is not None and not problem:
+                try:
+                    check.stdin.write(chunk)
+                except BrokenPipeError:
+                    problem = "the verifier stopped reading early"
+    finally:
+        source.stdout.close()
+        if check is not None:
+            try:
+                check.stdin.close()
+            except BrokenPipeError:
+                problem = problem or "the verifier stopped reading early"
+    if watchdog.fired:
+        raise ArchiveError(f"timed out after {watchdog.seconds:.0f}s")
+    return problem
+
+
+def wait_all(*procs: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)

@@ -1,0 +1,405 @@
+"""PostgreSQL for backups and restores: psycopg for queries, pg_dump /
+pg_restore / pg_dumpall as child processes.
+
+Credentials never appear in an argv (visible in `ps`): the connection URL is
+turned into libpq environment variables (PGHOST, PGPASSWORD, ...) for the
+tools. Every query has a connect timeout and a statement timeout; every tool
+runs under a deadline (see archive.Watchdog / archive.run).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from worker.adapters.archive import ArchiveError, run
+
+_ENV_OF = {
+    "host": "PGHOST",
+    "port": "PGPORT",
+    "user": "PGUSER",
+    "password": "PGPASSWORD",
+    "dbname": "PGDATABASE",
+    "sslmode": "PGSSLMODE",
+    "sslrootcert": "PGSSLROOTCERT",
+    "connect_timeout": "PGCONNECT_TIMEOUT",
+}
+
+# Tables whose rows are counted: ordinary tables and partitions, not
+# catalogs, not tables owned by an extension (pg_dump leaves their rows out).
+_TABLES = """
+SELECT n.nspname, c.relname
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind = 'r'
+  AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+  AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%'
+  AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
+                  AND d.objid = c.oid AND d.deptype = 'e')
+ORDER BY 1, 2
+"""
+
+_DB_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+
+
+class PostgresError(Exception):
+    """A PostgreSQL operation failed; the message says what to check."""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    id: str
+    row_counts: dict[str, int]
+    server_version: str
+
+
+def check_db_name(name: str) -> str:
+    if not _DB_NAME.match(name):
+        raise PostgresError(f'"{name}" is not a database name opsfleet creates or renames (letters, digits, _)')
+    return name
+
+
+class Postgres:
+    def __init__(self, url: str, timeout_seconds: float = 3000, connect_timeout: int = 5):
+        self.url = url
+        self.params = conninfo_to_dict(url)
+        self.dbname = self.params.get("dbname") or self.params.get("user") or "postgres"
+        self.timeout = timeout_seconds
+        self.connect_timeout = connect_timeout
+
+    # -- plumbing --------------------------------------------------------------
+
+    def where(self) -> str:
+        return f"{self.params.get('host', 'localhost')}:{self.params.get('port', 5432)}/{self.dbname}"
+
+    def env(self, dbname: str | None = None) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        for key, value in self.params.items():
+            if key in _ENV_OF and value not in (None, ""):
+                env[_ENV_OF[key]] = str(value)
+        env.setdefault("PGCONNECT_TIMEOUT", str(self.connect_timeout))
+        if dbname:
+            env["PGDATABASE"] = dbname
+        return env
+
+    def connect(self, dbname: str | None = None, autocommit: bool = True) -> psycopg.Connection:
+        conninfo = make_conninfo(
+            self.url,
+            dbname=dbname or self.dbname,
+            connect_timeout=self.connect_timeout,
+            options=f"-c statement_timeout={int(self.timeout)}s",
+        )
+        try:
+            return psycopg.connect(conninfo, autocommit=autocommit, application_name="opsfleet-backup")
+        except psycopg.Error as err:
+            raise PostgresError(f"cannot connect to PostgreSQL at {self._where(dbname)}: {_first_line(err)}") from None
+
+    def _where(self, dbname: str | None) -> str:
+        return f"{self.params.get('host', 'localhost')}:{self.params.get('port', 5432)}/{dbname or self.dbname}"
+
+    def admin(self) -> psycopg.Connection:
+        """A connection to the maintenance database, for CREATE/DROP/ALTER DATABASE."""
+        return self.connect("postgres")
+
+    # -- facts -------------------------------------------------------------------
+
+    def server_version(self) -> str:
+        with self.connect() as conn:
+            return conn.execute("SHOW server_version").fetchone()[0]
+
+    @staticmethod
+    def tool_version(tool: str) -> str:
+        try:
+            return run([tool, "--version"], timeout=10).strip()
+        except ArchiveError as err:
+            return f"unknown ({err})"
+
+    def row_counts(self, dbname: str | None = None) -> dict[str, int]:
+        with self.connect(dbname) as conn:
+            return _count_rows(conn)
+
+    # -- dump -------------------------------------------------------------------
+
+    @contextmanager
+    def snapshot(self) -> Iterator[Snapshot]:
+        """A REPEATABLE READ transaction held open while the caller dumps:
+        its snapshot is exported for `pg_dump --snapshot`, and the row counts
+        are taken inside it, so they describe exactly the dumped data."""
+        conn = self.connect(autocommit=False)
+        try:
+            conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+            with conn.transaction():
+                snap = conn.execute("SELECT pg_export_snapshot()").fetchone()[0]
+                version = conn.execute("SHOW server_version").fetchone()[0]
+                counts = _count_rows(conn)
+                yield Snapshot(snap, counts, version)
+        except psycopg.Error as err:
+            raise PostgresError(f"PostgreSQL at {self.where()}: {_first_line(err)}") from None
+        finally:
+            conn.close()
+
+    def dump_process(self, snapshot_id: str, stderr: Path) -> subprocess.Popen:
+        """pg_dump, custom format, uncompressed (we compress with zstd), to stdout."""
+        argv = ["pg_dump", "--format=custom", "--compress=0", f"--snapshot={snapshot_id}", "--no-password"]
+        with open(stderr, "wb") as err:
+            return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, env=self.env())
+
+    def dump_roles(self, timeout: float = 60) -> bytes:
+        """Roles (no passwords kept out: pg_dumpall needs superuser to read them)."""
+        argv = ["pg_dumpall", "--roles-only", "--no-password"]
+        return run(argv, timeout=timeout, env=self.env()).encode()
+
+    # -- databases ----------------------------------------------------------------
+
+    def database_exists(self, name: str) -> bool:
+        with self.admin() as conn:
+            return conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is not None
+
+    def create_database(self, name: str) -> None:
+        check_db_name(name)
+        with self.admin() as conn:
+            try:
+                conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(name)))
+            except psycopg.Error as err:
+                raise PostgresError(f"cannot create database {name}: {_first_line(err)}") from None
+
+    def drop_database(self, name: str) -> None:
+        check_db_name(name)
+        with self.admin() as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+    def rename_database(self, old: str, new: str) -> None:
+        with self.admin() as conn:
+            conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
+                sql.Identifier(check_db_name(old)), sql.Identifier(check_db_name(new))))
+
+    def swap_databases(self, live: str, restored: str, keep_as: str) -> None:
+        """live -> keep_as, restored -> live. Connections to live are refused,
+        then ended (its users are expected to be stopped already)."""
+        for name in (live, restored, keep_as):
+            check_db_name(name)
+        with self.admin() as conn:
+            try:
+                conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false").format(sql.Identifier(live)))
+                conn.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = ANY(%s) AND pid <> pg_backend_pid()",
+                    ([live, restored],),
+                )
+                conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(live), sql.Identifier(keep_as)))
+                conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(restored), sql.Identifier(live)))
+                conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(sql.Identifier(keep_as)))
+            except psycopg.Error as err:
+                raise PostgresError(f"swapping {restored} into {live} failed: {_first_line(err)}") from None
+
+    # -- restore --------------------------------------------------------------------
+
+    def restore(self, dump: Path, dbname: str, jobs: int, timeout: float, roles: Path | None = None) -> None:
+        """pg_restore a custom-format file into an existing empty database, in parallel."""
+        if roles is not None and roles.exists():
+            # Roles first, so ownership and grants resolve; existing roles are errors psql reports and skips.
+            run(["psql", "--no-password", "--quiet", "--file", str(roles)], timeout=60, env=self.env("postgres"))
+        argv = ["pg_restore", "--no-password", f"--dbname={dbname}", f"--jobs={jobs}", "--exit-on-error"]
+        if roles is None:
+            argv.append("--no-owner")  # no roles restored: objects belong to the restoring user
+        argv.append(str(dump))
+        try:
+            run(argv, timeout=timeout, env=self.env(dbname))
+        except ArchiveError as err:
+            raise PostgresError(f"pg_restore into {dbname} failed: {err}") from None
+
+
+def verify_process(stderr: Path, source: Path | None = None) -> subprocess.Popen:
+    """pg_restore reading a whole custom-format dump (stdin, or `source`) and
+    writing the SQL to /dev/null: a full read of every block. (`--list` reads
+    only the table of contents and passes a truncated dump.)"""
+    argv = ["pg_restore", "--file=/dev/null"] + ([str(source)] if source else [])
+    with open(stderr, "wb") as err:
+        return subprocess.Popen(
+            argv, stdin=None if source else subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err
+        )
+
+
+def _count_rows(conn: psycopg.Connection) -> dict[str, int]:
+    counts = {}
+    for schema, table in conn.execute(_TABLES).fetchall():
+        query = sql.SQL("SELECT count(*) FROM {}.{}").format(sql.Identifier(schema), sql.Identifier(table))
+        counts[f"{schema}.{table}"] = conn.execute(query).fetchone()[0]
+    return counts
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else err.__class__.__name__
+
+
+# -- PostgreSQL inside a container, through `docker exec` ------------------------------------
+
+_COUNTS_ONE_QUERY = (
+    "SELECT n.nspname || '.' || c.relname, (xpath('/row/c/text()', query_to_xml("
+    "format('SELECT count(*) AS c FROM %I.%I', n.nspname, c.relname), false, true, '')))[1]::text "
+    + _TABLES[_TABLES.index("FROM pg_class"):]
+)
+_SEP = "\x1f"  # psql field separator: no table name holds a unit separator
+
+
+class ContainerPostgres:
+    """The Postgres operations backups and restores need, run with the tools
+    inside a container (`docker exec`), as the seed did: the tools match the
+    server's version and no port has to be reachable from the host.
+
+    `url` is the connection as seen inside the container (e.g.
+    postgresql://postgres@/shop?host=/var/run/postgresql); it reaches the tools
+    as libpq environment variables of the exec, never in argv. SQL goes to psql
+    on stdin. Restores stream the dump into pg_restore's stdin (serial: a
+    parallel restore needs the file inside the container)."""
+
+    def __init__(self, docker, container, url: str, bin_dir: str | None, user: str, timeout_seconds: float = 3000):
+        self.docker = docker
+        self.container = container
+        self.host_side = Postgres(url, timeout_seconds)
+        self.dbname = self.host_side.dbname
+        self.bin = (bin_dir.rstrip("/") + "/") if bin_dir else ""
+        self.user = user
+        self.timeout = timeout_seconds
+
+    def where(self) -> str:
+        return f"container {self.container.name}, database {self.dbname}"
+
+    def env(self, dbname: str | None = None) -> dict[str, str]:
+        env = {k: v for k, v in self.host_side.env(dbname).items() if k.startswith("PG")}
+        env.setdefault("PGDATABASE", self.dbname)
+        return env
+
+    def _exec(self, argv, dbname=None, stdin=False, stderr_path=None):
+        from worker.adapters.docker import DockerError
+
+        try:
+            return self.docker.exec_process(
+                self.container, [self.bin + argv[0], *argv[1:]], self.env(dbname), self.user, stdin, stderr_path
+            )
+        except DockerError as err:
+            raise PostgresError(str(err)) from None
+
+    def _psql(self, script: str, dbname: str | None = None, timeout: float = 120) -> list[list[str]]:
+        proc = self._exec(["psql", "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", f"--field-separator={_SEP}"],
+                          dbname, stdin=True)  # fmt: skip
+        proc.stdin.write(script.encode())
+        proc.stdin.close()
+        out = proc.read_all()
+        if proc.wait(timeout) != 0:
+            raise PostgresError(f"psql in {self.container.name}: {proc.stderr.decode(errors='replace').strip()[-500:]}")
+        return [line.split(_SEP) for line in out.decode().splitlines() if line]
+
+    def tool_version(self, tool: str) -> str:
+        proc = self._exec([tool, "--version"])
+        out = proc.read_all().decode(errors="replace").strip()
+        return out if proc.wait(30) == 0 else f"unknown ({proc.stderr.decode(errors='replace').strip()[-200:]})"
+
+    def server_version(self) -> str:
+        return self._psql("SHOW server_version;\n")[0][0]
+
+    def row_counts(self, dbname: str | None = None) -> dict[str, int]:
+        return {name: int(count) for name, count in self._psql(_COUNTS_ONE_QUERY + ";\n", dbname)}
+
+    @contextmanager
+    def snapshot(self) -> Iterator[Snapshot]:
+        """An interactive psql holds a REPEATABLE READ transaction open; its
+        snapshot is exported and the rows counted in it."""
+        proc = self._exec(["psql", "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", f"--field-separator={_SEP}"],
+                          stdin=True)  # fmt: skip
+        try:
+            proc.stdin.write(
+                (
+                    "BEGIN ISOLATION LEVEL REPEATABLE READ;\nSELECT 'snapshot', pg_export_snapshot();\n"
+                    "SELECT 'version', current_setting('server_version');\n"
+                    + _COUNTS_ONE_QUERY + ";\n\\echo opsfleet-end\n"
+                ).encode()
+            )
+            buffered = b""
+            while b"opsfleet-end\n" not in buffered:
+                chunk = proc.stdout.read()
+                if not chunk:
+                    proc.wait(30)
+                    raise PostgresError(
+                        f"psql in {self.container.name} ended: {proc.stderr.decode(errors='replace').strip()[-500:]}"
+                    )
+                buffered += chunk
+            rows = [line.split(_SEP) for line in buffered.decode().splitlines() if line and line != "opsfleet-end"]
+            snap = next(r[1] for r in rows if r[0] == "snapshot")
+            version = next(r[1] for r in rows if r[0] == "version")
+            counts = {r[0]: int(r[1]) for r in rows if r[0] not in ("snapshot", "version")}
+            yield Snapshot(snap, counts, version)
+            proc.stdin.write(b"COMMIT;\n")
+        finally:
+            proc.stdin.close()
+            try:
+                proc.wait(30)
+            except Exception:
+                proc.kill()
+
+    def dump_process(self, snapshot_id: str, stderr: Path):
+        return self._exec(
+            ["pg_dump", "--format=custom", "--compress=0", f"--snapshot={snapshot_id}", "--no-password"],
+            stderr_path=stderr,
+        )
+
+    def dump_roles(self, timeout: float = 60) -> bytes:
+        proc = self._exec(["pg_dumpall", "--roles-only", "--no-password"])
+        out = proc.read_all()
+        if proc.wait(timeout) != 0:
+            raise ArchiveError(f"pg_dumpall exited {proc.returncode}: {proc.stderr.decode(errors='replace')[-300:]}")
+        return out
+
+    def database_exists(self, name: str) -> bool:
+        check_db_name(name)
+        return bool(self._psql(f"SELECT 1 FROM pg_database WHERE datname = '{name}';\n", "postgres"))
+
+    def create_database(self, name: str) -> None:
+        self._psql(f'CREATE DATABASE "{check_db_name(name)}" TEMPLATE template0;\n', "postgres")
+
+    def drop_database(self, name: str) -> None:
+        self._psql(f'DROP DATABASE IF EXISTS "{check_db_name(name)}" WITH (FORCE);\n', "postgres")
+
+    def rename_database(self, old: str, new: str) -> None:
+        self._psql(f'ALTER DATABASE "{check_db_name(old)}" RENAME TO "{check_db_name(new)}";\n', "postgres")
+
+    def swap_databases(self, live: str, restored: str, keep_as: str) -> None:
+        for name in (live, restored, keep_as):
+            check_db_name(name)
+        self._psql(
+            f'ALTER DATABASE "{live}" WITH ALLOW_CONNECTIONS false;\n'
+            f"SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname IN ('{live}', '{restored}') "
+            "AND pid <> pg_backend_pid();\n"
+            f'ALTER DATABASE "{live}" RENAME TO "{keep_as}";\n'
+            f'ALTER DATABASE "{restored}" RENAME TO "{live}";\n'
+            f'ALTER DATABASE "{keep_as}" WITH ALLOW_CONNECTIONS true;\n',
+            "postgres",
+        )
+
+    def restore(self, dump: Path, dbname: str, jobs: int, timeout: float, roles: Path | None = None) -> None:
+        if roles is not None and roles.exists():
+            self._psql(roles.read_text(), "postgres")
+        argv = ["pg_restore", "--no-password", f"--dbname={dbname}", "--exit-on-error"]
+        if roles is None:
+            argv.append("--no-owner")
+        proc = self._exec(argv, dbname, stdin=True)
+        try:
+            with open(dump, "rb") as handle:
+                while chunk := handle.read(1 << 20):
+                    proc.stdin.write(chunk)
+        except OSError as err:
+            proc.kill()
+            raise PostgresError(f"pg_restore in {self.container.name} stopped reading: {err}") from None
+        proc.stdin.close()
+        if proc.wait(timeout) != 0:
+            raise PostgresError(
+                f"pg_restore into {dbname} in {self.container.name} failed: {proc.stderr.decode(errors='replace').strip()[-500:]}"
+            )

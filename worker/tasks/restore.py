@@ -1,0 +1,444 @@
+"""Restores, the weekly restore drill, and full recovery.
+
+`restore` (params: `plan` {series: set id}, `target_db`, `swap`):
+    check → database → files → cleanup
+- check: every planned file is read back whole (sha256, decompression).
+- database: into a FRESH database (`<live>_restore_<run>` or `target_db`),
+  pg_restore in parallel, row counts compared with the manifest's; only then,
+  when swapping, the services that use it (`stop_services`) are stopped, the
+  live database is renamed to `<live>_before_<run>` (kept) and the restored
+  one renamed into place, and the services started again.
+- files: documents/models trees are extracted beside their target, their
+  file counts checked, the current tree moved aside to
+  `<path>.before-restore-<run>`, the restored one renamed into place. Config
+  files likewise, one by one; secret files (`.env`) come back mode 0600.
+
+`restore_drill`: restores each series' newest verified backup into a scratch
+database (roles first when a throwaway server is configured) and a scratch directory,
+compares row counts, file counts and checksums with the manifest, records
+the time taken (`opsfleet_restore_drill_seconds`), removes the scratch.
+
+`recover`: the seed's full recovery: stop the configured services in
+order, restore (as `restore`, swapping), start them in reverse order, pass
+the health gate (running, Docker health, health_url 2xx).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+
+from worker.adapters import metrics
+from worker.adapters.archive import ArchiveError, Watchdog, free_bytes, iter_decompressed, tail
+from worker.adapters.backupstore import BackupSet, get_set, list_sets, newest_holding
+from worker.adapters.docker import DockerError
+from worker.adapters.postgres import Postgres, PostgresError, check_db_name
+from worker.config import SeriesSpec
+from worker.tasks.backup import is_secret, postgres_for, verify_item
+from worker.tasks.steps import Step, StepContext, StepFailed
+
+FILE_KINDS = ("documents", "models", "config")
+
+
+# -- planning (pure over the sets on disk; used by the CLI and the drill) ----------------------
+
+
+def plan_restore(sets: list[BackupSet], series_specs: dict[str, SeriesSpec], wanted_kinds: list[str], set_id: str | None) -> dict[str, str]:
+    """{series: set id} for each configured series of a wanted kind: from the
+    given set, or (latest) the newest verified set holding that series."""
+    plan = {}
+    for name, spec in series_specs.items():
+        if spec.kind not in wanted_kinds:
+            continue
+        if set_id is not None:
+            chosen = next((s for s in sets if s.id == set_id), None)
+            if chosen is not None and name in chosen.items and chosen.verified(name):
+                plan[name] = chosen.id
+        else:
+            chosen = newest_holding(sets, name)
+            if chosen is not None:
+                plan[name] = chosen.id
+    return plan
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+def _root(ctx: StepContext) -> Path:
+    return ctx.runtime.loaded.backup_root
+
+
+def _scratch(ctx: StepContext) -> Path:
+    folder = _root(ctx) / ".restore" / str(ctx.run["id"])
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return folder
+
+
+def _planned(ctx: StepContext, kinds: tuple[str, ...]) -> list[tuple[str, SeriesSpec, BackupSet]]:
+    out = []
+    for series, set_id in sorted(ctx.params.get("plan", {}).items()):
+        spec = ctx.config.backup.series.get(series)
+        if spec is None:
+            raise StepFailed(f"backup series {series} is no longer configured")
+        if spec.kind not in kinds:
+            continue
+        found = get_set(_root(ctx), set_id)
+        if found is None or series not in found.items:
+            raise StepFailed(f"backup set {set_id} holding {series} is gone from {_root(ctx)}")
+        out.append((series, spec, found))
+    return out
+
+
+def _abs(ctx: StepContext, path: Path) -> Path:
+    return path if path.is_absolute() else (ctx.runtime.loaded.base_dir / path).resolve()
+
+
+def decompress_to(src: Path, compression: str, dest: Path, expect_sha256: str | None = None) -> None:
+    """Decompress to a file (pg_restore -j needs a seekable one), checking the
+    source's sha256 on the way."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        for chunk in iter_decompressed(src, compression, digest):
+            out.write(chunk)
+    if expect_sha256 and digest.hexdigest() != expect_sha256:
+        raise ArchiveError(f"{src.name}: sha256 differs from the manifest's")
+
+
+def extract(src: Path, compression: str, dest: Path, timeout: float) -> None:
+    """Decompress an archive into GNU tar extracting under dest."""
+    dest.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(
+            ["tar", "--extract", "--file=-", f"--directory={dest}", "--numeric-owner"],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err,
+        )  # fmt: skip
+        with Watchdog(timeout, proc) as dog:
+            try:
+                for chunk in iter_decompressed(src, compression):
+                    proc.stdin.write(chunk)
+                proc.stdin.close()
+            except BrokenPipeError:
+                pass
+            except BaseException:
+                proc.kill()
+                proc.wait(timeout=10)
+                raise
+            proc.wait(timeout=timeout)
+        if dog.fired:
+            raise ArchiveError(f"extracting {src.name} timed out after {timeout:.0f}s")
+        if proc.returncode != 0:
+            err.seek(0)
+            raise ArchiveError(f"extracting {src.name} failed ({proc.returncode}): {tail(err.read())}")
+
+
+def count_files(folder: Path) -> int:
+    return sum(len(files) for _, _, files in os.walk(folder))
+
+
+def restore_database_into(
+    ctx: StepContext, series: str, spec: SeriesSpec, found: BackupSet, pg: Postgres, dbname: str, with_roles: bool
+) -> str:
+    """Fresh database `dbname` from the set's dump, row counts checked; dropped again on failure."""
+    item = found.items[series]
+    compression = found.manifest.get("compression", "zstd")
+    roles_file = next((f for f in item["files"] if f["name"].endswith(".roles.sql")), None)
+    began = time.monotonic()
+    if item.get("format") == "directory":
+        # pg_restore -j reads the directory in place (its files were hashed by the check step).
+        plain = found.path / next(f["name"].split("/")[0] for f in item["files"] if "/" in f["name"])
+    else:
+        plain = _scratch(ctx) / f"{series}.dump"
+        dump_file = next(f for f in item["files"] if ".dump" in f["name"])
+        need = int(dump_file.get("uncompressed_bytes", 0) * 1.05)
+        free = free_bytes(plain.parent)
+        if free < need:
+            raise StepFailed(
+                f"{series}: the decompressed dump needs {need / 1e6:.0f} MB in {plain.parent}, {free / 1e6:.0f} MB free "
+                "(pg_restore -j needs a seekable file)"
+            )
+        decompress_to(found.path / dump_file["name"], compression, plain, expect_sha256=dump_file["sha256"])
+    t_unpacked = time.monotonic()
+    if pg.database_exists(dbname):
+        raise StepFailed(f"database {dbname} exists already on {pg.where()}: restores go into a fresh database")
+    pg.create_database(dbname)
+    try:
+        roles = found.path / roles_file["name"] if (with_roles and roles_file) else None
+        pg.restore(plain, dbname, spec.jobs, spec.timeout_seconds, roles=roles)
+        t_restored = time.monotonic()
+        counts = pg.row_counts(dbname)
+        expected = item.get("row_counts", {})
+        if counts != expected:
+            diffs = [
+                f"{t}: {counts.get(t, 'missing')} rows, manifest {expected.get(t, 'missing')}"
+                for t in sorted(set(counts) | set(expected))
+                if counts.get(t) != expected.get(t)
+            ]
+            raise StepFailed(f"{series}: restored row counts differ from the manifest: {'; '.join(diffs[:10])}")
+    except BaseException:
+        pg.drop_database(dbname)
+        raise
+    finally:
+        if plain.is_file():
+            plain.unlink(missing_ok=True)
+    return (
+        f"{series}: {len(expected)} tables, {sum(expected.values())} rows restored into {dbname} and match the manifest "
+        f"(unpacked and sha256-checked {t_unpacked - began:.1f}s, pg_restore -j{spec.jobs} {t_restored - t_unpacked:.1f}s, "
+        f"counted {time.monotonic() - t_restored:.1f}s)"
+    )
+
+
+def _services(ctx: StepContext, names: tuple[str, ...] | list[str]):
+    out = []
+    for name in names:
+        spec = ctx.config.services.get(name)
+        if spec is None:
+            raise StepFailed(f'service "{name}" is not configured')
+        try:
+            out.append((name, ctx.runtime.docker.find_container(name, spec)))
+        except DockerError as err:
+            raise StepFailed(str(err)) from None
+    return out
+
+
+def stop_services(ctx: StepContext, names) -> list[str]:
+    lines = []
+    for name, container in _services(ctx, names):
+        try:
+            ctx.runtime.docker.stop(container, ctx.config.backup.stop_timeout_seconds)
+        except DockerError as err:
+            raise StepFailed(str(err)) from None
+        lines.append(f"stopped {name} ({container.name})")
+    return lines
+
+
+def start_services(ctx: StepContext, names) -> list[str]:
+    lines = []
+    for name, container in _services(ctx, names):
+        try:
+            ctx.runtime.docker.start(container)
+        except DockerError as err:
+            raise StepFailed(str(err)) from None
+        lines.append(f"started {name} ({container.name})")
+    return lines
+
+
+# -- restore steps ---------------------------------------------------------------------------------
+
+
+def check(ctx: StepContext) -> str:
+    lines = []
+    for series, spec, found in _planned(ctx, ("database",) + FILE_KINDS):
+        # Databases: sha256 here; the database step decompresses to the end (and
+        # hashes again) before pg_restore, so the dump is not decompressed twice.
+        result = verify_item(
+            found.path, found.items[series], found.manifest.get("compression", "zstd"),
+            deep=False, sha_only=spec.kind == "database",
+        )  # fmt: skip
+        if not result.ok:
+            raise StepFailed(f"{series} in set {found.id} does not read back: {result.detail}")
+        lines.append(f"{series} from {found.id}: {result.detail}")
+    if not lines:
+        raise StepFailed("nothing to restore: the plan names no backup items")
+    return "\n".join(lines)
+
+
+def database(ctx: StepContext) -> str:
+    lines = []
+    target_db = ctx.params.get("target_db")
+    swap = ctx.params.get("swap", not target_db)
+    for series, spec, found in _planned(ctx, ("database",)):
+        pg = postgres_for(ctx, spec)
+        live = check_db_name(pg.dbname)
+        fresh = check_db_name(target_db or f"{live}_restore_{ctx.run['id']}")
+        try:
+            lines.append(restore_database_into(ctx, series, spec, found, pg, fresh, with_roles=False))
+            if not swap:
+                continue
+            keep_as = check_db_name(f"{live}_before_{ctx.run['id']}")
+            stopped = [] if ctx.params.get("services_stopped") else list(spec.stop_services)
+            lines += stop_services(ctx, stopped)
+            try:
+                if pg.database_exists(live):
+                    pg.swap_databases(live, fresh, keep_as)
+                    lines.append(f"{series}: {fresh} is now {live}; the previous {live} is kept as {keep_as}")
+                else:
+                    pg.rename_database(fresh, live)
+                    lines.append(f"{series}: {fresh} is now {live} (there was no {live})")
+            finally:
+                lines += start_services(ctx, list(reversed(stopped)))
+        except (PostgresError, ArchiveError) as err:
+            raise StepFailed(f"{series}: {err}") from None
+    return "\n".join(lines) or "no database in the plan"
+
+
+def files(ctx: StepContext) -> str:
+    lines = []
+    run_id = ctx.run["id"]
+    for series, spec, found in _planned(ctx, FILE_KINDS):
+        item = found.items[series]
+        compression = found.manifest.get("compression", "zstd")
+        archive = found.path / item["files"][0]["name"]
+        try:
+            if spec.kind in ("documents", "models"):
+                target = _abs(ctx, spec.path)
+                staging = target.parent / f".{target.name}.restore-{run_id}"
+                shutil.rmtree(staging, ignore_errors=True)
+                extract(archive, compression, staging, spec.timeout_seconds)
+                restored = staging / Path(item["source"]).name
+                got = count_files(restored)
+                if got != item.get("file_count"):
+                    shutil.rmtree(staging, ignore_errors=True)
+                    raise StepFailed(f"{series}: {got} files extracted, the manifest says {item.get('file_count')}")
+                aside = target.with_name(f"{target.name}.before-restore-{run_id}")
+                if target.exists():
+                    os.rename(target, aside)
+                os.rename(restored, target)
+                shutil.rmtree(staging, ignore_errors=True)
+                lines.append(f"{series}: {got} files restored to {target}" + (f"; the previous tree is at {aside}" if aside.exists() else ""))
+            else:  # config: listed files and directories, each put back where it was
+                staging = _scratch(ctx) / series
+                extract(archive, compression, staging, spec.timeout_seconds)
+                sources = item["source"] if isinstance(item["source"], list) else [item["source"]]
+                for source in sources:
+                    target = Path(source)
+                    staged = staging / target.relative_to("/")
+                    if target.exists():
+                        os.replace(target, target.with_name(f"{target.name}.before-restore-{run_id}"))
+                    shutil.move(str(staged), str(target))
+                    for path in [target] if target.is_file() else [p for p in target.rglob("*") if p.is_file()]:
+                        if is_secret(path.name, item.get("secret_files", [".env"])):
+                            path.chmod(0o600)
+                    lines.append(f"{series}: restored {target}")
+        except (ArchiveError, OSError) as err:
+            raise StepFailed(f"{series}: {err}") from None
+    return "\n".join(lines) or "no files in the plan"
+
+
+def cleanup(ctx: StepContext) -> str:
+    shutil.rmtree(_root(ctx) / ".restore" / str(ctx.run["id"]), ignore_errors=True)
+    return "scratch removed"
+
+
+# -- drill -------------------------------------------------------------------------------------------
+
+
+def drill(ctx: StepContext) -> str:
+    """Each series' newest verified backup (the newest set, and older sets for
+    series it does not hold: a weekly series lives in fewer sets)."""
+    began = time.monotonic()
+    root = _root(ctx)
+    sets = list_sets(root)
+    settings = ctx.config.backup.drill
+    scratch = (settings.scratch_dir or (root / ".drill")) / str(ctx.run["id"])
+    plan = {name: newest_holding(sets, name) for name in ctx.config.backup.series}
+    missing = sorted(name for name, found in plan.items() if found is None)
+    lines = []
+    ok = False
+    try:
+        if missing or not plan:
+            raise StepFailed(f"no verified backup in {root} of {', '.join(missing) or 'any series'}")
+        for series, found in sorted(plan.items()):
+            spec = ctx.config.backup.series[series]
+            item = found.items[series]
+            compression = found.manifest.get("compression", "zstd")
+            result = verify_item(found.path, item, compression, deep=False, sha_only=item["kind"] == "database")
+            if not result.ok:
+                raise StepFailed(f"{series} in {found.id}: {result.detail}")
+            if item["kind"] == "database":
+                pg = Postgres(settings.server_url, spec.timeout_seconds) if settings.server_url else postgres_for(ctx, spec)
+                scratch_db = check_db_name(f"opsfleet_drill_{ctx.run['id']}_{series.replace('-', '_').replace('.', '_')}"[:63])
+                lines.append(f"{found.id} " + restore_database_into(ctx, series, spec, found, pg, scratch_db, with_roles=bool(settings.server_url)))
+                pg.drop_database(scratch_db)
+            elif "file_count" in item and ".tar" in item["files"][0]["name"]:
+                dest = scratch / series
+                extract(found.path / item["files"][0]["name"], compression, dest, spec.timeout_seconds)
+                got = count_files(dest)
+                if got != item["file_count"]:
+                    raise StepFailed(f"{series} in {found.id}: {got} files extracted, the manifest says {item['file_count']}")
+                lines.append(f"{found.id} {series}: {got} files extracted, checksums and count match")
+                shutil.rmtree(dest, ignore_errors=True)
+            else:
+                lines.append(f"{found.id} {series}: checksum and decompression OK")
+        ok = True
+    except (ArchiveError, PostgresError) as err:
+        raise StepFailed(str(err)) from None
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        shutil.rmtree(_root(ctx) / ".restore" / str(ctx.run["id"]), ignore_errors=True)
+        seconds = time.monotonic() - began
+        metrics.RESTORE_DRILL_SECONDS.set(seconds)
+        metrics.RESTORE_DRILL_RESULT.set(1 if ok else 0)
+    lines.append(f"drill passed in {seconds:.1f}s")
+    return "\n".join(lines)
+
+
+# -- recover -------------------------------------------------------------------------------------------
+
+
+def stop_all(ctx: StepContext) -> str:
+    return "\n".join(stop_services(ctx, ctx.params.get("services", []))) or "no services configured to stop"
+
+
+def start_all(ctx: StepContext) -> str:
+    return "\n".join(start_services(ctx, list(reversed(ctx.params.get("services", []))))) or "nothing to start"
+
+
+def health_gate(ctx: StepContext) -> str:
+    """Every service running (since this run), healthy if it has a Docker health check,
+    its health_url answering 2xx, within params.health_timeout_seconds."""
+    deadline = time.monotonic() + float(ctx.params.get("health_timeout_seconds", 60))
+    names = ctx.params.get("services", [])
+    while True:
+        problems = []
+        for name, container in _services(ctx, names):
+            state = ctx.runtime.docker.state(container)
+            spec = ctx.config.services[name]
+            if not state.running:
+                problems.append(f"{name}: {state.status}")
+            elif state.health not in (None, "healthy"):
+                problems.append(f"{name}: health {state.health}")
+            elif spec.health_url:
+                try:
+                    answer = requests.get(spec.health_url, timeout=5)
+                    if not answer.ok:
+                        problems.append(f"{name}: {spec.health_url} answered {answer.status_code}")
+                except requests.RequestException as err:
+                    problems.append(f"{name}: {spec.health_url} did not answer ({err.__class__.__name__})")
+        if not problems:
+            return f"{len(names)} services running and healthy: {', '.join(names)}"
+        if time.monotonic() >= deadline:
+            raise StepFailed("health gate failed: " + "; ".join(problems))
+        time.sleep(1)
+
+
+def _long(config) -> int:
+    return config.backup.step_timeout_seconds
+
+
+PLAYBOOKS = {
+    "restore": (
+        Step("check", check, timeout=_long),
+        Step("database", database, timeout=_long),
+        Step("files", files, timeout=_long),
+        Step("cleanup", cleanup),
+    ),
+    "restore_drill": (Step("drill", drill, timeout=_long),),
+    "recover": (
+        Step("check", check, timeout=_long),
+        Step("stop", stop_all),
+        Step("database", database, timeout=_long),
+        Step("files", files, timeout=_long),
+        Step("start", start_all),
+        Step("health", health_gate),
+        Step("cleanup", cleanup),
+    ),
+}
