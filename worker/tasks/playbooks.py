@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from worker.tasks import remediate
+from worker.tasks import remediate, rotate
 from worker.tasks.steps import Step
 
 PLAYBOOKS: dict[str, tuple[Step, ...]] = {
     **remediate.PLAYBOOKS,
+    **rotate.PLAYBOOKS,
 }
