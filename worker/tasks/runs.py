@@ -165,3 +165,38 @@ def enqueue_runs(app, ledger, run_ids: list[int]) -> list[int]:
         except LedgerUnavailable as err:
             log.warning("could not mark runs %s enqueued (harmless: start is idempotent): %s", sent, err)
     return sent
+
+
+def run_inline(runtime, run_id: int) -> dict:
+    """Run a recorded run's steps here and now, in this process (the CLI's
+    `rotate-logs` and `cleanup`): the same claim, step records, lease and
+    final status as on a worker, without the broker. Returns the ended run."""
+    ledger = runtime.ledger
+    run = ledger.claim_run(run_id, f"cli:{runtime.worker_name}", 3600)
+    if run is None:
+        return ledger.get_run(run_id)
+    status, reason = "succeeded", ""
+    for seq, step in enumerate(PLAYBOOKS[run["playbook"]]):
+        if ledger.begin_step(run_id, seq, step.name, 3600) != "start":
+            status, reason = "failed", f"step {step.name} was already started elsewhere"
+            break
+        began = time.monotonic()
+        step_status, output = "succeeded", ""
+        try:
+            output = step.fn(StepContext(runtime, run))
+        except StepFailed as err:
+            step_status, output = "failed", str(err)
+        except Exception as err:  # recorded with its stack, like a worker would
+            log.exception("run %s step %s crashed", run_id, step.name)
+            step_status, output = "failed", f"{err.__class__.__name__}: {err}\n{traceback.format_exc()}"
+        ledger.end_step(run_id, seq, step_status, output, 3600)
+        metrics.STEPS_FINISHED.labels(run["playbook"], step.name, step_status).inc()
+        log.info("run %s step %s %s in %.1fs", run_id, step.name, step_status, time.monotonic() - began)
+        if step_status == "failed":
+            status, reason = "failed", f"step {step.name} failed: {output.splitlines()[0] if output else ''}"
+            break
+    if status == "succeeded":
+        reason = f"{len(PLAYBOOKS[run['playbook']])} steps succeeded"
+    if ledger.finish_run(run_id, status, reason):
+        metrics.RUNS_FINISHED.labels(run["trigger"], run["playbook"], status).inc()
+    return ledger.get_run(run_id)
