@@ -62,22 +62,31 @@ def holders(paths: list[Path]) -> dict[Path, list[Holder]]:
                 st = os.stat(f"/proc/{pid}/fd/{fd}")
             except OSError:
                 continue
-            path = wanted.get((st.st_dev, st.st_ino))
+            key = (st.st_dev, st.st_ino)
+            path = wanted.get(key)
             if path is None:
                 continue
-            found[path].append(Holder(pid, int(fd), _fd_appends(pid, fd)))
+            appends = _fd_appends(pid, fd)
+            try:
+                # The descriptor may have been closed or re-pointed (dup2) between
+                # the stat and the fdinfo read: only a stable answer counts.
+                again = os.stat(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if (again.st_dev, again.st_ino) == key and appends is not None:
+                found[path].append(Holder(pid, int(fd), appends))
     return found
 
 
-def _fd_appends(pid: int, fd: str) -> bool:
+def _fd_appends(pid: int, fd: str) -> bool | None:
     try:
         with open(f"/proc/{pid}/fdinfo/{fd}") as info:
             for line in info:
                 if line.startswith("flags:"):
                     return bool(int(line.split()[1], 8) & O_APPEND)
     except OSError:
-        pass
-    return False
+        return None
+    return None
 
 
 def wait_released(path: Path, timeout: float) -> tuple[bool, float]:

@@ -182,12 +182,7 @@ class LogSet:
     # -- copytruncate mode -----------------------------------------------------------------
 
     def _pause(self, live: Path) -> dict:
-        """Pause whoever writes `live`; returns what to resume (also journalled)."""
-        if self.spec.pause_service:
-            docker = self.ctx.runtime.docker
-            service = self.spec.pause_service
-            container = docker.find_container(service, self.ctx.config.services[service])
-            return {"container": container.id, "container_name": container.name}
+        """Who to pause while the tail is copied and the file truncated (also journalled)."""
         held = logfiles.holders([live])[live]
         unsafe = [h for h in held if not h.appends]
         if unsafe:
@@ -195,6 +190,11 @@ class LogSet:
                 f"{live}: process {unsafe[0].pid} holds it without O_APPEND; a truncate would make it write at its "
                 "old offset (NUL bytes). Not truncated: use mode rename with reopen for this writer."
             )
+        if self.spec.pause_service:
+            docker = self.ctx.runtime.docker
+            service = self.spec.pause_service
+            container = docker.find_container(service, self.ctx.config.services[service])
+            return {"container": container.id, "container_name": container.name}
         return {"pids": sorted({h.pid for h in held if h.pid != os.getpid()})}
 
     def _freeze(self, paused: dict) -> None:
