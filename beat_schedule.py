@@ -1,19 +1,23 @@
 """The schedule, and only the schedule: what Celery beat sends, and when.
 
 The jobs themselves live in worker/tasks/; each entry names a task and its
-cadence from the configuration.
+cadence from the configuration. Playbook runs go through
+`opsfleet.schedule.trigger` (playbook, target, params, slot_seconds): one run
+per slot, however many beats send it.
 """
 
 from __future__ import annotations
 
 from datetime import timedelta
 
+from celery.schedules import crontab
+
 from worker.config import Config
 
 
 def build_schedule(config: Config) -> dict[str, dict]:
     sweep_every = config.sweeper.interval_seconds
-    return {
+    schedule = {
         # Re-enqueue accepted runs the broker lost; fail runs whose worker died.
         "sweep-ledger": {
             "task": "opsfleet.sweeper.sweep",
@@ -22,3 +26,21 @@ def build_schedule(config: Config) -> dict[str, dict]:
             "options": {"expires": sweep_every},
         },
     }
+    if config.rotation.sets:
+        # Check every log set's size and age triggers; a set not due does nothing.
+        every = config.rotation.check_interval_seconds
+        schedule["rotate-logs"] = {
+            "task": "opsfleet.schedule.trigger",
+            "schedule": timedelta(seconds=every),
+            "args": ("rotate_logs", "all", {}, every),
+            "options": {"expires": every},
+        }
+    hour, minute = (int(part) for part in config.cleanup.at.split(":"))
+    schedule["cleanup"] = {
+        # Daily: images, old rotated logs, old ledger runs, backup retention.
+        "task": "opsfleet.schedule.trigger",
+        "schedule": crontab(hour=hour, minute=minute),
+        "args": ("cleanup", "all", {}, 86400),
+        "options": {"expires": 3600},
+    }
+    return schedule

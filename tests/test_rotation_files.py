@@ -179,3 +179,19 @@ def test_config_check_warns_about_copytruncate_writers_without_o_append(tmp_path
     assert "warning: rotation.sets.legacy.mode: copytruncate is safe only for writers that open the file with O_APPEND" in done.stderr
     config["rotation"]["sets"]["legacy"]["writer_appends"] = True
     assert "warning" not in _cli(tmp_path, config, "config", "check").stderr
+
+
+def test_scheduled_check_records_a_run_only_when_something_is_due(tmp_path):
+    from worker.tasks.rotate import worth_a_run
+
+    log = tmp_path / "app.log"
+    log.write_bytes(b"x\n")
+    ctx = make_ctx(tmp_path, {"app": {"paths": [str(log)], "reopen": {"watched": True}, "max_size": "1K",
+                                      "every": "1d", "compress_newest": False}})
+    assert worth_a_run(ctx.runtime, "all", {}) is None  # never seen: one run records it
+    run_rotation(ctx)
+    assert worth_a_run(ctx.runtime, "all", {}) == "no log file due"
+    log.write_bytes(b"x" * 2048)
+    assert worth_a_run(ctx.runtime, "all", {}) is None
+    run_rotation(ctx)  # rotated; the newest waits a cycle to be compressed
+    assert worth_a_run(ctx.runtime, "all", {}) == "no log file due"

@@ -250,7 +250,7 @@ class CleanupSettings(_Strict):
     at: str = Field(default="03:30", pattern=r"^([01]\d|2[0-3]):[0-5]\d$", description="Daily, HH:MM UTC.")
     images: ImageCleanupSettings = ImageCleanupSettings()
     runs_max_age: int | str | None = Field(
-        default="90d", description="Finished runs older than this leave the ledger (counted in run_archive)."
+        default="90d", validate_default=True, description="Finished runs older than this leave the ledger (counted in run_archive)."
     )
 
     @field_validator("runs_max_age")

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
-from worker.tasks import remediate, rotate
+from worker.tasks import cleanup, remediate, rotate
 from worker.tasks.steps import Step
 
 PLAYBOOKS: dict[str, tuple[Step, ...]] = {
     **remediate.PLAYBOOKS,
     **rotate.PLAYBOOKS,
+    **cleanup.PLAYBOOKS,
+}
+
+# Optional per-playbook gates for scheduled triggers: (runtime, target, params) ->
+# None to record a run, or the reason there is nothing to do (no run recorded).
+GATES = {
+    **rotate.GATES,
 }

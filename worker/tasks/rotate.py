@@ -300,6 +300,45 @@ class LogSet:
         return self.copytruncate(entry)
 
 
+def due_files(ls: LogSet, times: dict[str, str], now: datetime, force: bool) -> list[tuple[Path, str, int]]:
+    """(live file, why, size) for each file due now; records first sightings in `times`."""
+    due = []
+    for live in live_files(ls.spec):
+        size = os.stat(live).st_size
+        seen = times.get(str(live))
+        if seen is None:
+            times[str(live)] = now.isoformat()  # age triggers count from when opsfleet first saw it
+        reason = "forced" if force and size > 0 else rotation.rotation_due(
+            size=size, last_rotated=datetime.fromisoformat(seen) if seen else None, now=now,
+            max_size=ls.spec.max_size, every=timedelta(seconds=ls.spec.every) if ls.spec.every else None,
+        )
+        if reason:
+            due.append((live, reason, size))
+    return due
+
+
+def worth_a_run(runtime, target: str, params: dict) -> str | None:
+    """The scheduler's gate: None when a rotation run has work (a file due, a
+    half-done rotation, a file never seen), else why not, so a check every few
+    minutes records a run (and a Slack thread) only when it will do something."""
+    ctx = StepContext(runtime, {"id": None, "target": target, "params": params})
+    for ls in _sets(ctx):
+        if ls.journals():
+            return None
+        times = ls.last_rotated()
+        before = len(times)
+        if due_files(ls, times, _now(), bool(params.get("force"))) or len(times) != before:
+            return None
+        for live in live_files(ls.spec):
+            files = rotated_files(live)
+            held = {p for p, who in logfiles.holders(files).items() if who}
+            verdicts = rotation.to_compress(live.name, [rotation.Rotated(p.name, _mtime(p), p in held) for p in files],
+                                            method=ls.spec.compress, compress_newest=ls.spec.compress_newest)
+            if any(v.action == "compress" for v in verdicts):
+                return None
+    return "no log file due"
+
+
 def _sets(ctx: StepContext) -> list[LogSet]:
     return [LogSet(ctx, name, spec) for name, spec in selected_sets(ctx)]
 
@@ -326,18 +365,7 @@ def rotate(ctx: StepContext) -> str:
             # 2. Due files.
             times = ls.last_rotated()
             now = _now()
-            due = []
-            for live in live_files(ls.spec):
-                size = os.stat(live).st_size
-                seen = times.get(str(live))
-                if seen is None:
-                    times[str(live)] = now.isoformat()  # age triggers count from when opsfleet first saw it
-                reason = "forced" if force and size > 0 else rotation.rotation_due(
-                    size=size, last_rotated=datetime.fromisoformat(seen) if seen else None, now=now,
-                    max_size=ls.spec.max_size, every=timedelta(seconds=ls.spec.every) if ls.spec.every else None,
-                )
-                if reason:
-                    due.append((live, reason, size))
+            due = due_files(ls, times, now, force)
             if dry_run:
                 for live, reason, _ in due:
                     existing = [p.name for p in rotated_files(live)]
@@ -464,6 +492,9 @@ def _lives_of_rotated(spec: LogSetSpec) -> list[Path]:
 def _mtime(path: Path) -> datetime:
     return datetime.fromtimestamp(path.stat().st_mtime, UTC)
 
+
+# Scheduled triggers ask these first (worker.tasks.schedule); see worth_a_run.
+GATES = {"rotate_logs": worth_a_run}
 
 PLAYBOOKS = {
     "rotate_logs": (
