@@ -26,8 +26,9 @@ def build_schedule(config: Config) -> dict[str, dict]:
             "options": {"expires": sweep_every},
         },
     }
-    if config.rotation.sets:
-        # Check every log set's size and age triggers; a set not due does nothing.
+    if config.rotation.sets or config.logging.files:
+        # Check every log set's size and age triggers (opsfleet's own logs are
+        # one); a check with nothing due records no run.
         every = config.rotation.check_interval_seconds
         schedule["rotate-logs"] = {
             "task": "opsfleet.schedule.trigger",

@@ -240,8 +240,8 @@ def _run_now(ctx: click.Context, playbook: str, target: str, params: dict, dry_r
     from worker.tasks.runs import run_inline
     from worker.tasks.steps import StepContext, StepFailed
 
-    configure_logging()
     loaded = _load(ctx)
+    configure_logging(loaded.data_dir if loaded.config.logging.files else None, role="cli")
     runtime = Runtime(loaded)
     if dry_run:
         run = {"id": None, "target": target, "params": {**params, "dry_run": True}, "started_at": utcnow(),

@@ -24,5 +24,7 @@ def test_rotation_and_cleanup_entries():
     assert (cron.hour, cron.minute) == ({4}, {15})
 
 
-def test_no_rotation_entry_without_log_sets():
-    assert "rotate-logs" not in beat_schedule.build_schedule(parse_config({}, source="t", base_dir=Path(".")).config)
+def test_no_rotation_entry_without_log_sets_or_log_files():
+    loaded = parse_config({"logging": {"files": False}}, source="t", base_dir=Path("."))
+    assert "rotate-logs" not in beat_schedule.build_schedule(loaded.config)
+    assert "rotate-logs" in beat_schedule.build_schedule(parse_config({}, source="t", base_dir=Path(".")).config)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Literal
 
-from flask import Blueprint, jsonify, request
+from flask import Blueprint, g, jsonify, request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from webhooks.app import edge
@@ -81,6 +81,7 @@ def receive():
     except ValidationError as err:
         return error(400, "not an Alertmanager version 4 payload", problems=_problems(err))
 
+    g.group_key = payload.groupKey[:200]  # for the request log line
     alerts = [Alert(a.status, a.labels, a.fingerprint, a.startsAt) for a in payload.alerts]
     summary = (
         f"{payload.status} group {payload.groupKey}: {len(alerts)} alerts"

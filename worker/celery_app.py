@@ -4,12 +4,16 @@ Configuration comes from --config's environment twin, OPSFLEET_CONFIG (or
 ./opsfleet.yaml, or the embedded defaults), and is validated here, at start.
 """
 
+import sys
+
 from worker.adapters.metrics_multiproc import use_multiprocess_dir
 from worker.config import load_config
 from worker.logs import configure_logging
 
 configure_logging()
 loaded = load_config()
+if loaded.config.logging.files:
+    configure_logging(loaded.data_dir, role="beat" if "beat" in sys.argv else "worker")
 use_multiprocess_dir(loaded.data_dir / "metrics")
 
 from worker.celery_factory import create_celery  # noqa: E402  (metrics dir first)

@@ -22,6 +22,15 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from worker.matchers import Matcher, parse_matcher
+from worker.rotation import parse_size, parse_span
+
+
+def _size_or_none(value: int | str | None) -> int | None:
+    return None if value is None else parse_size(value)
+
+
+def _seconds_or_none(value: int | str | None) -> int | None:
+    return None if value is None else int(parse_span(value).total_seconds())
 
 CONFIG_ENV = "OPSFLEET_CONFIG"
 DEFAULT_CONFIG_FILE = "opsfleet.yaml"
@@ -196,19 +205,8 @@ class LogSetSpec(_Strict):
                 raise ValueError(f'"{path}" must be an absolute path or glob')
         return paths
 
-    @field_validator("max_size")
-    @classmethod
-    def _size(cls, value: int | str | None) -> int | str | None:
-        from worker.rotation import parse_size
-
-        return None if value is None else parse_size(value)
-
-    @field_validator("every", "max_age")
-    @classmethod
-    def _span(cls, value: int | str | None) -> int | str | None:
-        from worker.rotation import parse_span
-
-        return None if value is None else int(parse_span(value).total_seconds())
+    _size = field_validator("max_size")(lambda cls, v: _size_or_none(v))
+    _spans = field_validator("every", "max_age")(lambda cls, v: _seconds_or_none(v))
 
     @model_validator(mode="after")
     def _coherent(self) -> LogSetSpec:
@@ -238,6 +236,25 @@ class RotationSettings(_Strict):
         return sets
 
 
+class OwnLogRotation(_Strict):
+    max_size: int | str | None = Field(default="50M", validate_default=True)
+    every: int | str | None = Field(default="1d", validate_default=True)
+    keep: int = Field(default=14, ge=1)
+    max_age: int | str | None = Field(default="30d", validate_default=True)
+    compress: Literal["zstd", "gzip", "none"] = "zstd"
+
+    _size = field_validator("max_size")(lambda cls, v: _size_or_none(v))
+    _spans = field_validator("every", "max_age")(lambda cls, v: _seconds_or_none(v))
+
+
+class LoggingSettings(_Strict):
+    """opsfleet's own logs: JSON lines in <data_dir>/logs (all events, and errors
+    alone), rotated by the built-in log set "opsfleet"."""
+
+    files: bool = True
+    rotate: OwnLogRotation = OwnLogRotation()
+
+
 class ImageCleanupSettings(_Strict):
     keep: int = Field(default=3, ge=1, description="Newest images kept per repository.")
     repositories: tuple[str, ...] = Field(default=(), description='Repositories to prune, e.g. "shop/api".')
@@ -253,12 +270,7 @@ class CleanupSettings(_Strict):
         default="90d", validate_default=True, description="Finished runs older than this leave the ledger (counted in run_archive)."
     )
 
-    @field_validator("runs_max_age")
-    @classmethod
-    def _span(cls, value: int | str | None) -> int | str | None:
-        from worker.rotation import parse_span
-
-        return None if value is None else int(parse_span(value).total_seconds())
+    _span = field_validator("runs_max_age")(lambda cls, v: _seconds_or_none(v))
 
 
 class TargetSpec(_Strict):
@@ -326,6 +338,7 @@ class Config(_Strict):
     remediation: RemediationSettings = RemediationSettings()
     rotation: RotationSettings = RotationSettings()
     cleanup: CleanupSettings = CleanupSettings()
+    logging: LoggingSettings = LoggingSettings()
 
     @field_validator("services")
     @classmethod
@@ -440,6 +453,8 @@ def _cross_check(config: Config) -> list[str]:
         if service and service not in config.services:
             known = ", ".join(names) or "none configured"
             problems.append(f'remediation.rules[{i}].target.service: unknown service "{service}" (services: {known})')
+    if "opsfleet" in config.rotation.sets and config.logging.files:
+        problems.append('rotation.sets.opsfleet: the name is taken by opsfleet\'s own logs (configure them under logging.rotate)')
     for name, spec in config.rotation.sets.items():
         where = f"rotation.sets.{name}"
         for key, service in (("reopen.service", spec.reopen and spec.reopen.service), ("pause_service", spec.pause_service)):

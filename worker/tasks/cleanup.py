@@ -129,10 +129,10 @@ def old_images(ctx: StepContext) -> str:
 
 def old_logs(ctx: StepContext) -> str:
     """Retention of every log set's rotated files (the same rule the rotation applies)."""
-    from worker.tasks.rotate import LogSet, apply_retention
+    from worker.tasks.rotate import LogSet, all_sets, apply_retention
 
     out, removed, freed = [], 0, 0
-    for name, spec in sorted(ctx.config.rotation.sets.items()):
+    for name, spec in sorted(all_sets(ctx.config, ctx.runtime.loaded.data_dir).items()):
         ls = LogSet(ctx, name, spec)
         try:
             with ls.lock():

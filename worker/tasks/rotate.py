@@ -61,13 +61,30 @@ def state_dir(ctx: StepContext) -> Path:
     return configured if configured.is_absolute() else ctx.runtime.loaded.base_dir / configured
 
 
+OWN_SET = "opsfleet"
+
+
+def all_sets(config, data_dir: Path) -> dict[str, LogSetSpec]:
+    """The configured log sets, plus opsfleet's own logs (logging.files) as the set "opsfleet"."""
+    sets = dict(config.rotation.sets)
+    if config.logging.files:
+        own = config.logging.rotate
+        sets[OWN_SET] = LogSetSpec(
+            paths=(str(data_dir / "logs" / "*.jsonl"),), mode="rename", reopen={"watched": True},
+            max_size=own.max_size, every=own.every, keep=own.keep, max_age=own.max_age, compress=own.compress,
+            # Idle processes let go of the old file only at their next line: wait a cycle.
+            compress_newest=False, reopen_timeout_seconds=0.5,
+        )
+    return sets
+
+
 def selected_sets(ctx: StepContext) -> list[tuple[str, LogSetSpec]]:
-    sets = ctx.config.rotation.sets
+    sets = all_sets(ctx.config, ctx.runtime.loaded.data_dir)
     target = ctx.run.get("target") or "all"
     if target == "all":
         return sorted(sets.items())
     if target not in sets:
-        raise StepFailed(f'log set "{target}" is not configured (rotation.sets: {", ".join(sorted(sets)) or "none"})')
+        raise StepFailed(f'log set "{target}" is not configured (log sets: {", ".join(sorted(sets)) or "none"})')
     return [(target, sets[target])]
 
 

@@ -21,6 +21,7 @@ from celery.exceptions import Ignore, SoftTimeLimitExceeded
 
 from worker.adapters import metrics
 from worker.adapters.ledger import LedgerUnavailable
+from worker.logs import run_context
 from worker.tasks.playbooks import PLAYBOOKS
 from worker.tasks.steps import StepContext, StepFailed, hold_if_asked
 
@@ -116,14 +117,15 @@ def run_step(self, run_id: int, seq: int) -> None:
     began = time.monotonic()
     status, output = "succeeded", ""
     try:
-        hold_if_asked(run["playbook"], step.name, run_id)
-        output = step.fn(StepContext(runtime, run))
+        with run_context(run_id):  # every line the step logs carries the run id
+            hold_if_asked(run["playbook"], step.name, run_id)
+            output = step.fn(StepContext(runtime, run))
     except StepFailed as err:
         status, output = "failed", str(err)
     except SoftTimeLimitExceeded:
         status, output = "failed", f"timed out after {time.monotonic() - began:.0f}s"
     except Exception as err:  # a bug or an unexpected outside error: record it with its stack
-        log.exception("run %s step %s crashed", run_id, step.name)
+        log.exception("run %s step %s crashed", run_id, step.name, extra={"run_id": run_id})
         status, output = "failed", f"{err.__class__.__name__}: {err}\n{traceback.format_exc()}"
 
     _ledger_write(ledger.end_step, run_id, seq, status, output, _step_lease(self.app))
@@ -183,15 +185,17 @@ def run_inline(runtime, run_id: int) -> dict:
         began = time.monotonic()
         step_status, output = "succeeded", ""
         try:
-            output = step.fn(StepContext(runtime, run))
+            with run_context(run_id):
+                output = step.fn(StepContext(runtime, run))
         except StepFailed as err:
             step_status, output = "failed", str(err)
         except Exception as err:  # recorded with its stack, like a worker would
-            log.exception("run %s step %s crashed", run_id, step.name)
+            log.exception("run %s step %s crashed", run_id, step.name, extra={"run_id": run_id})
             step_status, output = "failed", f"{err.__class__.__name__}: {err}\n{traceback.format_exc()}"
         ledger.end_step(run_id, seq, step_status, output, 3600)
         metrics.STEPS_FINISHED.labels(run["playbook"], step.name, step_status).inc()
-        log.info("run %s step %s %s in %.1fs", run_id, step.name, step_status, time.monotonic() - began)
+        log.info("run %s step %s %s in %.1fs", run_id, step.name, step_status, time.monotonic() - began,
+                 extra={"run_id": run_id})
         if step_status == "failed":
             status, reason = "failed", f"step {step.name} failed: {output.splitlines()[0] if output else ''}"
             break
