@@ -136,23 +136,30 @@ def resume_processes(pids: list[int]) -> None:
 
 
 def copy_range(src: Path, dst_fd: int, start: int, end: int) -> int:
-    """Copy bytes [start, end) of src to the end of dst_fd, in the kernel when it can."""
+    """Append bytes [start, end) of src to the file behind dst_fd, in the kernel
+    (copy_file_range) when it can. dst_fd must not be O_APPEND: the kernel refuses
+    such a destination, so the end is tracked here."""
     copied = 0
+    dst_offset = os.lseek(dst_fd, 0, os.SEEK_END)
+    kernel = True
     with open(src, "rb") as source:
         fd = source.fileno()
         offset = start
         while offset < end:
             want = min(end - offset, 64 * CHUNK)
-            try:
-                n = os.copy_file_range(fd, dst_fd, want, offset)
-            except OSError:
-                n = 0
-            if n == 0:  # not supported here (or the file shrank): plain read/write
+            n = 0
+            if kernel:
+                try:
+                    n = os.copy_file_range(fd, dst_fd, want, offset, dst_offset)
+                except OSError:
+                    kernel = False  # another filesystem or an old kernel: plain reads and writes
+            if not kernel:
                 data = os.pread(fd, min(want, CHUNK), offset)
-                if not data:
-                    break
-                n = os.write(dst_fd, data)
+                n = os.pwrite(dst_fd, data, dst_offset) if data else 0
+            if n == 0:  # the source shrank under us
+                break
             offset += n
+            dst_offset += n
             copied += n
     return copied
 

@@ -235,9 +235,10 @@ class LogSet:
             # Nothing irreversible happened yet: resume a writer a crash left paused, start the copy over.
             self._thaw(entry.get("paused"))
             partial.unlink(missing_ok=True)
-            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, entry["file_mode"])
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, entry["file_mode"])
             try:
                 bulk = logfiles.copy_range(live, fd, 0, os.stat(live).st_size)  # the writer still runs
+                os.fsync(fd)  # the bulk reaches the disk now, not inside the pause
                 try:
                     paused = self._pause(live)
                 except (StepFailed, DockerError) as err:
@@ -277,7 +278,7 @@ class LogSet:
             try:
                 st = os.stat(live)
                 if st.st_ino == entry["inode"] and st.st_size >= entry["copied"]:
-                    fd = os.open(target, os.O_WRONLY | os.O_APPEND)
+                    fd = os.open(target, os.O_WRONLY)
                     try:
                         logfiles.copy_range(live, fd, entry["copied"], st.st_size)
                         os.fsync(fd)
