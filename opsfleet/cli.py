@@ -244,6 +244,11 @@ def _run_now(ctx: click.Context, playbook: str, target: str, params: dict, dry_r
     configure_logging(loaded.data_dir if loaded.config.logging.files else None, role="cli")
     runtime = Runtime(loaded)
     if dry_run:
+        try:
+            runtime.ledger.migrate()  # the schema only: a dry run records nothing
+        except LedgerUnavailable as err:
+            click.echo(f"opsfleet: {err}", err=True)
+            ctx.exit(1)
         run = {"id": None, "target": target, "params": {**params, "dry_run": True}, "started_at": utcnow(),
                "playbook": playbook, "trigger": "manual"}
         for step in PLAYBOOKS[playbook]:

@@ -90,3 +90,30 @@ def test_cleanup_keeps_current_and_rollback_images_and_removes_the_rest(dockerd,
     assert "removed dangling" in outputs["dangling_images"]
     assert outputs["backups"] == 'backup retention: no "prune_backups" playbook registered; nothing done'
     assert outputs["old_runs"].startswith("removed 0 runs")
+
+
+def test_cleanup_command_dry_run_then_real(dockerd, images, tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    repo, versions, _ = images
+    path = tmp_path / "opsfleet.yaml"
+    path.write_text(yaml.safe_dump({"fleet": {"data_dir": str(tmp_path / "data")},
+                                    "cleanup": {"images": {"keep": 4, "repositories": [repo], "dangling": False}}}))
+    env = {**{k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")},
+           "DOCKER_HOST": TEST_DOCKER_HOST}
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "opsfleet.cli", "--config", str(path), "cleanup", *args],
+                              capture_output=True, text=True, env=env, timeout=120)
+
+    dry = cli("--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert f"remove {repo}:v2: #5 newest, beyond keep=4" in dry.stdout and "would remove 2 images" in dry.stdout
+    assert dockerd.images.get(versions["v1"])  # still there
+    real = cli()
+    assert real.returncode == 0, real.stdout + real.stderr
+    assert "cleanup on all — succeeded" in real.stdout and "removed 2 images, reclaimed" in real.stdout
+    assert {t for i in dockerd.images.list(repo) for t in i.tags} == {f"{repo}:v{n}" for n in range(3, 7)}

@@ -195,3 +195,19 @@ def test_scheduled_check_records_a_run_only_when_something_is_due(tmp_path):
     assert worth_a_run(ctx.runtime, "all", {}) is None
     run_rotation(ctx)  # rotated; the newest waits a cycle to be compressed
     assert worth_a_run(ctx.runtime, "all", {}) == "no log file due"
+
+
+def test_a_set_locked_by_another_rotation_fails_the_step_with_its_name(tmp_path, monkeypatch):
+    from worker.adapters.logfiles import locked
+    from worker.tasks import rotate
+    from worker.tasks.steps import StepFailed
+
+    log = tmp_path / "app.log"
+    log.write_bytes(b"x\n")
+    ctx = make_ctx(tmp_path, {"app": {"paths": [str(log)], "reopen": {"watched": True}, "max_size": 1}}, target="app")
+    monkeypatch.setattr(rotate, "LOCK_TIMEOUT_SECONDS", 0.2)
+    with locked(tmp_path / "data" / "rotation" / "app" / "lock", 1):
+        with pytest.raises(StepFailed, match="set app: .*held by another rotation"):
+            run_rotation(ctx, force=True)
+    assert log.read_bytes() == b"x\n"
+    assert f"rotated {log}" in run_rotation(ctx, force=True)

@@ -23,6 +23,7 @@ Guarantees, for each live file:
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import os
@@ -117,8 +118,14 @@ class LogSet:
         self.out: list[str] = []
         self.problems: list[str] = []
 
+    @contextlib.contextmanager
     def lock(self):
-        return logfiles.locked(self.folder / "lock", LOCK_TIMEOUT_SECONDS)
+        """The set's lock; errors inside become StepFailed naming the set."""
+        try:
+            with logfiles.locked(self.folder / "lock", LOCK_TIMEOUT_SECONDS):
+                yield
+        except (LogFileError, DockerError, OSError) as err:
+            raise StepFailed(f"set {self.name}: {err}") from None
 
     # -- journal and state --------------------------------------------------------
 
