@@ -71,3 +71,22 @@ def test_every_request_gets_one_structured_line(tmp_path):
     assert refused["level"] == "WARNING"
     assert refused["http"]["status"] == 401 and refused["http"]["client"] == "10.9.8.7"
     assert refused["http"]["body_bytes"] == 16
+
+
+def test_an_uncaught_exception_in_the_web_lands_in_the_errors_file_with_its_stack(tmp_path):
+    from webhooks import create_app
+    from worker.config import parse_config
+
+    loaded = parse_config({"fleet": {"data_dir": str(tmp_path)}}, source="t", base_dir=tmp_path,
+                          environ={"ALERTMANAGER_TOKEN": "am"})
+    app = create_app(loaded=loaded)
+
+    @app.get("/boom")
+    def boom():
+        raise RuntimeError("kaboom in a view")
+
+    assert app.test_client().get("/boom").status_code == 500
+    errors = events(tmp_path / "logs", "opsfleet-errors.jsonl")
+    assert len(errors) == 1 and errors[0]["role"] == "web" and errors[0]["level"] == "ERROR"
+    assert "RuntimeError: kaboom in a view" in errors[0]["exc"] and "def boom" not in errors[0]["msg"]
+    assert 'in boom' in errors[0]["exc"]  # the stack, not just the message
