@@ -70,4 +70,4 @@ def test_copytruncate_pauses_the_container(dockerd, tmp_path):
     result = audit(folder / "app.log", LINES)
     assert result.clean, (result.missing[:10], result.duplicated[:10], result.nul_bytes, result.garbled)
     assert len(result.files) >= 3, result.files
-    assert any(f"writer paused" in o and f"container {name}" in o for o in outputs), outputs
+    assert any("writer paused" in o and f"container {name}" in o for o in outputs), outputs
