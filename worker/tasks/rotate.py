@@ -278,12 +278,21 @@ class LogSet:
             return entry
         if entry["phase"] == "copied":
             # The copy [0, copied) is durable; the truncate may or may not have happened.
-            paused = entry.get("paused") or {}
             if partial.exists() and not target.exists():
                 os.rename(partial, target)
+            # Resume whoever the crash left stopped, then pause the file's holders as found
+            # now: after a while a recorded pid may belong to another process.
+            self._thaw(entry.get("paused"))
+            paused = self._pause(live) if live.exists() else {}
+            entry = self.record({**entry, "paused": paused}, "copied")
             self._freeze(paused)
             try:
+                if not live.exists():
+                    self.out.append(f"  {live} is gone: the copy is complete as it stands")
+                    return self.record(entry, "truncated")
                 st = os.stat(live)
+                # A crash leaves the writer stopped, so a live file at least `copied` long
+                # was not truncated (only a writer resumed by hand could make this wrong).
                 if st.st_ino == entry["inode"] and st.st_size >= entry["copied"]:
                     fd = os.open(target, os.O_WRONLY)
                     try:
