@@ -163,6 +163,16 @@ class DockerAdapter:
             raise DockerError(f"cannot list dangling images: {err}") from None
         return [_image_info(img) for img in found]
 
+    def prune_dangling(self) -> tuple[list[str], int]:
+        """Remove every dangling image no container uses (the daemon decides, atomically);
+        returns (removed image ids, bytes the daemon reports reclaimed)."""
+        try:
+            answer = self.client.images.prune(filters={"dangling": True})
+        except DockerException as err:
+            raise DockerError(f"cannot prune dangling images: {err}") from None
+        removed = [d["Deleted"] for d in answer.get("ImagesDeleted") or [] if d.get("Deleted")]
+        return removed, int(answer.get("SpaceReclaimed") or 0)
+
     def images_in_use(self) -> dict[str, str]:
         """Image id → a container using it (running or not): never removed."""
         try:

@@ -61,21 +61,15 @@ def dangling_images(ctx: StepContext) -> str:
         if _dry(ctx):
             lines = [f"would remove dangling {i.id[:19]} ({_mib(i.size)})" for i in found]
             return "\n".join(lines + [f"would remove {len(found)} dangling images"])
-        before = _layers_size(ctx)
-        removed, failed = [], []
-        for image in found:
-            try:
-                docker.remove_image(image.id)
-                removed.append(image)
-            except DockerError as err:  # a container started on it meanwhile: keep it
-                failed.append(f"kept {image.id[:19]}: {err}")
-        reclaimed = max(0, before - _layers_size(ctx))
+        removed, reclaimed = docker.prune_dangling()  # the daemon skips any a container uses
     except DockerError as err:
         raise StepFailed(str(err)) from None
-    metrics.CLEANUP_REMOVED.labels("dangling_image").inc(len(removed))
+    gone = set(removed)  # image ids and their layers' ids
+    images = [i.id for i in found if i.id in gone]
+    metrics.CLEANUP_REMOVED.labels("dangling_image").inc(len(images))
     metrics.CLEANUP_RECLAIMED_BYTES.labels("dangling_image").inc(reclaimed)
-    lines = [f"removed dangling {i.id[:19]}" for i in removed] + failed
-    return "\n".join(lines + [f"removed {len(removed)} dangling images, reclaimed {reclaimed} B ({_mib(reclaimed)})"])
+    lines = [f"removed dangling {i[:19]}" for i in images]
+    return "\n".join(lines + [f"removed {len(images)} dangling images, reclaimed {reclaimed} B ({_mib(reclaimed)})"])
 
 
 def _repositories(ctx: StepContext) -> list[str]:
