@@ -210,3 +210,23 @@ def test_a_set_locked_by_another_rotation_fails_the_step_with_its_name(tmp_path,
             run_rotation(ctx, force=True)
     assert log.read_bytes() == b"x\n"
     assert f"rotated {log}" in run_rotation(ctx, force=True)
+
+
+def test_rotation_counts_in_metrics(tmp_path):
+    from worker.adapters import metrics
+
+    def sample(name: str, **labels: str) -> float:
+        want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+        for line in metrics.scrape().decode().splitlines():
+            if line.startswith(f"{name}{{{want}}} "):
+                return float(line.split()[-1])
+        return 0.0
+
+    log = tmp_path / "metered.log"
+    log.write_bytes(b"m\n" * 500)
+    ctx = make_ctx(tmp_path, {"metered": {"paths": [str(log)], "reopen": {"watched": True}, "max_size": 10}})
+    before = sample("opsfleet_log_rotations_total", mode="rename", set="metered")
+    run_rotation(ctx)
+    assert sample("opsfleet_log_rotations_total", mode="rename", set="metered") == before + 1
+    assert sample("opsfleet_log_rotated_bytes_total", set="metered") >= 1000
+    assert sample("opsfleet_log_rotated_lines_total", set="metered") >= 500
