@@ -189,9 +189,9 @@ def run_inline(runtime, run_id: int) -> dict:
                 output = step.fn(StepContext(runtime, run))
         except StepFailed as err:
             step_status, output = "failed", str(err)
-        except Exception as err:  # recorded with its stack, like a worker would
+        except Exception as err:  # a bug or an unexpected outside error: the stack goes to the log
             log.exception("run %s step %s crashed", run_id, step.name, extra={"run_id": run_id})
-            step_status, output = "failed", f"{err.__class__.__name__}: {err}\n{traceback.format_exc()}"
+            step_status, output = "failed", f"unexpected {err.__class__.__name__}: {err} (stack trace in the log)"
         ledger.end_step(run_id, seq, step_status, output, 3600)
         metrics.STEPS_FINISHED.labels(run["playbook"], step.name, step_status).inc()
         log.info("run %s step %s %s in %.1fs", run_id, step.name, step_status, time.monotonic() - began,
