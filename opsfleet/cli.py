@@ -17,7 +17,7 @@ import click
 import yaml
 
 from worker.adapters.ledger import RUN_STATUSES
-from worker.config import CONFIG_ENV, ConfigError, LoadedConfig, load_config, redacted_view
+from worker.config import CONFIG_ENV, ConfigError, LoadedConfig, config_warnings, load_config, redacted_view
 
 TOKEN_FILE = "alertmanager-token"
 
@@ -64,6 +64,8 @@ def config_check(ctx: click.Context) -> None:
     """
     loaded = _load(ctx)
     click.echo(yaml.safe_dump(redacted_view(loaded), sort_keys=False, allow_unicode=True).rstrip())
+    for warning in config_warnings(loaded.config):
+        click.echo(f"warning: {warning}", err=True)
     click.echo(f"configuration OK ({loaded.source})", err=True)
 
 
@@ -290,6 +292,65 @@ def runs(ctx, limit, status, trigger, target, as_json, run_id) -> None:
             f"{(r['target'] or '-')[:14]:14}  {r['status']:10}  {r['reason'][:60]}"
             + (f" (+{r['repeats']} repeats)" if r["repeats"] else "")
         )
+
+
+def _run_now(ctx: click.Context, playbook: str, target: str, params: dict, dry_run: bool) -> None:
+    """Run a playbook now, in this process, through the same step functions a worker runs.
+
+    A real run is recorded in the ledger first (trigger manual, by $USER) and
+    its steps are recorded as they run, so it shows in `opsfleet runs` like any
+    other. --dry-run records nothing: the steps only say what they would do."""
+    from worker.adapters.ledger import LedgerUnavailable, utcnow
+    from worker.logs import configure_logging
+    from worker.runtime import Runtime
+    from worker.tasks.playbooks import PLAYBOOKS
+    from worker.tasks.steps import StepContext, StepFailed
+
+    loaded = _load(ctx)
+    configure_logging(loaded.data_dir if loaded.config.logging.files else None, role="cli")
+    runtime = Runtime(loaded)
+    if dry_run:
+        try:
+            runtime.ledger.migrate()  # the schema only: a dry run records nothing
+        except LedgerUnavailable as err:
+            click.echo(f"opsfleet: {err}", err=True)
+            ctx.exit(1)
+        run = {"id": None, "target": target, "params": {**params, "dry_run": True}, "started_at": utcnow(),
+               "playbook": playbook, "trigger": "manual"}
+        for step in PLAYBOOKS[playbook]:
+            try:
+                output = step.fn(StepContext(runtime, run))
+            except StepFailed as err:
+                click.echo(f"{step.name}: would fail: {err}", err=True)
+                ctx.exit(1)
+            click.echo(f"{step.name} (dry run):")
+            for line in output.splitlines():
+                click.echo(f"  {line}")
+        return
+    _execute(ctx, _engine(ctx), playbook, params, target)
+
+
+@cli.command("rotate-logs")
+@click.option("--dry-run", is_flag=True, help="Say what would be rotated, compressed and removed; change nothing.")
+@click.option("--force", is_flag=True, help="Rotate every non-empty live file now, due or not.")
+@click.option("--set", "log_set", default="all", show_default=True, help="One log set (rotation.sets.NAME).")
+@click.pass_context
+def rotate_logs(ctx: click.Context, dry_run: bool, force: bool, log_set: str) -> None:
+    """Rotate the configured log sets now (rotate, compress, retain).
+
+    Runs here, in this process, as a manual run recorded in the ledger; the
+    scheduled runs (beat, every rotation.check_interval_seconds) do the same."""
+    _run_now(ctx, "rotate_logs", log_set, {"force": force} if force else {}, dry_run)
+
+
+@cli.command("cleanup")
+@click.option("--dry-run", is_flag=True, help="Say what would be removed and how much space it holds; remove nothing.")
+@click.pass_context
+def cleanup(ctx: click.Context, dry_run: bool) -> None:
+    """Clean up now: Docker images, old rotated logs, old ledger runs, backups (their retention task).
+
+    Runs here, in this process, as a manual run recorded in the ledger."""
+    _run_now(ctx, "cleanup", "all", {}, dry_run)
 
 
 def _print_run(run: dict) -> None:

@@ -37,6 +37,8 @@ command -v prometheus >/dev/null || missing+=(prometheus)
 dpkg -s busybox-static >/dev/null 2>&1 || missing+=(busybox-static)
 command -v docker-compose >/dev/null || missing+=(docker-compose)
 command -v pg_dump >/dev/null || missing+=(postgresql-client)
+command -v logrotate >/dev/null || missing+=(logrotate)  # bench/rotation compares with it
+command -v zstd >/dev/null || missing+=(zstd)  # rotation tests check .zst files with the zstd tool too
 if ((${#missing[@]})); then
   log "installing ${missing[*]}"
   apt_log=$(mktemp)

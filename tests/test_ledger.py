@@ -7,7 +7,7 @@ from datetime import timedelta
 
 import pytest
 
-from worker.adapters.ledger import Ledger, LedgerUnavailable, NewRun, utcnow
+from worker.adapters.ledger import Ledger, LedgerUnavailable, NewRun, PruneResult, utcnow
 
 
 def new_run(key="k1", **over):
@@ -129,3 +129,39 @@ def test_named_lock_is_exclusive_until_it_expires(ledger):
     assert not ledger.release_lock("backup:db", "run:1")
     assert ledger.get_lock("backup:db")["holder"] == "run:3"
     assert ledger.release_lock("backup:db", "run:3") and ledger.get_lock("backup:db") is None
+
+
+def test_prune_runs_keeps_a_count_and_never_touches_unfinished_runs(ledger):
+    from datetime import timedelta
+
+    from worker.adapters.ledger import utcnow
+
+    def record(n, key):
+        return ledger.record_event(source="t", summary="", body="", new_runs=[
+            NewRun(trigger="schedule", playbook="rotate_logs", target="all", dedup_key=f"{key}-{i}") for i in range(n)
+        ]).runs
+
+    old = record(3, "old")
+    for run in old[:2]:
+        ledger.claim_run(run.id, "w", 60)
+        ledger.begin_step(run.id, 0, "rotate", 60)
+        ledger.end_step(run.id, 0, "succeeded", "ok", 60)
+        ledger.finish_run(run.id, "succeeded")
+    # old[2] stays queued: never pruned
+    cutoff = utcnow() + timedelta(seconds=1)
+    fresh = record(1, "fresh")[0]
+    ledger.claim_run(fresh.id, "w", 60)
+
+    assert ledger.prune_runs(cutoff, dry_run=True) == PruneResult(2, 2, 0)
+    assert ledger.get_run(old[0].id) is not None
+    assert ledger.prune_runs(cutoff) == PruneResult(2, 2, 0)  # their event still has the queued run
+    assert ledger.get_run(old[0].id) is None and ledger.get_run(old[2].id)["status"] == "queued"
+    assert ledger.get_run(fresh.id)["status"] == "running"
+    archive = ledger.run_archive()
+    assert [(a["playbook"], a["trigger"], a["status"], a["runs"]) for a in archive] == [
+        ("rotate_logs", "schedule", "succeeded", 2)
+    ]
+    ledger.claim_run(old[2].id, "w", 60)
+    ledger.finish_run(old[2].id, "failed", "x")
+    assert ledger.prune_runs(utcnow() + timedelta(seconds=1)) == PruneResult(1, 0, 1)  # and now its event goes
+    assert ledger.prune_runs(utcnow() + timedelta(seconds=1)) == PruneResult(0, 0, 0)

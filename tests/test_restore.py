@@ -217,3 +217,16 @@ def test_inventory_series_records_images_and_containers(tmp_path, make_container
     assert "opsfleet-bk-inventory" in [c["name"] for c in facts["containers"]]
     assert any("opsfleet-test/busybox:1" in i["tags"] for i in facts["images"])
     assert only.manifest["host"]["docker"]["version"]
+
+
+def test_cleanup_applies_backup_retention_through_the_backup_jobs_prune(tmp_path):
+    from tests.backup_support import engine, make_documents, run_playbook
+    from worker.tasks.cleanup import backups
+    from worker.tasks.steps import StepContext
+
+    docs = make_documents(tmp_path)
+    app = engine(tmp_path, {"root": str(tmp_path / "backup"), "series": {"documents": {"kind": "documents", "path": str(docs)}}})
+    assert run_playbook(app, "backup_set")["status"] == "succeeded"
+    run = {"id": 0, "target": "all", "params": {"dry_run": True}}
+    out = backups(StepContext(app.opsfleet, run))
+    assert out.startswith("backup retention:") and "keep   documents" in out and "newest verified" in out

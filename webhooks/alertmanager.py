@@ -12,7 +12,7 @@ import json
 from datetime import datetime
 from typing import Annotated, Literal
 
-from flask import Blueprint, jsonify, request
+from flask import Blueprint, g, jsonify, request
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from webhooks.app import edge
@@ -131,6 +131,7 @@ def receive():
     except ValidationError as err:
         return error(400, "not an Alertmanager version 4 payload", problems=_problems(err))
 
+    g.group_key = payload.groupKey[:200]  # for the request log line
     alerts = [Alert(a.status, a.labels, a.fingerprint, a.startsAt) for a in payload.alerts]
     summary = (
         f"{payload.status} group {payload.groupKey}: {len(alerts)} alerts"

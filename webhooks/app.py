@@ -43,6 +43,8 @@ def edge() -> Edge:
 def create_app(config_path: str | None = None, *, loaded: LoadedConfig | None = None) -> Flask:
     configure_logging()
     loaded = loaded or load_config(config_path)
+    if loaded.config.logging.files:
+        configure_logging(loaded.data_dir, role="web")
     if not loaded.secrets.get("ALERTMANAGER_TOKEN"):
         raise ConfigError(
             ["ALERTMANAGER_TOKEN: not set; the webhook endpoint never runs without a token "
@@ -81,13 +83,24 @@ def create_app(config_path: str | None = None, *, loaded: LoadedConfig | None = 
         source = request.blueprint if request.blueprint in ("alertmanager",) else None
         if source:
             metrics.WEBHOOK_REQUESTS.labels(source, str(response.status_code)).inc()
+        duration_ms = (time.monotonic() - g.get("started", time.monotonic())) * 1000
+        http = {
+            "method": request.method,
+            "path": request.path,
+            "status": response.status_code,
+            "duration_ms": round(duration_ms, 1),
+            "client": request.remote_addr,
+            "user_agent": request.user_agent.string,
+            "body_bytes": request.content_length or 0,
+        }
+        key = request.headers.get("X-GitHub-Delivery") or g.get("group_key")
+        if key:
+            http["key"] = key
         log.log(
             logging.WARNING if response.status_code >= 400 else logging.INFO,
-            "%s %s %s %.1fms",
-            request.method,
-            request.path,
-            response.status_code,
-            (time.monotonic() - g.get("started", time.monotonic())) * 1000,
+            "%s %s %s %.1fms %s",
+            request.method, request.path, response.status_code, duration_ms, request.remote_addr,
+            extra={"http": http},
         )
         return response
 

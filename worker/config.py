@@ -22,6 +22,15 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from worker.matchers import Matcher, parse_matcher
+from worker.rotation import parse_size, parse_span
+
+
+def _size_or_none(value: int | str | None) -> int | None:
+    return None if value is None else parse_size(value)
+
+
+def _seconds_or_none(value: int | str | None) -> int | None:
+    return None if value is None else int(parse_span(value).total_seconds())
 
 CONFIG_ENV = "OPSFLEET_CONFIG"
 DEFAULT_CONFIG_FILE = "opsfleet.yaml"
@@ -139,6 +148,136 @@ class ServiceSpec(_Strict):
 
 # The playbooks a rule may name (tests check this against worker.tasks.playbooks).
 RULE_PLAYBOOKS = ("restart_service", "recreate_service", "verify", "escalate")
+
+_SIGNALS = ("HUP", "USR1", "USR2", "INT", "TERM", "QUIT", "WINCH")
+
+
+class ReopenSpec(_Strict):
+    """How a writer learns to reopen its log after the rename: exactly one of
+    a signal to the process in `pidfile`, a signal to a configured service's
+    container (Docker adapter), a command (an argv list, never a shell), or
+    `watched` (the writer reopens by itself when the path's inode changes, as
+    opsfleet's own log handler and Python's WatchedFileHandler do)."""
+
+    signal: str = Field(default="HUP", description="Signal name without SIG: HUP, USR1, USR2, ...")
+    pidfile: Path | None = None
+    service: str | None = None
+    command: tuple[str, ...] | None = Field(default=None, min_length=1)
+    watched: bool = False
+
+    @field_validator("signal")
+    @classmethod
+    def _signal_name(cls, value: str) -> str:
+        name = value.upper().removeprefix("SIG")
+        if name not in _SIGNALS:
+            raise ValueError(f'unknown signal "{value}" (use one of {", ".join(_SIGNALS)})')
+        return name
+
+    @model_validator(mode="after")
+    def _one_way(self) -> ReopenSpec:
+        ways = [self.pidfile is not None, self.service is not None, self.command is not None, self.watched]
+        if sum(ways) != 1:
+            raise ValueError("set exactly one of pidfile, service, command or watched: true")
+        return self
+
+
+class LogSetSpec(_Strict):
+    """One set of log files rotated together, under one lock."""
+
+    paths: tuple[str, ...] = Field(min_length=1, description="Absolute paths or globs of live log files.")
+    mode: Literal["rename", "copytruncate"] = "rename"
+    reopen: ReopenSpec | None = None
+    max_size: int | str | None = Field(default=None, description='Rotate at this size: 104857600, "100M", "1G".')
+    every: int | str | None = Field(default=None, description='Rotate this often: 86400, "1d", "12h".')
+    keep: int = Field(default=7, ge=1, le=10000, description="Rotated files kept per live file.")
+    max_age: int | str | None = Field(default=None, description='Remove rotated files older than this: "30d".')
+    compress: Literal["zstd", "gzip", "none"] = "zstd"
+    compress_newest: bool = Field(
+        default=True, description="false: the newest rotated file stays uncompressed one cycle (delaycompress)."
+    )
+    # copytruncate only: the writer is paused for the final copy and the truncate.
+    pause_service: str | None = Field(
+        default=None, description="copytruncate: pause this service's container; else stop the processes holding the file."
+    )
+    writer_appends: bool = Field(
+        default=False, description="copytruncate: you checked that the writer opens the file with O_APPEND."
+    )
+    reopen_timeout_seconds: float = Field(default=10, gt=0, le=600)
+
+    @field_validator("paths")
+    @classmethod
+    def _absolute(cls, paths: tuple[str, ...]) -> tuple[str, ...]:
+        for path in paths:
+            if not path.startswith("/"):
+                raise ValueError(f'"{path}" must be an absolute path or glob')
+        return paths
+
+    _size = field_validator("max_size")(lambda cls, v: _size_or_none(v))
+    _spans = field_validator("every", "max_age")(lambda cls, v: _seconds_or_none(v))
+
+    @model_validator(mode="after")
+    def _coherent(self) -> LogSetSpec:
+        if self.max_size is None and self.every is None:
+            raise ValueError("set max_size, every, or both: nothing would ever trigger a rotation")
+        if self.mode == "rename" and self.reopen is None:
+            raise ValueError(
+                "mode rename needs reopen (pidfile, service, command or watched); "
+                "for a writer that cannot reopen use mode: copytruncate"
+            )
+        if self.mode == "copytruncate" and self.reopen is not None:
+            raise ValueError("mode copytruncate does not reopen the writer: remove reopen")
+        return self
+
+
+class RotationSettings(_Strict):
+    check_interval_seconds: int = Field(default=300, ge=10, description="How often beat checks the triggers.")
+    state_dir: Path | None = Field(default=None, description="Locks and journals (default: <data_dir>/rotation).")
+    sets: dict[str, LogSetSpec] = Field(default_factory=dict)
+
+    @field_validator("sets")
+    @classmethod
+    def _set_names(cls, sets: dict[str, LogSetSpec]) -> dict[str, LogSetSpec]:
+        for name in sets:
+            if not re.match(_SERVICE_NAME, name):
+                raise ValueError(f'log set name "{name}" must match {_SERVICE_NAME}')
+        return sets
+
+
+class OwnLogRotation(_Strict):
+    max_size: int | str | None = Field(default="50M", validate_default=True)
+    every: int | str | None = Field(default="1d", validate_default=True)
+    keep: int = Field(default=14, ge=1)
+    max_age: int | str | None = Field(default="30d", validate_default=True)
+    compress: Literal["zstd", "gzip", "none"] = "zstd"
+
+    _size = field_validator("max_size")(lambda cls, v: _size_or_none(v))
+    _spans = field_validator("every", "max_age")(lambda cls, v: _seconds_or_none(v))
+
+
+class LoggingSettings(_Strict):
+    """opsfleet's own logs: JSON lines in <data_dir>/logs (all events, and errors
+    alone), rotated by the built-in log set "opsfleet"."""
+
+    files: bool = True
+    rotate: OwnLogRotation = OwnLogRotation()
+
+
+class ImageCleanupSettings(_Strict):
+    keep: int = Field(default=3, ge=1, description="Newest images kept per repository.")
+    repositories: tuple[str, ...] = Field(default=(), description='Repositories to prune, e.g. "shop/api".')
+    services: tuple[str, ...] = Field(default=(), description="Configured services whose container's repository is pruned.")
+    protect: tuple[str, ...] = Field(default=(), description="Image references never removed (repo:tag or id).")
+    dangling: bool = True
+
+
+class CleanupSettings(_Strict):
+    at: str = Field(default="03:30", pattern=r"^([01]\d|2[0-3]):[0-5]\d$", description="Daily, HH:MM UTC.")
+    images: ImageCleanupSettings = ImageCleanupSettings()
+    runs_max_age: int | str | None = Field(
+        default="90d", validate_default=True, description="Finished runs older than this leave the ledger (counted in run_archive)."
+    )
+
+    _span = field_validator("runs_max_age")(lambda cls, v: _seconds_or_none(v))
 
 
 class TargetSpec(_Strict):
@@ -416,6 +555,9 @@ class Config(_Strict):
     remediation: RemediationSettings = RemediationSettings()
     escalation: EscalationSettings = EscalationSettings()
     backup: BackupSettings = BackupSettings()
+    rotation: RotationSettings = RotationSettings()
+    cleanup: CleanupSettings = CleanupSettings()
+    logging: LoggingSettings = LoggingSettings()
 
     @field_validator("services")
     @classmethod
@@ -569,7 +711,32 @@ def _cross_check(config: Config) -> list[str]:
             f"backup.step_timeout_seconds: must be below broker.visibility_timeout_seconds - 30 "
             f"({config.broker.visibility_timeout_seconds}), or Redis re-delivers a backup step that is still running"
         )
+    if "opsfleet" in config.rotation.sets and config.logging.files:
+        problems.append('rotation.sets.opsfleet: the name is taken by opsfleet\'s own logs (configure them under logging.rotate)')
+    for name, spec in config.rotation.sets.items():
+        where = f"rotation.sets.{name}"
+        for key, service in (("reopen.service", spec.reopen and spec.reopen.service), ("pause_service", spec.pause_service)):
+            if service and service not in config.services:
+                known = ", ".join(names) or "none configured"
+                problems.append(f'{where}.{key}: unknown service "{service}" (services: {known})')
+    for i, service in enumerate(config.cleanup.images.services):
+        if service not in config.services:
+            problems.append(f'cleanup.images.services[{i}]: unknown service "{service}"')
     return problems
+
+
+def config_warnings(config: Config) -> list[str]:
+    """Valid but risky settings, each naming the key: `config check` prints them."""
+    warnings = []
+    for name, spec in config.rotation.sets.items():
+        if spec.mode == "copytruncate" and not spec.writer_appends:
+            warnings.append(
+                f"rotation.sets.{name}.mode: copytruncate is safe only for writers that open the file with "
+                "O_APPEND; a writer without it keeps its offset after the truncate and fills the file with NUL "
+                "bytes (opsfleet refuses to truncate while such a writer holds it). Prefer mode: rename with "
+                "reopen, or set writer_appends: true once you checked the writer."
+            )
+    return warnings
 
 
 def parse_config(

@@ -244,6 +244,98 @@ class DockerAdapter:
             raise DockerError(f"container {container.name}: cannot exec {argv[0]}: {err}") from None
         return ExecProcess(api, created["Id"], sock, argv[0], stderr_path)
 
+    # -- signals and pauses (log rotation) --------------------------------------
+
+    def kill(self, container, signal: str) -> None:
+        """Send a signal (name without SIG, e.g. "HUP") to the container's main process."""
+        try:
+            container.kill(signal=f"SIG{signal}")
+        except DockerException as err:
+            raise DockerError(f"container {container.name}: cannot send SIG{signal}: {err}") from None
+
+    def pause(self, container) -> None:
+        """Freeze every process of the container (cgroup freezer); returns once frozen."""
+        try:
+            container.pause()
+        except DockerException as err:
+            raise DockerError(f"container {container.name}: cannot pause: {err}") from None
+
+    def unpause(self, container_id: str) -> bool:
+        """Thaw a container; False when it was not paused (safe to call twice)."""
+        try:
+            self.client.api.unpause(container_id)
+        except DockerException as err:
+            if "is not paused" in str(err):
+                return False
+            raise DockerError(f"container {container_id[:12]}: cannot unpause: {err}") from None
+        return True
+
+    def get_container(self, container_id: str):
+        try:
+            return self.client.containers.get(container_id)
+        except DockerException as err:
+            raise DockerError(f"container {container_id[:12]}: {err}") from None
+
+    # -- images (cleanup) -------------------------------------------------------
+
+    def images(self, repository: str | None = None) -> list[ImageInfo]:
+        """Images (all of a repository, or all), each with its tags, creation time and size."""
+        try:
+            found = self.client.images.list(name=repository) if repository else self.client.images.list()
+        except DockerException as err:
+            raise DockerError(f"cannot list images{' of ' + repository if repository else ''}: {err}") from None
+        return [_image_info(img) for img in found]
+
+    def dangling_images(self) -> list[ImageInfo]:
+        try:
+            found = self.client.images.list(filters={"dangling": True})
+        except DockerException as err:
+            raise DockerError(f"cannot list dangling images: {err}") from None
+        return [_image_info(img) for img in found]
+
+    def prune_dangling(self) -> tuple[list[str], int]:
+        """Remove every dangling image no container uses (the daemon decides, atomically);
+        returns (removed image ids, bytes the daemon reports reclaimed)."""
+        try:
+            answer = self.client.images.prune(filters={"dangling": True})
+        except DockerException as err:
+            raise DockerError(f"cannot prune dangling images: {err}") from None
+        removed = [d["Deleted"] for d in answer.get("ImagesDeleted") or [] if d.get("Deleted")]
+        return removed, int(answer.get("SpaceReclaimed") or 0)
+
+    def images_in_use(self) -> dict[str, str]:
+        """Image id → a container using it (running or not): never removed."""
+        try:
+            containers = self.client.api.containers(all=True)
+        except DockerException as err:
+            raise DockerError(f"cannot list containers: {err}") from None
+        return {c["ImageID"]: c["Names"][0].lstrip("/") if c.get("Names") else c["Id"][:12] for c in containers}
+
+    def container_image(self, container) -> ImageInfo:
+        try:
+            container.reload()
+            return _image_info(self.client.images.get(container.attrs["Image"]))
+        except DockerException as err:
+            raise DockerError(f"container {container.name}: cannot inspect its image: {err}") from None
+
+    def remove_image(self, image_id: str) -> None:
+        """Remove an image by id (all its tags). Not forced: Docker refuses an image a container uses."""
+        try:
+            self.client.api.remove_image(image_id, force=False, noprune=False)
+        except NotFound:
+            return  # already gone: idempotent
+        except DockerException as err:
+            raise DockerError(f"image {image_id[:19]}: cannot remove: {err}") from None
+
+    def untag(self, reference: str) -> None:
+        """Remove one tag (the image stays while other tags name it)."""
+        try:
+            self.client.api.remove_image(reference, force=False, noprune=False)
+        except NotFound:
+            return
+        except DockerException as err:
+            raise DockerError(f"image {reference}: cannot remove: {err}") from None
+
 
 class _ExecStdout:
     def __init__(self, proc: "ExecProcess"):
@@ -368,3 +460,18 @@ class ExecProcess:
             self._sock.close()
         except Exception:
             pass
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    id: str
+    tags: tuple[str, ...]
+    created: str  # ISO 8601 from the daemon
+    size: int
+
+
+def _image_info(image) -> ImageInfo:
+    attrs = image.attrs
+    return ImageInfo(
+        id=image.id, tags=tuple(image.tags), created=attrs.get("Created", ""), size=int(attrs.get("Size") or 0)
+    )

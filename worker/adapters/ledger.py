@@ -163,6 +163,27 @@ locks = sa.Table(
 )
 
 
+# What pruning leaves of old runs: a count per day, playbook, trigger and status.
+run_archive = sa.Table(
+    "run_archive",
+    metadata,
+    sa.Column("day", sa.String(10), nullable=False),  # YYYY-MM-DD (UTC) the runs were created
+    sa.Column("playbook", sa.String(64), nullable=False),
+    sa.Column("trigger", sa.String(16), nullable=False),
+    sa.Column("status", sa.String(20), nullable=False),
+    sa.Column("runs", sa.Integer, nullable=False),
+    sa.Column("repeats", sa.Integer, nullable=False, server_default="0"),
+    sa.PrimaryKeyConstraint("day", "playbook", "trigger", "status", name="run_archive_pk"),
+)
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    runs: int
+    steps: int
+    events: int
+
+
 @dataclass(frozen=True)
 class NewRun:
     trigger: str
@@ -497,6 +518,71 @@ class Ledger:
             row = conn.execute(sa.select(locks).where(locks.c.name == name)).one_or_none()
             return None if row is None else _row_dict(row)
 
+    # -- pruning --------------------------------------------------------------------
+
+    def prune_runs(self, finished_before: datetime, *, dry_run: bool = False, batch: int = 2000) -> PruneResult:
+        """Delete finished runs (and their steps) that ended before `finished_before`,
+        and events left with no run; each pruned run is counted in `run_archive`
+        (per day, playbook, trigger, status), so totals survive. Queued and
+        running runs are never touched. Batched: one transaction per batch."""
+        total = PruneResult(0, 0, 0)
+        while True:
+            with self._tx() as conn:
+                rows = conn.execute(
+                    sa.select(runs.c.id, runs.c.created_at, runs.c.playbook, runs.c.trigger, runs.c.status, runs.c.repeats)
+                    .where(runs.c.status.in_(sorted(FINAL_STATUSES)), runs.c.finished_at < finished_before)
+                    .order_by(runs.c.id)
+                    .limit(batch)
+                ).all()
+                if not rows:
+                    break
+                ids = [r.id for r in rows]
+                step_count = conn.execute(
+                    sa.select(sa.func.count()).select_from(steps).where(steps.c.run_id.in_(ids))
+                ).scalar_one()
+                if dry_run:
+                    return PruneResult(len(ids), step_count, 0)
+                counts: dict[tuple[str, str, str, str], list[int]] = {}
+                for r in rows:
+                    key = (f"{r.created_at:%Y-%m-%d}", r.playbook, r.trigger, r.status)
+                    counts.setdefault(key, [0, 0])
+                    counts[key][0] += 1
+                    counts[key][1] += r.repeats
+                for (day, playbook, trigger, status), (n, repeats) in counts.items():
+                    stmt = self._insert(run_archive).values(
+                        day=day, playbook=playbook, trigger=trigger, status=status, runs=n, repeats=repeats
+                    )
+                    conn.execute(
+                        stmt.on_conflict_do_update(
+                            index_elements=["day", "playbook", "trigger", "status"],
+                            set_={"runs": run_archive.c.runs + n, "repeats": run_archive.c.repeats + repeats},
+                        )
+                    )
+                conn.execute(steps.delete().where(steps.c.run_id.in_(ids)))
+                event_ids = {
+                    e for e in conn.execute(sa.select(runs.c.event_id).where(runs.c.id.in_(ids))).scalars() if e
+                }
+                conn.execute(runs.delete().where(runs.c.id.in_(ids)))
+                orphans = [
+                    e for e in event_ids
+                    if not conn.execute(sa.select(runs.c.id).where(runs.c.event_id == e).limit(1)).first()
+                ]
+                if orphans:
+                    conn.execute(events.delete().where(events.c.id.in_(orphans)))
+                total = PruneResult(total.runs + len(ids), total.steps + step_count, total.events + len(orphans))
+            if len(rows) < batch:
+                break
+        return total
+
+    def run_archive(self) -> list[dict[str, Any]]:
+        with self._tx() as conn:
+            return [
+                _row_dict(r)
+                for r in conn.execute(
+                    sa.select(run_archive).order_by(run_archive.c.day, run_archive.c.playbook, run_archive.c.status)
+                )
+            ]
+
     # -- reading ------------------------------------------------------------------
 
     def get_run(self, run_id: int) -> dict[str, Any] | None:
@@ -798,6 +884,7 @@ __all__ = [
     "Ledger",
     "LedgerUnavailable",
     "NewRun",
+    "PruneResult",
     "RecordedEvent",
     "RecordedRun",
     "jsonable",

@@ -50,6 +50,21 @@ SWEEPER_ACTIONS = Counter(
     ["action"],
 )
 REPORTS = Counter("opsfleet_reports_total", "Reports to outside services, by outcome.", ["service", "outcome"])
+LOG_ROTATIONS = Counter("opsfleet_log_rotations_total", "Live log files rotated, by log set and mode.", ["set", "mode"])
+LOG_ROTATED_BYTES = Counter("opsfleet_log_rotated_bytes_total", "Bytes moved out of live log files by rotation.", ["set"])
+LOG_ROTATED_LINES = Counter(
+    "opsfleet_log_rotated_lines_total", "Lines in rotated files, counted when they are compressed.", ["set"]
+)
+LOG_WRITER_PAUSE = Histogram(
+    "opsfleet_log_writer_pause_seconds",
+    "copytruncate: how long the writer was paused for the final copy and the truncate.",
+    ["set"],
+    buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+CLEANUP_REMOVED = Counter("opsfleet_cleanup_removed_total", "Things cleanup removed, by kind.", ["kind"])
+CLEANUP_RECLAIMED_BYTES = Counter(
+    "opsfleet_cleanup_reclaimed_bytes_total", "Bytes cleanup gave back (disk; ledger rows count 0), by kind.", ["kind"]
+)
 
 # Backups. Gauges are "mostrecent" across processes: the last value any worker set.
 BACKUP_LAST_SUCCESS = Gauge(
@@ -115,6 +130,12 @@ __all__ = [
     "BACKUP_VERIFICATIONS",
     "RESTORE_DRILL_RESULT",
     "RESTORE_DRILL_SECONDS",
+    "CLEANUP_RECLAIMED_BYTES",
+    "CLEANUP_REMOVED",
+    "LOG_ROTATED_BYTES",
+    "LOG_ROTATED_LINES",
+    "LOG_ROTATIONS",
+    "LOG_WRITER_PAUSE",
     "ALERT_DECISIONS",
     "CONTENT_TYPE",
     "REPORTS",

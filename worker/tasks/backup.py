@@ -127,15 +127,15 @@ def holder(run: dict) -> str:
 # -- helpers -----------------------------------------------------------------------------
 
 
-def _root(ctx: StepContext) -> Path:
+def backup_root(ctx: StepContext) -> Path:
     return ctx.runtime.loaded.backup_root
 
 
 def _partial(ctx: StepContext) -> tuple[Path, dict[str, Any]]:
-    for path, manifest in partial_sets(_root(ctx)):
+    for path, manifest in partial_sets(backup_root(ctx)):
         if manifest and manifest.get("run_id") == ctx.run["id"]:
             return path, manifest
-    raise StepFailed(f"the partial backup set of run {ctx.run['id']} is gone from {_root(ctx)}")
+    raise StepFailed(f"the partial backup set of run {ctx.run['id']} is gone from {backup_root(ctx)}")
 
 
 def _release(ctx: StepContext, manifest: dict[str, Any]) -> None:
@@ -197,7 +197,7 @@ def _tool_versions() -> dict[str, str]:
 
 def prepare(ctx: StepContext) -> str:
     config = ctx.config
-    root = _root(ctx)
+    root = backup_root(ctx)
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
     ledger = ctx.runtime.ledger
     # Partial sets of runs that are no longer running (a worker died): remove.
@@ -339,7 +339,7 @@ def commit(ctx: StepContext) -> str:
 
 def retention(ctx: StepContext) -> str:
     """Forget what the retention decision says, for the series this run backed up."""
-    root = _root(ctx)
+    root = backup_root(ctx)
     mine = None
     for s in list_sets(root):
         if s.manifest.get("run_id") == ctx.run["id"]:
@@ -725,7 +725,7 @@ def summary(ctx: StepContext) -> str:
         r for r in ctx.runtime.ledger.list_runs(limit=500)
         if r["playbook"] in ("backup_set", "restore_drill", "restore", "recover") and r["created_at"] > now - timedelta(hours=24)
     ]  # fmt: skip
-    fresh, text = summarize(ctx.config, list_sets(_root(ctx)), recent, now)
+    fresh, text = summarize(ctx.config, list_sets(backup_root(ctx)), recent, now)
     if not fresh:
         raise StepFailed("backups are missing or stale:\n" + text)
     return text

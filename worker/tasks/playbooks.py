@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from worker.tasks import backup, escalate, remediate, restore
+from worker.tasks import backup, cleanup, escalate, remediate, restore, rotate
 from worker.tasks.steps import Step
 
 PLAYBOOKS: dict[str, tuple[Step, ...]] = {
@@ -10,4 +10,12 @@ PLAYBOOKS: dict[str, tuple[Step, ...]] = {
     **escalate.PLAYBOOKS,
     **backup.PLAYBOOKS,
     **restore.PLAYBOOKS,
+    **rotate.PLAYBOOKS,
+    **cleanup.PLAYBOOKS,
+}
+
+# Optional per-playbook gates for scheduled triggers: (runtime, target, params) ->
+# None to record a run, or the reason there is nothing to do (no run recorded).
+GATES = {
+    **rotate.GATES,
 }

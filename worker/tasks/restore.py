@@ -40,7 +40,7 @@ from worker.adapters.backupstore import BackupSet, get_set, list_sets, newest_ho
 from worker.adapters.docker import DockerError
 from worker.adapters.postgres import Postgres, PostgresError, check_db_name
 from worker.config import SeriesSpec
-from worker.tasks.backup import is_secret, postgres_for, verify_item
+from worker.tasks.backup import backup_root, is_secret, postgres_for, verify_item
 from worker.tasks.steps import Step, StepContext, StepFailed
 
 FILE_KINDS = ("documents", "models", "config")
@@ -70,12 +70,9 @@ def plan_restore(sets: list[BackupSet], series_specs: dict[str, SeriesSpec], wan
 # -- helpers -------------------------------------------------------------------------------------
 
 
-def _root(ctx: StepContext) -> Path:
-    return ctx.runtime.loaded.backup_root
-
 
 def _scratch(ctx: StepContext) -> Path:
-    folder = _root(ctx) / ".restore" / str(ctx.run["id"])
+    folder = backup_root(ctx) / ".restore" / str(ctx.run["id"])
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     return folder
 
@@ -88,9 +85,9 @@ def _planned(ctx: StepContext, kinds: tuple[str, ...]) -> list[tuple[str, Series
             raise StepFailed(f"backup series {series} is no longer configured")
         if spec.kind not in kinds:
             continue
-        found = get_set(_root(ctx), set_id)
+        found = get_set(backup_root(ctx), set_id)
         if found is None or series not in found.items:
-            raise StepFailed(f"backup set {set_id} holding {series} is gone from {_root(ctx)}")
+            raise StepFailed(f"backup set {set_id} holding {series} is gone from {backup_root(ctx)}")
         out.append((series, spec, found))
     return out
 
@@ -324,7 +321,7 @@ def files(ctx: StepContext) -> str:
 
 
 def cleanup(ctx: StepContext) -> str:
-    shutil.rmtree(_root(ctx) / ".restore" / str(ctx.run["id"]), ignore_errors=True)
+    shutil.rmtree(backup_root(ctx) / ".restore" / str(ctx.run["id"]), ignore_errors=True)
     return "scratch removed"
 
 
@@ -335,7 +332,7 @@ def drill(ctx: StepContext) -> str:
     """Each series' newest verified backup (the newest set, and older sets for
     series it does not hold: a weekly series lives in fewer sets)."""
     began = time.monotonic()
-    root = _root(ctx)
+    root = backup_root(ctx)
     sets = list_sets(root)
     settings = ctx.config.backup.drill
     scratch = (settings.scratch_dir or (root / ".drill")) / str(ctx.run["id"])
@@ -373,7 +370,7 @@ def drill(ctx: StepContext) -> str:
         raise StepFailed(str(err)) from None
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-        shutil.rmtree(_root(ctx) / ".restore" / str(ctx.run["id"]), ignore_errors=True)
+        shutil.rmtree(backup_root(ctx) / ".restore" / str(ctx.run["id"]), ignore_errors=True)
         seconds = time.monotonic() - began
         metrics.RESTORE_DRILL_SECONDS.set(seconds)
         metrics.RESTORE_DRILL_RESULT.set(1 if ok else 0)

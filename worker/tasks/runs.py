@@ -21,6 +21,7 @@ from celery.exceptions import Ignore, SoftTimeLimitExceeded
 from worker.adapters import metrics
 from worker.adapters.ledger import LedgerUnavailable
 from worker.celery_factory import host_queue
+from worker.logs import run_context
 from worker.tasks.playbooks import PLAYBOOKS
 from worker.tasks.steps import StepContext, StepFailed, StepSkipped, hold_if_asked
 
@@ -137,8 +138,9 @@ def run_step(self, run_id: int, seq: int) -> None:
     began = time.monotonic()
     status, output = "succeeded", ""
     try:
-        hold_if_asked(run["playbook"], step.name, run_id)
-        output = step.fn(StepContext(runtime, run))
+        with run_context(run_id):  # every line the step logs carries the run id
+            hold_if_asked(run["playbook"], step.name, run_id)
+            output = step.fn(StepContext(runtime, run))
     except StepFailed as err:
         status, output = "failed", str(err)
     except StepSkipped as err:
@@ -146,7 +148,7 @@ def run_step(self, run_id: int, seq: int) -> None:
     except SoftTimeLimitExceeded:
         status, output = "failed", f"timed out after {time.monotonic() - began:.0f}s"
     except Exception as err:  # a bug or an unexpected outside error: the stack goes to the log only
-        log.exception("run %s step %s crashed", run_id, step.name)
+        log.exception("run %s step %s crashed", run_id, step.name, extra={"run_id": run_id})
         status, output = "failed", f"unexpected {err.__class__.__name__}: {err} (stack trace in the worker log)"
 
     output = runtime.loaded.redact(output)  # step output goes to the ledger, the API and Slack

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from celery import shared_task
 
 from worker.adapters.ledger import NewRun, utcnow
-from worker.tasks.playbooks import PLAYBOOKS
+from worker.tasks.playbooks import GATES, PLAYBOOKS
 from worker.tasks.runs import enqueue_runs
 
 
@@ -28,6 +28,10 @@ def trigger(self, playbook: str, target: str, params: dict | None = None, slot_s
     if playbook not in PLAYBOOKS:
         raise ValueError(f'beat_schedule names unknown playbook "{playbook}"')
     runtime = self.app.opsfleet
+    gate = GATES.get(playbook)
+    idle = gate(runtime, target, params or {}) if gate else None
+    if idle:
+        return {"run_id": None, "created": False, "enqueued": False, "idle": idle}
     slot = slot_of(utcnow(), slot_seconds)
     new = NewRun(
         trigger="schedule",
