@@ -147,7 +147,12 @@ class ServiceSpec(_Strict):
 
 
 # The playbooks a rule may name (tests check this against worker.tasks.playbooks).
-RULE_PLAYBOOKS = ("restart_service", "recreate_service", "verify", "escalate")
+RULE_PLAYBOOKS = (
+    "restart_service", "recreate_service", "verify", "escalate", "free_disk", "rotate_logs", "run_backup",
+)
+# Playbooks that act on the host (all log sets, all backup series) rather than
+# on one service: their rules need no target, and their runs' target is "all".
+HOST_PLAYBOOKS = ("free_disk", "rotate_logs", "run_backup")
 
 _SIGNALS = ("HUP", "USR1", "USR2", "INT", "TERM", "QUIT", "WINCH")
 
@@ -324,12 +329,19 @@ class NoParams(_Strict):
     pass
 
 
+class RotateParams(_Strict):
+    force: bool = Field(default=False, description="Rotate every file, due or not.")
+
+
 # What `params` each playbook takes; anything else is a configuration error.
 PLAYBOOK_PARAMS: dict[str, type[_Strict]] = {
     "restart_service": RestartParams,
     "recreate_service": RestartParams,
     "verify": VerifyParams,
     "escalate": NoParams,
+    "free_disk": RotateParams,
+    "rotate_logs": RotateParams,
+    "run_backup": NoParams,
 }
 
 
@@ -366,8 +378,8 @@ class RuleSpec(_Strict):
 
     @model_validator(mode="after")
     def _target_needed(self) -> RuleSpec:
-        # Only escalate may go without a target: it acts on people, not services.
-        if self.target is None and self.playbook != "escalate":
+        # Only escalate (people) and the host playbooks go without a target.
+        if self.target is None and self.playbook not in ("escalate", *HOST_PLAYBOOKS):
             raise ValueError(f"target is required for playbook {self.playbook}")
         return self
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Literal
 
-from worker.config import Config, RemediationSettings, RuleSpec
+from worker.config import HOST_PLAYBOOKS, Config, RemediationSettings, RuleSpec
 from worker.matchers import matches_all
 from worker.safety import Policy
 
@@ -80,7 +80,8 @@ def policy_for(rule: RuleSpec, remediation: RemediationSettings) -> Policy:
 
 def _target(rule: RuleSpec, alert: Alert, config: Config) -> tuple[str | None, str]:
     if rule.target is None:
-        return None, ""  # escalate: acts on people
+        # escalate acts on people; the host playbooks on every log set / series.
+        return ("all" if rule.playbook in HOST_PLAYBOOKS else None), ""
     if rule.target.service:
         return rule.target.service, ""
     wanted = alert.labels.get(rule.target.service_label or "")

@@ -12,6 +12,7 @@ from datetime import datetime
 import requests
 
 from worker.adapters.docker import DockerError
+from worker.tasks import backup, cleanup, rotate
 from worker.tasks.steps import Step, StepContext, StepFailed
 
 
@@ -125,4 +126,16 @@ PLAYBOOKS = {
         Step("verify", verify_running),
     ),
     "verify": (Step("verify", verify_healthy),),
+    # Free disk space with the jobs that own each kind of file, never copies of
+    # them: the cleanup job's dangling-image prune, the rotation job's rotate and
+    # compress (`force` rotates what is not due yet), the backup job's retention
+    # (which never deletes beyond its policy).
+    "free_disk": (
+        Step("dangling_images", cleanup.dangling_images),
+        Step("rotate_logs", rotate.rotate),
+        Step("compress_logs", rotate.compress),
+        Step("backup_retention", cleanup.backups),
+    ),
+    # A rule's backup is the scheduled backup set, now.
+    "run_backup": backup.PLAYBOOKS["backup_set"],
 }

@@ -1,0 +1,37 @@
+"""free_disk, run by an alert rule: the cleanup, rotation and backup jobs' own
+steps, on real files and the private dockerd; nothing beyond their policies."""
+
+from __future__ import annotations
+
+from tests.backup_support import engine, make_documents, run_playbook
+from tests.support.servers import TEST_DOCKER_HOST
+
+
+def test_free_disk_rotates_compresses_and_applies_backup_retention(tmp_path, dockerd, monkeypatch):
+    monkeypatch.setenv("DOCKER_HOST", TEST_DOCKER_HOST)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    live = logs / "app.log"
+    live.write_text("".join(f"line {i}\n" for i in range(5000)))
+    docs = make_documents(tmp_path)
+    app = engine(
+        tmp_path,
+        {"root": str(tmp_path / "backup"), "series": {"documents": {"kind": "documents", "path": str(docs)}}},
+        rotation={"sets": {"app": {"paths": [str(logs / "*.log")], "reopen": {"watched": True},
+                                   "max_size": "100M", "compress": "zstd", "keep": 5}}},
+        cleanup={"images": {"dangling": True}},
+        logging={"files": False},
+    )
+    assert run_playbook(app, "backup_set")["status"] == "succeeded"
+
+    run = run_playbook(app, "free_disk", {"force": True})
+    assert run["status"] == "succeeded", run
+    outputs = {s["name"]: s["output"] for s in run["steps"]}
+    assert list(outputs) == ["dangling_images", "rotate_logs", "compress_logs", "backup_retention"]
+    # forced: rotated although far below max_size, then compressed
+    assert live.stat().st_size == 0
+    rotated = sorted(p.name for p in logs.iterdir() if p.name != "app.log")
+    assert len(rotated) == 1 and rotated[0].endswith(".zst")
+    # the backup job's retention decided, and kept the newest verified backup
+    assert outputs["backup_retention"].startswith("backup retention:") and "keep   documents" in outputs["backup_retention"]
+    assert len(list((tmp_path / "backup").iterdir())) >= 1
