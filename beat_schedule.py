@@ -60,6 +60,8 @@ def build_schedule(config: Config) -> dict[str, dict]:
             "options": {"expires": sweep_every},
         },
     }
+    # Work on the host's files and Docker daemon runs on that host's worker.
+    host = {"host": config.fleet.maintenance_host} if config.fleet.maintenance_host else {}
     backup = config.backup
     if backup.series and backup.schedule.enabled:
         hour, minute = _hm(backup.schedule.at)
@@ -68,7 +70,7 @@ def build_schedule(config: Config) -> dict[str, dict]:
         schedule["backup-sets"] = {
             "task": "opsfleet.schedule.trigger",
             "schedule": LocalCrontab(backup.timezone, minute=minute, hour=hour),
-            "args": ("backup_set", "all"),
+            "args": ("backup_set", "all", host),
             "kwargs": {"slot_seconds": 3600},
             "options": {"expires": 3000},
         }
@@ -85,7 +87,7 @@ def build_schedule(config: Config) -> dict[str, dict]:
         schedule["restore-drill"] = {
             "task": "opsfleet.schedule.trigger",
             "schedule": LocalCrontab(backup.timezone, minute=minute, hour=hour, day_of_week=_DAYS[backup.drill.weekday]),
-            "args": ("restore_drill", "newest"),
+            "args": ("restore_drill", "newest", host),
             "kwargs": {"slot_seconds": 3600},
             "options": {"expires": 3000},
         }
@@ -96,7 +98,7 @@ def build_schedule(config: Config) -> dict[str, dict]:
         schedule["rotate-logs"] = {
             "task": "opsfleet.schedule.trigger",
             "schedule": timedelta(seconds=every),
-            "args": ("rotate_logs", "all", {}, every),
+            "args": ("rotate_logs", "all", host, every),
             "options": {"expires": every},
         }
     hour, minute = (int(part) for part in config.cleanup.at.split(":"))
@@ -104,7 +106,7 @@ def build_schedule(config: Config) -> dict[str, dict]:
         # Daily: images, old rotated logs, old ledger runs, backup retention.
         "task": "opsfleet.schedule.trigger",
         "schedule": crontab(hour=hour, minute=minute),
-        "args": ("cleanup", "all", {}, 86400),
+        "args": ("cleanup", "all", host, 86400),
         "options": {"expires": 3600},
     }
     return schedule

@@ -32,7 +32,7 @@ def test_entries_trigger_one_run_per_slot():
     entries = build_schedule(config())
     backup, drill = entries["backup-sets"], entries["restore-drill"]
     assert backup["task"] == drill["task"] == "opsfleet.schedule.trigger"
-    assert backup["args"] == ("backup_set", "all") and drill["args"] == ("restore_drill", "newest")
+    assert backup["args"] == ("backup_set", "all", {}) and drill["args"] == ("restore_drill", "newest", {})
     assert backup["kwargs"] == {"slot_seconds": 3600}
     assert "backup-sets" not in build_schedule(config(series={}))
 

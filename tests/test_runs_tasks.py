@@ -95,3 +95,19 @@ def test_scheduled_trigger_refuses_unknown_playbook(engine):
     app, *_ = engine
     result = app.tasks["opsfleet.schedule.trigger"].apply(args=("nope", "x"))
     assert result.state == "FAILURE" and "unknown playbook" in str(result.result)
+
+
+def test_scheduled_host_work_and_pinned_services_route_to_the_hosts_queue(tmp_path):
+    import beat_schedule
+    from worker.tasks.runs import queue_for_run
+
+    raw = {"fleet": {"data_dir": str(tmp_path), "maintenance_host": "db-1"},
+           "services": {"api": {"container": "a", "host": "edge-1"}, "web": {"container": "w"}},
+           "backup": {"root": str(tmp_path / "b"), "series": {"docs": {"kind": "documents", "path": str(tmp_path)}}}}
+    config = parse_config(raw, source="t", base_dir=tmp_path, environ={}).config
+    schedule = beat_schedule.build_schedule(config)
+    for job in ("backup-sets", "restore-drill", "cleanup"):
+        assert schedule[job]["args"][2] == {"host": "db-1"}, job
+    assert queue_for_run(config, {"params": {"host": "db-1"}, "target": "all"}) == "opsfleet.host.db-1"
+    assert queue_for_run(config, {"params": {}, "target": "api"}) == "opsfleet.host.edge-1"
+    assert queue_for_run(config, {"params": {}, "target": "web"}) is None

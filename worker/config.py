@@ -77,6 +77,11 @@ class FleetSettings(_Strict):
     public_url: str | None = Field(
         default=None, description="Base URL of the web app, used in links from Slack and GitHub."
     )
+    maintenance_host: str | None = Field(
+        default=None,
+        pattern=r"^[a-z0-9][a-z0-9_.-]{0,62}$",
+        description="Scheduled backups, rotation and cleanup run on this host's worker (opsfleet worker --host NAME).",
+    )
 
 
 class WebSettings(_Strict):
