@@ -40,7 +40,8 @@ def _load(ctx: click.Context) -> LoadedConfig:
 )
 @click.pass_context
 def cli(ctx: click.Context, config_path: str | None) -> None:
-    """opsfleet: Alertmanager and GitHub webhooks drive remediation, deploy and backup runs.
+    """opsfleet: Alertmanager webhooks drive remediation runs; beat runs backups,
+    log rotation and cleanup; every run is in the ledger. (GitHub deploys: not yet.)
 
     Secrets come from the environment: REDIS_URL and DATABASE_URL (unset: an
     embedded broker and an SQLite ledger in the data dir), ALERTMANAGER_TOKEN,

@@ -70,3 +70,31 @@ def test_no_token_means_no_report(tmp_path):
     loaded = parse_config({"fleet": {"data_dir": str(tmp_path)}}, source="t", base_dir=tmp_path, environ={})
     app = create_celery(loaded)
     assert app.tasks["opsfleet.report.slack"].apply(args=(1,)).get() == "slack not configured"
+
+
+def test_resolved_alert_closes_the_thread_with_the_time_it_took(reporting, slack):
+    app, ledger, run_id, report = reporting
+    assert report.apply(args=(run_id,)).get() == "delivered"
+    with ledger.intake() as tx:
+        # the alert behind the run resolves (as the edge marks it)
+        from worker.adapters.ledger import runs
+
+        tx.conn.execute(runs.update().where(runs.c.id == run_id).values(fingerprint="f", alert_starts_at="s"))
+        assert tx.resolve_alert_runs([("f", "s")]) == [run_id]
+    assert report.apply(args=(run_id,)).get() == "delivered"
+    [thread] = slack.threads().values()
+    assert thread["replies"][-1]["text"].startswith(":large_green_circle: resolved after ")
+    assert "resolved after" in thread["updates"][-1]["text"]
+    assert report.apply(args=(run_id,)).get() == "delivered"
+    assert len(slack.threads()[next(iter(slack.threads()))]["replies"]) == 2  # said once
+
+
+def test_skipped_runs_are_not_posted(tmp_path, slack):
+    loaded = parse_config({"fleet": {"data_dir": str(tmp_path)}}, source="t", base_dir=tmp_path,
+                          environ={"SLACK_BOT_TOKEN": slack.token, "SLACK_API_URL": slack.base_url})
+    app = create_celery(loaded)
+    app.opsfleet.ledger.migrate()
+    run_id = app.opsfleet.ledger.record_event(source="t", summary="", body="", new_runs=[
+        NewRun(trigger="alert", playbook="restart_service", status="skipped", reason="locked: run 1")]).runs[0].id
+    assert app.tasks["opsfleet.report.slack"].apply(args=(run_id,)).get() == "skipped runs are not posted"
+    assert slack.calls == []
