@@ -37,7 +37,9 @@ class Holder:
 
 
 def holders(paths: list[Path]) -> dict[Path, list[Holder]]:
-    """Processes with each file open, found by inode in /proc/*/fd.
+    """Processes with each file open for writing, found by inode in /proc/*/fd.
+    Readers (tail -f, a backup, this process's own copy) neither lose lines
+    nor write NULs, so they are not holders.
 
     Needs to see the writers' /proc entries: run as root or as the writers'
     user, on their host (containers' processes are visible from the host)."""
@@ -79,11 +81,15 @@ def holders(paths: list[Path]) -> dict[Path, list[Holder]]:
 
 
 def _fd_appends(pid: int, fd: str) -> bool | None:
+    """Whether a writing descriptor appends; None for a read-only one (or gone)."""
     try:
         with open(f"/proc/{pid}/fdinfo/{fd}") as info:
             for line in info:
                 if line.startswith("flags:"):
-                    return bool(int(line.split()[1], 8) & O_APPEND)
+                    flags = int(line.split()[1], 8)
+                    if flags & os.O_ACCMODE == os.O_RDONLY:
+                        return None
+                    return bool(flags & O_APPEND)
     except OSError:
         return None
     return None
