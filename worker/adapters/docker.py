@@ -7,6 +7,8 @@ socket timeout, plus the stop timeout given to the daemon for restarts.
 
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass
 
 import docker
@@ -101,18 +103,24 @@ class DockerAdapter:
             health=(st.get("Health") or {}).get("Status"),
         )
 
-    def restart(self, container, stop_timeout: int) -> None:
-        # The daemon waits stop_timeout for a clean exit before SIGKILL; the
-        # HTTP call must outlive that wait.
+    @contextlib.contextmanager
+    def _waiting_for_stop(self, stop_timeout: int):
+        """The daemon waits stop_timeout for a clean exit before SIGKILL: the
+        HTTP call must outlive that wait."""
         api = self.client.api
         previous = api.timeout
         api.timeout = self.timeout + stop_timeout
         try:
-            container.restart(timeout=stop_timeout)
-        except DockerException as err:
-            raise DockerError(f"container {container.name}: restart failed: {err}") from None
+            yield api
         finally:
             api.timeout = previous
+
+    def restart(self, container, stop_timeout: int) -> None:
+        with self._waiting_for_stop(stop_timeout):
+            try:
+                container.restart(timeout=stop_timeout)
+            except DockerException as err:
+                raise DockerError(f"container {container.name}: restart failed: {err}") from None
 
     def find_by_name(self, name: str):
         try:
@@ -132,40 +140,36 @@ class DockerAdapter:
         attrs = container.attrs
         name = attrs["Name"].lstrip("/")
         config, host_config = attrs["Config"], attrs["HostConfig"]
-        api = self.client.api
-        previous_timeout = api.timeout
-        api.timeout = self.timeout + stop_timeout
-        try:
-            container.stop(timeout=stop_timeout)
-            container.rename(f"{name}.{marker}-old")
-            networks = attrs.get("NetworkSettings", {}).get("Networks") or {}
-            mode = host_config.get("NetworkMode", "")
-            endpoints = {
-                net: {"Aliases": cfg.get("Aliases")}
-                for net, cfg in networks.items()
-                if net not in ("host", "none", "bridge", "default") and net == mode
-            }
-            created = api.create_container(
-                image=attrs["Image"],  # the exact image the old container ran, by id
-                name=name,
-                command=config.get("Cmd"),
-                entrypoint=config.get("Entrypoint"),
-                environment=config.get("Env"),
-                working_dir=config.get("WorkingDir") or None,
-                user=config.get("User") or None,
-                labels={**(config.get("Labels") or {}), "opsfleet.recreated-by": marker},
-                healthcheck=config.get("Healthcheck"),
-                stop_signal=config.get("StopSignal"),
-                host_config=host_config,
-                networking_config={"EndpointsConfig": endpoints} if endpoints else None,
-            )
-            api.start(created["Id"])
-            self.client.containers.get(f"{name}.{marker}-old").remove(force=True)
-            return self.client.containers.get(created["Id"])
-        except DockerException as err:
-            raise DockerError(f"container {name}: recreate failed: {err}") from None
-        finally:
-            api.timeout = previous_timeout
+        networks = attrs.get("NetworkSettings", {}).get("Networks") or {}
+        mode = host_config.get("NetworkMode", "")
+        endpoints = {
+            net: {"Aliases": cfg.get("Aliases")}
+            for net, cfg in networks.items()
+            if net not in ("host", "none", "bridge", "default") and net == mode
+        }
+        with self._waiting_for_stop(stop_timeout) as api:
+            try:
+                container.stop(timeout=stop_timeout)
+                container.rename(f"{name}.{marker}-old")
+                created = api.create_container(
+                    image=attrs["Image"],  # the exact image the old container ran, by id
+                    name=name,
+                    command=config.get("Cmd"),
+                    entrypoint=config.get("Entrypoint"),
+                    environment=config.get("Env"),
+                    working_dir=config.get("WorkingDir") or None,
+                    user=config.get("User") or None,
+                    labels={**(config.get("Labels") or {}), "opsfleet.recreated-by": marker},
+                    healthcheck=config.get("Healthcheck"),
+                    stop_signal=config.get("StopSignal"),
+                    host_config=host_config,
+                    networking_config={"EndpointsConfig": endpoints} if endpoints else None,
+                )
+                api.start(created["Id"])
+                self.client.containers.get(f"{name}.{marker}-old").remove(force=True)
+                return self.client.containers.get(created["Id"])
+            except DockerException as err:
+                raise DockerError(f"container {name}: recreate failed: {err}") from None
 
     def finish_recreate(self, name: str, marker: str):
         """After a crash mid-recreate: the new container if it exists, else None;
@@ -217,15 +221,11 @@ class DockerAdapter:
         }
 
     def stop(self, container, stop_timeout: int) -> None:
-        api = self.client.api
-        previous = api.timeout
-        api.timeout = self.timeout + stop_timeout
-        try:
-            container.stop(timeout=stop_timeout)
-        except DockerException as err:
-            raise DockerError(f"container {container.name}: stop failed: {err}") from None
-        finally:
-            api.timeout = previous
+        with self._waiting_for_stop(stop_timeout):
+            try:
+                container.stop(timeout=stop_timeout)
+            except DockerException as err:
+                raise DockerError(f"container {container.name}: stop failed: {err}") from None
 
     def start(self, container) -> None:
         try:

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import zstandard
 
+from worker.adapters.archive import fsync_dir  # noqa: F401  (rotation calls logfiles.fsync_dir)
+
 CHUNK = 1 << 20
 O_APPEND = os.O_APPEND
 
@@ -168,14 +170,6 @@ def copy_range(src: Path, dst_fd: int, start: int, end: int) -> int:
             dst_offset += n
             copied += n
     return copied
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def create_like(path: Path, mode: int, uid: int, gid: int) -> bool:
