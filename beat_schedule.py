@@ -13,8 +13,6 @@ from zoneinfo import ZoneInfo
 
 from celery.schedules import crontab
 
-from celery.schedules import crontab
-
 from worker.config import Config
 
 _DAYS = {"sun": 0, "mon": 1, "tue": 2, "wed": 3, "thu": 4, "fri": 5, "sat": 6}

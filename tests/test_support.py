@@ -15,15 +15,7 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.http_retry.builtin_handlers import RateLimitErrorRetryHandler
 
 from tests.support import servers
-from tests.support.fixtures import (  # noqa: F401 - pytest finds fixtures by name
-    dockerd,
-    make_alertmanager,
-    make_container,
-    private_postgres,
-    private_redis,
-    shared_pg_url,
-    slack,
-)
+# The fixtures (dockerd, slack, private_redis, ...) come from tests/conftest.py.
 from tests.support.servers import TEST_IMAGE, shared_redis_url, wait_for
 
 TOKEN = "xoxb-test-token"

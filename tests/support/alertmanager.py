@@ -16,7 +16,7 @@ from pathlib import Path
 import requests
 import yaml
 
-from .servers import GaveUp, exited, free_port, log_tail, stop_process, wait_for
+from .servers import GaveUp, ServerProcess, exited, free_port, log_tail, stop_process, wait_for
 
 BINARY = "prometheus-alertmanager"
 
@@ -25,7 +25,7 @@ def _rfc3339(t: datetime) -> str:
     return t.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-class Alertmanager:
+class Alertmanager(ServerProcess):
     def __init__(
         self,
         webhook_url: str,
@@ -94,19 +94,6 @@ class Alertmanager:
     def stop(self) -> None:
         stop_process(self._proc)
 
-    def close(self) -> None:
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __enter__(self) -> Alertmanager:
-        try:
-            return self.start()
-        except BaseException:
-            self.close()
-            raise
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def post_alerts(self, alerts: list[dict]) -> None:
         resp = requests.post(f"{self.url}/api/v2/alerts", json=alerts, timeout=5)

@@ -147,7 +147,34 @@ def shared_redis_url() -> str:
     return SHARED_REDIS_URL
 
 
-class PrivateRedis:
+class ServerProcess:
+    """A server a test starts in its own folder: subclasses give start() and stop();
+    close() also removes the folder. As a context manager, a failed start cleans up."""
+
+    dir: Path
+
+    def start(self):
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self):
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class PrivateRedis(ServerProcess):
     """A redis-server of the test's own, for tests that stop and restart it.
 
     Same port and dir across stop()/start(), so with appendonly (the default) the data survives.
@@ -191,19 +218,6 @@ class PrivateRedis:
         # SIGTERM makes redis flush the AOF before exiting.
         stop_process(self._proc)
 
-    def close(self) -> None:
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __enter__(self) -> PrivateRedis:
-        try:
-            return self.start()
-        except BaseException:
-            self.close()
-            raise
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 # --- PostgreSQL ------------------------------------------------------------------------------------
@@ -216,7 +230,7 @@ def _postgres_bin(name: str) -> str:
     return found[-1]  # the newest major version
 
 
-class PrivatePostgres:
+class PrivatePostgres(ServerProcess):
     """A throwaway PostgreSQL cluster (trust auth) for tests that stop and restart the server."""
 
     def __init__(self, start_timeout: float = 30):
@@ -272,19 +286,6 @@ class PrivatePostgres:
         # SIGINT is PostgreSQL's "fast" shutdown: it does not wait for clients to disconnect.
         stop_process(self._proc, signal.SIGINT, timeout=30)
 
-    def close(self) -> None:
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __enter__(self) -> PrivatePostgres:
-        try:
-            return self.start()
-        except BaseException:
-            self.close()
-            raise
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ from datetime import timedelta
 
 from worker.adapters import metrics
 from worker.adapters.docker import DockerError
-from worker.adapters.ledger import LedgerUnavailable, NewRun, utcnow
+from worker.adapters.ledger import LedgerUnavailable, utcnow
 from worker.cleanup_policy import Image, images_to_remove, repository_of
 from worker.tasks.steps import Step, StepContext, StepFailed
 
