@@ -182,3 +182,39 @@ def test_dry_run_records_what_it_would_do(edge):
     run = ledger.get_run(answer["alerts"][0]["run_id"])
     assert (run["status"], run["reason"]) == ("skipped", "dry run: would restart_service api")
     assert answer["enqueued"] == []
+
+
+def test_a_firing_skipped_while_locked_acts_on_a_resend_once_the_lock_is_gone(edge):
+    client, ledger = edge(config())
+    first = post(client, payload(alert("api", "0000000000000031")))
+    locked = post(client, payload(alert("api", "0000000000000032")))
+    assert outcomes(locked) == ["skip"]
+    again = post(client, payload(alert("api", "0000000000000032")))  # group_interval resend, still locked
+    assert outcomes(again) == ["skip"] and again["alerts"][0]["run_id"] == locked["alerts"][0]["run_id"]
+    fix(ledger, first["alerts"][0]["run_id"])
+    resend = post(client, payload(alert("api", "0000000000000032")))
+    assert outcomes(resend) == ["act"] and resend["enqueued"] == [locked["alerts"][0]["run_id"]]
+    run = ledger.get_run(locked["alerts"][0]["run_id"])
+    assert (run["status"], run["reason"], run["repeats"]) == ("queued", "rule matched", 2)
+    assert outcomes(post(client, payload(alert("api", "0000000000000032")))) == ["repeat"]  # acted: now final
+
+
+def test_a_firing_skipped_in_cooldown_acts_on_a_resend_after_the_cooldown(edge):
+    from datetime import timedelta
+
+    import sqlalchemy as sa
+
+    from worker.adapters.ledger import runs
+
+    client, ledger = edge(config(cooldown_seconds=600))
+    first = post(client, payload(alert("api", "0000000000000041")))
+    fix(ledger, first["alerts"][0]["run_id"])
+    cooling = post(client, payload(alert("api", "0000000000000041", starts_at="2026-12-03T10:10:00Z")))
+    assert outcomes(cooling) == ["skip"] and cooling["alerts"][0]["reason"].startswith("cooldown:")
+    # Ten minutes pass: move the first action back in time.
+    first_id = first["alerts"][0]["run_id"]
+    earlier = ledger.get_run(first_id)["created_at"] - timedelta(seconds=601)
+    with ledger.engine.begin() as conn:
+        conn.execute(sa.update(runs).where(runs.c.id == first_id).values(created_at=earlier))
+    resend = post(client, payload(alert("api", "0000000000000041", starts_at="2026-12-03T10:10:00Z")))
+    assert outcomes(resend) == ["act"] and resend["alerts"][0]["run_id"] == cooling["alerts"][0]["run_id"]

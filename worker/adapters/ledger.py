@@ -752,11 +752,34 @@ class IntakeTx:
                 out.append(RecordedRun(row.id, False, row.status))
         return out
 
-    def existing_runs(self, dedup_keys: Iterable[str]) -> set[str]:
+    def existing_runs(self, dedup_keys: Iterable[str]) -> dict[str, Any]:
+        """dedup key → (id, status, reason) of the runs that have one of these keys."""
         keys = list(set(dedup_keys))
         if not keys:
-            return set()
-        return set(self.conn.execute(sa.select(runs.c.dedup_key).where(runs.c.dedup_key.in_(keys))).scalars())
+            return {}
+        rows = self.conn.execute(
+            sa.select(runs.c.dedup_key, runs.c.id, runs.c.status, runs.c.reason).where(runs.c.dedup_key.in_(keys))
+        )
+        return {row.dedup_key: row for row in rows}
+
+    def reconsider_run(self, run_id: int, status: str, reason: str) -> RecordedRun:
+        """A firing skipped for a passing reason (a lock, a cooldown), decided again
+        on a later notification: the same run, now queued or skipped anew."""
+        queued = status == "queued"
+        self.conn.execute(
+            runs.update()
+            .where(runs.c.id == run_id, runs.c.status == "skipped")
+            .values(
+                status=status,
+                reason=reason,
+                repeats=runs.c.repeats + 1,
+                last_repeat_at=self.now,
+                finished_at=None if queued else self.now,
+                enqueued_at=self.now if queued else None,
+                enqueue_count=runs.c.enqueue_count + (1 if queued else 0),
+            )
+        )
+        return RecordedRun(run_id, False, status)
 
     def active_runs(self, targets: Iterable[str]) -> dict[str, int]:
         """target → the oldest queued or running run on it (escalations do not hold a target)."""

@@ -122,6 +122,18 @@ class _State:
             facts["escalated_in_cap_window"] = True
 
 
+# A firing skipped for one of these reasons is decided again when Alertmanager
+# sends it again: the lock or the cooldown may have passed since.
+PASSING_SKIPS = ("locked:", "cooldown:")
+
+
+@dataclass(frozen=True)
+class _Reconsider:
+    run_id: int
+    status: str
+    reason: str
+
+
 def accept_alerts(app: Celery, *, alerts: list[Alert], truncated: int, summary: str, body: str) -> AlertIntake:
     runtime = app.opsfleet
     decisions = decide_alerts(alerts, runtime.config)
@@ -131,10 +143,14 @@ def accept_alerts(app: Celery, *, alerts: list[Alert], truncated: int, summary: 
         tx.lock(f"target:{d.target}" for d in acting if d.target)
         event_id = tx.add_event(source="alertmanager", summary=summary, body=body)
         known = tx.existing_runs(d.dedup_key for d in acting)
-        # New firings: not in the ledger, and the first of any twins in this notification.
+        waiting = {
+            key: row for key, row in known.items() if row.status == "skipped" and row.reason.startswith(PASSING_SKIPS)
+        }
+        # Firings to decide: new to the ledger, or skipped for a reason that may
+        # have passed; the first of any twins in this notification.
         fresh, seen = [], set()
         for d in acting:
-            if d.dedup_key not in known and d.dedup_key not in seen:
+            if (d.dedup_key not in known or d.dedup_key in waiting) and d.dedup_key not in seen:
                 fresh.append(d)
                 seen.add(d.dedup_key)
         fresh_ids = {id(d) for d in fresh}
@@ -154,31 +170,42 @@ def accept_alerts(app: Celery, *, alerts: list[Alert], truncated: int, summary: 
                 outcome, reason, escalation = verdict.verdict, verdict.reason, None
                 if outcome == "act":
                     state.acted(d)
-                    run = _alert_run(d, "queued", reason)
+                if outcome == "dry_run":
+                    reason = f"dry run: would {d.playbook} {d.target or ''}".rstrip()
+                status = "queued" if outcome == "act" else "skipped"
+                if d.dedup_key in waiting:
+                    run = _Reconsider(waiting[d.dedup_key].id, status, reason)
                 else:
-                    if outcome == "dry_run":
-                        reason = f"dry run: would {d.playbook} {d.target or ''}".rstrip()
-                    run = _alert_run(d, "skipped", reason)
+                    run = _alert_run(d, status, reason)
                 if outcome == "escalate":
                     state.escalated(d, verdict.storm)
                     escalation = _escalation(d, reason, verdict.storm, len(alerts), tx.now)
                 plan.append((d, outcome, reason, run, escalation))
 
-        new_runs = [r for _, _, _, run, esc in plan for r in (run, esc) if r is not None]
-        recorded = iter(tx.add_runs(event_id, new_runs, enqueued=True))
+        new_runs = [r for _, _, _, run, esc in plan for r in (run, esc) if isinstance(r, NewRun)]
+        inserted = iter(tx.add_runs(event_id, new_runs, enqueued=True))
+        recorded = []
+        for _, _, _, run, esc in plan:
+            for r in (run, esc):
+                if isinstance(r, _Reconsider):
+                    recorded.append(tx.reconsider_run(r.run_id, r.status, r.reason))
+                elif r is not None:
+                    recorded.append(next(inserted))
+        recorded = iter(recorded)
         resolved_runs = tx.resolve_alert_runs((a.fingerprint, a.starts_at) for a in alerts if a.status == "resolved")
 
     report, queued, all_runs = [], [], set()
     for d, outcome, reason, run, escalation in plan:
         run_rec = next(recorded) if run is not None else None
         esc_rec = next(recorded) if escalation is not None else None
+        reconsidered = isinstance(run, _Reconsider)
         for rec in (run_rec, esc_rec):
             if rec is None:
                 continue
             all_runs.add(rec.id)
-            if rec.created and rec.status == "queued":
+            if (rec.created or reconsidered) and rec.status == "queued":
                 queued.append(rec.id)
-        if run_rec is not None and not run_rec.created and outcome != "repeat":
+        if run_rec is not None and not run_rec.created and not reconsidered and outcome != "repeat":
             outcome = "repeat"  # a twin decided the same alert first, in another process
         metrics.ALERT_DECISIONS.labels(outcome).inc()
         if run_rec is not None and run_rec.created and outcome in ("skip", "dry_run", "escalate"):
