@@ -179,3 +179,10 @@ def test_redact_hides_interpolated_values_and_credentials():
     loaded = parse_config(raw, source="t", base_dir=".", environ={"API_PW": "s3cret-pw", "SLACK_BOT_TOKEN": "xoxb-1234"})
     text = "http://u:s3cret-pw@h/health did not answer; token xoxb-1234; redis://:pw@r:6379/0"
     assert loaded.redact(text) == "http://u:***@h/health did not answer; token ***; redis://:***@r:6379/0"
+
+
+def test_host_playbooks_take_no_target():
+    found = problems(with_rules(rule(playbook="free_disk")))
+    assert any(p.startswith("remediation.rules[0]: free_disk acts on the host") for p in found), found
+    untargeted = {k: v for k, v in rule(playbook="rotate_logs").items() if k != "target"}
+    assert parse_config(with_rules(untargeted), source="t", base_dir=".", environ={})

@@ -153,6 +153,7 @@ def test_forty_targets_in_one_group_trip_the_storm_breaker(edge):
     queued = ledger.list_runs(status="queued")
     assert len(queued) == 1 and queued[0]["playbook"] == "escalate" and queued[0]["target"] is None
     assert queued[0]["params"]["storm"] is True
+    assert queued[0]["params"]["alert"].startswith("ServiceDown firing for 40 targets in this notification: svc-0, svc-1")
     # The storm goes on: more alerts for the rule, no action and no second escalation.
     later = post(client, payload(alert("svc-0", "00000000000000e0", starts_at="2026-12-03T10:01:00Z")))
     assert outcomes(later) == ["skip"] and len(ledger.list_runs(status="queued")) == 1
@@ -218,3 +219,15 @@ def test_a_firing_skipped_in_cooldown_acts_on_a_resend_after_the_cooldown(edge):
         conn.execute(sa.update(runs).where(runs.c.id == first_id).values(created_at=earlier))
     resend = post(client, payload(alert("api", "0000000000000041", starts_at="2026-12-03T10:10:00Z")))
     assert outcomes(resend) == ["act"] and resend["alerts"][0]["run_id"] == cooling["alerts"][0]["run_id"]
+
+
+def test_a_rule_that_escalates_pages_with_the_alert(edge):
+    raw = config()
+    raw["remediation"]["rules"].insert(0, {"name": "db-down", "match": ['alertname="DatabaseConnectionFailure"'],
+                                           "playbook": "escalate"})
+    client, ledger = edge(raw)
+    answer = post(client, payload(alert("api", "0000000000000051", alertname="DatabaseConnectionFailure")))
+    run = ledger.get_run(answer["alerts"][0]["run_id"])
+    assert (run["playbook"], run["status"], run["target"]) == ("escalate", "queued", None)
+    assert run["params"]["reason"] == "DatabaseConnectionFailure matched rule db-down"
+    assert run["params"]["alert"].startswith("DatabaseConnectionFailure firing since 2026-12-03T10:00:00Z (service=api)")

@@ -386,6 +386,10 @@ class RuleSpec(_Strict):
         # Only escalate (people) and the host playbooks go without a target.
         if self.target is None and self.playbook not in ("escalate", *HOST_PLAYBOOKS):
             raise ValueError(f"target is required for playbook {self.playbook}")
+        if self.target is not None and self.playbook in HOST_PLAYBOOKS:
+            raise ValueError(
+                f"{self.playbook} acts on the host (every log set, every backup series): remove target"
+            )
         return self
 
     @field_validator("match", mode="before")

@@ -31,7 +31,8 @@ def _tried(ctx: StepContext) -> list[str]:
     return [
         f"run #{r['id']} {r['playbook']}: {r['status']}" + (f" ({r['reason'][:80]})" if r["reason"] else "")
         for r in recent
-        if r["rule"] == run["rule"] and r["playbook"] != "escalate" and r["id"] != run["id"]
+        # Skipped runs tried nothing.
+        if r["rule"] == run["rule"] and r["playbook"] != "escalate" and r["status"] != "skipped"
     ][:5]
 
 

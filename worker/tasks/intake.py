@@ -44,6 +44,11 @@ def _summary(alert: Alert) -> str:
 
 
 def _alert_run(decision: AlertDecision, status: str, reason: str) -> NewRun:
+    params = decision.params
+    if decision.playbook == "escalate":
+        # A rule that pages: the page says which alert and why.
+        params = {**params, "reason": f"{decision.alert.name} matched rule {decision.rule}",
+                  "alert": _summary(decision.alert)}
     return NewRun(
         trigger="alert",
         playbook=decision.playbook or "",
@@ -51,7 +56,7 @@ def _alert_run(decision: AlertDecision, status: str, reason: str) -> NewRun:
         reason=reason,
         rule=decision.rule,
         target=decision.target,
-        params=decision.params,
+        params=params,
         summary=_summary(decision.alert),
         dedup_key=decision.dedup_key,
         fingerprint=decision.alert.fingerprint,
@@ -59,7 +64,7 @@ def _alert_run(decision: AlertDecision, status: str, reason: str) -> NewRun:
     )
 
 
-def _escalation(decision: AlertDecision, reason: str, storm: bool, alerts_in_payload: int, now) -> NewRun:
+def _escalation(decision: AlertDecision, reason: str, storm: bool, firing: list[AlertDecision], now) -> NewRun:
     target = None if storm else decision.target
     what = f"storm on rule {decision.rule}" if storm else f"{decision.rule} on {decision.target}"
     window = decision.policy.storm_window if storm else decision.policy.cap_window
@@ -71,12 +76,19 @@ def _escalation(decision: AlertDecision, reason: str, storm: bool, alerts_in_pay
         reason=reason,
         rule=decision.rule,
         target=target,
-        params={"reason": reason, "alert": _summary(decision.alert), "storm": storm, "alerts": alerts_in_payload},
+        params={"reason": reason, "alert": _storm_text(decision, firing) if storm else _summary(decision.alert),
+                "storm": storm, "alerts": len(firing)},
         summary=f"escalation: {what}: {reason}",
         # One escalation per rule (storm) or rule and target (cap) per window,
         # however many web processes decide at once.
         dedup_key=f"escalate:{decision.rule}:{target or '*storm*'}:{bucket}",
     )
+
+
+def _storm_text(decision: AlertDecision, firing: list[AlertDecision]) -> str:
+    subjects = sorted({d.subject for d in firing if d.rule == decision.rule})
+    shown = ", ".join(subjects[:20]) + (f" and {len(subjects) - 20} more" if len(subjects) > 20 else "")
+    return f"{decision.alert.name} firing for {len(subjects)} targets in this notification: {shown}"
 
 
 class _State:
@@ -179,7 +191,7 @@ def accept_alerts(app: Celery, *, alerts: list[Alert], truncated: int, summary: 
                     run = _alert_run(d, status, reason)
                 if outcome == "escalate":
                     state.escalated(d, verdict.storm)
-                    escalation = _escalation(d, reason, verdict.storm, len(alerts), tx.now)
+                    escalation = _escalation(d, reason, verdict.storm, acting, tx.now)
                 plan.append((d, outcome, reason, run, escalation))
 
         new_runs = [r for _, _, _, run, esc in plan for r in (run, esc) if isinstance(r, NewRun)]
