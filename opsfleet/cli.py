@@ -91,6 +91,14 @@ def _alertmanager_token(loaded: LoadedConfig) -> tuple[str, str]:
     return token, f"generated now and saved to {path} (mode 0600); shown only this once: {token}"
 
 
+def _die_with_parent() -> None:
+    """In each child of `opsfleet run` (Linux): SIGTERM when opsfleet run dies,
+    however it dies (SIGKILL, a closed SSH session), so nothing is left running."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
 def _port_free(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -146,7 +154,11 @@ def run(ctx: click.Context, port: int | None, host: str | None) -> None:
     host = host or loaded.config.web.host
     port = port or loaded.config.web.port
     if not _port_free(host, port):
-        click.echo(f"opsfleet: {host}:{port} is in use: stop what listens there, or choose --port", err=True)
+        click.echo(
+            f"opsfleet: {host}:{port} is in use: stop what listens there (an earlier `opsfleet run`? "
+            f"see `ss -ltnp 'sport = :{port}'`), or choose --port",
+            err=True,
+        )
         ctx.exit(1)
 
     from worker.adapters.ledger import LedgerUnavailable
@@ -171,7 +183,7 @@ def run(ctx: click.Context, port: int | None, host: str | None) -> None:
 
     procs: dict[str, subprocess.Popen] = {}
     for name, argv in _children(loaded, host, port).items():
-        procs[name] = subprocess.Popen(argv, env=env)
+        procs[name] = subprocess.Popen(argv, env=env, preexec_fn=_die_with_parent)
 
     base = f"http://{host}:{port}"
     broker = "Redis" if loaded.secrets.get("REDIS_URL") else f"embedded broker in {data_dir / 'broker'}"

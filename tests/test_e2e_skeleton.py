@@ -8,6 +8,7 @@ counts it.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import sys
@@ -258,3 +259,32 @@ def test_worker_killed_inside_a_step_fails_the_run_once_and_frees_the_target(tmp
         assert fleet.wait_run(next_id)["status"] == "succeeded"
         assert started_at(api_container) != before
         assert fleet.api(f"/runs/{run_id}")["status"] == "failed"  # ended once, stays ended
+
+
+def test_opsfleet_run_killed_takes_web_worker_and_beat_with_it(tmp_path):
+    import os
+
+    import psutil
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL", "PROMETHEUS_MULTIPROC_DIR", "OPSFLEET_CONFIG")}
+    env["PYTHONPATH"] = str(REPO)
+    log = tmp_path / "run.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "opsfleet.cli", "run", "--port", str(port)], cwd=tmp_path,
+                                env=env, stdout=out, stderr=subprocess.STDOUT)
+    children = []
+    try:
+        wait_for(lambda: requests.get(f"http://127.0.0.1:{port}/readyz", timeout=2).ok, 60,
+                 what=f"opsfleet run ready\n{log_tail(log)}")
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert len(children) >= 3
+        proc.kill()  # as when an SSH session drops: no chance to stop its children
+        proc.wait(10)
+        gone, alive = psutil.wait_procs(children, timeout=30)
+        assert not alive, [p.cmdline() for p in alive]
+    finally:
+        stop_process(proc, signal.SIGKILL)
+        for child in children:  # a failed run of this test leaves nothing behind
+            with contextlib.suppress(psutil.Error):
+                child.kill()
