@@ -382,8 +382,14 @@ def _print_run(run: dict) -> None:
 
 def _engine(ctx: click.Context):
     """The Celery app (for its tasks, run here in-process) and its ledger, migrated."""
+    import logging
+
     from worker.adapters.ledger import LedgerUnavailable
     from worker.celery_factory import create_celery
+
+    # Steps run here through Celery's task machinery: its per-task INFO lines
+    # would interleave with the progress this command prints.
+    logging.getLogger("celery.app.trace").setLevel(logging.WARNING)
 
     loaded = _load(ctx)
     app = create_celery(loaded)
@@ -480,10 +486,20 @@ def backup_list(ctx, kind, as_json) -> None:
 def backup_run(ctx, kinds, names) -> None:
     """Back up now, as one set; recorded in the ledger as a manual run."""
     app = _engine(ctx)
-    wanted = list(kinds) + list(names) or list(app.opsfleet.config.backup.series)
-    if not wanted:
+    series = app.opsfleet.config.backup.series
+    if not series:
         click.echo("opsfleet: no backup series configured (backup.series)", err=True)
         ctx.exit(2)
+    known_kinds = {spec.kind for spec in series.values()}
+    for kind in kinds:
+        if kind not in known_kinds:
+            click.echo(f"opsfleet: --kind {kind}: no series of that kind (kinds: {', '.join(sorted(known_kinds))})", err=True)
+            ctx.exit(2)
+    for name in names:
+        if name not in series:
+            click.echo(f"opsfleet: --series {name}: no such series (series: {', '.join(sorted(series))})", err=True)
+            ctx.exit(2)
+    wanted = list(kinds) + list(names) or list(series)
     _execute(ctx, app, "backup_set", {"series": wanted}, "all")
 
 
@@ -585,20 +601,34 @@ def _kinds(database, documents, config, models, default):
 @click.option("--documents", is_flag=True, help="Restore documents series.")
 @click.option("--config", "config_files", is_flag=True, help="Restore config series.")
 @click.option("--models", is_flag=True, help="Restore models series.")
-@click.option("--target-db", help="Restore the database into this new database and stop there (no swap).")
+@click.option(
+    "--target-db",
+    help="Restore the database into this new database and stop there (no swap). "
+    "Alone, it restores the database only; add --documents etc. to restore those in place too.",
+)
 @click.option("--dry-run", is_flag=True, help="Show what would be restored; change nothing.")
 @click.option("--yes", is_flag=True, help="Do not ask.")
 @click.pass_context
 def restore(ctx, set_id, latest, database, documents, config_files, models, target_db, dry_run, yes) -> None:
-    """Restore from a backup set (default items: database and documents).
+    """Restore from a backup set (default items: database and documents; with
+    --target-db, the database only).
 
     A database goes into a fresh database first and is checked against the
     manifest's row counts; only then is it swapped in (rename; the services in
     stop_services stopped and started), the old one kept as <name>_before_<run>.
     A documents tree is extracted beside the current one, which is moved aside
     to <path>.before-restore-<run>. Recorded as a run in the ledger."""
+    from worker.adapters.postgres import PostgresError, check_db_name
+
     loaded = _load(ctx)
-    kinds = _kinds(database, documents, config_files, models, ["database", "documents"])
+    if target_db:
+        try:
+            check_db_name(target_db)
+        except PostgresError as err:
+            click.echo(f"opsfleet: --target-db: {err}", err=True)
+            ctx.exit(2)
+    # A restore to the side (--target-db) touches nothing live unless asked to.
+    kinds = _kinds(database, documents, config_files, models, ["database"] if target_db else ["database", "documents"])
     click.echo("restore plan:")
     plan = _restore_plan(ctx, loaded, set_id, latest, kinds)
     if target_db:

@@ -141,6 +141,25 @@ def test_restore_refuses_without_a_set_and_a_missing_set(site):
     assert result.exit_code == 1 and "hold no verified item" in result.output
 
 
+def test_restore_to_a_side_database_leaves_everything_live_alone_and_names_are_checked_first(site):
+    opsfleet(site, "backup", "run")
+    docs = site["docs"]
+    (docs / "added-after.txt").write_text("live\n")
+    bad = opsfleet(site, "restore", "--latest", "--target-db", "bad-name", "--yes", ok=False)
+    assert bad.exit_code == 2 and "--target-db:" in bad.output and "Traceback" not in bad.output
+    plan = opsfleet(site, "restore", "--latest", "--target-db", "side_copy", "--dry-run").output
+    assert "documents" not in plan.split("restore plan:")[1]
+    assert (docs / "added-after.txt").exists()
+
+
+def test_backup_run_refuses_unknown_series_and_kinds_up_front(site):
+    for args, says in ((("--series", "nope"), "--series nope: no such series"),
+                       (("--kind", "bogus"), "--kind bogus: no series of that kind")):
+        result = opsfleet(site, "backup", "run", *args, ok=False)
+        assert result.exit_code == 2 and says in result.output
+    assert "backup_set" not in opsfleet(site, "runs", "--json").output
+
+
 def test_recover_latest_brings_busybox_services_back_through_the_health_gate(site, make_container, monkeypatch):
     api = make_container("opsfleet-bk-api")
     worker = make_container("opsfleet-bk-worker")

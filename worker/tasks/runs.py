@@ -171,7 +171,8 @@ def finish_run(self, run_id: int) -> None:
         raise self.retry(countdown=5, exc=err) from None
     if run is None or run["status"] != "running":
         return
-    end_run(self.app, run, "succeeded", f"{len(run['steps'])} steps succeeded")
+    count = len(run["steps"])
+    end_run(self.app, run, "succeeded", f"{count} step{'' if count == 1 else 's'} succeeded")
 
 
 def execute_inline(app, run_id: int, on_step=None) -> dict:
