@@ -1,0 +1,130 @@
+"""Pure deploy decisions, tested as tables (tests/test_deploy_decisions.py).
+
+- `decide_push`: a GitHub push payload → which environments deploy which
+  commit with which images, or why it is ignored.
+- `judge_deploy`: newest wins. A webhook deploy older than (or equal to) the
+  live release never overrides it; of several waiting deploys only the
+  newest runs, the others end `superseded`.
+
+Order of pushes: `repository.pushed_at` (GitHub's push time, seconds), then
+`head_commit.timestamp` (commit time) for two pushes in one second. Both are
+GitHub's times, not the order deliveries happen to arrive in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from worker.config import Config, DeployEnvironment
+
+ZERO_SHA = "0" * 40
+
+
+@dataclass(frozen=True)
+class PushDeploy:
+    environment: str
+    sha: str
+    ref: str
+    tag: str  # the image tag, from the environment's tag_template
+    images: dict[str, str]  # service → image reference (repository:tag)
+    order: tuple[float, float]  # (pushed_at, commit time), seconds since the epoch
+
+
+@dataclass(frozen=True)
+class PushDecision:
+    deploys: tuple[PushDeploy, ...]
+    ignored: str = ""  # why nothing deploys (when deploys is empty)
+
+
+def _epoch(value: Any) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str) and value:
+        try:
+            return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            return 0.0
+    return 0.0
+
+
+def image_tag(env: DeployEnvironment, *, sha: str, branch: str = "", tag: str = "") -> str:
+    return env.tag_template.format(sha=sha, short_sha=sha[:7], branch=branch.replace("/", "-"), tag=tag)
+
+
+def images_for(env: DeployEnvironment, tag: str) -> dict[str, str]:
+    return {service: f"{env.image_repository(service)}:{tag}" for service in env.services}
+
+
+def push_order(payload: dict) -> tuple[float, float]:
+    repo = payload.get("repository") or {}
+    head = payload.get("head_commit") or {}
+    return (_epoch(repo.get("pushed_at")), _epoch(head.get("timestamp")))
+
+
+def decide_push(payload: dict, config: Config) -> PushDecision:
+    """Which environments a push deploys. Pure: the payload and the configuration only."""
+    ref = payload.get("ref")
+    after = payload.get("after")
+    if not isinstance(ref, str) or not isinstance(after, str):
+        return PushDecision((), "not a push payload: ref and after must be strings")
+    if payload.get("deleted") or after == ZERO_SHA:
+        return PushDecision((), f"ref deleted: {ref}")
+    if not (len(after) == 40 and all(c in "0123456789abcdef" for c in after)):
+        return PushDecision((), f"after is not a commit sha: {after[:50]!r}")
+    repo = (payload.get("repository") or {}).get("full_name") or ""
+    branch = ref.removeprefix("refs/heads/") if ref.startswith("refs/heads/") else None
+    tag = ref.removeprefix("refs/tags/") if ref.startswith("refs/tags/") else None
+    order = push_order(payload)
+    deploys, reasons = [], []
+    for name, env in sorted(config.deploy.environments.items()):
+        if env.repository and env.repository.lower() != repo.lower():
+            reasons.append(f"{name}: repository {repo or '(none)'} is not {env.repository}")
+            continue
+        if branch is not None and env.branch == branch:
+            image = image_tag(env, sha=after, branch=branch)
+        elif tag is not None and env.tags and tag.startswith("v"):
+            image = image_tag(env, sha=after, tag=tag)
+        else:
+            wants = " or ".join(([f"branch {env.branch}"] if env.branch else []) + (["v* tags"] if env.tags else []))
+            reasons.append(f"{name}: {ref} is not {wants}")
+            continue
+        if "{tag}" in env.tag_template and tag is None:
+            reasons.append(f"{name}: tag_template needs {{tag}} but {ref} is a branch")
+            continue
+        deploys.append(PushDeploy(name, after, ref, image, images_for(env, image), order))
+    if deploys:
+        return PushDecision(tuple(deploys))
+    return PushDecision((), "; ".join(reasons) or "no deploy environments configured")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    go: bool
+    reason: str = ""
+
+
+def judge_deploy(
+    *,
+    run_id: int,
+    order: tuple[float, float],
+    deliberate: bool,
+    live_order: tuple[float, float] | None,
+    live_sha: str | None,
+    sha: str,
+    waiting: dict[int, tuple[float, float]],
+) -> Verdict:
+    """May this deploy go ahead? `waiting`: the other queued or running deploys
+    of the environment (run id → order). `deliberate`: a CLI or API deploy,
+    which may go back to an older commit (and is never superseded by order)."""
+    if not deliberate:
+        if live_order is not None and tuple(order) < tuple(live_order):
+            return Verdict(False, f"superseded: the live release {(live_sha or '')[:7]} was pushed after {sha[:7]}")
+        if live_sha == sha:
+            return Verdict(False, f"superseded: {sha[:7]} is live already")
+        # A newer waiting deploy wins; two with the same order: the later run.
+        newer = [rid for rid, o in waiting.items() if (tuple(o), rid) > (tuple(order), run_id)]
+        if newer:
+            return Verdict(False, f"superseded by run {max(newer)}, a newer push")
+    return Verdict(True)
