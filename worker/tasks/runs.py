@@ -23,7 +23,7 @@ from worker.adapters.ledger import LedgerUnavailable
 from worker.celery_factory import host_queue
 from worker.logs import run_context
 from worker.tasks.playbooks import PLAYBOOKS
-from worker.tasks.steps import StepContext, StepFailed, StepSkipped, hold_if_asked
+from worker.tasks.steps import StepContext, StepEnded, StepFailed, StepSkipped, hold_if_asked
 
 log = logging.getLogger("opsfleet.runs")
 
@@ -136,7 +136,7 @@ def run_step(self, run_id: int, seq: int) -> None:
         raise Ignore()
 
     began = time.monotonic()
-    status, output = "succeeded", ""
+    status, output, ended = "succeeded", "", None
     try:
         with run_context(run_id):  # every line the step logs carries the run id
             hold_if_asked(run["playbook"], step.name, run_id)
@@ -145,6 +145,8 @@ def run_step(self, run_id: int, seq: int) -> None:
         status, output = "failed", str(err)
     except StepSkipped as err:
         status, output = "skipped", str(err)
+    except StepEnded as err:
+        status, output, ended = err.step_status, str(err), err
     except SoftTimeLimitExceeded:
         status, output = "failed", f"timed out after {time.monotonic() - began:.0f}s"
     except Exception as err:  # a bug or an unexpected outside error: the stack goes to the log only
@@ -154,6 +156,9 @@ def run_step(self, run_id: int, seq: int) -> None:
     output = runtime.loaded.redact(output)  # step output goes to the ledger, the API and Slack
     _ledger_write(ledger.end_step, run_id, seq, status, output, _step_lease(self.app))
     metrics.STEPS_FINISHED.labels(run["playbook"], step.name, status).inc()
+    if ended is not None:
+        end_run(self.app, run, ended.status, output.splitlines()[0] if output else ended.status)
+        raise Ignore()
     if status == "skipped":
         end_run(self.app, run, "skipped", output)
         raise Ignore()

@@ -1,0 +1,222 @@
+"""Push-triggered deploys end to end on the private dockerd: a signed push at the
+edge (in-process Flask), the deploy run executed step by step through the same
+tasks a worker runs (execute_inline), real containers, real HTTP health checks.
+
+Images are built here from the test busybox image: busybox httpd serving
+/www on a 127.0.0.1 port (network_mode host). A "good" tag serves /health;
+the "bad" tag has none (404), so its health gate fails. Tags carry a registry
+host nobody listens on (127.0.0.1:1), so a tag that is not built locally
+cannot be pulled, quickly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import io
+import json
+import tarfile
+import uuid
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.support.servers import TEST_DOCKER_HOST, TEST_IMAGE, free_port
+from webhooks import create_app
+from worker.celery_factory import create_celery
+from worker.config import parse_config
+from worker.tasks.runs import execute_inline
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "github"
+SECRET = "gh-deploy-secret-7"
+REPO = f"127.0.0.1:1/opsfleet-deployapp-{uuid.uuid4().hex[:8]}"
+SHA = {name: (name * 40)[:40] for name in ("a", "b", "c", "d", "e")}  # a, b good; c bad; d never built; e bad
+TAG = {name: f"main-{sha[:7]}" for name, sha in SHA.items()}
+
+
+def _context(files: dict[str, str]) -> io.BytesIO:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        dockerfile = f"FROM {TEST_IMAGE}\nCOPY www /www\n".encode()
+        entries = {"Dockerfile": dockerfile, **{f"www/{k}": v.encode() for k, v in files.items()}}
+        for name, data in entries.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    buffer.seek(0)
+    return buffer
+
+
+@pytest.fixture(scope="module")
+def images(dockerd):
+    """repo:v1 (good, the running version before any deploy), a and b good, c and e bad."""
+    built = []
+    for name, healthy in (("v1", True), ("a", True), ("b", True), ("c", False), ("e", False)):
+        files = {"version": name}
+        if healthy:
+            files["health"] = "ok"
+        tag = "v1" if name == "v1" else TAG[name]
+        image, _ = dockerd.images.build(fileobj=_context(files), custom_context=True, tag=f"{REPO}:{tag}", rm=True)
+        built.append(f"{REPO}:{tag}")
+    yield built
+    for ref in built:
+        try:
+            dockerd.images.remove(ref, force=True)
+        except Exception:
+            pass
+
+
+@pytest.fixture
+def stack(tmp_path, dockerd, images):
+    """One service `app` (busybox httpd on a free port) in environment `prod`, on repo:v1."""
+    port = free_port()
+    name = f"opsfleet-deploy-{uuid.uuid4().hex[:8]}"
+    command = ["httpd", "-f", "-p", f"127.0.0.1:{port}", "-h", "/www"]
+
+    def start(tag="v1"):
+        return dockerd.containers.run(f"{REPO}:{tag}", command, name=name, detach=True, network_mode="host",
+                                      labels={"com.docker.compose.service": "app"})
+
+    raw = {
+        "fleet": {"data_dir": str(tmp_path / "data")},
+        "services": {"app": {"container": name, "health_url": f"http://127.0.0.1:{port}/health"}},
+        "deploy": {
+            "lock_wait_seconds": 2,
+            "environments": {
+                "prod": {"branch": "master", "services": ["app"], "image": REPO, "tag_template": "main-{short_sha}",
+                         "health": {"passes": 2, "interval_seconds": 0.2, "timeout_seconds": 3},
+                         "stop_timeout_seconds": 1, "min_free_bytes": 1024},
+            },
+        },
+    }
+    environ = {"ALERTMANAGER_TOKEN": "am-token-xyz", "GITHUB_WEBHOOK_SECRET": SECRET, "DOCKER_HOST": TEST_DOCKER_HOST}
+    loaded = parse_config(raw, source="test", base_dir=tmp_path, environ=environ)
+    web = create_app(loaded=loaded)
+    worker = create_celery(loaded)
+
+    class Stack:
+        pass
+
+    s = Stack()
+    s.name, s.port, s.start, s.loaded = name, port, start, loaded
+    s.client, s.app, s.ledger = web.test_client(), worker, worker.opsfleet.ledger
+    yield s
+    for c in dockerd.containers.list(all=True, filters={"name": name}):
+        c.remove(force=True)
+
+
+def push(stack, commit: str, pushed_at: int, delivery: str | None = None):
+    payload = json.loads((FIXTURES / "push.with-new-branch.json").read_bytes())
+    payload["after"] = SHA[commit]
+    payload["head_commit"]["id"] = SHA[commit]
+    payload["repository"]["pushed_at"] = pushed_at
+    data = json.dumps(payload).encode()
+    signature = "sha256=" + hmac.new(SECRET.encode(), data, hashlib.sha256).hexdigest()
+    answer = stack.client.post("/hooks/github", data=data, headers={
+        "X-GitHub-Event": "push", "X-GitHub-Delivery": delivery or str(uuid.uuid4()),
+        "X-Hub-Signature-256": signature, "Content-Type": "application/json"})
+    assert answer.status_code in (200, 202), answer.json
+    return answer
+
+
+def serving(stack) -> str:
+    return requests.get(f"http://127.0.0.1:{stack.port}/version", timeout=5).text
+
+
+def image_of(dockerd, stack) -> str:
+    return dockerd.containers.get(stack.name).attrs["Config"]["Image"]
+
+
+def deploy(stack, commit: str, pushed_at: int) -> dict:
+    [run_id] = push(stack, commit, pushed_at).json["runs"]
+    return execute_inline(stack.app, run_id)
+
+
+def test_a_signed_push_deploys_the_new_tag_and_health_passes(stack, dockerd):
+    stack.start()
+    assert serving(stack) == "v1"
+    run = deploy(stack, "a", 1000)
+    assert run["status"] == "succeeded", run
+    assert [s["name"] for s in run["steps"]] == ["lock", "validate", "pull", "recreate", "health", "record"]
+    assert image_of(dockerd, stack) == f"{REPO}:{TAG['a']}" and serving(stack) == "a"
+    container = dockerd.containers.get(stack.name)
+    assert container.labels["com.docker.compose.service"] == "app"  # same configuration, new image
+    [release] = stack.ledger.list_releases("prod")
+    assert (release["sha"], release["status"], release["current"]) == (SHA["a"], "live", True)
+    assert release["previous_images"] == {"app": f"{REPO}:v1"}
+    assert stack.ledger.get_lock("deploy:prod") is None
+
+
+def test_a_tag_whose_health_fails_rolls_back_and_the_previous_version_serves(stack, dockerd):
+    stack.start()
+    assert deploy(stack, "a", 1000)["status"] == "succeeded"
+    run = deploy(stack, "c", 2000)
+    assert run["status"] == "rolled_back", run
+    assert "health gate failed" in run["reason"] and "rolled back" in run["reason"]
+    assert image_of(dockerd, stack) == f"{REPO}:{TAG['a']}" and serving(stack) == "a"
+    current = stack.ledger.current_release("prod")
+    assert current["sha"] == SHA["a"]
+    assert stack.ledger.release_of_run(run["id"])["status"] == "rolled_back"
+    assert stack.ledger.get_lock("deploy:prod") is None
+
+
+def test_a_failed_rollback_ends_rollback_failed_and_escalates(stack, dockerd):
+    stack.start(TAG["e"])  # the version running now is unhealthy too
+    run = deploy(stack, "c", 1000)
+    assert run["status"] == "rollback_failed", run
+    escalations = [r for r in stack.ledger.list_runs() if r["playbook"] == "escalate"]
+    assert len(escalations) == 1 and escalations[0]["status"] == "queued"
+    assert "rollback failed" in escalations[0]["params"]["reason"]
+    assert stack.ledger.get_lock("deploy:prod") is None
+
+
+def test_a_tag_that_cannot_be_pulled_stops_nothing(stack, dockerd):
+    before = stack.start()
+    before.reload()
+    run = deploy(stack, "d", 1000)
+    assert run["status"] == "failed", run
+    assert run["steps"][-1]["name"] == "pull" and "nothing was stopped" in run["reason"]
+    after = dockerd.containers.get(stack.name)
+    assert after.id == before.id and after.status == "running"
+    assert after.attrs["State"]["StartedAt"] == before.attrs["State"]["StartedAt"]
+    assert serving(stack) == "v1"
+    assert stack.ledger.list_releases("prod") == []
+    assert stack.ledger.get_lock("deploy:prod") is None
+
+
+def test_the_same_delivery_twice_is_one_deploy(stack, dockerd):
+    stack.start()
+    first = push(stack, "a", 1000, delivery="dup-1")
+    again = push(stack, "a", 1000, delivery="dup-1")
+    assert again.status_code == 200 and again.json["runs"] == first.json["runs"]
+    assert execute_inline(stack.app, first.json["runs"][0])["status"] == "succeeded"
+    assert len(stack.ledger.list_releases("prod")) == 1
+    assert len([r for r in stack.ledger.list_runs() if r["playbook"] == "deploy"]) == 1
+
+
+def test_a_then_b_waiting_together_only_b_runs(stack, dockerd):
+    stack.start()
+    [a] = push(stack, "a", 1000).json["runs"]
+    [b] = push(stack, "b", 1001).json["runs"]
+    run_a = execute_inline(stack.app, a)
+    assert run_a["status"] == "superseded" and f"run {b}" in run_a["reason"]
+    assert execute_inline(stack.app, b)["status"] == "succeeded"
+    assert serving(stack) == "b"
+
+
+def test_b_then_a_out_of_order_leaves_b_live(stack, dockerd):
+    stack.start()
+    assert deploy(stack, "b", 1001)["status"] == "succeeded"
+    run_a = deploy(stack, "a", 1000)  # older push, delivered later
+    assert run_a["status"] == "superseded" and "was pushed after" in run_a["reason"]
+    assert serving(stack) == "b" and stack.ledger.current_release("prod")["sha"] == SHA["b"]
+
+
+def test_a_then_b_in_sequence_leaves_b_live(stack, dockerd):
+    stack.start()
+    assert deploy(stack, "a", 1000)["status"] == "succeeded"
+    assert deploy(stack, "b", 1001)["status"] == "succeeded"
+    assert serving(stack) == "b"
+    releases = stack.ledger.list_releases("prod")
+    assert [(r["sha"][0], r["current"]) for r in releases] == [("b", True), ("a", False)]
