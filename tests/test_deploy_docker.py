@@ -220,3 +220,47 @@ def test_a_then_b_in_sequence_leaves_b_live(stack, dockerd):
     assert serving(stack) == "b"
     releases = stack.ledger.list_releases("prod")
     assert [(r["sha"][0], r["current"]) for r in releases] == [("b", True), ("a", False)]
+
+
+def _holder_run(stack, status="running") -> int:
+    from worker.adapters.ledger import NewRun
+
+    run_id = stack.ledger.record_event(source="t", summary="", body="", new_runs=[
+        NewRun(trigger="manual", triggered_by="test", playbook="deploy", target="other-env",
+               params={"sha": "f" * 40, "order": [0, 0], "images": {}})]).runs[0].id
+    stack.ledger.claim_run(run_id, "test-worker", 600)
+    assert stack.ledger.acquire_lock("deploy:prod", f"run:{run_id}", 600)
+    if status != "running":
+        stack.ledger.finish_run(run_id, status, "worker lost: the step lease expired")
+    return run_id
+
+
+def test_a_deploy_waits_for_the_environment_lock_and_gives_up_touching_nothing(stack, dockerd):
+    before = stack.start()
+    holder = _holder_run(stack)
+    run = deploy(stack, "a", 1000)  # deploy.lock_wait_seconds: 2
+    assert run["status"] == "failed" and run["steps"][-1]["name"] == "lock"
+    assert f"held by run:{holder}" in run["reason"]
+    assert dockerd.containers.get(stack.name).id == before.id and serving(stack) == "v1"
+    assert stack.ledger.get_lock("deploy:prod")["holder"] == f"run:{holder}"  # not ours to release
+
+
+def test_the_lock_of_a_run_that_died_is_taken_over_and_the_deploy_proceeds(stack, dockerd):
+    stack.start()
+    _holder_run(stack, status="failed")  # its worker was killed; the sweeper failed the run
+    run = deploy(stack, "a", 1000)
+    assert run["status"] == "succeeded", run
+    assert serving(stack) == "a" and stack.ledger.get_lock("deploy:prod") is None
+
+
+def test_cleanup_protects_the_current_release_and_its_rollback_targets(stack, dockerd):
+    from worker.tasks.cleanup import protected_images
+    from worker.tasks.steps import StepContext
+
+    stack.start()
+    for commit, at in (("a", 1000), ("b", 1001)):
+        assert deploy(stack, commit, at)["status"] == "succeeded"
+    assert deploy(stack, "c", 1002)["status"] == "rolled_back"  # never live: not a rollback target
+    protected = protected_images(StepContext(stack.app.opsfleet, {"id": 0, "params": {}}))
+    assert {f"{REPO}:{TAG['a']}", f"{REPO}:{TAG['b']}"} <= protected
+    assert f"{REPO}:{TAG['c']}" not in protected

@@ -90,8 +90,9 @@ def decide_push(payload: dict, config: Config) -> PushDecision:
             wants = " or ".join(([f"branch {env.branch}"] if env.branch else []) + (["v* tags"] if env.tags else []))
             reasons.append(f"{name}: {ref} is not {wants}")
             continue
-        if "{tag}" in env.tag_template and tag is None:
-            reasons.append(f"{name}: tag_template needs {{tag}} but {ref} is a branch")
+        if "{tag}" in env.tag_template and tag is None or "{branch}" in env.tag_template and branch is None:
+            field = "{tag}" if tag is None else "{branch}"
+            reasons.append(f"{name}: tag_template {env.tag_template} needs {field}, which {ref} does not give")
             continue
         deploys.append(PushDeploy(name, after, ref, image, images_for(env, image), order))
     if deploys:
