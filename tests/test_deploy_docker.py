@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from tests.support.github_recorder import GitHubRecorder
 from tests.support.servers import TEST_DOCKER_HOST, TEST_IMAGE, free_port
 from webhooks import create_app
 from worker.celery_factory import create_celery
@@ -68,7 +69,13 @@ def images(dockerd):
 
 
 @pytest.fixture
-def stack(tmp_path, dockerd, images):
+def github():
+    with GitHubRecorder() as recorder:
+        yield recorder
+
+
+@pytest.fixture
+def stack(tmp_path, dockerd, images, github):
     """One service `app` (busybox httpd on a free port) in environment `prod`, on repo:v1."""
     port = free_port()
     name = f"opsfleet-deploy-{uuid.uuid4().hex[:8]}"
@@ -79,7 +86,7 @@ def stack(tmp_path, dockerd, images):
                                       labels={"com.docker.compose.service": "app"})
 
     raw = {
-        "fleet": {"data_dir": str(tmp_path / "data")},
+        "fleet": {"data_dir": str(tmp_path / "data"), "public_url": "http://opsfleet.test"},
         "services": {"app": {"container": name, "health_url": f"http://127.0.0.1:{port}/health"}},
         "deploy": {
             "lock_wait_seconds": 2,
@@ -90,7 +97,8 @@ def stack(tmp_path, dockerd, images):
             },
         },
     }
-    environ = {"ALERTMANAGER_TOKEN": "am-token-xyz", "GITHUB_WEBHOOK_SECRET": SECRET, "DOCKER_HOST": TEST_DOCKER_HOST}
+    environ = {"ALERTMANAGER_TOKEN": "am-token-xyz", "GITHUB_WEBHOOK_SECRET": SECRET, "DOCKER_HOST": TEST_DOCKER_HOST,
+               "GITHUB_TOKEN": github.token, "GITHUB_API_URL": github.base_url}
     loaded = parse_config(raw, source="test", base_dir=tmp_path, environ=environ)
     web = create_app(loaded=loaded)
     worker = create_celery(loaded)
@@ -264,3 +272,77 @@ def test_cleanup_protects_the_current_release_and_its_rollback_targets(stack, do
     protected = protected_images(StepContext(stack.app.opsfleet, {"id": 0, "params": {}}))
     assert {f"{REPO}:{TAG['a']}", f"{REPO}:{TAG['b']}"} <= protected
     assert f"{REPO}:{TAG['c']}" not in protected
+
+
+def report(stack, run_id):
+    return stack.app.tasks["opsfleet.report.github"].apply(args=(run_id,)).get()
+
+
+def test_github_sees_queued_in_progress_success_and_the_previous_deployment_goes_inactive(stack, github):
+    stack.start()
+    first = deploy(stack, "a", 1000)
+    assert report(stack, first["id"]) == ["queued", "in_progress", "success"]
+    assert report(stack, first["id"]) == []  # converged: nothing posted twice
+    [dep_a] = github.deployments.values()
+    assert (dep_a["sha"], dep_a["repository"], dep_a["environment"]) == (SHA["a"], "Codertocat/Hello-World", "prod")
+    assert dep_a["auto_merge"] is False and dep_a["required_contexts"] == []
+    assert dep_a["payload"] == {"opsfleet_run": first["id"]}
+    success = dep_a["statuses"][-1]
+    assert success["log_url"] == f"http://opsfleet.test/api/runs/{first['id']}" and len(success["description"]) <= 140
+
+    second = deploy(stack, "b", 1001)
+    assert report(stack, second["id"]) == ["queued", "in_progress", "success"]
+    assert github.states(dep_a["id"]) == ["queued", "in_progress", "success", "inactive"]
+
+
+def test_github_sees_failure_after_a_rollback(stack, github):
+    stack.start()
+    run = deploy(stack, "c", 1000)
+    assert run["status"] == "rolled_back"
+    assert report(stack, run["id"]) == ["queued", "in_progress", "failure"]
+    [dep] = github.deployments.values()
+    description = dep["statuses"][-1]["description"]
+    assert description.startswith(f"#{run['id']} rolled_back: health gate failed") and len(description) <= 140
+
+
+def test_a_502_from_github_is_retried_without_a_second_deployment(stack, github):
+    from worker.adapters.github import GitHubAdapter, GitHubError
+    from worker.tasks.report_github import report_deploy
+
+    stack.start()
+    run = deploy(stack, "a", 1000)
+    adapter = GitHubAdapter(github.token, github.base_url, 5)
+    github.fail_next = [502]  # the deployment's creation
+    with pytest.raises(GitHubError) as err:
+        report_deploy(stack.app.opsfleet, adapter, run["id"])
+    assert err.value.retryable
+    posted = report_deploy(stack.app.opsfleet, adapter, run["id"])
+    assert posted == ["queued", "in_progress", "success"] and len(github.deployments) == 1
+    # A 502 in the middle of the statuses: the retry posts only what is missing.
+    second = deploy(stack, "b", 1001)
+    github.fail_next = []
+    original = github._answer
+    answers = iter([None, None, 502])  # deployment, queued, then in_progress fails
+
+    def flaky(path, headers, body):
+        if next(answers, None) == 502:
+            return 502, {"message": "Server Error"}
+        return original(path, headers, body)
+
+    github._answer = flaky
+    with pytest.raises(GitHubError):
+        report_deploy(stack.app.opsfleet, adapter, second["id"])
+    github._answer = original
+    assert report_deploy(stack.app.opsfleet, adapter, second["id"]) == ["in_progress", "success"]
+    dep_b = max(github.deployments)
+    assert github.states(dep_b) == ["queued", "in_progress", "success"]
+
+
+def test_the_report_task_retries_a_502(stack, github):
+    stack.start()
+    run = deploy(stack, "a", 1000)
+    github.fail_next = [502]
+    # Run eagerly, Celery's retry runs the task again at once (a worker waits the countdown).
+    assert report(stack, run["id"]) == ["queued", "in_progress", "success"]
+    assert [c.status for c in github.calls] == [502, 201, 201, 201, 201]
+    assert len(github.deployments) == 1

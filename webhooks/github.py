@@ -102,6 +102,7 @@ def receive():
             params={
                 "environment": d.environment, "sha": d.sha, "ref": d.ref, "tag": d.tag,
                 "images": d.images, "order": list(d.order), "delivery": delivery,
+                "repository": str((data.get("repository") or {}).get("full_name") or "")[:255],
             },
             summary=f"deploy {d.sha[:7]} ({d.ref}) to {d.environment}",
             dedup_key=f"github:{delivery}:{d.environment}",

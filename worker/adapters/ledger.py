@@ -186,6 +186,17 @@ releases = sa.Table(
 )
 
 
+# A deploy run's GitHub deployment: its id and the states reported so far.
+github_deployments = sa.Table(
+    "github_deployments",
+    metadata,
+    sa.Column("run_id", sa.Integer, sa.ForeignKey("runs.id"), primary_key=True, autoincrement=False),
+    sa.Column("repository", sa.String(255), nullable=False),
+    sa.Column("deployment_id", sa.BigInteger, nullable=False),
+    sa.Column("states", sa.Text, nullable=False, server_default=""),  # comma-separated, in order
+)
+
+
 # What pruning leaves of old runs: a count per day, playbook, trigger and status.
 run_archive = sa.Table(
     "run_archive",
@@ -633,6 +644,31 @@ class Ledger:
             query = query.where(releases.c.environment == environment)
         with self._tx() as conn:
             return [_release_dict(r) for r in conn.execute(query)]
+
+    def github_deployment(self, run_id: int) -> dict[str, Any] | None:
+        with self._tx() as conn:
+            row = conn.execute(sa.select(github_deployments).where(github_deployments.c.run_id == run_id)).one_or_none()
+            if row is None:
+                return None
+            found = _row_dict(row)
+            found["states"] = [s for s in found["states"].split(",") if s]
+            return found
+
+    def set_github_deployment(self, run_id: int, repository: str, deployment_id: int) -> None:
+        with self._tx() as conn:
+            conn.execute(
+                self._insert(github_deployments)
+                .values(run_id=run_id, repository=repository, deployment_id=deployment_id, states="")
+                .on_conflict_do_nothing(index_elements=["run_id"])
+            )
+
+    def add_github_state(self, run_id: int, state: str) -> None:
+        with self._tx() as conn:
+            current = conn.execute(
+                sa.select(github_deployments.c.states).where(github_deployments.c.run_id == run_id)
+            ).scalar_one()
+            joined = f"{current},{state}" if current else state
+            conn.execute(github_deployments.update().where(github_deployments.c.run_id == run_id).values(states=joined))
 
     # -- pruning --------------------------------------------------------------------
 

@@ -69,12 +69,15 @@ def _step_lease(app, step=None) -> float:
     return max(hard, config.worker.step_hard_timeout_seconds) + config.worker.queue_grace_seconds
 
 
-def request_report(app, run_id: int) -> None:
-    """Reports are their own tasks: a Slack outage never fails or delays a run."""
-    try:
-        app.send_task("opsfleet.report.slack", args=(run_id,))
-    except Exception as err:  # broker down: the run goes on; the next report catches up
-        log.warning("run %s: could not enqueue its Slack report: %s", run_id, err)
+def request_report(app, run_id: int, playbook: str | None = None) -> None:
+    """Reports are their own tasks: a Slack (or GitHub) outage never fails or delays a run.
+    Deploy runs are reported to GitHub too."""
+    tasks = ["opsfleet.report.slack"] + (["opsfleet.report.github"] if playbook == "deploy" else [])
+    for task in tasks:
+        try:
+            app.send_task(task, args=(run_id,))
+        except Exception as err:  # broker down: the run goes on; the next report catches up
+            log.warning("run %s: could not enqueue its report (%s): %s", run_id, task, err)
 
 
 def _ledger_write(fn, *args):
@@ -96,7 +99,7 @@ def end_run(app, run: dict, status: str, reason: str = "") -> None:
             metrics.RUN_DURATION.labels(run["playbook"]).observe(
                 (ended["finished_at"] - run["started_at"]).total_seconds()
             )
-    request_report(app, run["id"])
+    request_report(app, run["id"], run["playbook"])
 
 
 @shared_task(name="opsfleet.runs.start", bind=True, acks_late=True, max_retries=None)
@@ -111,7 +114,7 @@ def start_run(self, run_id: int) -> None:
     if run["playbook"] not in PLAYBOOKS:
         end_run(self.app, run, "failed", f'unknown playbook "{run["playbook"]}"')
         return
-    request_report(self.app, run_id)
+    request_report(self.app, run_id, run["playbook"])
     build_chain(self.app, run_id, run["playbook"], queue_for_run(runtime.config, run)).apply_async()
 
 
@@ -165,7 +168,7 @@ def run_step(self, run_id: int, seq: int) -> None:
     if status == "failed":
         end_run(self.app, run, "failed", f"step {step.name} failed: {output.splitlines()[0] if output else ''}")
         raise Ignore()
-    request_report(self.app, run_id)
+    request_report(self.app, run_id, run["playbook"])
 
 
 @shared_task(name="opsfleet.runs.finish", bind=True, acks_late=True, max_retries=None)
