@@ -346,3 +346,35 @@ def test_the_report_task_retries_a_502(stack, github):
     assert report(stack, run["id"]) == ["queued", "in_progress", "success"]
     assert [c.status for c in github.calls] == [502, 201, 201, 201, 201]
     assert len(github.deployments) == 1
+
+
+def test_cli_deploy_releases_and_rollback(stack, dockerd, tmp_path):
+    import yaml
+    from click.testing import CliRunner
+
+    from opsfleet.cli import cli
+
+    stack.start()
+    assert deploy(stack, "a", 1000)["status"] == "succeeded"
+    config_file = tmp_path / "opsfleet.yaml"
+    raw = stack.loaded.config.model_dump(mode="json", exclude_defaults=True)
+    config_file.write_text(yaml.safe_dump(raw))
+    env = {"DOCKER_HOST": TEST_DOCKER_HOST, "GITHUB_TOKEN": "", "GITHUB_API_URL": ""}
+    runner = CliRunner()
+
+    def opsfleet(*args):
+        return runner.invoke(cli, ["--config", str(config_file), *args], env=env, catch_exceptions=False)
+
+    result = opsfleet("deploy", "--env", "prod", "--ref", SHA["b"])
+    assert result.exit_code == 0, result.output
+    assert serving(stack) == "b"
+    result = opsfleet("releases", "--env", "prod")
+    assert result.exit_code == 0 and result.output.splitlines()[1].split()[1:5] == ["prod", SHA["b"][:7], "live", "*"]
+    result = opsfleet("rollback", "--env", "prod")  # to a, the release live before b
+    assert result.exit_code == 0, result.output
+    assert serving(stack) == "a" and stack.ledger.current_release("prod")["sha"] == SHA["a"]
+    # Deliberate: the CLI may put an older commit live, which a webhook never does.
+    assert opsfleet("deploy", "--env", "prod", "--ref", "nothex").exit_code == 2
+    assert opsfleet("rollback", "--env", "nope").exit_code == 2
+    result = opsfleet("releases", "--env", "prod", "--json")
+    assert [r["sha"][0] for r in __import__("json").loads(result.output)] == ["a", "b", "a"]
