@@ -378,3 +378,25 @@ def test_cli_deploy_releases_and_rollback(stack, dockerd, tmp_path):
     assert opsfleet("rollback", "--env", "nope").exit_code == 2
     result = opsfleet("releases", "--env", "prod", "--json")
     assert [r["sha"][0] for r in __import__("json").loads(result.output)] == ["a", "b", "a"]
+
+
+def test_a_recreate_that_fails_half_way_puts_the_original_back(stack, dockerd):
+    """The new container cannot be created (its image is missing: the pull step is skipped
+    here to get that far): the original, already stopped and renamed, is put back."""
+    from worker.adapters.ledger import NewRun
+
+    before = stack.start()
+    run_id = stack.ledger.record_event(source="t", summary="", body="", new_runs=[NewRun(
+        trigger="manual", triggered_by="test", playbook="deploy", target="prod",
+        params={"sha": SHA["d"], "ref": "", "images": {"app": f"{REPO}:{TAG['d']}"}, "order": [1, 1]})]).runs[0].id
+    assert stack.ledger.claim_run(run_id, "test", 600)
+    step = stack.app.tasks["opsfleet.runs.step"]
+    for seq in (0, 1, 3):  # lock, validate, (no pull), recreate
+        step.apply(args=(run_id, seq))
+    run = stack.ledger.get_run(run_id)
+    assert run["status"] == "rolled_back", run
+    assert "recreate failed" in run["reason"]
+    after = dockerd.containers.get(stack.name)
+    assert after.id == before.id and after.status == "running" and serving(stack) == "v1"
+    assert not [c for c in dockerd.containers.list(all=True) if c.name.startswith(f"{stack.name}.")]
+    assert stack.ledger.get_lock("deploy:prod") is None

@@ -236,6 +236,27 @@ class DockerAdapter:
         except OSError:
             return root, None
 
+    def undo_recreate(self, name: str, marker: str):
+        """After a recreate that failed half-way (the original stopped and renamed
+        to `<name>.<marker>-old`, the new one not created or not started): the
+        half-made new container is removed, the original renamed back and started.
+        Returns the original, or None when there is nothing to undo."""
+        old = self.find_by_name(f"{name}.{marker}-old")
+        if old is None:
+            return None
+        new = self.find_by_name(name)
+        try:
+            if new is not None:
+                if (new.labels or {}).get("opsfleet.recreated-by") != marker:
+                    raise DockerError(f"container {name} exists and is not {marker}'s: left alone")
+                new.remove(force=True)
+            old.rename(name)
+            old.start()
+            old.reload()
+        except DockerException as err:
+            raise DockerError(f"container {name}: cannot put the original back: {err}") from None
+        return old
+
     # -- backups and recovery ------------------------------------------------------
 
     def version(self) -> dict:

@@ -193,6 +193,11 @@ def _put(ctx: StepContext, images: dict[str, str], what: str, stop_timeout: int)
     for service, reference in images.items():
         marker = _marker(ctx, service, what)
         spec = ctx.config.services[service]
+        if what == "rollback" and spec.container:
+            # A deploy recreate that failed half-way left the original stopped and renamed.
+            restored = docker.undo_recreate(spec.container, _marker(ctx, service, "deploy"))
+            if restored is not None:
+                lines.append(f"{service}: original container {restored.id[:12]} put back")
         if spec.container and docker.finish_recreate(spec.container, marker) is not None:
             lines.append(f"{service}: already on {reference}")
             continue
