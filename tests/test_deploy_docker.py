@@ -400,3 +400,41 @@ def test_a_recreate_that_fails_half_way_puts_the_original_back(stack, dockerd):
     assert after.id == before.id and after.status == "running" and serving(stack) == "v1"
     assert not [c for c in dockerd.containers.list(all=True) if c.name.startswith(f"{stack.name}.")]
     assert stack.ledger.get_lock("deploy:prod") is None
+
+
+def test_a_deploy_arriving_while_another_runs_waits_for_it_then_goes_live(stack, dockerd, tmp_path, monkeypatch):
+    import threading
+    import time
+
+    hold_dir = tmp_path / "hold"
+    hold_dir.mkdir()
+    monkeypatch.setenv("OPSFLEET_TEST_HOLD_DIR", str(hold_dir))
+    (hold_dir / "hold-deploy-health").touch()  # A stops inside its health step
+    stack.start()
+    [a] = push(stack, "a", 1000).json["runs"]
+    results = {}
+    first = threading.Thread(target=lambda: results.setdefault("a", execute_inline(stack.app, a)))
+    first.start()
+    deadline = time.monotonic() + 20
+    while not (hold_dir / f"held-{a}-health").exists():
+        assert time.monotonic() < deadline, "A never reached its health step"
+        time.sleep(0.05)
+    (hold_dir / "hold-deploy-health").unlink()  # B will not stop there
+    [older] = push(stack, "e", 999).json["runs"]  # an older push than A, while A runs
+    assert execute_inline(stack.app, older)["status"] == "superseded"
+    (hold_dir / "hold-deploy-health").touch()
+    [b] = push(stack, "b", 1001).json["runs"]
+    second = threading.Thread(target=lambda: results.setdefault("b", execute_inline(stack.app, b)))
+    second.start()
+    while not stack.ledger.get_run(b)["steps"]:
+        assert time.monotonic() < deadline, "B never started its lock step"
+        time.sleep(0.05)
+    time.sleep(0.5)
+    assert stack.ledger.get_run(b)["steps"][0]["status"] == "running"  # B waits for the lock
+    (hold_dir / "hold-deploy-health").unlink()
+    first.join(30)
+    second.join(30)
+    assert results["a"]["status"] == "succeeded", results["a"]
+    assert results["b"]["status"] == "succeeded", results["b"]
+    assert f"after waiting for run:{a}" in results["b"]["steps"][0]["output"]
+    assert serving(stack) == "b" and stack.ledger.current_release("prod")["sha"] == SHA["b"]
