@@ -1,71 +1,33 @@
-"""Push-triggered deploys end to end on the private dockerd: a signed push at the
-edge (in-process Flask), the deploy run executed step by step through the same
-tasks a worker runs (execute_inline), real containers, real HTTP health checks.
-
-Images are built here from the test busybox image: busybox httpd serving
-/www on a 127.0.0.1 port (network_mode host). A "good" tag serves /health;
-the "bad" tag has none (404), so its health gate fails. Tags carry a registry
-host nobody listens on (127.0.0.1:1), so a tag that is not built locally
-cannot be pulled, quickly.
+"""Push-triggered deploys on the private dockerd: a signed push at the edge
+(in-process Flask), the deploy run executed step by step through the same
+tasks a worker runs (execute_inline), real containers, real HTTP health checks
+(images and pushes: tests/support/deploy.py). GitHub's API is a local recorder.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import io
-import json
-import tarfile
 import uuid
-from pathlib import Path
 
 import pytest
 import requests
 
+from tests.support.deploy import SHA, TAG, build_images, httpd_command, new_repository, remove_images, signed_push
 from tests.support.github_recorder import GitHubRecorder
-from tests.support.servers import TEST_DOCKER_HOST, TEST_IMAGE, free_port
+from tests.support.servers import TEST_DOCKER_HOST, free_port
 from webhooks import create_app
 from worker.celery_factory import create_celery
 from worker.config import parse_config
 from worker.tasks.runs import execute_inline
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures" / "github"
 SECRET = "gh-deploy-secret-7"
-REPO = f"127.0.0.1:1/opsfleet-deployapp-{uuid.uuid4().hex[:8]}"
-SHA = {name: (name * 40)[:40] for name in ("a", "b", "c", "d", "e")}  # a, b good; c bad; d never built; e bad
-TAG = {name: f"main-{sha[:7]}" for name, sha in SHA.items()}
-
-
-def _context(files: dict[str, str]) -> io.BytesIO:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        dockerfile = f"FROM {TEST_IMAGE}\nCOPY www /www\n".encode()
-        entries = {"Dockerfile": dockerfile, **{f"www/{k}": v.encode() for k, v in files.items()}}
-        for name, data in entries.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    buffer.seek(0)
-    return buffer
+REPO = new_repository()
 
 
 @pytest.fixture(scope="module")
 def images(dockerd):
-    """repo:v1 (good, the running version before any deploy), a and b good, c and e bad."""
-    built = []
-    for name, healthy in (("v1", True), ("a", True), ("b", True), ("c", False), ("e", False)):
-        files = {"version": name}
-        if healthy:
-            files["health"] = "ok"
-        tag = "v1" if name == "v1" else TAG[name]
-        image, _ = dockerd.images.build(fileobj=_context(files), custom_context=True, tag=f"{REPO}:{tag}", rm=True)
-        built.append(f"{REPO}:{tag}")
+    built = build_images(dockerd, REPO)
     yield built
-    for ref in built:
-        try:
-            dockerd.images.remove(ref, force=True)
-        except Exception:
-            pass
+    remove_images(dockerd, built)
 
 
 @pytest.fixture
@@ -79,7 +41,7 @@ def stack(tmp_path, dockerd, images, github):
     """One service `app` (busybox httpd on a free port) in environment `prod`, on repo:v1."""
     port = free_port()
     name = f"opsfleet-deploy-{uuid.uuid4().hex[:8]}"
-    command = ["httpd", "-f", "-p", f"127.0.0.1:{port}", "-h", "/www"]
+    command = httpd_command(port)
 
     def start(tag="v1"):
         return dockerd.containers.run(f"{REPO}:{tag}", command, name=name, detach=True, network_mode="host",
@@ -115,15 +77,8 @@ def stack(tmp_path, dockerd, images, github):
 
 
 def push(stack, commit: str, pushed_at: int, delivery: str | None = None):
-    payload = json.loads((FIXTURES / "push.with-new-branch.json").read_bytes())
-    payload["after"] = SHA[commit]
-    payload["head_commit"]["id"] = SHA[commit]
-    payload["repository"]["pushed_at"] = pushed_at
-    data = json.dumps(payload).encode()
-    signature = "sha256=" + hmac.new(SECRET.encode(), data, hashlib.sha256).hexdigest()
-    answer = stack.client.post("/hooks/github", data=data, headers={
-        "X-GitHub-Event": "push", "X-GitHub-Delivery": delivery or str(uuid.uuid4()),
-        "X-Hub-Signature-256": signature, "Content-Type": "application/json"})
+    data, headers = signed_push(SECRET, commit, pushed_at, delivery)
+    answer = stack.client.post("/hooks/github", data=data, headers=headers)
     assert answer.status_code in (200, 202), answer.json
     return answer
 
