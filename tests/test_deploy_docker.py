@@ -6,6 +6,7 @@ tasks a worker runs (execute_inline), real containers, real HTTP health checks
 
 from __future__ import annotations
 
+import json
 import uuid
 
 import pytest
@@ -332,7 +333,7 @@ def test_cli_deploy_releases_and_rollback(stack, dockerd, tmp_path):
     assert opsfleet("deploy", "--env", "prod", "--ref", "nothex").exit_code == 2
     assert opsfleet("rollback", "--env", "nope").exit_code == 2
     result = opsfleet("releases", "--env", "prod", "--json")
-    assert [r["sha"][0] for r in __import__("json").loads(result.output)] == ["a", "b", "a"]
+    assert [r["sha"][0] for r in json.loads(result.output)] == ["a", "b", "a"]
 
 
 def test_a_recreate_that_fails_half_way_puts_the_original_back(stack, dockerd):

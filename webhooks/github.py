@@ -24,7 +24,7 @@ import hmac
 import logging
 import re
 
-from flask import Blueprint, g, jsonify, request
+from flask import Blueprint, jsonify, request
 
 from webhooks.alertmanager import parse_json_body
 from webhooks.app import edge

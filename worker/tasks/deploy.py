@@ -69,7 +69,9 @@ def _frees_lock_on_failure(fn):
     def step(ctx: StepContext) -> str:
         try:
             return fn(ctx)
-        except BaseException:
+        except BaseException as err:
+            if not isinstance(err, StepEnded):  # those count themselves
+                metrics.DEPLOYS.labels(ctx.run["target"] or "", "failed").inc()
             try:
                 _release_lock(ctx)
             except Exception as err:  # the TTL frees it
