@@ -211,9 +211,10 @@ def test_a_deploy_waits_for_the_environment_lock_and_gives_up_touching_nothing(s
 
 def test_the_lock_of_a_run_that_died_is_taken_over_and_the_deploy_proceeds(stack, dockerd):
     stack.start()
-    _holder_run(stack, status="failed")  # its worker was killed; the sweeper failed the run
+    holder = _holder_run(stack, status="failed")  # its worker was killed; the sweeper failed the run
     run = deploy(stack, "a", 1000)
     assert run["status"] == "succeeded", run
+    assert f"taken over from run:{holder}, which had ended" in run["steps"][0]["output"]
     assert serving(stack) == "a" and stack.ledger.get_lock("deploy:prod") is None
 
 

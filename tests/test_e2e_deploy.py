@@ -4,6 +4,7 @@ API as a local recorder. A signed push goes over HTTP; everything after is the f
 
 from __future__ import annotations
 
+import signal
 import uuid
 
 import pytest
@@ -27,11 +28,8 @@ def images(dockerd):
     remove_images(dockerd, built)
 
 
-def test_signed_pushes_deploy_roll_back_and_report_to_github(tmp_path, dockerd, images, shared_pg_url):
-    port = free_port()
-    name = f"opsfleet-e2e-deploy-{uuid.uuid4().hex[:8]}"
-    dockerd.containers.run(f"{REPO}:v1", httpd_command(port), name=name, detach=True, network_mode="host")
-    config = {
+def _config(name: str, port: int) -> dict:
+    return {
         "fleet": {"public_url": "http://opsfleet.test"},
         "sweeper": {"interval_seconds": 1, "requeue_after_seconds": 5},
         "services": {"app": {"container": name, "health_url": f"http://127.0.0.1:{port}/health"}},
@@ -40,6 +38,13 @@ def test_signed_pushes_deploy_roll_back_and_report_to_github(tmp_path, dockerd, 
             "health": {"passes": 2, "interval_seconds": 0.2, "timeout_seconds": 3},
             "stop_timeout_seconds": 1, "min_free_bytes": 1024}}},
     }
+
+
+def test_signed_pushes_deploy_roll_back_and_report_to_github(tmp_path, dockerd, images, shared_pg_url):
+    port = free_port()
+    name = f"opsfleet-e2e-deploy-{uuid.uuid4().hex[:8]}"
+    dockerd.containers.run(f"{REPO}:v1", httpd_command(port), name=name, detach=True, network_mode="host")
+    config = _config(name, port)
     with GitHubRecorder() as github:
         env = {"REDIS_URL": "redis://127.0.0.1:6379/0", "DATABASE_URL": shared_pg_url, "DOCKER_HOST": TEST_DOCKER_HOST,
                "GITHUB_WEBHOOK_SECRET": SECRET, "GITHUB_TOKEN": github.token, "GITHUB_API_URL": github.base_url}
@@ -87,3 +92,42 @@ def test_signed_pushes_deploy_roll_back_and_report_to_github(tmp_path, dockerd, 
         finally:
             for c in dockerd.containers.list(all=True, filters={"name": name}):
                 c.remove(force=True)
+
+
+def test_worker_killed_mid_deploy_fails_the_run_and_the_next_deploy_proceeds(tmp_path, dockerd, images, shared_pg_url):
+    hold_dir = tmp_path / "hold"
+    hold_dir.mkdir()
+    hold = hold_dir / "hold-deploy-recreate"
+    hold.touch()
+    port = free_port()
+    name = f"opsfleet-e2e-deploy-{uuid.uuid4().hex[:8]}"
+    before = dockerd.containers.run(f"{REPO}:v1", httpd_command(port), name=name, detach=True, network_mode="host")
+    config = _config(name, port)
+    # Lease = hard limit + queue grace = 16 s: the sweeper notices the dead worker quickly.
+    config["worker"] = {"step_soft_timeout_seconds": 10, "step_hard_timeout_seconds": 11, "queue_grace_seconds": 5}
+    config["deploy"]["lock_wait_seconds"] = 2
+    env = {"REDIS_URL": "redis://127.0.0.1:6379/0", "DATABASE_URL": shared_pg_url, "DOCKER_HOST": TEST_DOCKER_HOST,
+           "GITHUB_WEBHOOK_SECRET": SECRET, "OPSFLEET_TEST_HOLD_DIR": str(hold_dir)}
+    try:
+        with Fleet(tmp_path, config, env).start() as fleet:
+            data, headers = signed_push(SECRET, "a", 1000)
+            [run_id] = requests.post(f"{fleet.url}/hooks/github", data=data, headers=headers, timeout=10).json()["runs"]
+            fleet.wait(lambda: (hold_dir / f"held-{run_id}-recreate").exists(), 30, "the worker to hold inside recreate")
+            fleet.stop("worker", sig=signal.SIGKILL)
+            hold.unlink()
+            fleet.start("worker")  # the sweeper is a task: a worker runs it
+            run = fleet.wait_run(run_id, statuses=("failed",), timeout=60)
+            assert "lease expired" in run["reason"] or "worker lost" in run["reason"]
+            assert dockerd.containers.get(name).id == before.id  # held before touching Docker
+
+            # The dead run still holds deploy:prod until its TTL; the next deploy takes it over.
+            data, headers = signed_push(SECRET, "b", 1001)
+            [next_id] = requests.post(f"{fleet.url}/hooks/github", data=data, headers=headers, timeout=10).json()["runs"]
+            ended = fleet.wait_run(next_id, ENDED, timeout=60)
+            assert ended["status"] == "succeeded", ended
+            assert f"taken over from run:{run_id}, which had ended" in ended["steps"][0]["output"]
+            assert requests.get(f"http://127.0.0.1:{port}/version", timeout=5).text == "b"
+            assert fleet.api(f"/runs/{run_id}")["status"] == "failed"
+    finally:
+        for c in dockerd.containers.list(all=True, filters={"name": name}):
+            c.remove(force=True)

@@ -102,6 +102,7 @@ def _judge(ctx: StepContext, environment: str):
 
 
 def _take_lock(ctx: StepContext, environment: str) -> tuple[bool, str]:
+    """(taken, note): the note names the holder we wait for, or the ended run we took over from."""
     ledger = ctx.runtime.ledger
     name, ttl = lock_name(environment), ctx.config.deploy.lock_ttl_seconds
     if ledger.acquire_lock(name, _holder(ctx), ttl):
@@ -111,7 +112,8 @@ def _take_lock(ctx: StepContext, environment: str) -> tuple[bool, str]:
     if holder.startswith("run:") and ledger.run_status(int(holder[4:])) in FINAL_STATUSES:
         # Its run ended without releasing (the sweeper failed it): take it over now.
         ledger.release_lock(name, holder)
-        return ledger.acquire_lock(name, _holder(ctx), ttl), holder
+        if ledger.acquire_lock(name, _holder(ctx), ttl):
+            return True, f"taken over from {holder}, which had ended"
     return False, holder
 
 
@@ -129,20 +131,21 @@ def lock(ctx: StepContext) -> str:
         verdict = _judge(ctx, environment)
         if not verdict.go:
             raise _superseded(ctx, verdict.reason)
-        taken, holder = _take_lock(ctx, environment)
+        taken, note = _take_lock(ctx, environment)
         if taken:
             break
-        waited_for = holder
+        waited_for = note
         if time.monotonic() >= deadline:
             raise StepFailed(
-                f"{lock_name(environment)} is held by {holder} for more than deploy.lock_wait_seconds "
+                f"{lock_name(environment)} is held by {waited_for} for more than deploy.lock_wait_seconds "
                 f"({ctx.config.deploy.lock_wait_seconds}s)"
             )
         time.sleep(1)
     verdict = _judge(ctx, environment)  # what changed while we waited
     if not verdict.go:
         raise _superseded(ctx, verdict.reason)
-    return f"locked {lock_name(environment)}" + (f" after waiting for {waited_for}" if waited_for else "")
+    return (f"locked {lock_name(environment)}" + (f" after waiting for {waited_for}" if waited_for else "")
+            + (f" ({note})" if note else ""))
 
 
 @_frees_lock_on_failure
