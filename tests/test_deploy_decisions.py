@@ -104,7 +104,7 @@ def test_newest_wins(case, kwargs, go, reason):
 @pytest.mark.parametrize(
     ("env", "problem"),
     [
-        ({"services": ["api"], "image": "r"}, "deploy.environments.prod: set branch, tags: true, or both"),
+        ({"services": ["api"], "image": "r"}, "deploy.environments.prod: set branch, tags: true or deployments: true"),
         ({"branch": "main", "services": ["nope"], "image": "r"},
          'deploy.environments.prod.services[0]: unknown service "nope"'),
         ({"branch": "main", "services": ["api"]}, "deploy.environments.prod.images.api: no image repository"),
@@ -132,3 +132,41 @@ def test_a_service_deployed_by_two_environments_is_an_error():
     with pytest.raises(ConfigError) as err:
         parse_config(raw, source="t", base_dir=Path("."), environ={})
     assert err.value.problems == ['deploy.environments.two.services[0]: "api" is deployed by deploy.environments.one already']
+
+
+def deployment_event(environment="staging", sha=SHA, ref="develop", extra=None, action="created", repo="acme/shop"):
+    return {"action": action, "repository": {"full_name": repo},
+            "deployment": {"id": 7, "sha": sha, "ref": ref, "environment": environment, "payload": extra or {},
+                           "created_at": "2026-01-01T00:00:10Z"}}
+
+
+DEPLOYMENTS = CONFIG.model_copy(update={"deploy": CONFIG.deploy.model_copy(update={"environments": {
+    **CONFIG.deploy.environments,
+    "staging": CONFIG.deploy.environments["staging"].model_copy(update={"deployments": True}),
+}})})
+
+
+@pytest.mark.parametrize(
+    ("payload", "deploys", "ignored"),
+    [
+        (deployment_event(), {"staging": {"worker": f"reg/worker:{SHA}"}}, ""),
+        (deployment_event(extra={"opsfleet_run": 5}), {}, "created by opsfleet (run 5): not deployed again"),
+        (deployment_event("production"), {},
+         "environment 'production' does not take deployments (deploy.environments.<name>.deployments)"),
+        (deployment_event("nowhere"), {},
+         "environment 'nowhere' does not take deployments (deploy.environments.<name>.deployments)"),
+        (deployment_event(repo="evil/fork"), {}, "staging: repository evil/fork is not acme/shop"),
+        (deployment_event(sha="HEAD"), {}, "deployment sha is not a commit sha: 'HEAD'"),
+        (deployment_event(action="deleted"), {}, "deployment 'deleted': only created deployments deploy"),
+        ({"action": "created"}, {}, "not a deployment payload: no deployment object"),
+    ],
+)
+def test_decide_deployment(payload, deploys, ignored):
+    from worker.deploys import decide_deployment
+
+    decision = decide_deployment(payload, DEPLOYMENTS)
+    assert {d.environment: d.images for d in decision.deploys} == deploys
+    assert decision.ignored == ignored
+    if deploys:
+        assert decision.deploys[0].github_deployment_id == 7
+        assert decision.deploys[0].order == (1767225610.0, 1767225610.0)

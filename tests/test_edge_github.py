@@ -106,7 +106,8 @@ def test_ping_answers_200(edge):
     [
         ("push.json", "push", "ref deleted: refs/tags/simple-tag"),
         ("push.with-organization.json", "push", "ref deleted: refs/tags/simple-tag"),
-        ("deployment.json", "deployment", "event deployment does not trigger anything"),
+        ("deployment.json", "deployment",
+         "environment 'production' does not take deployments (deploy.environments.<name>.deployments)"),
         ("workflow_run.completed.json", "workflow_run", "event workflow_run does not trigger anything"),
         ("deployment_status.json", "deployment_status", "event deployment_status does not trigger anything"),
     ],
@@ -254,4 +255,44 @@ def test_ledger_down_is_503_and_a_broker_down_leaves_the_run_for_the_sweeper(edg
     [run_id] = answer.json["runs"]
     run = real.get_run(run_id)
     assert run["status"] == "queued" and run["enqueued_at"] is None  # the sweeper sends it
+    assert broker_messages(loaded) == 0
+
+
+DEPLOYMENTS_CONFIG = {
+    "services": {"api": {"container": "shop-api"}},
+    "deploy": {"environments": {"production": {"deployments": True, "services": ["api"], "image": "shop/api",
+                                               "tag_template": "{sha}"}}},
+}
+
+
+def test_a_deployment_event_deploys_its_sha_and_reports_on_that_deployment(edge):
+    from tests.support.github_recorder import GitHubRecorder
+    from worker.adapters.github import GitHubAdapter
+    from worker.tasks.report_github import report_deploy
+
+    app, client, loaded = edge(config=DEPLOYMENTS_CONFIG)
+    data = body("deployment.json")
+    answer = client.post("/hooks/github", data=data, headers=headers(data, event="deployment", delivery="dep-1"))
+    assert answer.status_code == 202, answer.json
+    [run_id] = answer.json["runs"]
+    run = ledger_of(app).get_run(run_id)
+    assert run["params"]["images"] == {"api": "shop/api:f95f852bd8fca8fcc58a9a2d6c842781e32a215e"}
+    assert run["params"]["github_deployment_id"] == 145988746
+    assert run["triggered_by"] == "Codertocat"
+    with GitHubRecorder() as github:
+        github.deployments[145988746] = {"id": 145988746, "repository": "Codertocat/Hello-World", "statuses": []}
+        runtime = app.extensions["opsfleet"].celery.opsfleet
+        posted = report_deploy(runtime, GitHubAdapter(github.token, github.base_url, 5), run_id)
+        assert posted == ["queued"] and github.states(145988746) == ["queued"]
+        assert len(github.deployments) == 1  # none created: GitHub's own deployment is reported on
+
+
+def test_a_deployment_opsfleet_created_is_not_deployed_again(edge):
+    _, client, loaded = edge(config=DEPLOYMENTS_CONFIG)
+    payload = json.loads(body("deployment.json"))
+    payload["deployment"]["payload"] = {"opsfleet_run": 12}
+    data = json.dumps(payload).encode()
+    answer = client.post("/hooks/github", data=data, headers=headers(data, event="deployment", delivery="echo-1"))
+    assert answer.status_code == 202
+    assert answer.json["ignored"] == "created by opsfleet (run 12): not deployed again"
     assert broker_messages(loaded) == 0

@@ -10,7 +10,9 @@ Alertmanager edge; no work in the request (GitHub gives up after 10 s).
   (events' unique (source, dedup_key)); a redelivery → 200 with the run(s)
   recorded the first time, and nothing enqueued again.
 - `ping` → 200. A `push` to an environment's branch (or a v* tag) → a
-  `deploy` run per environment, 202. Anything else → 202 ignored, recorded
+  `deploy` run per environment, 202; a `deployment` (Deployments API) for an
+  environment that takes them → a `deploy` run of its sha, unless opsfleet
+  created that deployment itself (GitHub echoing it). Anything else → 202 ignored, recorded
   with the reason (so "why did my push not deploy" has an answer).
 - A broker that refuses the run leaves it queued for the sweeper (202 all
   the same); a ledger that is down → 503, nothing recorded, GitHub's
@@ -31,7 +33,7 @@ from webhooks.app import edge
 from webhooks.errors import error, read_body
 from worker.adapters import metrics
 from worker.adapters.ledger import LedgerUnavailable, NewRun
-from worker.deploys import decide_push
+from worker.deploys import decide_deployment, decide_push
 from worker.tasks.runs import enqueue_runs
 
 log = logging.getLogger("opsfleet.web.github")
@@ -88,21 +90,24 @@ def receive():
     if event == "ping":
         return _answer(200, pong=True, zen=str(data.get("zen", ""))[:200])
 
-    if event == "push":
-        decision = decide_push(data, state.loaded.config)
+    if event in ("push", "deployment"):
+        decide = decide_push if event == "push" else decide_deployment
+        decision = decide(data, state.loaded.config)
         ignored = decision.ignored
     else:
         decision, ignored = None, f"event {event} does not trigger anything"
     runs = [
         NewRun(
             trigger="github",
-            triggered_by=str((data.get("pusher") or {}).get("name") or "")[:128] or None,
+            triggered_by=str((data.get("pusher") or data.get("sender") or {}).get("name")
+                             or (data.get("sender") or {}).get("login") or "")[:128] or None,
             playbook="deploy",
             target=d.environment,
             params={
                 "environment": d.environment, "sha": d.sha, "ref": d.ref, "tag": d.tag,
                 "images": d.images, "order": list(d.order), "delivery": delivery,
                 "repository": str((data.get("repository") or {}).get("full_name") or "")[:255],
+                **({"github_deployment_id": d.github_deployment_id} if d.github_deployment_id else {}),
             },
             summary=f"deploy {d.sha[:7]} ({d.ref}) to {d.environment}",
             dedup_key=f"github:{delivery}:{d.environment}",

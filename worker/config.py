@@ -574,6 +574,9 @@ class DeployEnvironment(_Strict):
 
     branch: str | None = Field(default=None, description="A push to this branch deploys its head commit.")
     tags: bool = Field(default=False, description="A push of a v* tag deploys it.")
+    deployments: bool = Field(
+        default=False, description="A `deployment` event (Deployments API) for an environment of this name deploys its sha."
+    )
     repository: str | None = Field(
         default=None, pattern=r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$",
         description="Accept pushes of this GitHub repository only (owner/name); default: any.",
@@ -603,8 +606,8 @@ class DeployEnvironment(_Strict):
 
     @model_validator(mode="after")
     def _has_trigger(self) -> DeployEnvironment:
-        if not self.branch and not self.tags:
-            raise ValueError("set branch, tags: true, or both (what triggers this environment)")
+        if not self.branch and not self.tags and not self.deployments:
+            raise ValueError("set branch, tags: true or deployments: true (what triggers this environment)")
         return self
 
     def image_repository(self, service: str) -> str | None:

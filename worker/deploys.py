@@ -30,6 +30,7 @@ class PushDeploy:
     tag: str  # the image tag, from the environment's tag_template
     images: dict[str, str]  # service → image reference (repository:tag)
     order: tuple[float, float]  # (pushed_at, commit time), seconds since the epoch
+    github_deployment_id: int | None = None  # when a Deployments API event asked for it
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,36 @@ def decide_push(payload: dict, config: Config) -> PushDecision:
     if deploys:
         return PushDecision(tuple(deploys))
     return PushDecision((), "; ".join(reasons) or "no deploy environments configured")
+
+
+def decide_deployment(payload: dict, config: Config) -> PushDecision:
+    """A `deployment` event (Deployments API): its sha to the environment it names,
+    when that environment takes deployments. One opsfleet created itself (its
+    payload carries `opsfleet_run`) is GitHub echoing it: never deployed again."""
+    if payload.get("action", "created") != "created":
+        return PushDecision((), f"deployment {payload.get('action')!r}: only created deployments deploy")
+    deployment = payload.get("deployment")
+    if not isinstance(deployment, dict):
+        return PushDecision((), "not a deployment payload: no deployment object")
+    name, sha, ref = deployment.get("environment"), deployment.get("sha"), deployment.get("ref") or ""
+    extra = deployment.get("payload")
+    if isinstance(extra, dict) and "opsfleet_run" in extra:
+        return PushDecision((), f"created by opsfleet (run {extra['opsfleet_run']}): not deployed again")
+    if not isinstance(sha, str) or not (len(sha) == 40 and all(c in "0123456789abcdef" for c in sha)):
+        return PushDecision((), f"deployment sha is not a commit sha: {str(sha)[:50]!r}")
+    env = config.deploy.environments.get(name) if isinstance(name, str) else None
+    if env is None or not env.deployments:
+        return PushDecision((), f"environment {str(name)[:64]!r} does not take deployments (deploy.environments.<name>.deployments)")
+    repo = (payload.get("repository") or {}).get("full_name") or ""
+    if env.repository and env.repository.lower() != repo.lower():
+        return PushDecision((), f"{name}: repository {repo or '(none)'} is not {env.repository}")
+    tag = ref if isinstance(ref, str) and ref.startswith("v") else ""
+    if "{tag}" in env.tag_template and not tag:
+        return PushDecision((), f"{name}: tag_template {env.tag_template} needs {{tag}}, which ref {ref!r} does not give")
+    image = image_tag(env, sha=sha, branch=str(ref), tag=tag)
+    when = _epoch(deployment.get("created_at"))
+    deployment_id = deployment.get("id") if isinstance(deployment.get("id"), int) else None
+    return PushDecision((PushDeploy(name, sha, str(ref), image, images_for(env, image), (when, when), deployment_id),))
 
 
 @dataclass(frozen=True)

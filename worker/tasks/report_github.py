@@ -59,6 +59,10 @@ def report_deploy(runtime, github: GitHubAdapter, run_id: int) -> list[str]:
         raise GitHubError(f"run {run_id}: another reporter is at it", retryable=True)
     try:
         known = ledger.github_deployment(run_id)
+        if known is None and run["params"].get("github_deployment_id"):
+            # The deploy answers a Deployments API event: report on that deployment.
+            ledger.set_github_deployment(run_id, repository, int(run["params"]["github_deployment_id"]))
+            known = ledger.github_deployment(run_id)
         if known is None:
             deployment_id = github.create_deployment(
                 repository, ref=run["params"]["sha"], environment=environment,
