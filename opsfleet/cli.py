@@ -444,18 +444,14 @@ def deploy_command(ctx: click.Context, environment: str, sha: str, git_tag: str)
     may put an older commit live, which a webhook push never does."""
     import re as _re
 
-    from worker.deploys import image_tag, images_for
+    from worker.deploys import manual_deploy_params
 
     app = _engine(ctx)
     env = _environment(ctx, app, environment)
     if not _re.fullmatch(r"[0-9a-f]{40}", sha):
         click.echo("opsfleet: --ref must be a full commit sha (40 lower-case hex digits)", err=True)
         ctx.exit(2)
-    tag = image_tag(env, sha=sha, branch=env.branch or "", tag=git_tag)
-    now = time.time()
-    params = {"environment": environment, "sha": sha, "ref": git_tag or env.branch or "", "tag": tag,
-              "images": images_for(env, tag), "order": [now, now]}
-    _execute(ctx, app, "deploy", params, environment)
+    _execute(ctx, app, "deploy", manual_deploy_params(environment, env, sha, git_tag, time.time()), environment)
 
 
 @cli.command("rollback")
@@ -465,23 +461,15 @@ def deploy_command(ctx: click.Context, environment: str, sha: str, git_tag: str)
 @click.pass_context
 def rollback_command(ctx: click.Context, environment: str, release_id: int | None) -> None:
     """Put an earlier release live again, through the deploy playbook (with its health gate)."""
+    from worker.deploys import rollback_params, rollback_target
+
     app = _engine(ctx)
     _environment(ctx, app, environment)
-    releases = app.opsfleet.ledger.list_releases(environment, limit=500)
-    if release_id is not None:
-        target = next((r for r in releases if r["id"] == release_id), None)
-        if target is None:
-            click.echo(f"opsfleet: no release {release_id} in {environment}", err=True)
-            ctx.exit(2)
-    else:
-        target = next((r for r in releases if not r["current"] and r["live_at"] is not None), None)
-        if target is None:
-            click.echo(f"opsfleet: {environment} has no earlier release to roll back to", err=True)
-            ctx.exit(2)
-    now = time.time()
-    params = {"environment": environment, "sha": target["sha"], "ref": target["ref"], "tag": "",
-              "images": target["images"], "order": [now, now], "rollback_to": target["id"]}
-    _execute(ctx, app, "deploy", params, environment)
+    target, why = rollback_target(app.opsfleet.ledger.list_releases(environment, limit=500), release_id)
+    if target is None:
+        click.echo(f"opsfleet: {environment}: {why}", err=True)
+        ctx.exit(2)
+    _execute(ctx, app, "deploy", rollback_params(environment, target, time.time()), environment)
 
 
 @cli.command("releases")

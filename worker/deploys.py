@@ -160,3 +160,25 @@ def judge_deploy(
         if newer:
             return Verdict(False, f"superseded by run {max(newer)}, a newer push")
     return Verdict(True)
+
+
+def manual_deploy_params(environment: str, env: DeployEnvironment, sha: str, git_tag: str, now: float) -> dict:
+    """Run params of a deliberate deploy (CLI, API): its order is the time it was asked."""
+    tag = image_tag(env, sha=sha, branch=env.branch or "", tag=git_tag)
+    return {"environment": environment, "sha": sha, "ref": git_tag or env.branch or "", "tag": tag,
+            "images": images_for(env, tag), "order": [now, now]}
+
+
+def rollback_target(releases: list[dict], release_id: int | None) -> tuple[dict | None, str]:
+    """The release a rollback puts live (releases newest first): `release_id`, else
+    the newest that went live and is not current. (release, "") or (None, why not)."""
+    if release_id is not None:
+        found = next((r for r in releases if r["id"] == release_id), None)
+        return (found, "") if found else (None, f"no release {release_id} in this environment")
+    found = next((r for r in releases if not r["current"] and r["live_at"] is not None), None)
+    return (found, "") if found else (None, "no earlier release to roll back to")
+
+
+def rollback_params(environment: str, release: dict, now: float) -> dict:
+    return {"environment": environment, "sha": release["sha"], "ref": release["ref"], "tag": "",
+            "images": release["images"], "order": [now, now], "rollback_to": release["id"]}
