@@ -89,6 +89,11 @@ def test_signed_pushes_deploy_roll_back_and_report_to_github(tmp_path, dockerd, 
                                   SHA["c"]: ["queued", "in_progress", "failure"]}
                 deploy_runs = [r for r in fleet.runs() if r["playbook"] == "deploy"]
                 assert len(deploy_runs) == 2
+                exposed = fleet.metrics()
+                assert f'opsfleet_release_info{{environment="prod",sha="{SHA["a"]}"}} 1.0' in exposed
+                assert 'opsfleet_deploys_total{environment="prod",outcome="succeeded"} 1.0' in exposed
+                assert 'opsfleet_deploys_total{environment="prod",outcome="rolled_back"} 1.0' in exposed
+                assert 'opsfleet_github_deliveries_total{event="push",outcome="redelivery"} 1.0' in exposed
         finally:
             for c in dockerd.containers.list(all=True, filters={"name": name}):
                 c.remove(force=True)

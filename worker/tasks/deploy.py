@@ -321,7 +321,11 @@ def health(ctx: StepContext) -> str:
 def record(ctx: StepContext) -> str:
     environment, _ = _env(ctx)
     ledger = ctx.runtime.ledger
+    before = ledger.current_release(environment)
     ledger.make_current(ctx.run["id"])
+    if before is not None and before["sha"] != ctx.params["sha"]:
+        metrics.RELEASE_INFO.labels(environment, before["sha"]).set(0)
+    metrics.RELEASE_INFO.labels(environment, ctx.params["sha"]).set(1)
     release = ledger.release_of_run(ctx.run["id"])
     _release_lock(ctx)
     metrics.DEPLOYS.labels(environment, "succeeded").inc()
