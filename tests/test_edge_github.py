@@ -296,3 +296,24 @@ def test_a_deployment_opsfleet_created_is_not_deployed_again(edge):
     assert answer.status_code == 202
     assert answer.json["ignored"] == "created by opsfleet (run 12): not deployed again"
     assert broker_messages(loaded) == 0
+
+
+def test_a_superseded_deploy_ends_inactive_on_github_whatever_was_reported_before(edge):
+    from tests.support.github_recorder import GitHubRecorder
+    from worker.adapters.github import GitHubAdapter
+    from worker.tasks.report_github import report_deploy
+
+    app, client, _ = edge()
+    data = body("push.with-new-branch.json")
+    [run_id] = client.post("/hooks/github", data=data, headers=headers(data, delivery="sup-1")).json["runs"]
+    ledger = ledger_of(app)
+    runtime = app.extensions["opsfleet"].celery.opsfleet
+    with GitHubRecorder() as github:
+        adapter = GitHubAdapter(github.token, github.base_url, 5)
+        assert ledger.claim_run(run_id, "w", 60)
+        assert report_deploy(runtime, adapter, run_id) == ["queued", "in_progress"]
+        ledger.finish_run(run_id, "superseded", "superseded by run 9, a newer push")
+        assert report_deploy(runtime, adapter, run_id) == ["inactive"]
+        [deployment] = github.deployments.values()
+        assert github.states(deployment["id"]) == ["queued", "in_progress", "inactive"]
+        assert deployment["statuses"][-1]["description"] == f"#{run_id} superseded: superseded by run 9, a newer push"

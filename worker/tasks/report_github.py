@@ -34,8 +34,9 @@ STATES = {
     "failed": ("queued", "in_progress", "failure"),
     "rolled_back": ("queued", "in_progress", "failure"),
     "rollback_failed": ("queued", "in_progress", "error"),
-    "superseded": ("queued", "inactive"),
-    "skipped": ("queued", "inactive"),
+    # Superseded in the lock step: the run was claimed (running) first.
+    "superseded": ("queued", "in_progress", "inactive"),
+    "skipped": ("queued", "in_progress", "inactive"),
 }
 
 
@@ -73,7 +74,7 @@ def report_deploy(runtime, github: GitHubAdapter, run_id: int) -> list[str]:
         wanted = STATES.get(run["status"], ())
         posted = []
         link = run_link(runtime.config.fleet.public_url, run_id)
-        for state in wanted[len(known["states"]):]:
+        for state in [s for s in wanted if s not in known["states"]]:
             github.create_status(repository, known["deployment_id"], state=state, description=_description(run, state),
                                  log_url=link, environment=environment)
             ledger.add_github_state(run_id, state)
