@@ -114,6 +114,8 @@ def test_newest_wins(case, kwargs, go, reason):
          'deploy.environments.prod.tag_template: unknown field "{nope}"'),
         ({"branch": "main", "services": ["api"], "image": "r", "health": {"timeout_seconds": 60}},
          "deploy.environments.prod.health.timeout_seconds: 2 × timeout_seconds"),
+        ({"tags": True, "workflow": "CI", "services": ["api"], "image": "r"},
+         "deploy.environments.prod: workflow needs branch"),
         ({"branch": "main", "services": ["api"], "image": "r", "colour": "blue"},
          "deploy.environments.prod.colour: unknown key"),
     ],
@@ -170,3 +172,41 @@ def test_decide_deployment(payload, deploys, ignored):
     if deploys:
         assert decision.deploys[0].github_deployment_id == 7
         assert decision.deploys[0].order == (1767225610.0, 1767225610.0)
+
+
+def workflow_event(name="CI", branch="main", conclusion="success", action="completed", sha=SHA):
+    return {"action": action, "repository": {"full_name": "acme/shop"}, "workflow": {"name": name},
+            "workflow_run": {"head_sha": sha, "head_branch": branch, "conclusion": conclusion, "name": name,
+                             "path": ".github/workflows/ci.yml", "created_at": "2026-01-01T00:00:10Z",
+                             "head_commit": {"timestamp": "2026-01-01T00:00:00Z"}}}
+
+
+WORKFLOW = CONFIG.model_copy(update={"deploy": CONFIG.deploy.model_copy(update={"environments": {
+    "production": CONFIG.deploy.environments["production"].model_copy(update={"workflow": "CI"}),
+}})})
+
+
+@pytest.mark.parametrize(
+    ("payload", "deploys", "ignored"),
+    [
+        (workflow_event(), {"production": {"api": "reg/shop:6113728", "web": "reg/shop:6113728"}}, ""),
+        (workflow_event(conclusion="failure"), {},
+         "workflow run completed, conclusion failure: only completed successful runs deploy"),
+        (workflow_event(action="in_progress", conclusion=None), {},
+         "workflow run in_progress, conclusion None: only completed successful runs deploy"),
+        (workflow_event(name="Lint"), {}, "production: workflow .github/workflows/ci.yml/Lint is not CI"),
+        (workflow_event(branch="feature"), {}, "production: branch feature is not main"),
+        (workflow_event(sha="x"), {}, "head_sha is not a commit sha: 'x'"),
+    ],
+)
+def test_decide_workflow_run(payload, deploys, ignored):
+    from worker.deploys import decide_workflow_run
+
+    decision = decide_workflow_run(payload, WORKFLOW)
+    assert {d.environment: d.images for d in decision.deploys} == deploys
+    assert decision.ignored == ignored
+
+
+def test_a_push_to_a_branch_that_waits_for_ci_deploys_nothing():
+    decision = decide_push(push("refs/heads/main"), WORKFLOW)
+    assert decision.deploys == () and decision.ignored == "production: waits for workflow CI to pass on main"

@@ -108,7 +108,9 @@ def test_ping_answers_200(edge):
         ("push.with-organization.json", "push", "ref deleted: refs/tags/simple-tag"),
         ("deployment.json", "deployment",
          "environment 'production' does not take deployments (deploy.environments.<name>.deployments)"),
-        ("workflow_run.completed.json", "workflow_run", "event workflow_run does not trigger anything"),
+        ("workflow_run.completed.json", "workflow_run", "production: takes no workflow runs"),
+        ("workflow_run.requested.json", "workflow_run",
+         "workflow run requested, conclusion None: only completed successful runs deploy"),
         ("deployment_status.json", "deployment_status", "event deployment_status does not trigger anything"),
     ],
 )
@@ -317,3 +319,23 @@ def test_a_superseded_deploy_ends_inactive_on_github_whatever_was_reported_befor
         [deployment] = github.deployments.values()
         assert github.states(deployment["id"]) == ["queued", "in_progress", "inactive"]
         assert deployment["statuses"][-1]["description"] == f"#{run_id} superseded: superseded by run 9, a newer push"
+
+
+def test_a_successful_workflow_run_deploys_and_a_push_to_its_branch_waits_for_it(edge):
+    config = {"services": {"api": {"container": "a"}},
+              "deploy": {"environments": {"production": {
+                  "branch": "master", "workflow": ".github/workflows/test.yml", "services": ["api"],
+                  "image": "shop/api", "tag_template": "{branch}-{short_sha}"}}}}
+    app, client, loaded = edge(config=config)
+    data = body("workflow_run.completed.json")
+    answer = client.post("/hooks/github", data=data, headers=headers(data, event="workflow_run", delivery="wr-1"))
+    assert answer.status_code == 202, answer.json
+    [run_id] = answer.json["runs"]
+    run = ledger_of(app).get_run(run_id)
+    assert run["params"]["images"] == {"api": "shop/api:master-3484a3f"}
+    assert run["params"]["order"] == [1601915604.0, 1601915527.0]  # the run's created_at, then the commit's time
+    data = body("push.with-new-branch.json")
+    answer = client.post("/hooks/github", data=data, headers=headers(data, delivery="wr-push"))
+    assert answer.status_code == 202
+    assert answer.json["ignored"] == "production: waits for workflow .github/workflows/test.yml to pass on master"
+    assert broker_messages(loaded) == 1

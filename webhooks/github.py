@@ -12,7 +12,9 @@ Alertmanager edge; no work in the request (GitHub gives up after 10 s).
 - `ping` → 200. A `push` to an environment's branch (or a v* tag) → a
   `deploy` run per environment, 202; a `deployment` (Deployments API) for an
   environment that takes them → a `deploy` run of its sha, unless opsfleet
-  created that deployment itself (GitHub echoing it). Anything else → 202 ignored, recorded
+  created that deployment itself (GitHub echoing it); a `workflow_run` that
+  completed with success, of an environment's workflow on its branch → a
+  `deploy` run of its head commit (pushes to that branch then wait for it). Anything else → 202 ignored, recorded
   with the reason (so "why did my push not deploy" has an answer).
 - A broker that refuses the run leaves it queued for the sweeper (202 all
   the same); a ledger that is down → 503, nothing recorded, GitHub's
@@ -33,7 +35,7 @@ from webhooks.app import edge
 from webhooks.errors import error, read_body
 from worker.adapters import metrics
 from worker.adapters.ledger import LedgerUnavailable, NewRun
-from worker.deploys import decide_deployment, decide_push
+from worker.deploys import decide_deployment, decide_push, decide_workflow_run
 from worker.tasks.runs import enqueue_runs
 
 log = logging.getLogger("opsfleet.web.github")
@@ -90,9 +92,9 @@ def receive():
     if event == "ping":
         return _answer(200, pong=True, zen=str(data.get("zen", ""))[:200])
 
-    if event in ("push", "deployment"):
-        decide = decide_push if event == "push" else decide_deployment
-        decision = decide(data, state.loaded.config)
+    deciders = {"push": decide_push, "deployment": decide_deployment, "workflow_run": decide_workflow_run}
+    if event in deciders:
+        decision = deciders[event](data, state.loaded.config)
         ignored = decision.ignored
     else:
         decision, ignored = None, f"event {event} does not trigger anything"

@@ -577,6 +577,11 @@ class DeployEnvironment(_Strict):
     deployments: bool = Field(
         default=False, description="A `deployment` event (Deployments API) for an environment of this name deploys its sha."
     )
+    workflow: str | None = Field(
+        default=None, min_length=1,
+        description="Deploy after CI: a workflow (name or .github/workflows/ path) completing with success on `branch` "
+        "deploys its head commit; pushes to the branch then wait for it.",
+    )
     repository: str | None = Field(
         default=None, pattern=r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$",
         description="Accept pushes of this GitHub repository only (owner/name); default: any.",
@@ -608,6 +613,8 @@ class DeployEnvironment(_Strict):
     def _has_trigger(self) -> DeployEnvironment:
         if not self.branch and not self.tags and not self.deployments:
             raise ValueError("set branch, tags: true or deployments: true (what triggers this environment)")
+        if self.workflow and not self.branch:
+            raise ValueError("workflow needs branch (the branch whose successful runs deploy)")
         return self
 
     def image_repository(self, service: str) -> str | None:

@@ -83,6 +83,9 @@ def decide_push(payload: dict, config: Config) -> PushDecision:
         if env.repository and env.repository.lower() != repo.lower():
             reasons.append(f"{name}: repository {repo or '(none)'} is not {env.repository}")
             continue
+        if branch is not None and env.branch == branch and env.workflow:
+            reasons.append(f"{name}: waits for workflow {env.workflow} to pass on {branch}")
+            continue
         if branch is not None and env.branch == branch:
             image = image_tag(env, sha=after, branch=branch)
         elif tag is not None and env.tags and tag.startswith("v"):
@@ -129,6 +132,41 @@ def decide_deployment(payload: dict, config: Config) -> PushDecision:
     when = _epoch(deployment.get("created_at"))
     deployment_id = deployment.get("id") if isinstance(deployment.get("id"), int) else None
     return PushDecision((PushDeploy(name, sha, str(ref), image, images_for(env, image), (when, when), deployment_id),))
+
+
+def decide_workflow_run(payload: dict, config: Config) -> PushDecision:
+    """A `workflow_run` event: a configured workflow that completed with success on an
+    environment's branch deploys its head commit ("deploy after CI passed")."""
+    run = payload.get("workflow_run")
+    if not isinstance(run, dict):
+        return PushDecision((), "not a workflow_run payload: no workflow_run object")
+    if payload.get("action") != "completed" or run.get("conclusion") != "success":
+        return PushDecision((), f"workflow run {payload.get('action')}, conclusion {run.get('conclusion')}: "
+                                "only completed successful runs deploy")
+    sha, branch = run.get("head_sha"), run.get("head_branch")
+    if not isinstance(sha, str) or not (len(sha) == 40 and all(c in "0123456789abcdef" for c in sha)):
+        return PushDecision((), f"head_sha is not a commit sha: {str(sha)[:50]!r}")
+    names = {n for n in ((payload.get("workflow") or {}).get("name"), run.get("name"), run.get("path")) if n}
+    repo = (payload.get("repository") or {}).get("full_name") or ""
+    order = (_epoch(run.get("created_at")), _epoch((run.get("head_commit") or {}).get("timestamp")))
+    deploys, reasons = [], []
+    for name, env in sorted(config.deploy.environments.items()):
+        if not env.workflow:
+            reasons.append(f"{name}: takes no workflow runs")
+        elif env.repository and env.repository.lower() != repo.lower():
+            reasons.append(f"{name}: repository {repo or '(none)'} is not {env.repository}")
+        elif env.workflow not in names:
+            reasons.append(f"{name}: workflow {'/'.join(sorted(names)) or '(unnamed)'} is not {env.workflow}")
+        elif branch != env.branch:
+            reasons.append(f"{name}: branch {branch} is not {env.branch}")
+        elif "{tag}" in env.tag_template:
+            reasons.append(f"{name}: tag_template {env.tag_template} needs {{tag}}, which a workflow run does not give")
+        else:
+            image = image_tag(env, sha=sha, branch=branch)
+            deploys.append(PushDeploy(name, sha, f"refs/heads/{branch}", image, images_for(env, image), order))
+    if deploys:
+        return PushDecision(tuple(deploys))
+    return PushDecision((), "; ".join(reasons) or "no deploy environments configured")
 
 
 @dataclass(frozen=True)
