@@ -40,8 +40,9 @@ def _load(ctx: click.Context) -> LoadedConfig:
 )
 @click.pass_context
 def cli(ctx: click.Context, config_path: str | None) -> None:
-    """opsfleet: Alertmanager webhooks drive remediation runs; beat runs backups,
-    log rotation and cleanup; every run is in the ledger. (GitHub deploys: not yet.)
+    """opsfleet: Alertmanager webhooks drive remediation runs; GitHub pushes drive
+    deploys (health gate, automatic rollback); beat runs backups, log rotation
+    and cleanup; every run is in the ledger.
 
     Secrets come from the environment: REDIS_URL and DATABASE_URL (unset: an
     embedded broker and an SQLite ledger in the data dir), ALERTMANAGER_TOKEN,
@@ -436,6 +437,83 @@ def _execute(ctx: click.Context, app, playbook: str, params: dict, target: str) 
     click.echo(f"run {run_id} {run['status']} in {time.monotonic() - began:.1f}s: {run['reason']}")
     if run["status"] != "succeeded":
         ctx.exit(1)
+
+
+# -- deploys ----------------------------------------------------------------------------------
+
+
+def _environment(ctx: click.Context, app, name: str):
+    env = app.opsfleet.config.deploy.environments.get(name)
+    if env is None:
+        known = ", ".join(sorted(app.opsfleet.config.deploy.environments)) or "none configured"
+        click.echo(f'opsfleet: unknown environment "{name}" (deploy.environments: {known})', err=True)
+        ctx.exit(2)
+    return env
+
+
+@cli.command("deploy")
+@click.option("--env", "environment", required=True, help="The environment (deploy.environments.NAME).")
+@click.option("--ref", "sha", required=True, help="The commit sha (40 hex digits) to deploy.")
+@click.option("--tag", "git_tag", default="", help="The git tag, for a tag_template that uses {tag}.")
+@click.pass_context
+def deploy_command(ctx: click.Context, environment: str, sha: str, git_tag: str) -> None:
+    """Deploy a commit now, here, through the deploy playbook (lock, validate, pull,
+    recreate, health gate, record; rollback on failure). A deliberate deploy: it
+    may put an older commit live, which a webhook push never does."""
+    import re as _re
+
+    from worker.deploys import manual_deploy_params
+
+    app = _engine(ctx)
+    env = _environment(ctx, app, environment)
+    if not _re.fullmatch(r"[0-9a-f]{40}", sha):
+        click.echo("opsfleet: --ref must be a full commit sha (40 lower-case hex digits)", err=True)
+        ctx.exit(2)
+    _execute(ctx, app, "deploy", manual_deploy_params(environment, env, sha, git_tag, time.time()), environment)
+
+
+@cli.command("rollback")
+@click.option("--env", "environment", required=True, help="The environment (deploy.environments.NAME).")
+@click.option("--to", "release_id", type=click.IntRange(1, 2**31 - 1),
+              help="A release id (opsfleet releases); default: the one live before the current.")
+@click.pass_context
+def rollback_command(ctx: click.Context, environment: str, release_id: int | None) -> None:
+    """Put an earlier release live again, through the deploy playbook (with its health gate)."""
+    from worker.deploys import rollback_params, rollback_target
+
+    app = _engine(ctx)
+    _environment(ctx, app, environment)
+    target, why = rollback_target(app.opsfleet.ledger.list_releases(environment, limit=500), release_id)
+    if target is None:
+        click.echo(f"opsfleet: {environment}: {why}", err=True)
+        ctx.exit(2)
+    _execute(ctx, app, "deploy", rollback_params(environment, target, time.time()), environment)
+
+
+@cli.command("releases")
+@click.option("--env", "environment", help="Only this environment.")
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 500))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.pass_context
+def releases_command(ctx: click.Context, environment: str | None, limit: int, as_json: bool) -> None:
+    """Releases, newest first: what each deploy put live (or tried to), and which is current."""
+    from worker.adapters.ledger import jsonable
+
+    app = _engine(ctx)
+    rows = app.opsfleet.ledger.list_releases(environment, limit=limit)
+    if as_json:
+        click.echo(json.dumps(jsonable(rows), indent=2))
+        return
+    if not rows:
+        click.echo("no releases")
+        return
+    click.echo(f"{'ID':>5}  {'ENV':12}  {'SHA':7}  {'STATUS':11}  {'CUR':3}  {'RUN':>5}  {'CREATED (UTC)':19}  IMAGES")
+    for r in rows:
+        images = ", ".join(f"{s}={i}" for s, i in r["images"].items())
+        click.echo(
+            f"{r['id']:>5}  {r['environment'][:12]:12}  {r['sha'][:7]:7}  {r['status']:11}  "
+            f"{'*' if r['current'] else '':3}  {r['run_id']:>5}  {r['created_at']:%Y-%m-%d %H:%M:%S}  {images}"
+        )
 
 
 def _local(moment, tz: str) -> str:

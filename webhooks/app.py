@@ -54,7 +54,7 @@ def create_app(config_path: str | None = None, *, loaded: LoadedConfig | None = 
     use_multiprocess_dir(loaded.data_dir / "metrics")
 
     # Imported after the metrics directory is known (prometheus-client reads it at import).
-    from webhooks import alertmanager, api, health
+    from webhooks import alertmanager, api, github, health
     from webhooks.errors import register_error_handlers
     from worker.adapters import metrics
     from worker.celery_factory import create_celery
@@ -71,6 +71,7 @@ def create_app(config_path: str | None = None, *, loaded: LoadedConfig | None = 
 
     register_error_handlers(app)
     app.register_blueprint(alertmanager.bp)
+    app.register_blueprint(github.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(health.bp)
 
@@ -80,7 +81,7 @@ def create_app(config_path: str | None = None, *, loaded: LoadedConfig | None = 
 
     @app.after_request
     def _count(response):
-        source = request.blueprint if request.blueprint in ("alertmanager",) else None
+        source = request.blueprint if request.blueprint in ("alertmanager", "github") else None
         if source:
             metrics.WEBHOOK_REQUESTS.labels(source, str(response.status_code)).inc()
         duration_ms = (time.monotonic() - g.get("started", time.monotonic())) * 1000

@@ -27,7 +27,7 @@ def host_queue(host: str) -> str:
     worker (`opsfleet worker --host NAME`), which alone consumes this queue."""
     return f"opsfleet.host.{host}"
 
-TASK_MODULES = ("worker.tasks.runs", "worker.tasks.report", "worker.tasks.sweeper", "worker.tasks.schedule")
+TASK_MODULES = ("worker.tasks.runs", "worker.tasks.report", "worker.tasks.report_github", "worker.tasks.sweeper", "worker.tasks.schedule")
 
 # Task name → queue. The edge only enqueues by name, so it needs none of the
 # task code (Docker, Slack) to start.
@@ -36,6 +36,7 @@ ROUTES = {
     "opsfleet.runs.step": QUEUE_REMEDIATE,
     "opsfleet.runs.finish": QUEUE_REMEDIATE,
     "opsfleet.report.slack": QUEUE_REPORT,
+    "opsfleet.report.github": QUEUE_REPORT,
     "opsfleet.sweeper.sweep": QUEUE_MAINTENANCE,
     "opsfleet.schedule.trigger": QUEUE_MAINTENANCE,
 }
@@ -81,6 +82,7 @@ def task_time_limits(loaded: LoadedConfig) -> dict[str, dict]:
         "opsfleet.runs.step": step,
         "opsfleet.runs.finish": quick,
         "opsfleet.report.slack": {"soft_time_limit": 120, "time_limit": 150},
+        "opsfleet.report.github": {"soft_time_limit": 120, "time_limit": 150},
         "opsfleet.sweeper.sweep": quick,
         "opsfleet.schedule.trigger": quick,
     }

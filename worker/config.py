@@ -564,6 +564,81 @@ class BackupSettings(_Strict):
         return series
 
 
+_TEMPLATE_FIELDS = ("sha", "short_sha", "branch", "tag")
+
+
+class HealthGate(_Strict):
+    passes: int = Field(default=3, ge=1, le=100, description="Consecutive passes each service needs.")
+    interval_seconds: float = Field(default=1.0, gt=0, le=60, description="Between two checks.")
+    timeout_seconds: int = Field(default=30, ge=1, le=3600, description="The gate fails after this.")
+
+
+class DeployEnvironment(_Strict):
+    """One environment a push deploys: which services, which images, which gate."""
+
+    branch: str | None = Field(default=None, description="A push to this branch deploys its head commit.")
+    tags: bool = Field(default=False, description="A push of a v* tag deploys it.")
+    deployments: bool = Field(
+        default=False, description="A `deployment` event (Deployments API) for an environment of this name deploys its sha."
+    )
+    workflow: str | None = Field(
+        default=None, min_length=1,
+        description="Deploy after CI: a workflow (name or .github/workflows/ path) completing with success on `branch` "
+        "deploys its head commit; pushes to the branch then wait for it.",
+    )
+    repository: str | None = Field(
+        default=None, pattern=r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$",
+        description="Accept pushes of this GitHub repository only (owner/name); default: any.",
+    )
+    services: tuple[str, ...] = Field(min_length=1, description="Configured services this environment deploys, in order.")
+    image: str | None = Field(default=None, description='Image repository for every service, e.g. "registry:5000/shop".')
+    images: dict[str, str] = Field(default_factory=dict, description="Image repository per service (overrides image).")
+    tag_template: str = Field(default="{branch}-{short_sha}", description="Fields: {sha} {short_sha} {branch} {tag}.")
+    health: HealthGate = HealthGate()
+    keep_releases: int = Field(default=2, ge=0, le=50, description="Earlier releases kept as rollback targets.")
+    stop_timeout_seconds: int = Field(default=5, ge=0, le=600)
+    min_free_bytes: int = Field(default=256 * 1024 * 1024, ge=0, description="Free disk floor on Docker's data root.")
+
+    @field_validator("tag_template")
+    @classmethod
+    def _known_fields(cls, value: str) -> str:
+        import string
+
+        try:
+            names = [f for _, f, _, _ in string.Formatter().parse(value) if f is not None]
+        except ValueError as err:
+            raise ValueError(f"not a template: {err}") from None
+        for name in names:
+            if name not in _TEMPLATE_FIELDS:
+                raise ValueError(f'unknown field "{{{name}}}" (use {", ".join("{" + f + "}" for f in _TEMPLATE_FIELDS)})')
+        return value
+
+    @model_validator(mode="after")
+    def _has_trigger(self) -> DeployEnvironment:
+        if not self.branch and not self.tags and not self.deployments:
+            raise ValueError("set branch, tags: true or deployments: true (what triggers this environment)")
+        if self.workflow and not self.branch:
+            raise ValueError("workflow needs branch (the branch whose successful runs deploy)")
+        return self
+
+    def image_repository(self, service: str) -> str | None:
+        return self.images.get(service) or self.image
+
+
+class DeploySettings(_Strict):
+    lock_ttl_seconds: int = Field(default=900, ge=30, description="A dead worker's environment lock lapses after this.")
+    lock_wait_seconds: int = Field(default=90, ge=0, description="How long a deploy waits for the environment lock.")
+    environments: dict[str, DeployEnvironment] = Field(default_factory=dict)
+
+    @field_validator("environments")
+    @classmethod
+    def _env_names(cls, envs: dict[str, DeployEnvironment]) -> dict[str, DeployEnvironment]:
+        for name in envs:
+            if not re.fullmatch(_SERVICE_NAME, name):
+                raise ValueError(f'environment name "{name}" must match {_SERVICE_NAME}')
+        return envs
+
+
 class Config(_Strict):
     fleet: FleetSettings = FleetSettings()
     web: WebSettings = WebSettings()
@@ -579,6 +654,7 @@ class Config(_Strict):
     rotation: RotationSettings = RotationSettings()
     cleanup: CleanupSettings = CleanupSettings()
     logging: LoggingSettings = LoggingSettings()
+    deploy: DeploySettings = DeploySettings()
 
     @field_validator("services")
     @classmethod
@@ -743,6 +819,35 @@ def _cross_check(config: Config) -> list[str]:
     for i, service in enumerate(config.cleanup.images.services):
         if service not in config.services:
             problems.append(f'cleanup.images.services[{i}]: unknown service "{service}"')
+    deploy_owner: dict[str, str] = {}
+    for env_name, env in config.deploy.environments.items():
+        where = f"deploy.environments.{env_name}"
+        for i, service in enumerate(env.services):
+            if service not in config.services:
+                known = ", ".join(names) or "none configured"
+                problems.append(f'{where}.services[{i}]: unknown service "{service}" (services: {known})')
+            elif not env.image_repository(service):
+                problems.append(f'{where}.images.{service}: no image repository (set image or images.{service})')
+            if service in deploy_owner:
+                problems.append(f'{where}.services[{i}]: "{service}" is deployed by {deploy_owner[service]} already')
+            deploy_owner.setdefault(service, where)
+        for service in env.images:
+            if service not in env.services:
+                problems.append(f'{where}.images.{service}: not one of this environment\'s services')
+        gate = env.health
+        # The health step may gate, roll back (stop + start each service) and gate again.
+        worst = 2 * gate.timeout_seconds + 2 * env.stop_timeout_seconds * len(env.services)
+        if worst >= config.worker.step_soft_timeout_seconds:
+            problems.append(
+                f"{where}.health.timeout_seconds: 2 × timeout_seconds + 2 × stop_timeout_seconds per service ({worst}) "
+                f"must be below worker.step_soft_timeout_seconds ({config.worker.step_soft_timeout_seconds}): "
+                "a failed gate rolls back and gates again in the same step"
+            )
+    if config.deploy.environments and config.deploy.lock_wait_seconds >= config.worker.step_soft_timeout_seconds:
+        problems.append(
+            f"deploy.lock_wait_seconds: must be below worker.step_soft_timeout_seconds "
+            f"({config.worker.step_soft_timeout_seconds})"
+        )
     return problems
 
 

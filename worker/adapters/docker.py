@@ -130,8 +130,9 @@ class DockerAdapter:
         except DockerException as err:
             raise DockerError(f"container {name}: cannot inspect: {err}") from None
 
-    def recreate(self, container, marker: str, stop_timeout: int):
-        """A fresh container from the same image and configuration, under the same name.
+    def recreate(self, container, marker: str, stop_timeout: int, image: str | None = None):
+        """A fresh container from the same image (or `image`, for a deploy) and
+        the same configuration, under the same name.
 
         Idempotent across a crash at any point: the old container is first
         renamed to `<name>.<marker>-old` (found and finished on a re-run); the
@@ -152,7 +153,7 @@ class DockerAdapter:
                 container.stop(timeout=stop_timeout)
                 container.rename(f"{name}.{marker}-old")
                 created = api.create_container(
-                    image=attrs["Image"],  # the exact image the old container ran, by id
+                    image=image or attrs["Image"],  # default: the exact image the old container ran, by id
                     name=name,
                     command=config.get("Cmd"),
                     entrypoint=config.get("Entrypoint"),
@@ -184,6 +185,77 @@ class DockerAdapter:
                     raise DockerError(f"container {old.name}: cannot remove: {err}") from None
             return new
         return None
+
+    # -- deploys ---------------------------------------------------------------------
+
+    def image_id(self, reference: str) -> str | None:
+        """The id of a local image by reference, or None when it is not here."""
+        try:
+            return self.client.images.get(reference).id
+        except NotFound:
+            return None
+        except DockerException as err:
+            raise DockerError(f"image {reference}: cannot inspect: {err}") from None
+
+    def pull(self, reference: str, auth_config: dict | None = None) -> str:
+        """Make sure `reference` is here; returns its image id.
+
+        Present already → nothing pulled. Otherwise pulled, and the pull is
+        judged by its stream: the daemon answers 200 and reports a failure
+        (unknown tag, auth, registry down) inside it as an `error` message.
+        Then the image must really be here."""
+        found = self.image_id(reference)
+        if found:
+            return found
+        repository, _, tag = reference.rpartition(":")
+        if not repository or "/" in tag:
+            repository, tag = reference, "latest"
+        api = self.client.api
+        try:
+            for message in api.pull(repository, tag=tag, stream=True, decode=True, auth_config=auth_config):
+                if isinstance(message, dict) and (message.get("error") or message.get("errorDetail")):
+                    detail = message.get("error") or (message.get("errorDetail") or {}).get("message")
+                    raise DockerError(f"pull {reference} failed: {detail}")
+        except DockerException as err:
+            raise DockerError(f"pull {reference} failed: {err}") from None
+        found = self.image_id(reference)
+        if not found:
+            raise DockerError(f"pull {reference} ended without an error, but the image is not here")
+        return found
+
+    def root_dir_free(self) -> tuple[str, int | None]:
+        """Docker's data root and its free bytes (None when that path is not on this host)."""
+        import shutil
+
+        try:
+            root = self.client.info().get("DockerRootDir") or ""
+        except DockerException as err:
+            raise DockerError(f"Docker at {self.base_url or 'the default socket'} does not answer: {err}") from None
+        try:
+            return root, shutil.disk_usage(root).free
+        except OSError:
+            return root, None
+
+    def undo_recreate(self, name: str, marker: str):
+        """After a recreate that failed half-way (the original stopped and renamed
+        to `<name>.<marker>-old`, the new one not created or not started): the
+        half-made new container is removed, the original renamed back and started.
+        Returns the original, or None when there is nothing to undo."""
+        old = self.find_by_name(f"{name}.{marker}-old")
+        if old is None:
+            return None
+        new = self.find_by_name(name)
+        try:
+            if new is not None:
+                if (new.labels or {}).get("opsfleet.recreated-by") != marker:
+                    raise DockerError(f"container {name} exists and is not {marker}'s: left alone")
+                new.remove(force=True)
+            old.rename(name)
+            old.start()
+            old.reload()
+        except DockerException as err:
+            raise DockerError(f"container {name}: cannot put the original back: {err}") from None
+        return old
 
     # -- backups and recovery ------------------------------------------------------
 

@@ -163,6 +163,40 @@ locks = sa.Table(
 )
 
 
+# Deploys: one row per deploy run (what it put live, or tried to), per environment.
+# `current` marks the release that is live; at most one per environment.
+releases = sa.Table(
+    "releases",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("environment", sa.String(64), nullable=False),
+    sa.Column("sha", sa.String(64), nullable=False),
+    sa.Column("ref", sa.String(255), nullable=False, server_default=""),
+    sa.Column("images", sa.Text, nullable=False),  # JSON: service → image reference
+    sa.Column("previous_images", sa.Text, nullable=False, server_default="{}"),  # what ran before (rollback target)
+    sa.Column("run_id", sa.Integer, sa.ForeignKey("runs.id"), nullable=False, unique=True),
+    sa.Column("pushed_at", sa.Float, nullable=False, server_default="0"),  # push order (worker.deploys)
+    sa.Column("committed_at", sa.Float, nullable=False, server_default="0"),
+    # deploying | live | rolled_back | failed (stays live after another release: see current)
+    sa.Column("status", sa.String(20), nullable=False),
+    sa.Column("current", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("live_at", UTCDateTime),
+    sa.Index("releases_env_current", "environment", "current"),
+)
+
+
+# A deploy run's GitHub deployment: its id and the states reported so far.
+github_deployments = sa.Table(
+    "github_deployments",
+    metadata,
+    sa.Column("run_id", sa.Integer, sa.ForeignKey("runs.id"), primary_key=True, autoincrement=False),
+    sa.Column("repository", sa.String(255), nullable=False),
+    sa.Column("deployment_id", sa.BigInteger, nullable=False),
+    sa.Column("states", sa.Text, nullable=False, server_default=""),  # comma-separated, in order
+)
+
+
 # What pruning leaves of old runs: a count per day, playbook, trigger and status.
 run_archive = sa.Table(
     "run_archive",
@@ -517,6 +551,124 @@ class Ledger:
         with self._tx() as conn:
             row = conn.execute(sa.select(locks).where(locks.c.name == name)).one_or_none()
             return None if row is None else _row_dict(row)
+
+    # -- deliveries and releases ------------------------------------------------------
+
+    def record_delivery(
+        self, *, source: str, dedup_key: str, summary: str, body: str, new_runs: Iterable[NewRun]
+    ) -> tuple[RecordedEvent, bool]:
+        """Record an event that carries the sender's delivery id, with its runs, once.
+
+        (event, True) when new; (the existing event and its runs, False) for a
+        redelivery: nothing is written then."""
+        with self.intake() as tx:
+            event_id = tx.conn.execute(
+                self._insert(events)
+                .values(source=source, dedup_key=dedup_key, received_at=tx.now, summary=summary[:2000], body=body)
+                .on_conflict_do_nothing(index_elements=["source", "dedup_key"])
+                .returning(events.c.id)
+            ).scalar()
+            if event_id is not None:
+                return RecordedEvent(event_id, tx.add_runs(event_id, list(new_runs), enqueued=True)), True
+            event_id = tx.conn.execute(
+                sa.select(events.c.id).where(events.c.source == source, events.c.dedup_key == dedup_key)
+            ).scalar_one()
+            found = tx.conn.execute(
+                sa.select(runs.c.id, runs.c.status).where(runs.c.event_id == event_id).order_by(runs.c.id)
+            )
+            return RecordedEvent(event_id, [RecordedRun(r.id, False, r.status) for r in found]), False
+
+    def active_deploys(self, environment: str) -> list[dict[str, Any]]:
+        """Queued or running deploy runs of an environment."""
+        with self._tx() as conn:
+            rows = conn.execute(
+                sa.select(runs).where(
+                    runs.c.playbook == "deploy",
+                    runs.c.target == environment,
+                    runs.c.status.in_(ACTIVE_STATUSES),
+                )
+            )
+            return [_run_dict(r) for r in rows]
+
+    def run_status(self, run_id: int) -> str | None:
+        with self._tx() as conn:
+            return conn.execute(sa.select(runs.c.status).where(runs.c.id == run_id)).scalar()
+
+    def start_release(
+        self, *, environment: str, sha: str, ref: str, images: dict[str, str], previous_images: dict[str, str],
+        run_id: int, order: tuple[float, float],
+    ) -> dict[str, Any]:
+        """The release row of a deploy run, created once (a re-run finds it)."""
+        with self._tx() as conn:
+            conn.execute(
+                self._insert(releases)
+                .values(
+                    environment=environment, sha=sha, ref=ref, images=json.dumps(images, sort_keys=True),
+                    previous_images=json.dumps(previous_images, sort_keys=True), run_id=run_id,
+                    pushed_at=float(order[0]), committed_at=float(order[1]), status="deploying",
+                    current=False, created_at=utcnow(),
+                )
+                .on_conflict_do_nothing(index_elements=["run_id"])
+            )
+            row = conn.execute(sa.select(releases).where(releases.c.run_id == run_id)).one()
+            return _release_dict(row)
+
+    def release_of_run(self, run_id: int) -> dict[str, Any] | None:
+        with self._tx() as conn:
+            row = conn.execute(sa.select(releases).where(releases.c.run_id == run_id)).one_or_none()
+            return None if row is None else _release_dict(row)
+
+    def current_release(self, environment: str) -> dict[str, Any] | None:
+        with self._tx() as conn:
+            row = conn.execute(
+                sa.select(releases).where(releases.c.environment == environment, releases.c.current.is_(True))
+            ).one_or_none()
+            return None if row is None else _release_dict(row)
+
+    def make_current(self, run_id: int) -> None:
+        """The run's release is live and current; the environment's previous current one is not."""
+        with self._tx() as conn:
+            env = conn.execute(sa.select(releases.c.environment).where(releases.c.run_id == run_id)).scalar_one()
+            conn.execute(releases.update().where(releases.c.environment == env).values(current=False))
+            conn.execute(
+                releases.update().where(releases.c.run_id == run_id).values(status="live", current=True, live_at=utcnow())
+            )
+
+    def set_release_status(self, run_id: int, status: str) -> None:
+        with self._tx() as conn:
+            conn.execute(releases.update().where(releases.c.run_id == run_id).values(status=status))
+
+    def list_releases(self, environment: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        query = sa.select(releases).order_by(releases.c.id.desc()).limit(limit)
+        if environment:
+            query = query.where(releases.c.environment == environment)
+        with self._tx() as conn:
+            return [_release_dict(r) for r in conn.execute(query)]
+
+    def github_deployment(self, run_id: int) -> dict[str, Any] | None:
+        with self._tx() as conn:
+            row = conn.execute(sa.select(github_deployments).where(github_deployments.c.run_id == run_id)).one_or_none()
+            if row is None:
+                return None
+            found = _row_dict(row)
+            found["states"] = [s for s in found["states"].split(",") if s]
+            return found
+
+    def set_github_deployment(self, run_id: int, repository: str, deployment_id: int) -> None:
+        with self._tx() as conn:
+            conn.execute(
+                self._insert(github_deployments)
+                .values(run_id=run_id, repository=repository, deployment_id=deployment_id, states="")
+                .on_conflict_do_nothing(index_elements=["run_id"])
+            )
+
+    def add_github_state(self, run_id: int, state: str) -> None:
+        with self._tx() as conn:
+            current = conn.execute(
+                sa.select(github_deployments.c.states).where(github_deployments.c.run_id == run_id)
+            ).scalar_one()
+            joined = f"{current},{state}" if current else state
+            conn.execute(github_deployments.update().where(github_deployments.c.run_id == run_id).values(states=joined))
 
     # -- pruning --------------------------------------------------------------------
 
@@ -876,6 +1028,13 @@ class IntakeTx:
 
 def _row_dict(row: Any) -> dict[str, Any]:
     return dict(row._mapping)
+
+
+def _release_dict(row: Any) -> dict[str, Any]:
+    release = _row_dict(row)
+    release["images"] = json.loads(release["images"] or "{}")
+    release["previous_images"] = json.loads(release["previous_images"] or "{}")
+    return release
 
 
 def _run_dict(row: Any) -> dict[str, Any]:

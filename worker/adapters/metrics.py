@@ -43,6 +43,24 @@ RUN_DURATION = Histogram(
     ["playbook"],
     buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800),
 )
+GITHUB_DELIVERIES = Counter(
+    "opsfleet_github_deliveries_total", "GitHub deliveries accepted, by event and outcome (deploy, ignored, redelivery).",
+    ["event", "outcome"],
+)
+DEPLOYS = Counter(
+    "opsfleet_deploys_total",
+    "Deploy runs ended, by environment and outcome (succeeded, rolled_back, rollback_failed, superseded, failed).",
+    ["environment", "outcome"],
+)
+DEPLOY_DURATION = Histogram(
+    "opsfleet_deploy_duration_seconds", "From the deploy's lock to its release recorded.", ["environment"],
+    buckets=(5, 10, 20, 30, 60, 120, 300, 600),
+)
+# 1 for the live release of each environment, 0 for the one it replaced.
+RELEASE_INFO = Gauge(
+    "opsfleet_release_info", "The live release per environment (1; the one it replaced 0).", ["environment", "sha"],
+    multiprocess_mode="mostrecent",
+)
 STEPS_FINISHED = Counter("opsfleet_steps_total", "Steps finished, by outcome.", ["playbook", "step", "status"])
 SWEEPER_ACTIONS = Counter(
     "opsfleet_sweeper_actions_total",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from worker.tasks import backup, cleanup, escalate, remediate, restore, rotate
+from worker.tasks import backup, cleanup, deploy, escalate, remediate, restore, rotate
 from worker.tasks.steps import Step
 
 PLAYBOOKS: dict[str, tuple[Step, ...]] = {
@@ -12,6 +12,7 @@ PLAYBOOKS: dict[str, tuple[Step, ...]] = {
     **restore.PLAYBOOKS,
     **rotate.PLAYBOOKS,
     **cleanup.PLAYBOOKS,
+    **deploy.PLAYBOOKS,
 }
 
 # Optional per-playbook gates for scheduled triggers: (runtime, target, params) ->

@@ -16,13 +16,15 @@ from worker.tasks import backup, cleanup, rotate
 from worker.tasks.steps import Step, StepContext, StepFailed
 
 
-def _container(ctx: StepContext):
-    spec = ctx.config.services.get(ctx.run["target"] or "")
+def _container(ctx: StepContext, service: str | None = None):
+    """The container of `service` (default: the run's target)."""
+    name = service or ctx.run["target"] or ""
+    spec = ctx.config.services.get(name)
     if spec is None:
         # The configuration changed since the run was accepted.
-        raise StepFailed(f'service "{ctx.run["target"]}" is no longer configured')
+        raise StepFailed(f'service "{name}" is no longer configured')
     try:
-        return ctx.runtime.docker.find_container(ctx.run["target"], spec)
+        return ctx.runtime.docker.find_container(name, spec)
     except DockerError as err:
         raise StepFailed(str(err)) from None
 
@@ -84,9 +86,10 @@ def verify_healthy(ctx: StepContext) -> str:
     return _wait_healthy(ctx, since=None)
 
 
-def _health_problem(ctx: StepContext, since: datetime | None) -> tuple[str, str]:
-    spec = ctx.config.services[ctx.run["target"]]
-    container = _container(ctx)
+def _health_problem(ctx: StepContext, since: datetime | None, service: str | None = None) -> tuple[str, str]:
+    """("", detail) when healthy, else (problem, ""). `service` defaults to the run's target."""
+    spec = ctx.config.services[service or ctx.run["target"]]
+    container = _container(ctx, service)
     state = ctx.runtime.docker.state(container)
     started = _parse_docker_time(state.started_at)
     if not state.running:

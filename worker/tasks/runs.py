@@ -23,7 +23,7 @@ from worker.adapters.ledger import LedgerUnavailable
 from worker.celery_factory import host_queue
 from worker.logs import run_context
 from worker.tasks.playbooks import PLAYBOOKS
-from worker.tasks.steps import StepContext, StepFailed, StepSkipped, hold_if_asked
+from worker.tasks.steps import StepContext, StepEnded, StepFailed, StepSkipped, hold_if_asked
 
 log = logging.getLogger("opsfleet.runs")
 
@@ -69,12 +69,15 @@ def _step_lease(app, step=None) -> float:
     return max(hard, config.worker.step_hard_timeout_seconds) + config.worker.queue_grace_seconds
 
 
-def request_report(app, run_id: int) -> None:
-    """Reports are their own tasks: a Slack outage never fails or delays a run."""
-    try:
-        app.send_task("opsfleet.report.slack", args=(run_id,))
-    except Exception as err:  # broker down: the run goes on; the next report catches up
-        log.warning("run %s: could not enqueue its Slack report: %s", run_id, err)
+def request_report(app, run_id: int, playbook: str | None = None) -> None:
+    """Reports are their own tasks: a Slack (or GitHub) outage never fails or delays a run.
+    Deploy runs are reported to GitHub too."""
+    tasks = ["opsfleet.report.slack"] + (["opsfleet.report.github"] if playbook == "deploy" else [])
+    for task in tasks:
+        try:
+            app.send_task(task, args=(run_id,))
+        except Exception as err:  # broker down: the run goes on; the next report catches up
+            log.warning("run %s: could not enqueue its report (%s): %s", run_id, task, err)
 
 
 def _ledger_write(fn, *args):
@@ -96,7 +99,7 @@ def end_run(app, run: dict, status: str, reason: str = "") -> None:
             metrics.RUN_DURATION.labels(run["playbook"]).observe(
                 (ended["finished_at"] - run["started_at"]).total_seconds()
             )
-    request_report(app, run["id"])
+    request_report(app, run["id"], run["playbook"])
 
 
 @shared_task(name="opsfleet.runs.start", bind=True, acks_late=True, max_retries=None)
@@ -111,7 +114,7 @@ def start_run(self, run_id: int) -> None:
     if run["playbook"] not in PLAYBOOKS:
         end_run(self.app, run, "failed", f'unknown playbook "{run["playbook"]}"')
         return
-    request_report(self.app, run_id)
+    request_report(self.app, run_id, run["playbook"])
     build_chain(self.app, run_id, run["playbook"], queue_for_run(runtime.config, run)).apply_async()
 
 
@@ -136,7 +139,7 @@ def run_step(self, run_id: int, seq: int) -> None:
         raise Ignore()
 
     began = time.monotonic()
-    status, output = "succeeded", ""
+    status, output, ended = "succeeded", "", None
     try:
         with run_context(run_id):  # every line the step logs carries the run id
             hold_if_asked(run["playbook"], step.name, run_id)
@@ -145,6 +148,8 @@ def run_step(self, run_id: int, seq: int) -> None:
         status, output = "failed", str(err)
     except StepSkipped as err:
         status, output = "skipped", str(err)
+    except StepEnded as err:
+        status, output, ended = err.step_status, str(err), err
     except SoftTimeLimitExceeded:
         status, output = "failed", f"timed out after {time.monotonic() - began:.0f}s"
     except Exception as err:  # a bug or an unexpected outside error: the stack goes to the log only
@@ -154,13 +159,16 @@ def run_step(self, run_id: int, seq: int) -> None:
     output = runtime.loaded.redact(output)  # step output goes to the ledger, the API and Slack
     _ledger_write(ledger.end_step, run_id, seq, status, output, _step_lease(self.app))
     metrics.STEPS_FINISHED.labels(run["playbook"], step.name, status).inc()
+    if ended is not None:
+        end_run(self.app, run, ended.status, output.splitlines()[0] if output else ended.status)
+        raise Ignore()
     if status == "skipped":
         end_run(self.app, run, "skipped", output)
         raise Ignore()
     if status == "failed":
         end_run(self.app, run, "failed", f"step {step.name} failed: {output.splitlines()[0] if output else ''}")
         raise Ignore()
-    request_report(self.app, run_id)
+    request_report(self.app, run_id, run["playbook"])
 
 
 @shared_task(name="opsfleet.runs.finish", bind=True, acks_late=True, max_retries=None)

@@ -23,6 +23,17 @@ class StepFailed(Exception):
     """The step did not achieve its aim; the message is for the on-call engineer."""
 
 
+class StepEnded(Exception):
+    """The step ends the run with a final status of its own (`superseded`,
+    `rolled_back`, `rollback_failed`); no later step runs. The step itself is
+    recorded as `step_status` with the message as its output."""
+
+    def __init__(self, status: str, message: str, step_status: str = "failed"):
+        super().__init__(message)
+        self.status = status
+        self.step_status = step_status
+
+
 class StepSkipped(Exception):
     """There is nothing for this run to do (say, another run holds the lock):
     the run ends as `skipped` with this reason, and no later step runs."""

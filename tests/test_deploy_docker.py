@@ -1,0 +1,397 @@
+"""Push-triggered deploys on the private dockerd: a signed push at the edge
+(in-process Flask), the deploy run executed step by step through the same
+tasks a worker runs (execute_inline), real containers, real HTTP health checks
+(images and pushes: tests/support/deploy.py). GitHub's API is a local recorder.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+import requests
+
+from tests.support.deploy import SHA, TAG, build_images, httpd_command, new_repository, remove_images, signed_push
+from tests.support.github_recorder import GitHubRecorder
+from tests.support.servers import TEST_DOCKER_HOST, free_port
+from webhooks import create_app
+from worker.celery_factory import create_celery
+from worker.config import parse_config
+from worker.tasks.runs import execute_inline
+
+SECRET = "gh-deploy-secret-7"
+REPO = new_repository()
+
+
+@pytest.fixture(scope="module")
+def images(dockerd):
+    built = build_images(dockerd, REPO)
+    yield built
+    remove_images(dockerd, built)
+
+
+@pytest.fixture
+def github():
+    with GitHubRecorder() as recorder:
+        yield recorder
+
+
+@pytest.fixture
+def stack(tmp_path, dockerd, images, github):
+    """One service `app` (busybox httpd on a free port) in environment `prod`, on repo:v1."""
+    port = free_port()
+    name = f"opsfleet-deploy-{uuid.uuid4().hex[:8]}"
+    command = httpd_command(port)
+
+    def start(tag="v1"):
+        return dockerd.containers.run(f"{REPO}:{tag}", command, name=name, detach=True, network_mode="host",
+                                      labels={"com.docker.compose.service": "app"})
+
+    raw = {
+        "fleet": {"data_dir": str(tmp_path / "data"), "public_url": "http://opsfleet.test"},
+        "services": {"app": {"container": name, "health_url": f"http://127.0.0.1:{port}/health"}},
+        "deploy": {
+            "lock_wait_seconds": 2,
+            "environments": {
+                "prod": {"branch": "master", "services": ["app"], "image": REPO, "tag_template": "main-{short_sha}",
+                         "health": {"passes": 2, "interval_seconds": 0.2, "timeout_seconds": 3},
+                         "stop_timeout_seconds": 1, "min_free_bytes": 1024},
+            },
+        },
+    }
+    environ = {"ALERTMANAGER_TOKEN": "am-token-xyz", "GITHUB_WEBHOOK_SECRET": SECRET, "DOCKER_HOST": TEST_DOCKER_HOST,
+               "GITHUB_TOKEN": github.token, "GITHUB_API_URL": github.base_url}
+    loaded = parse_config(raw, source="test", base_dir=tmp_path, environ=environ)
+    web = create_app(loaded=loaded)
+    worker = create_celery(loaded)
+
+    class Stack:
+        pass
+
+    s = Stack()
+    s.name, s.port, s.start, s.loaded = name, port, start, loaded
+    s.client, s.app, s.ledger = web.test_client(), worker, worker.opsfleet.ledger
+    yield s
+    for c in dockerd.containers.list(all=True, filters={"name": name}):
+        c.remove(force=True)
+
+
+def push(stack, commit: str, pushed_at: int, delivery: str | None = None):
+    data, headers = signed_push(SECRET, commit, pushed_at, delivery)
+    answer = stack.client.post("/hooks/github", data=data, headers=headers)
+    assert answer.status_code in (200, 202), answer.json
+    return answer
+
+
+def serving(stack) -> str:
+    return requests.get(f"http://127.0.0.1:{stack.port}/version", timeout=5).text
+
+
+def image_of(dockerd, stack) -> str:
+    return dockerd.containers.get(stack.name).attrs["Config"]["Image"]
+
+
+def deploy(stack, commit: str, pushed_at: int) -> dict:
+    [run_id] = push(stack, commit, pushed_at).json["runs"]
+    return execute_inline(stack.app, run_id)
+
+
+def test_a_signed_push_deploys_the_new_tag_and_health_passes(stack, dockerd):
+    stack.start()
+    assert serving(stack) == "v1"
+    run = deploy(stack, "a", 1000)
+    assert run["status"] == "succeeded", run
+    assert [s["name"] for s in run["steps"]] == ["lock", "validate", "pull", "recreate", "health", "record"]
+    assert image_of(dockerd, stack) == f"{REPO}:{TAG['a']}" and serving(stack) == "a"
+    container = dockerd.containers.get(stack.name)
+    assert container.labels["com.docker.compose.service"] == "app"  # same configuration, new image
+    [release] = stack.ledger.list_releases("prod")
+    assert (release["sha"], release["status"], release["current"]) == (SHA["a"], "live", True)
+    assert release["previous_images"] == {"app": f"{REPO}:v1"}
+    assert stack.ledger.get_lock("deploy:prod") is None
+
+
+def test_a_tag_whose_health_fails_rolls_back_and_the_previous_version_serves(stack, dockerd):
+    stack.start()
+    assert deploy(stack, "a", 1000)["status"] == "succeeded"
+    run = deploy(stack, "c", 2000)
+    assert run["status"] == "rolled_back", run
+    assert "health gate failed" in run["reason"] and "rolled back" in run["reason"]
+    assert image_of(dockerd, stack) == f"{REPO}:{TAG['a']}" and serving(stack) == "a"
+    current = stack.ledger.current_release("prod")
+    assert current["sha"] == SHA["a"]
+    assert stack.ledger.release_of_run(run["id"])["status"] == "rolled_back"
+    assert stack.ledger.get_lock("deploy:prod") is None
+
+
+def test_a_failed_rollback_ends_rollback_failed_and_escalates(stack, dockerd):
+    stack.start(TAG["e"])  # the version running now is unhealthy too
+    run = deploy(stack, "c", 1000)
+    assert run["status"] == "rollback_failed", run
+    escalations = [r for r in stack.ledger.list_runs() if r["playbook"] == "escalate"]
+    assert len(escalations) == 1 and escalations[0]["status"] == "queued"
+    assert "rollback failed" in escalations[0]["params"]["reason"]
+    assert stack.ledger.get_lock("deploy:prod") is None
+
+
+def test_a_tag_that_cannot_be_pulled_stops_nothing(stack, dockerd):
+    before = stack.start()
+    before.reload()
+    run = deploy(stack, "d", 1000)
+    assert run["status"] == "failed", run
+    assert run["steps"][-1]["name"] == "pull" and "nothing was stopped" in run["reason"]
+    after = dockerd.containers.get(stack.name)
+    assert after.id == before.id and after.status == "running"
+    assert after.attrs["State"]["StartedAt"] == before.attrs["State"]["StartedAt"]
+    assert serving(stack) == "v1"
+    assert stack.ledger.list_releases("prod") == []
+    assert stack.ledger.get_lock("deploy:prod") is None
+
+
+def test_the_same_delivery_twice_is_one_deploy(stack, dockerd):
+    stack.start()
+    first = push(stack, "a", 1000, delivery="dup-1")
+    again = push(stack, "a", 1000, delivery="dup-1")
+    assert again.status_code == 200 and again.json["runs"] == first.json["runs"]
+    assert execute_inline(stack.app, first.json["runs"][0])["status"] == "succeeded"
+    assert len(stack.ledger.list_releases("prod")) == 1
+    assert len([r for r in stack.ledger.list_runs() if r["playbook"] == "deploy"]) == 1
+
+
+def test_a_then_b_waiting_together_only_b_runs(stack, dockerd):
+    stack.start()
+    [a] = push(stack, "a", 1000).json["runs"]
+    [b] = push(stack, "b", 1001).json["runs"]
+    run_a = execute_inline(stack.app, a)
+    assert run_a["status"] == "superseded" and f"run {b}" in run_a["reason"]
+    assert execute_inline(stack.app, b)["status"] == "succeeded"
+    assert serving(stack) == "b"
+
+
+def test_b_then_a_out_of_order_leaves_b_live(stack, dockerd):
+    stack.start()
+    assert deploy(stack, "b", 1001)["status"] == "succeeded"
+    run_a = deploy(stack, "a", 1000)  # older push, delivered later
+    assert run_a["status"] == "superseded" and "was pushed after" in run_a["reason"]
+    assert serving(stack) == "b" and stack.ledger.current_release("prod")["sha"] == SHA["b"]
+
+
+def test_a_then_b_in_sequence_leaves_b_live(stack, dockerd):
+    stack.start()
+    assert deploy(stack, "a", 1000)["status"] == "succeeded"
+    assert deploy(stack, "b", 1001)["status"] == "succeeded"
+    assert serving(stack) == "b"
+    releases = stack.ledger.list_releases("prod")
+    assert [(r["sha"][0], r["current"]) for r in releases] == [("b", True), ("a", False)]
+
+
+def _holder_run(stack, status="running") -> int:
+    from worker.adapters.ledger import NewRun
+
+    run_id = stack.ledger.record_event(source="t", summary="", body="", new_runs=[
+        NewRun(trigger="manual", triggered_by="test", playbook="deploy", target="other-env",
+               params={"sha": "f" * 40, "order": [0, 0], "images": {}})]).runs[0].id
+    stack.ledger.claim_run(run_id, "test-worker", 600)
+    assert stack.ledger.acquire_lock("deploy:prod", f"run:{run_id}", 600)
+    if status != "running":
+        stack.ledger.finish_run(run_id, status, "worker lost: the step lease expired")
+    return run_id
+
+
+def test_a_deploy_waits_for_the_environment_lock_and_gives_up_touching_nothing(stack, dockerd):
+    before = stack.start()
+    holder = _holder_run(stack)
+    run = deploy(stack, "a", 1000)  # deploy.lock_wait_seconds: 2
+    assert run["status"] == "failed" and run["steps"][-1]["name"] == "lock"
+    assert f"held by run:{holder}" in run["reason"]
+    assert dockerd.containers.get(stack.name).id == before.id and serving(stack) == "v1"
+    assert stack.ledger.get_lock("deploy:prod")["holder"] == f"run:{holder}"  # not ours to release
+
+
+def test_the_lock_of_a_run_that_died_is_taken_over_and_the_deploy_proceeds(stack, dockerd):
+    stack.start()
+    holder = _holder_run(stack, status="failed")  # its worker was killed; the sweeper failed the run
+    run = deploy(stack, "a", 1000)
+    assert run["status"] == "succeeded", run
+    assert f"taken over from run:{holder}, which had ended" in run["steps"][0]["output"]
+    assert serving(stack) == "a" and stack.ledger.get_lock("deploy:prod") is None
+
+
+def test_cleanup_protects_the_current_release_and_its_rollback_targets(stack, dockerd):
+    from worker.tasks.cleanup import protected_images
+    from worker.tasks.steps import StepContext
+
+    stack.start()
+    for commit, at in (("a", 1000), ("b", 1001)):
+        assert deploy(stack, commit, at)["status"] == "succeeded"
+    assert deploy(stack, "c", 1002)["status"] == "rolled_back"  # never live: not a rollback target
+    protected = protected_images(StepContext(stack.app.opsfleet, {"id": 0, "params": {}}))
+    assert {f"{REPO}:{TAG['a']}", f"{REPO}:{TAG['b']}"} <= protected
+    assert f"{REPO}:{TAG['c']}" not in protected
+
+
+def report(stack, run_id):
+    return stack.app.tasks["opsfleet.report.github"].apply(args=(run_id,)).get()
+
+
+def test_github_sees_queued_in_progress_success_and_the_previous_deployment_goes_inactive(stack, github):
+    stack.start()
+    first = deploy(stack, "a", 1000)
+    assert report(stack, first["id"]) == ["queued", "in_progress", "success"]
+    assert report(stack, first["id"]) == []  # converged: nothing posted twice
+    [dep_a] = github.deployments.values()
+    assert (dep_a["sha"], dep_a["repository"], dep_a["environment"]) == (SHA["a"], "Codertocat/Hello-World", "prod")
+    assert dep_a["auto_merge"] is False and dep_a["required_contexts"] == []
+    assert dep_a["payload"] == {"opsfleet_run": first["id"]}
+    success = dep_a["statuses"][-1]
+    assert success["log_url"] == f"http://opsfleet.test/api/runs/{first['id']}" and len(success["description"]) <= 140
+
+    second = deploy(stack, "b", 1001)
+    assert report(stack, second["id"]) == ["queued", "in_progress", "success"]
+    assert github.states(dep_a["id"]) == ["queued", "in_progress", "success", "inactive"]
+
+
+def test_github_sees_failure_after_a_rollback(stack, github):
+    stack.start()
+    run = deploy(stack, "c", 1000)
+    assert run["status"] == "rolled_back"
+    assert report(stack, run["id"]) == ["queued", "in_progress", "failure"]
+    [dep] = github.deployments.values()
+    description = dep["statuses"][-1]["description"]
+    assert description.startswith(f"#{run['id']} rolled_back: health gate failed") and len(description) <= 140
+
+
+def test_a_502_from_github_is_retried_without_a_second_deployment(stack, github):
+    from worker.adapters.github import GitHubAdapter, GitHubError
+    from worker.tasks.report_github import report_deploy
+
+    stack.start()
+    run = deploy(stack, "a", 1000)
+    adapter = GitHubAdapter(github.token, github.base_url, 5)
+    github.fail_next = [502]  # the deployment's creation
+    with pytest.raises(GitHubError) as err:
+        report_deploy(stack.app.opsfleet, adapter, run["id"])
+    assert err.value.retryable
+    posted = report_deploy(stack.app.opsfleet, adapter, run["id"])
+    assert posted == ["queued", "in_progress", "success"] and len(github.deployments) == 1
+    # A 502 in the middle of the statuses: the retry posts only what is missing.
+    second = deploy(stack, "b", 1001)
+    github.fail_next = []
+    original = github._answer
+    answers = iter([None, None, 502])  # deployment, queued, then in_progress fails
+
+    def flaky(path, headers, body):
+        if next(answers, None) == 502:
+            return 502, {"message": "Server Error"}
+        return original(path, headers, body)
+
+    github._answer = flaky
+    with pytest.raises(GitHubError):
+        report_deploy(stack.app.opsfleet, adapter, second["id"])
+    github._answer = original
+    assert report_deploy(stack.app.opsfleet, adapter, second["id"]) == ["in_progress", "success"]
+    dep_b = max(github.deployments)
+    assert github.states(dep_b) == ["queued", "in_progress", "success"]
+
+
+def test_the_report_task_retries_a_502(stack, github):
+    stack.start()
+    run = deploy(stack, "a", 1000)
+    github.fail_next = [502]
+    # Run eagerly, Celery's retry runs the task again at once (a worker waits the countdown).
+    assert report(stack, run["id"]) == ["queued", "in_progress", "success"]
+    assert [c.status for c in github.calls] == [502, 201, 201, 201, 201]
+    assert len(github.deployments) == 1
+
+
+def test_cli_deploy_releases_and_rollback(stack, dockerd, tmp_path):
+    import yaml
+    from click.testing import CliRunner
+
+    from opsfleet.cli import cli
+
+    stack.start()
+    assert deploy(stack, "a", 1000)["status"] == "succeeded"
+    config_file = tmp_path / "opsfleet.yaml"
+    raw = stack.loaded.config.model_dump(mode="json", exclude_defaults=True)
+    config_file.write_text(yaml.safe_dump(raw))
+    env = {"DOCKER_HOST": TEST_DOCKER_HOST, "GITHUB_TOKEN": "", "GITHUB_API_URL": ""}
+    runner = CliRunner()
+
+    def opsfleet(*args):
+        return runner.invoke(cli, ["--config", str(config_file), *args], env=env, catch_exceptions=False)
+
+    result = opsfleet("deploy", "--env", "prod", "--ref", SHA["b"])
+    assert result.exit_code == 0, result.output
+    assert serving(stack) == "b"
+    result = opsfleet("releases", "--env", "prod")
+    assert result.exit_code == 0 and result.output.splitlines()[1].split()[1:5] == ["prod", SHA["b"][:7], "live", "*"]
+    result = opsfleet("rollback", "--env", "prod")  # to a, the release live before b
+    assert result.exit_code == 0, result.output
+    assert serving(stack) == "a" and stack.ledger.current_release("prod")["sha"] == SHA["a"]
+    # Deliberate: the CLI may put an older commit live, which a webhook never does.
+    assert opsfleet("deploy", "--env", "prod", "--ref", "nothex").exit_code == 2
+    assert opsfleet("rollback", "--env", "nope").exit_code == 2
+    result = opsfleet("releases", "--env", "prod", "--json")
+    assert [r["sha"][0] for r in json.loads(result.output)] == ["a", "b", "a"]
+
+
+def test_a_recreate_that_fails_half_way_puts_the_original_back(stack, dockerd):
+    """The new container cannot be created (its image is missing: the pull step is skipped
+    here to get that far): the original, already stopped and renamed, is put back."""
+    from worker.adapters.ledger import NewRun
+
+    before = stack.start()
+    run_id = stack.ledger.record_event(source="t", summary="", body="", new_runs=[NewRun(
+        trigger="manual", triggered_by="test", playbook="deploy", target="prod",
+        params={"sha": SHA["d"], "ref": "", "images": {"app": f"{REPO}:{TAG['d']}"}, "order": [1, 1]})]).runs[0].id
+    assert stack.ledger.claim_run(run_id, "test", 600)
+    step = stack.app.tasks["opsfleet.runs.step"]
+    for seq in (0, 1, 3):  # lock, validate, (no pull), recreate
+        step.apply(args=(run_id, seq))
+    run = stack.ledger.get_run(run_id)
+    assert run["status"] == "rolled_back", run
+    assert "recreate failed" in run["reason"]
+    after = dockerd.containers.get(stack.name)
+    assert after.id == before.id and after.status == "running" and serving(stack) == "v1"
+    assert not [c for c in dockerd.containers.list(all=True) if c.name.startswith(f"{stack.name}.")]
+    assert stack.ledger.get_lock("deploy:prod") is None
+
+
+def test_a_deploy_arriving_while_another_runs_waits_for_it_then_goes_live(stack, dockerd, tmp_path, monkeypatch):
+    import threading
+    import time
+
+    hold_dir = tmp_path / "hold"
+    hold_dir.mkdir()
+    monkeypatch.setenv("OPSFLEET_TEST_HOLD_DIR", str(hold_dir))
+    (hold_dir / "hold-deploy-health").touch()  # A stops inside its health step
+    stack.start()
+    [a] = push(stack, "a", 1000).json["runs"]
+    results = {}
+    first = threading.Thread(target=lambda: results.setdefault("a", execute_inline(stack.app, a)))
+    first.start()
+    deadline = time.monotonic() + 20
+    while not (hold_dir / f"held-{a}-health").exists():
+        assert time.monotonic() < deadline, "A never reached its health step"
+        time.sleep(0.05)
+    (hold_dir / "hold-deploy-health").unlink()  # B will not stop there
+    [older] = push(stack, "e", 999).json["runs"]  # an older push than A, while A runs
+    assert execute_inline(stack.app, older)["status"] == "superseded"
+    (hold_dir / "hold-deploy-health").touch()
+    [b] = push(stack, "b", 1001).json["runs"]
+    second = threading.Thread(target=lambda: results.setdefault("b", execute_inline(stack.app, b)))
+    second.start()
+    while not stack.ledger.get_run(b)["steps"]:
+        assert time.monotonic() < deadline, "B never started its lock step"
+        time.sleep(0.05)
+    time.sleep(0.5)
+    assert stack.ledger.get_run(b)["steps"][0]["status"] == "running"  # B waits for the lock
+    (hold_dir / "hold-deploy-health").unlink()
+    first.join(30)
+    second.join(30)
+    assert results["a"]["status"] == "succeeded", results["a"]
+    assert results["b"]["status"] == "succeeded", results["b"]
+    assert f"after waiting for run:{a}" in results["b"]["steps"][0]["output"]
+    assert serving(stack) == "b" and stack.ledger.current_release("prod")["sha"] == SHA["b"]

@@ -1,0 +1,365 @@
+"""The deploy playbook: put an environment's services on new images, never half-way.
+
+Steps (target: the environment; params: sha, ref, images, order):
+
+1. `lock`: take the ledger lock `deploy:<env>` (TTL deploy.lock_ttl_seconds,
+   so a dead worker's lock lapses; a lock whose holder run has ended is taken
+   over at once). While waiting, and once more with the lock, newest wins
+   (worker.deploys.judge_deploy): an older push than the live release, or
+   than another waiting deploy, ends `superseded`.
+2. `validate`: Docker answers; free space on its data root above the floor;
+   every service's container is found.
+3. `pull`: every new image is here (pulled when not, the pull stream checked
+   for errors). Nothing has been stopped yet: a bad tag stops the run here.
+4. `recreate`: the release row is written (with what ran before, the
+   rollback target), then each service is recreated with its new image, same
+   configuration. A failure rolls back.
+5. `health`: each service passes its check `health.passes` times in a row
+   within `health.timeout_seconds`. A failure rolls back: the previous images
+   are recreated and gated again → the run ends `rolled_back`, or
+   `rollback_failed` and an `escalate` run is recorded.
+6. `record`: the release is current; the lock is released.
+
+The lock is released on every exit path of every step (a failure, a
+supersede, a rollback); a crash inside a step leaves it to its TTL, or to the
+next deploy once the sweeper has ended the dead run.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+
+from worker.adapters import metrics
+from worker.adapters.docker import DockerError
+from worker.adapters.ledger import FINAL_STATUSES, NewRun
+from worker.deploys import judge_deploy
+from worker.tasks import cleanup
+from worker.tasks.remediate import _container, _health_problem
+from worker.tasks.steps import Step, StepContext, StepEnded, StepFailed
+
+log = logging.getLogger("opsfleet.deploy")
+
+
+def _env(ctx: StepContext):
+    name = ctx.run["target"] or ""
+    env = ctx.config.deploy.environments.get(name)
+    if env is None:
+        raise StepFailed(f'environment "{name}" is no longer configured (deploy.environments)')
+    return name, env
+
+
+def lock_name(environment: str) -> str:
+    return f"deploy:{environment}"
+
+
+def _holder(ctx: StepContext) -> str:
+    return f"run:{ctx.run['id']}"
+
+
+def _release_lock(ctx: StepContext) -> None:
+    ctx.runtime.ledger.release_lock(lock_name(ctx.run["target"]), _holder(ctx))
+
+
+def _frees_lock_on_failure(fn):
+    """Every way out of a step but success releases the environment lock."""
+
+    @functools.wraps(fn)
+    def step(ctx: StepContext) -> str:
+        try:
+            return fn(ctx)
+        except BaseException as err:
+            if not isinstance(err, StepEnded):  # those count themselves
+                metrics.DEPLOYS.labels(ctx.run["target"] or "", "failed").inc()
+            try:
+                _release_lock(ctx)
+            except Exception as err:  # the TTL frees it
+                log.warning("run %s: could not release the deploy lock: %s", ctx.run["id"], err)
+            raise
+
+    return step
+
+
+def _order(run: dict) -> tuple[float, float]:
+    order = run["params"].get("order") or (0, 0)
+    return (float(order[0]), float(order[1]))
+
+
+def _judge(ctx: StepContext, environment: str):
+    ledger = ctx.runtime.ledger
+    live = ledger.current_release(environment)
+    waiting = {r["id"]: _order(r) for r in ledger.active_deploys(environment) if r["id"] != ctx.run["id"]}
+    return judge_deploy(
+        run_id=ctx.run["id"],
+        order=_order(ctx.run),
+        deliberate=ctx.run["trigger"] == "manual",
+        live_order=(live["pushed_at"], live["committed_at"]) if live else None,
+        live_sha=live["sha"] if live else None,
+        sha=ctx.params["sha"],
+        waiting=waiting,
+    )
+
+
+def _take_lock(ctx: StepContext, environment: str) -> tuple[bool, str]:
+    """(taken, note): the note names the holder we wait for, or the ended run we took over from."""
+    ledger = ctx.runtime.ledger
+    name, ttl = lock_name(environment), ctx.config.deploy.lock_ttl_seconds
+    if ledger.acquire_lock(name, _holder(ctx), ttl):
+        return True, ""
+    held = ledger.get_lock(name)
+    holder = (held or {}).get("holder", "")
+    if holder.startswith("run:") and ledger.run_status(int(holder[4:])) in FINAL_STATUSES:
+        # Its run ended without releasing (the sweeper failed it): take it over now.
+        ledger.release_lock(name, holder)
+        if ledger.acquire_lock(name, _holder(ctx), ttl):
+            return True, f"taken over from {holder}, which had ended"
+    return False, holder
+
+
+def _superseded(ctx: StepContext, reason: str) -> StepEnded:
+    metrics.DEPLOYS.labels(ctx.run["target"], "superseded").inc()
+    return StepEnded("superseded", reason, step_status="skipped")
+
+
+@_frees_lock_on_failure
+def lock(ctx: StepContext) -> str:
+    environment, _ = _env(ctx)
+    deadline = time.monotonic() + ctx.config.deploy.lock_wait_seconds
+    waited_for = ""
+    while True:
+        verdict = _judge(ctx, environment)
+        if not verdict.go:
+            raise _superseded(ctx, verdict.reason)
+        taken, note = _take_lock(ctx, environment)
+        if taken:
+            break
+        waited_for = note
+        if time.monotonic() >= deadline:
+            raise StepFailed(
+                f"{lock_name(environment)} is held by {waited_for} for more than deploy.lock_wait_seconds "
+                f"({ctx.config.deploy.lock_wait_seconds}s)"
+            )
+        time.sleep(1)
+    verdict = _judge(ctx, environment)  # what changed while we waited
+    if not verdict.go:
+        raise _superseded(ctx, verdict.reason)
+    return (f"locked {lock_name(environment)}" + (f" after waiting for {waited_for}" if waited_for else "")
+            + (f" ({note})" if note else ""))
+
+
+@_frees_lock_on_failure
+def validate(ctx: StepContext) -> str:
+    _, env = _env(ctx)
+    docker = ctx.runtime.docker
+    try:
+        docker.ping()
+        root, free = docker.root_dir_free()
+    except DockerError as err:
+        raise StepFailed(str(err)) from None
+    lines = []
+    if free is None:
+        lines.append(f"free space on {root}: not checked (not a path on this host)")
+    elif free < env.min_free_bytes:
+        raise StepFailed(f"{root} has {free} bytes free, below min_free_bytes ({env.min_free_bytes})")
+    else:
+        lines.append(f"{root}: {free // (1 << 20)} MiB free (floor {env.min_free_bytes // (1 << 20)} MiB)")
+    for service in env.services:
+        container = _container(ctx, service)
+        lines.append(f"{service}: container {container.name} ({container.status})")
+    return "\n".join(lines)
+
+
+@_frees_lock_on_failure
+def pull(ctx: StepContext) -> str:
+    docker = ctx.runtime.docker
+    lines = []
+    for service, reference in ctx.params["images"].items():
+        try:
+            image_id = docker.pull(reference)
+        except DockerError as err:
+            raise StepFailed(f"{service}: {err}; nothing was stopped") from None
+        lines.append(f"{service}: {reference} is {image_id[:19]}")
+    return "\n".join(lines)
+
+
+def _marker(ctx: StepContext, service: str, what: str = "deploy") -> str:
+    return f"opsfleet-run-{ctx.run['id']}-{what}-{service}"
+
+
+def _running_image(container) -> str:
+    return (container.attrs.get("Config") or {}).get("Image") or container.attrs.get("Image", "")
+
+
+def _put(ctx: StepContext, images: dict[str, str], what: str, stop_timeout: int) -> list[str]:
+    """Each service on its image from `images` (those already on it are left alone)."""
+    docker = ctx.runtime.docker
+    lines = []
+    for service, reference in images.items():
+        marker = _marker(ctx, service, what)
+        spec = ctx.config.services[service]
+        if what == "rollback" and spec.container:
+            # A deploy recreate that failed half-way left the original stopped and renamed.
+            restored = docker.undo_recreate(spec.container, _marker(ctx, service, "deploy"))
+            if restored is not None:
+                lines.append(f"{service}: original container {restored.id[:12]} put back")
+        if spec.container and docker.finish_recreate(spec.container, marker) is not None:
+            lines.append(f"{service}: already on {reference}")
+            continue
+        container = _container(ctx, service)
+        if _running_image(container) == reference and container.status == "running":
+            lines.append(f"{service}: already runs {reference}")
+            continue
+        fresh = docker.recreate(container, marker, stop_timeout, image=reference)
+        lines.append(f"{service}: {container.id[:12]} → {fresh.id[:12]} on {reference}")
+    return lines
+
+
+@_frees_lock_on_failure
+def recreate(ctx: StepContext) -> str:
+    environment, env = _env(ctx)
+    ledger = ctx.runtime.ledger
+    release = ledger.release_of_run(ctx.run["id"])
+    if release is None:
+        # The rollback target: what each service runs now.
+        previous = {service: _running_image(_container(ctx, service)) for service in env.services}
+        release = ledger.start_release(
+            environment=environment, sha=ctx.params["sha"], ref=ctx.params.get("ref", ""),
+            images=ctx.params["images"], previous_images=previous, run_id=ctx.run["id"], order=_order(ctx.run),
+        )
+    try:
+        lines = _put(ctx, release["images"], "deploy", env.stop_timeout_seconds)
+    except (DockerError, StepFailed) as err:
+        _roll_back(ctx, release, f"recreate failed: {err}")
+    return "\n".join(lines)
+
+
+def _gate(ctx: StepContext, images: dict[str, str]) -> str:
+    """Every service on its image, running, healthy: `passes` times in a row, before the timeout."""
+    _, env = _env(ctx)
+    gate = env.health
+    deadline = time.monotonic() + gate.timeout_seconds
+    streak, problem = 0, ""
+    while True:
+        problem = ""
+        for service, reference in images.items():
+            try:
+                container = _container(ctx, service)
+                if _running_image(container) != reference:
+                    problem = f"{service} runs {_running_image(container)}, not {reference}"
+                else:
+                    problem, _ = _health_problem(ctx, None, service)
+            except StepFailed as err:
+                problem = str(err)
+            if problem:
+                problem = problem if problem.startswith(service) else f"{service}: {problem}"
+                break
+        streak = 0 if problem else streak + 1
+        if streak >= gate.passes:
+            return f"{', '.join(images)} healthy {gate.passes} times in a row"
+        if time.monotonic() + gate.interval_seconds > deadline:
+            raise StepFailed(
+                f"health gate failed after {gate.timeout_seconds}s: {problem or f'only {streak} passes in a row'}"
+            )
+        time.sleep(gate.interval_seconds)
+
+
+def _roll_back(ctx: StepContext, release: dict, why: str):
+    """Back to what ran before; gate again. Always raises StepEnded (and frees the lock)."""
+    environment, env = _env(ctx)
+    ledger = ctx.runtime.ledger
+    previous = release["previous_images"]
+    try:
+        lines = _put(ctx, previous, "rollback", env.stop_timeout_seconds)
+        lines.append(_gate(ctx, previous))
+    except (DockerError, StepFailed) as err:
+        ledger.set_release_status(ctx.run["id"], "failed")
+        _escalate(ctx, environment, f"deploy of {ctx.params['sha'][:7]} to {environment}: {why}; rollback failed: {err}")
+        _release_lock(ctx)
+        metrics.DEPLOYS.labels(environment, "rollback_failed").inc()
+        raise StepEnded("rollback_failed", f"{why}; rollback failed: {err}") from None
+    ledger.set_release_status(ctx.run["id"], "rolled_back")
+    _release_lock(ctx)
+    metrics.DEPLOYS.labels(environment, "rolled_back").inc()
+    back = ", ".join(f"{s} on {i}" for s, i in previous.items())
+    raise StepEnded("rolled_back", f"{why}; rolled back: {back}\n" + "\n".join(lines))
+
+
+def _escalate(ctx: StepContext, environment: str, reason: str) -> None:
+    """An escalate run; the sweeper sends it if the broker cannot take it now."""
+    ledger = ctx.runtime.ledger
+    recorded = ledger.record_event(
+        source="deploy", summary=reason, body="",
+        new_runs=[NewRun(
+            trigger=ctx.run["trigger"], playbook="escalate", target=None, rule=f"deploy:{environment}",
+            params={"reason": reason, "alert": f"deploy run #{ctx.run['id']}"},
+            summary=f"escalation: {reason}", dedup_key=f"escalate:deploy:{ctx.run['id']}",
+        )],
+    )
+    try:
+        from celery import current_app
+
+        from worker.tasks.runs import enqueue_runs
+
+        enqueue_runs(current_app, ledger, [r.id for r in recorded.runs if r.created])
+    except Exception as err:
+        log.warning("run %s: escalation recorded, not enqueued (the sweeper sends it): %s", ctx.run["id"], err)
+
+
+@_frees_lock_on_failure
+def health(ctx: StepContext) -> str:
+    release = ctx.runtime.ledger.release_of_run(ctx.run["id"])
+    if release is None:
+        raise StepFailed("no release recorded for this run (the recreate step did not run)")
+    try:
+        return _gate(ctx, release["images"])
+    except StepFailed as err:
+        _roll_back(ctx, release, str(err))
+
+
+@_frees_lock_on_failure
+def record(ctx: StepContext) -> str:
+    environment, _ = _env(ctx)
+    ledger = ctx.runtime.ledger
+    before = ledger.current_release(environment)
+    ledger.make_current(ctx.run["id"])
+    if before is not None and before["sha"] != ctx.params["sha"]:
+        metrics.RELEASE_INFO.labels(environment, before["sha"]).set(0)
+    metrics.RELEASE_INFO.labels(environment, ctx.params["sha"]).set(1)
+    release = ledger.release_of_run(ctx.run["id"])
+    _release_lock(ctx)
+    metrics.DEPLOYS.labels(environment, "succeeded").inc()
+    if ctx.run.get("started_at") and release.get("live_at"):
+        metrics.DEPLOY_DURATION.labels(environment).observe((release["live_at"] - ctx.run["started_at"]).total_seconds())
+    return f"{environment} is on {ctx.params['sha'][:7]}: " + ", ".join(f"{s} {i}" for s, i in release["images"].items())
+
+
+def protected_release_images(ctx: StepContext) -> set[str]:
+    """For cleanup: every environment's current release and its keep_releases
+    rollback targets (the newest earlier releases that went live)."""
+    refs: set[str] = set()
+    ledger = ctx.runtime.ledger
+    for environment, env in ctx.config.deploy.environments.items():
+        went_live = [r for r in ledger.list_releases(environment, limit=200) if r["live_at"] is not None]
+        current = [r for r in went_live if r["current"]]
+        earlier = [r for r in went_live if not r["current"]][: env.keep_releases]
+        for release in current + earlier:
+            refs.update(release["images"].values())
+        for release in current:
+            refs.update(release["previous_images"].values())
+    return refs
+
+
+cleanup.PROTECTED_IMAGE_PROVIDERS.append(protected_release_images)
+
+
+PLAYBOOKS = {
+    "deploy": (
+        Step("lock", lock),
+        Step("validate", validate),
+        Step("pull", pull),
+        Step("recreate", recreate),
+        Step("health", health),
+        Step("record", record),
+    ),
+}
