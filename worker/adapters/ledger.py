@@ -163,6 +163,21 @@ locks = sa.Table(
 )
 
 
+# Worker liveness, judged by the web at scrape time: each worker's main process
+# writes its row every `worker.heartbeat_interval_seconds`. A row whose beat is
+# late by 3 intervals is a worker that is down. Added by create_all.
+worker_heartbeats = sa.Table(
+    "worker_heartbeats",
+    metadata,
+    sa.Column("hostname", sa.String(255), primary_key=True),  # Celery's node name, e.g. opsfleet@host-1
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("queues", sa.Text, nullable=False, server_default=""),  # comma-separated
+    sa.Column("interval_seconds", sa.Float, nullable=False),
+    sa.Column("started_at", UTCDateTime, nullable=False),
+    sa.Column("last_seen", UTCDateTime, nullable=False),
+)
+
+
 # What pruning leaves of old runs: a count per day, playbook, trigger and status.
 run_archive = sa.Table(
     "run_archive",
@@ -517,6 +532,42 @@ class Ledger:
         with self._tx() as conn:
             row = conn.execute(sa.select(locks).where(locks.c.name == name)).one_or_none()
             return None if row is None else _row_dict(row)
+
+    # -- worker heartbeats ---------------------------------------------------------
+
+    def beat(self, hostname: str, pid: int, queues: Iterable[str], interval_seconds: float,
+             now: datetime | None = None) -> None:
+        """Record that `hostname` is alive now (upsert of its one row)."""
+        now = now or utcnow()
+        values = {"pid": pid, "queues": ",".join(sorted(queues)), "interval_seconds": interval_seconds, "last_seen": now}
+        with self._tx() as conn:
+            updated = conn.execute(
+                worker_heartbeats.update().where(worker_heartbeats.c.hostname == hostname,
+                                                 worker_heartbeats.c.pid == pid).values(**values)
+            )
+            if updated.rowcount == 0:
+                # New worker, or the same name restarted (new pid): a fresh start time.
+                conn.execute(
+                    self._insert(worker_heartbeats)
+                    .values(hostname=hostname, started_at=now, **values)
+                    .on_conflict_do_update(index_elements=["hostname"], set_={**values, "started_at": now})
+                )
+
+    def forget_worker(self, hostname: str, pid: int | None = None) -> None:
+        """A worker that stopped on purpose: no longer expected to beat."""
+        with self._tx() as conn:
+            query = worker_heartbeats.delete().where(worker_heartbeats.c.hostname == hostname)
+            if pid is not None:
+                query = query.where(worker_heartbeats.c.pid == pid)
+            conn.execute(query)
+
+    def worker_heartbeats(self, seen_since: datetime) -> list[dict[str, Any]]:
+        with self._tx() as conn:
+            rows = conn.execute(
+                sa.select(worker_heartbeats).where(worker_heartbeats.c.last_seen >= seen_since)
+                .order_by(worker_heartbeats.c.hostname)
+            ).all()
+            return [_row_dict(row) for row in rows]
 
     # -- pruning --------------------------------------------------------------------
 

@@ -102,16 +102,62 @@ RESTORE_DRILL_RESULT = Gauge(
     multiprocess_mode="mostrecent",
 )
 
+# Celery task metrics with celery-exporter's names and labels (danihodovic/
+# celery-exporter), so its dashboards and alerts work unchanged. Counted from
+# Celery's signals in the process where each thing happens (publisher, worker
+# main process, prefork child); multiprocess mode sums them at scrape.
+# `hostname` is the Celery node name (opsfleet-main@host-1), the same value
+# celery_worker_up carries; for `sent` it is the publishing machine's name.
+TASK_LABELS = ["name", "hostname", "queue_name"]
+TASK_SENT = Counter("celery_task_sent", "Sent when a task message is published.", TASK_LABELS)
+TASK_RECEIVED = Counter("celery_task_received", "Sent when the worker receives a task.", TASK_LABELS)
+TASK_STARTED = Counter("celery_task_started", "Sent just before the worker executes the task.", TASK_LABELS)
+TASK_SUCCEEDED = Counter("celery_task_succeeded", "Sent if the task executed successfully.", TASK_LABELS)
+TASK_FAILED = Counter(
+    "celery_task_failed", "Sent if the execution of the task failed.", ["name", "hostname", "exception", "queue_name"]
+)
+TASK_REJECTED = Counter(
+    "celery_task_rejected",
+    "The task was rejected by the worker, possibly to be re-queued or moved to a dead letter queue.",
+    TASK_LABELS,
+)
+TASK_REVOKED = Counter("celery_task_revoked", "Sent if the task has been revoked.", TASK_LABELS)
+TASK_RETRIED = Counter("celery_task_retried", "Sent if the task failed, but will be retried in the future.", TASK_LABELS)
+TASK_RUNTIME = Histogram("celery_task_runtime", "Histogram of task runtime measurements.", TASK_LABELS)
+TASK_QUEUE_WAIT = Histogram(
+    "celery_task_queue_wait_time",
+    "From publishing a task to a worker starting it (seconds).",
+    TASK_LABELS,
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+)
 
-def scrape() -> bytes:
-    """One exposition for all processes sharing the multiprocess directory."""
+
+def scrape(*collectors) -> bytes:
+    """One exposition for all processes sharing the multiprocess directory,
+    plus `collectors` read at scrape time (worker liveness, queue lengths)."""
     if os.environ.get(MULTIPROC_ENV):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
-        return generate_latest(registry)
-    from prometheus_client import REGISTRY
+    else:
+        from prometheus_client import REGISTRY
 
-    return generate_latest(REGISTRY)
+        if not collectors:
+            return generate_latest(REGISTRY)
+        registry = CollectorRegistry()
+        registry.register(_Union(REGISTRY))
+    for collector in collectors:
+        registry.register(collector)
+    return generate_latest(registry)
+
+
+class _Union:
+    """The default registry's samples inside another registry."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def collect(self):
+        return self.source.collect()
 
 
 def mark_process_dead(pid: int) -> None:
@@ -143,6 +189,16 @@ __all__ = [
     "RUN_DURATION",
     "STEPS_FINISHED",
     "SWEEPER_ACTIONS",
+    "TASK_FAILED",
+    "TASK_QUEUE_WAIT",
+    "TASK_RECEIVED",
+    "TASK_REJECTED",
+    "TASK_RETRIED",
+    "TASK_REVOKED",
+    "TASK_RUNTIME",
+    "TASK_SENT",
+    "TASK_STARTED",
+    "TASK_SUCCEEDED",
     "WEBHOOK_REQUESTS",
     "mark_process_dead",
     "scrape",
