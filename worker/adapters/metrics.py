@@ -77,6 +77,12 @@ BACKUP_SIZE = Gauge(
     "opsfleet_backup_size_bytes", "Size of the series' last committed backup.", ["kind", "series"],
     multiprocess_mode="mostrecent",
 )
+BACKUP_MAX_AGE = Gauge(
+    "opsfleet_backup_max_age_seconds",
+    "How old the series' newest backup may get before it is overdue (26 h daily, 8 d weekly, 32 d monthly).",
+    ["kind", "series"],
+    multiprocess_mode="mostrecent",
+)
 BACKUP_DURATION = Histogram(
     "opsfleet_backup_duration_seconds",
     "Dump or archive of one series, including its streaming verification.",
@@ -170,6 +176,7 @@ __all__ = [
     "BACKUP_DURATION",
     "BACKUP_FAILURES",
     "BACKUP_LAST_SUCCESS",
+    "BACKUP_MAX_AGE",
     "BACKUP_PRUNED",
     "BACKUP_SIZE",
     "BACKUP_SKIPPED",
