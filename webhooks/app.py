@@ -67,7 +67,7 @@ def create_app(config_path: str | None = None, *, loaded: LoadedConfig | None = 
     use_multiprocess_dir(loaded.data_dir / "metrics")
 
     # Imported after the metrics directory is known (prometheus-client reads it at import).
-    from webhooks import alertmanager, api, health
+    from webhooks import alertmanager, api, health, pages
     from webhooks.errors import register_error_handlers
     from worker.adapters import metrics
     from worker.celery_factory import create_celery
@@ -88,6 +88,7 @@ def create_app(config_path: str | None = None, *, loaded: LoadedConfig | None = 
     app.register_blueprint(alertmanager.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(health.bp)
+    app.register_blueprint(pages.bp)
 
     @app.before_request
     def _start_timer() -> None:

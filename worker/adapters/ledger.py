@@ -656,8 +656,11 @@ class Ledger:
         trigger: str | None = None,
         target: str | None = None,
         before_id: int | None = None,
+        rule: str | None = None,
     ) -> list[dict[str, Any]]:
         query = sa.select(runs).order_by(runs.c.id.desc()).limit(limit)
+        if rule:
+            query = query.where(runs.c.rule == rule)
         if status:
             query = query.where(runs.c.status == status)
         if trigger:
