@@ -59,8 +59,8 @@ def make_client(tmp_path):
                    reason=f"unknown target {HOSTILE}", dedup_key="c"),
         ])
         ledger.claim_run(1, "w@h", 60)
-        ledger.begin_step(1, 1, "locate", 60)
-        ledger.end_step(1, 1, "failed", f"container not found: {HOSTILE}", 60)
+        ledger.begin_step(1, 0, "locate", 60)
+        ledger.end_step(1, 0, "failed", f"container not found: {HOSTILE}", 60)
         ledger.finish_run(1, "failed", "locate failed")
         now = utcnow()
         make_set(tmp_path / "backups", now - timedelta(hours=2), {"documents": True})
