@@ -108,3 +108,25 @@ def test_opsfleet_alerts_use_only_metrics_opsfleet_exports(tmp_path):
         assert used, rule["alert"]
         assert used <= exported, f"{rule['alert']} uses {sorted(used - exported)}, which opsfleet does not export"
         assert rule["labels"]["component"] == "opsfleet", rule["alert"]
+
+
+DASHBOARD = REPO / "compose" / "grafana" / "opsfleet-dashboard.json"
+PROMQL_WORDS = {"sum", "by", "rate", "increase", "histogram_quantile", "time", "le", "without", "max", "min", "avg"}
+
+
+def test_grafana_dashboard_loads_and_uses_only_exported_metrics(tmp_path):
+    import json
+
+    dashboard = json.loads(DASHBOARD.read_text())
+    exported = exported_metric_names(tmp_path) | {"up"}
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    assert len(exprs) >= 15
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+    for expr in exprs:
+        bare = re.sub(r"\{[^}]*\}|\[[^\]]*\]|\"[^\"]*\"", "", expr)  # label matchers, ranges, strings
+        used = {w for w in re.findall(r"[a-zA-Z_][a-zA-Z0-9_]*", bare) if w not in PROMQL_WORDS}
+        used -= {w for w in used if w in {"name", "queue_name", "playbook", "outcome", "source", "code", "kind", "result",
+                                          "hostname", "status", "series"}}  # grouping labels
+        assert used, expr
+        assert used <= exported, f"{expr}: {sorted(used - exported)} not exported by opsfleet"
