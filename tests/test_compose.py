@@ -53,3 +53,52 @@ def test_alertmanager_routes_opsfleets_own_alerts_to_a_person_and_the_stacks_to_
     assert _route(["alertname=OpsfleetWorkerDown", "component=opsfleet", "severity=critical"]) == "oncall"
     assert _route(["alertname=OpsfleetEscalation", "severity=critical"]) == "oncall"
     assert _route(["alertname=DiskSpaceLow", "severity=warning"]) == "opsfleet"
+
+
+def compose_config(tmp_path) -> dict:
+    import yaml
+
+    tool = shutil.which("docker-compose")
+    assert tool, "docker-compose (Debian docker-compose) is missing: run bash scripts/services.sh"
+    done = subprocess.run(
+        [tool, "-f", str(COMPOSE / "docker-compose.yml"), "--env-file", str(COMPOSE / ".env.example"), "config"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return yaml.safe_load(done.stdout)
+
+
+def test_docker_compose_file_is_valid_and_has_the_whole_stack(tmp_path):
+    config = compose_config(tmp_path)
+    services = config["services"]
+    assert set(services) == {"redis", "postgres", "web", "worker", "beat", "prometheus", "alertmanager"}
+    for name, service in services.items():
+        assert service.get("healthcheck", {}).get("test"), f"{name} has no health check"
+        assert service.get("restart") == "unless-stopped", name
+    assert set(config["volumes"]) >= {"redis-data", "postgres-data", "opsfleet-data", "backups", "prometheus-data"}
+    # Only the worker touches Docker.
+    socket = "/var/run/docker.sock:/var/run/docker.sock"
+    assert [n for n, s in services.items() if any(socket in str(v) for v in s.get("volumes", []))] == ["worker"]
+    # One image for web, worker and beat; one metrics folder and PID namespace between them.
+    opsfleet = {n: services[n] for n in ("web", "worker", "beat")}
+    assert len({s["image"] for s in opsfleet.values()}) == 1
+    assert services["worker"]["pid"] == services["beat"]["pid"] == "service:web"
+    assert all(s["environment"]["PROMETHEUS_MULTIPROC_DIR"] == "/data/metrics" for s in opsfleet.values())
+    assert "opsfleet-web" in services["web"]["networks"]["default"]["aliases"]  # alertmanager.yml's URL
+    # Prometheus gets its config and the rule file where prometheus.yml looks for it.
+    mounts = [str(v) for v in services["prometheus"]["volumes"]]
+    assert any(m.endswith("/etc/prometheus/alert_rules.yml:ro") for m in mounts), mounts
+    assert all(s["depends_on"]["postgres"]["condition"] == "service_healthy" for s in opsfleet.values())
+
+
+def test_dockerfile_copies_what_exists_and_runs_what_the_procfile_runs():
+    repo = COMPOSE.parent
+    dockerfile = (repo / "Dockerfile").read_text()
+    for line in dockerfile.splitlines():
+        if line.startswith("COPY "):
+            for source in line.split()[1:-1]:
+                assert (repo / source).exists(), f"Dockerfile copies {source}, which is not in the repository"
+    web = next(line for line in (repo / "Procfile").read_text().splitlines() if line.startswith("web:"))
+    assert "opsfleet.gunicorn_conf" in web and "opsfleet.gunicorn_conf" in dockerfile
+    env_example = (COMPOSE / ".env.example").read_text()
+    assert "POSTGRES_PASSWORD=" in env_example and "ALERTMANAGER_TOKEN=" in env_example
