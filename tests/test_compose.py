@@ -102,3 +102,22 @@ def test_dockerfile_copies_what_exists_and_runs_what_the_procfile_runs():
     assert "opsfleet.gunicorn_conf" in web and "opsfleet.gunicorn_conf" in dockerfile
     env_example = (COMPOSE / ".env.example").read_text()
     assert "POSTGRES_PASSWORD=" in env_example and "ALERTMANAGER_TOKEN=" in env_example
+
+
+def test_ci_workflow_tests_before_it_builds_and_pushes_the_image():
+    import yaml
+
+    workflow = yaml.safe_load((COMPOSE.parent / ".github" / "workflows" / "ci.yml").read_text())
+    triggers = workflow[True]  # YAML 1.1 reads the key `on` as true
+    assert set(triggers) == {"push", "pull_request"} and triggers["push"]["tags"] == ["v*"]
+    jobs = workflow["jobs"]
+    assert set(jobs["image"]["needs"]) == {"test", "audit"} and jobs["image"]["if"] == "github.event_name == 'push'"
+    assert jobs["test"]["needs"] == "lint"
+    assert {"postgres", "redis"} <= set(jobs["test"]["services"])
+    runs = " ".join(step.get("run", "") for job in jobs.values() for step in job["steps"])
+    assert "scripts/services.sh" in runs and "scripts/dev test" in runs and "--cov" in runs and "pip-audit" in runs
+    assert "ruff check" in runs
+    uploads = [s for s in jobs["test"]["steps"] if s.get("uses", "").startswith("actions/upload-artifact")]
+    assert any(s.get("if") == "failure()" for s in uploads)
+    for script in ("scripts/services.sh", "scripts/dev"):
+        assert (COMPOSE.parent / script).exists()

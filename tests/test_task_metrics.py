@@ -16,7 +16,7 @@ from datetime import timedelta
 import pytest
 import redis
 
-from tests.support.fleet import REPO, Fleet, metric_value
+from tests.support.fleet import REPO, Fleet
 from worker.adapters.fleet_collector import FleetCollector
 from worker.adapters.ledger import utcnow
 from worker.adapters.metrics import scrape
