@@ -15,6 +15,7 @@ from datetime import timedelta
 
 import pytest
 import redis
+import requests
 
 from tests.support.fleet import REPO, Fleet
 from worker.adapters.fleet_collector import FleetCollector
@@ -190,3 +191,25 @@ def test_embedded_fleet_counts_tasks_and_a_stopped_worker_leaves_metrics(tmp_pat
         fleet.stop("worker")
         fleet.wait(lambda: json.dumps({"hostname": hostname}) not in _samples(fleet.metrics(), "celery_worker_up"),
                    20, "the stopped worker's heartbeat row removed")
+
+
+@pytest.mark.slow
+def test_a_worker_serves_its_own_metrics_endpoint(tmp_path):
+    """For a worker on another host: its processes' metrics on worker.metrics_port."""
+    from tests.support.servers import free_port
+
+    port = free_port()
+    config = {**FLEET_CONFIG, "worker": {**FLEET_CONFIG["worker"], "metrics_port": port, "metrics_host": "127.0.0.1"}}
+    with Fleet(tmp_path, config).start("web", "worker", "beat") as fleet:
+        hostname = _worker_hostname(fleet)
+
+        def served():
+            text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+            return text if value(text, "celery_task_succeeded_total", hostname=hostname,
+                                 task="opsfleet.sweeper.sweep") >= 1 else None
+
+        text = fleet.wait(served, 30, "the worker's own endpoint to count a sweep")
+        assert value(text, "celery_task_received_total", hostname=hostname) >= 1
+        fleet.stop("worker")
+        with pytest.raises(requests.ConnectionError):  # gone with its worker: Prometheus' `up` says 0
+            requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5)

@@ -115,6 +115,11 @@ class WorkerSettings(_Strict):
     # A worker that stopped beating (killed, host gone) is still reported as
     # down for this long, then dropped from /metrics.
     forget_after_seconds: int = Field(default=86400, ge=60)
+    # A worker on a host of its own (another metrics folder than the web's)
+    # serves its processes' metrics here for Prometheus; unset, the web's
+    # /metrics covers the workers that share its folder.
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    metrics_host: str = "0.0.0.0"
 
     @model_validator(mode="after")
     def _hard_above_soft(self) -> WorkerSettings:

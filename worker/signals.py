@@ -34,10 +34,23 @@ def connect_worker_signals(app: Celery) -> None:
                       app.opsfleet.config.worker.heartbeat_interval_seconds).start()
         )
 
+    servers: list = []
+
+    @worker_ready.connect(weak=False)
+    def _serve_metrics(**_kwargs) -> None:
+        settings = app.opsfleet.config.worker
+        if settings.metrics_port:
+            from worker.adapters.metrics import serve
+
+            servers.append(serve(settings.metrics_port, settings.metrics_host))
+            log.info("metrics on http://%s:%s/metrics", settings.metrics_host, settings.metrics_port)
+
     @worker_shutdown.connect(weak=False)
     def _stop_heartbeat(**_kwargs) -> None:
         while heartbeats:
             heartbeats.pop().stop()
+        while servers:
+            servers.pop().shutdown()
 
     @worker_init.connect(weak=False)
     def _migrate_on_worker_start(**_kwargs) -> None:

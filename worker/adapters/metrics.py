@@ -156,6 +156,20 @@ def scrape(*collectors) -> bytes:
     return generate_latest(registry)
 
 
+def serve(port: int, host: str = "0.0.0.0"):
+    """Serve this host's metrics (every process sharing the folder) on host:port,
+    from a thread; returns the server, to shut down."""
+    from prometheus_client import start_http_server
+
+    if os.environ.get(MULTIPROC_ENV):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    else:
+        from prometheus_client import REGISTRY as registry
+    server, _thread = start_http_server(port, host, registry=registry)
+    return server
+
+
 class _Union:
     """The default registry's samples inside another registry."""
 
@@ -209,4 +223,5 @@ __all__ = [
     "WEBHOOK_REQUESTS",
     "mark_process_dead",
     "scrape",
+    "serve",
 ]
