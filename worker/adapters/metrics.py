@@ -43,6 +43,12 @@ RUN_DURATION = Histogram(
     ["playbook"],
     buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800),
 )
+RUN_START_LATENCY = Histogram(
+    "opsfleet_run_start_latency_seconds",
+    "From a run's record (for alerts: the webhook's commit) to a worker starting it: alert-to-action latency.",
+    ["trigger", "playbook"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900),
+)
 STEPS_FINISHED = Counter("opsfleet_steps_total", "Steps finished, by outcome.", ["playbook", "step", "status"])
 SWEEPER_ACTIONS = Counter(
     "opsfleet_sweeper_actions_total",
@@ -208,6 +214,7 @@ __all__ = [
     "REPORTS",
     "RUNS_FINISHED",
     "RUN_DURATION",
+    "RUN_START_LATENCY",
     "STEPS_FINISHED",
     "SWEEPER_ACTIONS",
     "TASK_FAILED",
