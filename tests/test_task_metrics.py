@@ -213,3 +213,42 @@ def test_a_worker_serves_its_own_metrics_endpoint(tmp_path):
         fleet.stop("worker")
         with pytest.raises(requests.ConnectionError):  # gone with its worker: Prometheus' `up` says 0
             requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
+
+
+@pytest.mark.parametrize(("reason", "kind"), [
+    ("storm: 12 targets firing within 5m (breaker at 10); no action", "storm"),
+    ("locked: run 7 is working on this target", "locked"),
+    ("cooldown: acted 2m ago, 3m left", "cooldown"),
+    ("cap reached: 3 actions within 1h, escalated instead of acting", "cap"),
+    ("dry run: would restart_service api", "dry_run"),
+    ('unknown target: label "service" names no configured service', "unknown_target"),
+    ("rule matched", "other"),
+    ("", "other"),
+])
+def test_reason_kinds_for_the_held_back_metric(reason, kind):
+    from worker.safety import reason_kind
+
+    assert reason_kind(reason) == kind
+
+
+def test_alerts_held_back_are_counted_by_reason(tmp_path):
+    from webhooks import create_app
+    from worker.config import parse_config
+
+    config = {"fleet": {"data_dir": str(tmp_path)}, "services": {"api": {"container": "shop-api"}},
+              "remediation": {"rules": [{"name": "down", "match": ['alertname="ServiceDown"'],
+                                         "playbook": "restart_service", "target": {"service_label": "service"}}]}}
+    loaded = parse_config(config, source="t", base_dir=tmp_path, environ={"ALERTMANAGER_TOKEN": "am"})
+    client = create_app(loaded=loaded).test_client()
+    before = value(scrape().decode(), "opsfleet_alerts_held_back_total", outcome="skip", reason="unknown_target")
+    body = {
+        "version": "4", "status": "firing", "receiver": "fleet", "groupKey": "{}:{}", "truncatedAlerts": 0,
+        "groupLabels": {}, "commonLabels": {}, "commonAnnotations": {}, "externalURL": "",
+        "alerts": [{"status": "firing", "labels": {"alertname": "ServiceDown", "service": "nope"}, "annotations": {},
+                    "startsAt": "2026-12-03T11:00:00Z", "endsAt": "0001-01-01T00:00:00Z", "generatorURL": "",
+                    "fingerprint": "00000000000000f1"}],
+    }
+    answer = client.post("/hooks/alertmanager", json=body, headers={"Authorization": "Bearer am"})
+    assert answer.status_code == 202, answer.json
+    after = value(scrape().decode(), "opsfleet_alerts_held_back_total", outcome="skip", reason="unknown_target")
+    assert after == before + 1

@@ -34,6 +34,12 @@ ALERT_DECISIONS = Counter(
     "What the engine decided per alert: act, dry_run, skip, ignore, or repeat of a handled alert.",
     ["outcome"],
 )
+ALERT_HELD_BACK = Counter(
+    "opsfleet_alerts_held_back_total",
+    "Alerts that matched a rule but did not act (skip, escalate, dry run), by why: storm, locked, cooldown, "
+    "cap, dry_run, unknown_target, other.",
+    ["outcome", "reason"],
+)
 RUNS_FINISHED = Counter(
     "opsfleet_runs_total", "Runs that reached a final status.", ["trigger", "playbook", "status"]
 )
@@ -210,6 +216,7 @@ __all__ = [
     "LOG_ROTATIONS",
     "LOG_WRITER_PAUSE",
     "ALERT_DECISIONS",
+    "ALERT_HELD_BACK",
     "CONTENT_TYPE",
     "REPORTS",
     "RUNS_FINISHED",
