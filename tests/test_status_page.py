@@ -136,3 +136,20 @@ def test_rules_with_their_recent_actions(make_client):
     assert "the service named by label <code>service</code>" in service_down
     disk = page.split('id="rule-disk-low"')[1].split("</section>")[0]
     assert "(dry run)" in disk and "No actions recorded." in disk
+
+
+def test_runs_since_and_paging(make_client, tmp_path):
+    client = make_client()
+    assert 'href="/runs/1"' in client.get("/?since=1h").get_data(as_text=True)
+    assert client.get("/?since=forever").status_code == 400
+    assert client.get("/?before=abc").status_code == 400
+    ledger = client.application.extensions["opsfleet"].ledger
+    ledger.record_event(source="api", summary="", body="", new_runs=[
+        NewRun(trigger="manual", triggered_by="bob", playbook="verify", target="api", dedup_key=f"p{i}") for i in range(60)
+    ])
+    first = client.get("/?trigger=manual").get_data(as_text=True)
+    assert first.count('<tr>\n      <td><a href="/runs/') == 50
+    assert 'id="older" href="/?trigger=manual&amp;before=14"' in first
+    second = client.get("/?trigger=manual&before=14").get_data(as_text=True)
+    # 61 manual runs: 50 on the first page, the other 11 (ids 13..4 and 2) on the second.
+    assert second.count('<tr>\n      <td><a href="/runs/') == 11 and 'id="older"' not in second

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from flask import Blueprint, Response, abort, render_template, request
 
@@ -22,6 +22,8 @@ bp = Blueprint("pages", __name__, template_folder="templates")
 
 MAX_ID = 2**31 - 1
 RECENT_PER_RULE = 5
+PAGE = 50
+SINCE = {"1h": timedelta(hours=1), "24h": timedelta(hours=24), "7d": timedelta(days=7), "30d": timedelta(days=30)}
 
 
 def basic_password(header: str) -> str | None:
@@ -94,21 +96,32 @@ def _ledger_down():
 def runs():
     args = request.args
     status, trigger, target = args.get("status") or None, args.get("trigger") or None, args.get("target") or None
+    since, before = args.get("since") or None, args.get("before") or None
     problems = []
     if status and status not in RUN_STATUSES:
         problems.append(f"unknown status {status!r}")
     if trigger and trigger not in TRIGGERS:
         problems.append(f"unknown trigger {trigger!r}")
+    if since and since not in SINCE:
+        problems.append(f"since must be one of {', '.join(SINCE)}")
+    if before and not (before.isdigit() and 0 < int(before) <= MAX_ID):
+        problems.append("before must be a run id")
     if problems:
         return render_template("pages/error.html", message="; ".join(problems)), 400
     try:
-        found = edge().ledger.list_runs(limit=100, status=status, trigger=trigger, target=target)
+        found = edge().ledger.list_runs(
+            limit=PAGE + 1, status=status, trigger=trigger, target=target,
+            since=utcnow() - SINCE[since] if since else None, before_id=int(before) if before else None,
+        )
     except LedgerUnavailable:
         return _ledger_down()
-    return render_template(
-        "pages/runs.html", runs=found, statuses=RUN_STATUSES, triggers=TRIGGERS,
-        chosen={"status": status or "", "trigger": trigger or "", "target": target or ""},
-    )
+    chosen = {"status": status or "", "trigger": trigger or "", "target": target or "", "since": since or ""}
+    older = None
+    if len(found) > PAGE:
+        found = found[:PAGE]
+        older = {k: v for k, v in chosen.items() if v} | {"before": found[-1]["id"]}
+    return render_template("pages/runs.html", runs=found, statuses=RUN_STATUSES, triggers=TRIGGERS,
+                           periods=list(SINCE), chosen=chosen, older=older)
 
 
 @bp.get("/runs/<int:run_id>")

@@ -657,10 +657,13 @@ class Ledger:
         target: str | None = None,
         before_id: int | None = None,
         rule: str | None = None,
+        since: datetime | None = None,
     ) -> list[dict[str, Any]]:
         query = sa.select(runs).order_by(runs.c.id.desc()).limit(limit)
         if rule:
             query = query.where(runs.c.rule == rule)
+        if since:
+            query = query.where(runs.c.created_at >= since)
         if status:
             query = query.where(runs.c.status == status)
         if trigger:
