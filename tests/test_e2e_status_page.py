@@ -2,7 +2,9 @@
 (selenium with Debian's chromedriver; nothing is downloaded), against a live fleet
 (gunicorn, a Celery worker, the embedded ledger and broker) whose runs are real: an
 alert the worker tried to act on and failed, an alert skipped for its hostile label,
-and a backup that ran all its steps. Screenshots go to test-artifacts/status-page/."""
+and a backup that ran all its steps. The same runs are checked in /metrics and in the
+Slack recorder's threads, whose buttons lead to the pages. Screenshots go to
+test-artifacts/status-page/. (Deploys join when issue 5 lands them.)"""
 
 from __future__ import annotations
 
@@ -12,9 +14,10 @@ import shutil
 import tempfile
 
 import pytest
+import yaml
 
 from tests.backup_support import make_documents
-from tests.support.fleet import REPO, Fleet
+from tests.support.fleet import REPO, Fleet, metric_value
 from worker.celery_factory import create_celery
 from worker.config import load_config
 
@@ -68,7 +71,7 @@ def fits_a_phone(browser) -> bool:
     return browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth + 1")
 
 
-def test_a_person_reads_runs_steps_backups_and_rules_in_chromium(tmp_path, browser):
+def test_a_person_reads_runs_steps_backups_and_rules_in_chromium(tmp_path, browser, slack):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
 
@@ -82,7 +85,13 @@ def test_a_person_reads_runs_steps_backups_and_rules_in_chromium(tmp_path, brows
         "backup": {"root": str(tmp_path / "backups"), "min_free_bytes": 0, "step_timeout_seconds": 600,
                    "series": {"documents": {"kind": "documents", "path": str(make_documents(tmp_path))}}},
     }
-    with Fleet(tmp_path, config, env={"DOCKER_HOST": "unix:///nonexistent/docker.sock"}) as fleet:
+    env = {"DOCKER_HOST": "unix:///nonexistent/docker.sock", "SLACK_BOT_TOKEN": slack.token,
+           "SLACK_API_URL": slack.base_url}
+    with Fleet(tmp_path, config, env=env) as fleet:
+        # Slack's buttons link to this fleet's pages.
+        written = yaml.safe_load(fleet.config_path.read_text())
+        written["fleet"]["public_url"] = fleet.url
+        fleet.config_path.write_text(yaml.safe_dump(written))
         fleet.start("web", "worker")
         assert fleet.post_alerts(alert("00000000000000a1", "api")).status_code == 202
         assert fleet.post_alerts(alert("00000000000000a2", HOSTILE)).status_code == 202
@@ -140,6 +149,32 @@ def test_a_person_reads_runs_steps_backups_and_rules_in_chromium(tmp_path, brows
         assert series.startswith("documents") and "fresh" in series and "ago" in series and "MB" in series
         assert "✓ verified" in browser.find_element(By.ID, "sets").text
         shot(browser, "backups")
+
+        # The same runs in /metrics: runs by outcome, the backup's gauges, the worker's tasks.
+        text = fleet.metrics()
+        assert metric_value(text, "opsfleet_runs_total", playbook="restart_service", status="failed") == 1
+        assert metric_value(text, "opsfleet_runs_total", playbook="restart_service", status="skipped") == 1
+        assert metric_value(text, "opsfleet_runs_total", playbook="backup_set", status="succeeded") == 1
+        assert metric_value(text, "opsfleet_alerts_held_back_total", outcome="skip", reason="unknown_target") == 1
+        assert metric_value(text, "opsfleet_backup_max_age_seconds", series="documents") == 26 * 3600
+        assert metric_value(text, "opsfleet_run_start_latency_seconds_count", trigger="alert") == 1
+        assert metric_value(text, "celery_task_succeeded_total") >= 7  # start, 5 steps, finish, reports
+        assert metric_value(text, "celery_worker_up") == 1
+
+        # ...and in Slack: a thread per acted run (the skipped one is not posted), each parent's
+        # button opening the run's page in the browser.
+        def two_threads():
+            threads = [t for t in slack.threads().values() if t["parent"]]
+            finished = [t for t in threads if t["updates"] and any(w in t["updates"][-1]["text"]
+                                                                  for w in ("*failed*", "*succeeded*"))]
+            return threads if len(threads) == 2 and len(finished) == 2 else None
+
+        threads = fleet.wait(two_threads, 30, "two Slack threads with their final status")
+        assert HOSTILE not in json.dumps([t["parent"] for t in threads])
+        buttons = {b["elements"][0]["url"] for t in threads for b in t["updates"][-1]["blocks"] if b["type"] == "actions"}
+        assert buttons == {f"{fleet.url}/runs/{restart['id']}", f"{fleet.url}/runs/{backup['id']}"}
+        browser.get(f"{fleet.url}/runs/{restart['id']}")
+        assert browser.find_element(By.TAG_NAME, "h1").text.startswith(f"Run #{restart['id']}")
 
         # Rules with what they did.
         browser.get(f"{fleet.url}/rules")
