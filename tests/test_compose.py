@@ -15,7 +15,10 @@ def test_alertmanager_config_passes_amtool(tmp_path):
     token = tmp_path / "opsfleet-token"
     token.write_text("t\n")
     checked = tmp_path / "alertmanager.yml"
-    checked.write_text(config.replace("/etc/alertmanager/opsfleet-token", str(token)))
+    slack_url = tmp_path / "slack-webhook-url"
+    slack_url.write_text("https://hooks.slack.com/services/T0/B0/x\n")
+    checked.write_text(config.replace("/etc/alertmanager/opsfleet-token", str(token))
+                       .replace("/etc/alertmanager/slack-webhook-url", str(slack_url)))
     done = subprocess.run([amtool, "check-config", str(checked)], capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "SUCCESS" in done.stdout
