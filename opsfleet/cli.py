@@ -121,11 +121,11 @@ def _children(loaded: LoadedConfig, host: str, port: int) -> dict[str, list[str]
     python = sys.executable
     celery = [python, "-m", "celery", "-A", "worker.celery_app"]
     concurrency = str(loaded.config.worker.concurrency)
-    from worker.celery_factory import QUEUES, host_queue
+    from worker.celery_factory import known_queues
 
-    # One box runs everything: the shared queues and every pinned host's queue.
-    hosts = sorted({s.host for s in loaded.config.services.values() if s.host})
-    queues = ",".join([*QUEUES, *(host_queue(h) for h in hosts)])
+    # One box runs everything: the shared queues, every pinned host's queue and
+    # the maintenance host's (scheduled backups, rotation, cleanup).
+    queues = ",".join(known_queues(loaded))
     return {
         "web": [
             python, "-m", "gunicorn", "-c", "python:opsfleet.gunicorn_conf",

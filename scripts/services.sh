@@ -39,6 +39,8 @@ command -v docker-compose >/dev/null || missing+=(docker-compose)
 command -v pg_dump >/dev/null || missing+=(postgresql-client)
 command -v logrotate >/dev/null || missing+=(logrotate)  # bench/rotation compares with it
 command -v zstd >/dev/null || missing+=(zstd)  # rotation tests check .zst files with the zstd tool too
+command -v chromium >/dev/null || missing+=(chromium)  # the status page's headless browser test
+command -v chromedriver >/dev/null || missing+=(chromium-driver)  # ...driven over WebDriver by selenium
 if ((${#missing[@]})); then
   log "installing ${missing[*]}"
   apt_log=$(mktemp)

@@ -245,7 +245,7 @@ def test_github_sees_queued_in_progress_success_and_the_previous_deployment_goes
     assert dep_a["auto_merge"] is False and dep_a["required_contexts"] == []
     assert dep_a["payload"] == {"opsfleet_run": first["id"]}
     success = dep_a["statuses"][-1]
-    assert success["log_url"] == f"http://opsfleet.test/api/runs/{first['id']}" and len(success["description"]) <= 140
+    assert success["log_url"] == f"http://opsfleet.test/runs/{first['id']}" and len(success["description"]) <= 140
 
     second = deploy(stack, "b", 1001)
     assert report(stack, second["id"]) == ["queued", "in_progress", "success"]

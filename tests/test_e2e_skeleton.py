@@ -76,6 +76,10 @@ def assert_run_reported(run: dict, slack, fleet_metrics: str) -> None:
     thread = wait_for(complete, 30, what="Slack thread with 3 replies and a final update")
     assert f"Run #{run['id']}" in thread["parent"]["text"]
     assert metric_value(fleet_metrics, "opsfleet_runs_total", playbook="restart_service", status="succeeded") == 1
+    # Alert-to-action latency: the webhook's commit to the worker starting the run.
+    assert metric_value(
+        fleet_metrics, "opsfleet_run_start_latency_seconds_count", trigger="alert", playbook="restart_service"
+    ) == 1
 
 
 def test_real_alertmanager_restarts_real_container_redis_postgres(

@@ -339,3 +339,11 @@ def test_a_successful_workflow_run_deploys_and_a_push_to_its_branch_waits_for_it
     assert answer.status_code == 202
     assert answer.json["ignored"] == "production: waits for workflow .github/workflows/test.yml to pass on master"
     assert broker_messages(loaded) == 1
+
+
+def test_every_deploy_outcome_is_exported_at_zero_from_the_start(edge):
+    # OpsfleetDeployFailed uses increase(): a series born at 1 would hide the first failure.
+    app, client, loaded = edge()
+    exposed = client.get("/metrics").get_data(as_text=True)
+    for outcome in ("succeeded", "rolled_back", "rollback_failed", "superseded", "failed"):
+        assert f'opsfleet_deploys_total{{environment="production",outcome="{outcome}"}} 0.0' in exposed

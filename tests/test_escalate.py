@@ -54,11 +54,13 @@ def test_escalation_pages_alertmanager_and_slack(escalation, slack):
     assert posted["labels"]["rule"] == "down" and posted["labels"]["target"] == "api"
     assert posted["labels"]["severity"] == "critical" and posted["labels"]["opsfleet_run"] == str(run_id)
     assert "run #" in posted["annotations"]["description"]  # what was tried
+    assert posted["generatorURL"] == f"https://ops.example.com/runs/{run_id}"  # the run on the status page
     [page] = [c for c in slack.calls if c.method == "chat.postMessage"]
     text = page.params["text"]
     assert text.startswith("<!subteam^S0123>")
     assert "&lt;!channel&gt;" in text and "<!channel>" not in text  # the alert's text is escaped
     assert "restart_service: failed" in text
+    assert f"<https://ops.example.com/runs/{run_id}|escalation run #{run_id}>" in text
 
 
 def test_slack_down_still_reaches_alertmanager(escalation, slack):

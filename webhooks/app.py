@@ -24,10 +24,23 @@ class Edge:
     loaded: LoadedConfig
     celery: Celery
     schema_ready: bool = field(default=False)
+    _collector: object = field(default=None, repr=False)
 
     @property
     def ledger(self) -> Ledger:
         return self.celery.opsfleet.ledger
+
+    def fleet_collector(self):
+        """Worker heartbeats and queue lengths, read at scrape time (one per process)."""
+        if self._collector is None:
+            from worker.adapters.fleet_collector import FleetCollector
+            from worker.celery_factory import broker_url_and_options, known_queues
+
+            url, options = broker_url_and_options(self.loaded)
+            self._collector = FleetCollector(
+                self.ledger, url, options, known_queues(self.loaded), self.loaded.config.worker.forget_after_seconds
+            )
+        return self._collector
 
     def ensure_schema(self) -> None:
         """Migrate once; if the ledger was down at start, try again per request."""
@@ -54,11 +67,14 @@ def create_app(config_path: str | None = None, *, loaded: LoadedConfig | None = 
     use_multiprocess_dir(loaded.data_dir / "metrics")
 
     # Imported after the metrics directory is known (prometheus-client reads it at import).
-    from webhooks import alertmanager, api, github, health
+    from webhooks import alertmanager, api, github, health, pages
     from webhooks.errors import register_error_handlers
     from worker.adapters import metrics
     from worker.celery_factory import create_celery
+    from worker.task_metrics import connect_task_metrics
 
+    connect_task_metrics()  # the edge publishes tasks: celery_task_sent_total
+    metrics.zero_deploy_outcomes(loaded.config.deploy.environments)
     app = Flask("opsfleet")
     app.config["MAX_CONTENT_LENGTH"] = loaded.config.web.max_body_bytes
     app.json.sort_keys = False
@@ -74,6 +90,7 @@ def create_app(config_path: str | None = None, *, loaded: LoadedConfig | None = 
     app.register_blueprint(github.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(health.bp)
+    app.register_blueprint(pages.bp)
 
     @app.before_request
     def _start_timer() -> None:

@@ -45,4 +45,5 @@ def readyz():
 
 @bp.get("/metrics")
 def scrape():
-    return Response(metrics.scrape(), headers={"Content-Type": metrics.CONTENT_TYPE})
+    # Task metrics from every process, plus worker liveness and queue lengths read now.
+    return Response(metrics.scrape(edge().fleet_collector()), headers={"Content-Type": metrics.CONTENT_TYPE})

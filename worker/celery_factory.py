@@ -27,6 +27,15 @@ def host_queue(host: str) -> str:
     worker (`opsfleet worker --host NAME`), which alone consumes this queue."""
     return f"opsfleet.host.{host}"
 
+def known_queues(loaded: LoadedConfig) -> list[str]:
+    """Every queue the configuration can route to: the shared ones and each pinned host's."""
+    config = loaded.config
+    hosts = {s.host for s in config.services.values() if s.host}
+    if config.fleet.maintenance_host:
+        hosts.add(config.fleet.maintenance_host)
+    return [*QUEUES, *(host_queue(h) for h in sorted(hosts))]
+
+
 TASK_MODULES = ("worker.tasks.runs", "worker.tasks.report", "worker.tasks.report_github", "worker.tasks.sweeper", "worker.tasks.schedule")
 
 # Task name → queue. The edge only enqueues by name, so it needs none of the

@@ -108,6 +108,18 @@ class WorkerSettings(_Strict):
     # How long a run may sit between steps (waiting in the queue) before the
     # sweeper decides its worker is gone.
     queue_grace_seconds: int = Field(default=300, ge=5)
+    # Each worker writes a heartbeat row to the ledger this often; the web's
+    # /metrics calls a worker down (celery_worker_up 0) after 3 missed beats,
+    # so a SIGKILLed worker is seen without asking the workers anything.
+    heartbeat_interval_seconds: float = Field(default=10, ge=0.2, le=300)
+    # A worker that stopped beating (killed, host gone) is still reported as
+    # down for this long, then dropped from /metrics.
+    forget_after_seconds: int = Field(default=86400, ge=60)
+    # A worker on a host of its own (another metrics folder than the web's)
+    # serves its processes' metrics here for Prometheus; unset, the web's
+    # /metrics covers the workers that share its folder.
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    metrics_host: str = "0.0.0.0"
 
     @model_validator(mode="after")
     def _hard_above_soft(self) -> WorkerSettings:

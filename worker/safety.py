@@ -97,3 +97,19 @@ def judge(policy: Policy, rule: RuleState, target: TargetState, now: datetime) -
     if policy.dry_run:
         return Decision("dry_run", "dry run: would act")
     return Decision("act", "rule matched")
+
+
+# Why an alert did not lead to an action, as a small fixed set (a metric label),
+# read from the reason's leading words; anything else is "other".
+REASON_KINDS = (
+    ("storm:", "storm"),
+    ("locked:", "locked"),
+    ("cooldown:", "cooldown"),
+    ("cap reached:", "cap"),
+    ("dry run:", "dry_run"),
+    ("unknown target:", "unknown_target"),
+)
+
+
+def reason_kind(reason: str) -> str:
+    return next((kind for prefix, kind in REASON_KINDS if reason.startswith(prefix)), "other")

@@ -197,6 +197,21 @@ github_deployments = sa.Table(
 )
 
 
+# Worker liveness, judged by the web at scrape time: each worker's main process
+# writes its row every `worker.heartbeat_interval_seconds`. A row whose beat is
+# late by 3 intervals is a worker that is down. Added by create_all.
+worker_heartbeats = sa.Table(
+    "worker_heartbeats",
+    metadata,
+    sa.Column("hostname", sa.String(255), primary_key=True),  # Celery's node name, e.g. opsfleet@host-1
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("queues", sa.Text, nullable=False, server_default=""),  # comma-separated
+    sa.Column("interval_seconds", sa.Float, nullable=False),
+    sa.Column("started_at", UTCDateTime, nullable=False),
+    sa.Column("last_seen", UTCDateTime, nullable=False),
+)
+
+
 # What pruning leaves of old runs: a count per day, playbook, trigger and status.
 run_archive = sa.Table(
     "run_archive",
@@ -670,6 +685,42 @@ class Ledger:
             joined = f"{current},{state}" if current else state
             conn.execute(github_deployments.update().where(github_deployments.c.run_id == run_id).values(states=joined))
 
+    # -- worker heartbeats ---------------------------------------------------------
+
+    def beat(self, hostname: str, pid: int, queues: Iterable[str], interval_seconds: float,
+             now: datetime | None = None) -> None:
+        """Record that `hostname` is alive now (upsert of its one row)."""
+        now = now or utcnow()
+        values = {"pid": pid, "queues": ",".join(sorted(queues)), "interval_seconds": interval_seconds, "last_seen": now}
+        with self._tx() as conn:
+            updated = conn.execute(
+                worker_heartbeats.update().where(worker_heartbeats.c.hostname == hostname,
+                                                 worker_heartbeats.c.pid == pid).values(**values)
+            )
+            if updated.rowcount == 0:
+                # New worker, or the same name restarted (new pid): a fresh start time.
+                conn.execute(
+                    self._insert(worker_heartbeats)
+                    .values(hostname=hostname, started_at=now, **values)
+                    .on_conflict_do_update(index_elements=["hostname"], set_={**values, "started_at": now})
+                )
+
+    def forget_worker(self, hostname: str, pid: int | None = None) -> None:
+        """A worker that stopped on purpose: no longer expected to beat."""
+        with self._tx() as conn:
+            query = worker_heartbeats.delete().where(worker_heartbeats.c.hostname == hostname)
+            if pid is not None:
+                query = query.where(worker_heartbeats.c.pid == pid)
+            conn.execute(query)
+
+    def worker_heartbeats(self, seen_since: datetime) -> list[dict[str, Any]]:
+        with self._tx() as conn:
+            rows = conn.execute(
+                sa.select(worker_heartbeats).where(worker_heartbeats.c.last_seen >= seen_since)
+                .order_by(worker_heartbeats.c.hostname)
+            ).all()
+            return [_row_dict(row) for row in rows]
+
     # -- pruning --------------------------------------------------------------------
 
     def prune_runs(self, finished_before: datetime, *, dry_run: bool = False, batch: int = 2000) -> PruneResult:
@@ -757,8 +808,14 @@ class Ledger:
         trigger: str | None = None,
         target: str | None = None,
         before_id: int | None = None,
+        rule: str | None = None,
+        since: datetime | None = None,
     ) -> list[dict[str, Any]]:
         query = sa.select(runs).order_by(runs.c.id.desc()).limit(limit)
+        if rule:
+            query = query.where(runs.c.rule == rule)
+        if since:
+            query = query.where(runs.c.created_at >= since)
         if status:
             query = query.where(runs.c.status == status)
         if trigger:

@@ -34,6 +34,12 @@ ALERT_DECISIONS = Counter(
     "What the engine decided per alert: act, dry_run, skip, ignore, or repeat of a handled alert.",
     ["outcome"],
 )
+ALERT_HELD_BACK = Counter(
+    "opsfleet_alerts_held_back_total",
+    "Alerts that matched a rule but did not act (skip, escalate, dry run), by why: storm, locked, cooldown, "
+    "cap, dry_run, unknown_target, other.",
+    ["outcome", "reason"],
+)
 RUNS_FINISHED = Counter(
     "opsfleet_runs_total", "Runs that reached a final status.", ["trigger", "playbook", "status"]
 )
@@ -60,6 +66,12 @@ DEPLOY_DURATION = Histogram(
 RELEASE_INFO = Gauge(
     "opsfleet_release_info", "The live release per environment (1; the one it replaced 0).", ["environment", "sha"],
     multiprocess_mode="mostrecent",
+)
+RUN_START_LATENCY = Histogram(
+    "opsfleet_run_start_latency_seconds",
+    "From a run's record (for alerts: the webhook's commit) to a worker starting it: alert-to-action latency.",
+    ["trigger", "playbook"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900),
 )
 STEPS_FINISHED = Counter("opsfleet_steps_total", "Steps finished, by outcome.", ["playbook", "step", "status"])
 SWEEPER_ACTIONS = Counter(
@@ -95,6 +107,12 @@ BACKUP_SIZE = Gauge(
     "opsfleet_backup_size_bytes", "Size of the series' last committed backup.", ["kind", "series"],
     multiprocess_mode="mostrecent",
 )
+BACKUP_MAX_AGE = Gauge(
+    "opsfleet_backup_max_age_seconds",
+    "How old the series' newest backup may get before it is overdue (26 h daily, 8 d weekly, 32 d monthly).",
+    ["kind", "series"],
+    multiprocess_mode="mostrecent",
+)
 BACKUP_DURATION = Histogram(
     "opsfleet_backup_duration_seconds",
     "Dump or archive of one series, including its streaming verification.",
@@ -120,16 +138,90 @@ RESTORE_DRILL_RESULT = Gauge(
     multiprocess_mode="mostrecent",
 )
 
+# Celery task metrics with celery-exporter's names and labels (danihodovic/
+# celery-exporter), so its dashboards and alerts work unchanged. Counted from
+# Celery's signals in the process where each thing happens (publisher, worker
+# main process, prefork child); multiprocess mode sums them at scrape.
+# `hostname` is the Celery node name (opsfleet-main@host-1), the same value
+# celery_worker_up carries; for `sent` it is the publishing machine's name.
+TASK_LABELS = ["name", "hostname", "queue_name"]
+TASK_SENT = Counter("celery_task_sent", "Sent when a task message is published.", TASK_LABELS)
+TASK_RECEIVED = Counter("celery_task_received", "Sent when the worker receives a task.", TASK_LABELS)
+TASK_STARTED = Counter("celery_task_started", "Sent just before the worker executes the task.", TASK_LABELS)
+TASK_SUCCEEDED = Counter("celery_task_succeeded", "Sent if the task executed successfully.", TASK_LABELS)
+TASK_FAILED = Counter(
+    "celery_task_failed", "Sent if the execution of the task failed.", ["name", "hostname", "exception", "queue_name"]
+)
+TASK_REJECTED = Counter(
+    "celery_task_rejected",
+    "The task was rejected by the worker, possibly to be re-queued or moved to a dead letter queue.",
+    TASK_LABELS,
+)
+TASK_REVOKED = Counter("celery_task_revoked", "Sent if the task has been revoked.", TASK_LABELS)
+TASK_RETRIED = Counter("celery_task_retried", "Sent if the task failed, but will be retried in the future.", TASK_LABELS)
+TASK_RUNTIME = Histogram("celery_task_runtime", "Histogram of task runtime measurements.", TASK_LABELS)
+TASK_QUEUE_WAIT = Histogram(
+    "celery_task_queue_wait_time",
+    "From publishing a task to a worker starting it (seconds).",
+    TASK_LABELS,
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+)
 
-def scrape() -> bytes:
-    """One exposition for all processes sharing the multiprocess directory."""
+
+def scrape(*collectors) -> bytes:
+    """One exposition for all processes sharing the multiprocess directory,
+    plus `collectors` read at scrape time (worker liveness, queue lengths)."""
     if os.environ.get(MULTIPROC_ENV):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
-        return generate_latest(registry)
-    from prometheus_client import REGISTRY
+    else:
+        from prometheus_client import REGISTRY
 
-    return generate_latest(REGISTRY)
+        if not collectors:
+            return generate_latest(REGISTRY)
+        registry = CollectorRegistry()
+        registry.register(_Union(REGISTRY))
+    for collector in collectors:
+        registry.register(collector)
+    return generate_latest(registry)
+
+
+def serve(port: int, host: str = "0.0.0.0"):
+    """Serve this host's metrics (every process sharing the folder) on host:port,
+    from a thread; returns the server, to shut down."""
+    from prometheus_client import start_http_server
+
+    if os.environ.get(MULTIPROC_ENV):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    else:
+        from prometheus_client import REGISTRY as registry
+    server, _thread = start_http_server(port, host, registry=registry)
+    return server
+
+
+class _Union:
+    """The default registry's samples inside another registry."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def collect(self):
+        return self.source.collect()
+
+
+DEPLOY_OUTCOMES = ("succeeded", "rolled_back", "rollback_failed", "superseded", "failed")
+
+
+def zero_deploy_outcomes(environments) -> None:
+    """Export every (environment, outcome) of DEPLOYS at 0 from the start.
+
+    A counter child appears only when first incremented, and Prometheus'
+    increase() cannot see a series born at 1: the first failed deploy after a
+    restart would never fire OpsfleetDeployFailed. Present at 0, it does."""
+    for environment in environments:
+        for outcome in DEPLOY_OUTCOMES:
+            DEPLOYS.labels(environment, outcome)
 
 
 def mark_process_dead(pid: int) -> None:
@@ -142,6 +234,7 @@ __all__ = [
     "BACKUP_DURATION",
     "BACKUP_FAILURES",
     "BACKUP_LAST_SUCCESS",
+    "BACKUP_MAX_AGE",
     "BACKUP_PRUNED",
     "BACKUP_SIZE",
     "BACKUP_SKIPPED",
@@ -149,19 +242,38 @@ __all__ = [
     "RESTORE_DRILL_RESULT",
     "RESTORE_DRILL_SECONDS",
     "CLEANUP_RECLAIMED_BYTES",
+    "DEPLOYS",
+    "DEPLOY_DURATION",
+    "DEPLOY_OUTCOMES",
+    "GITHUB_DELIVERIES",
+    "RELEASE_INFO",
     "CLEANUP_REMOVED",
     "LOG_ROTATED_BYTES",
     "LOG_ROTATED_LINES",
     "LOG_ROTATIONS",
     "LOG_WRITER_PAUSE",
     "ALERT_DECISIONS",
+    "ALERT_HELD_BACK",
     "CONTENT_TYPE",
     "REPORTS",
     "RUNS_FINISHED",
     "RUN_DURATION",
+    "RUN_START_LATENCY",
     "STEPS_FINISHED",
     "SWEEPER_ACTIONS",
+    "TASK_FAILED",
+    "TASK_QUEUE_WAIT",
+    "TASK_RECEIVED",
+    "TASK_REJECTED",
+    "TASK_RETRIED",
+    "TASK_REVOKED",
+    "TASK_RUNTIME",
+    "TASK_SENT",
+    "TASK_STARTED",
+    "TASK_SUCCEEDED",
     "WEBHOOK_REQUESTS",
     "mark_process_dead",
     "scrape",
+    "zero_deploy_outcomes",
+    "serve",
 ]

@@ -334,6 +334,9 @@ def commit(ctx: StepContext) -> str:
         total += size
         metrics.BACKUP_LAST_SUCCESS.labels(item["kind"], series).set(now)
         metrics.BACKUP_SIZE.labels(item["kind"], series).set(size)
+        spec = ctx.config.backup.series.get(series)
+        if spec is not None:  # the age the OpsfleetBackupTooOld alert allows this series
+            metrics.BACKUP_MAX_AGE.labels(item["kind"], series).set(MAX_AGE_HOURS[spec.cadence] * 3600)
     return f"committed {final} ({total / 1e6:.2f} MB, {len(manifest['items'])} series)"
 
 

@@ -17,6 +17,7 @@ import requests
 
 from worker.adapters.ledger import utcnow
 from worker.adapters.slack import SlackError, escape
+from worker.tasks.report import run_link
 from worker.tasks.steps import Step, StepContext, StepFailed
 
 ALERTNAME = "OpsfleetEscalation"
@@ -37,8 +38,7 @@ def _tried(ctx: StepContext) -> list[str]:
 
 
 def _run_link(ctx: StepContext) -> str:
-    base = ctx.config.fleet.public_url
-    return f"{base.rstrip('/')}/api/runs/{ctx.run['id']}" if base else ""
+    return run_link(ctx.config.fleet.public_url, ctx.run["id"]) or ""
 
 
 def notify_alertmanager(ctx: StepContext) -> str:

@@ -25,7 +25,7 @@ from celery import Celery
 from worker.adapters import metrics
 from worker.adapters.ledger import IntakeTx, NewRun
 from worker.decide import Alert, AlertDecision, decide_alerts
-from worker.safety import RuleState, TargetState, judge
+from worker.safety import RuleState, TargetState, judge, reason_kind
 from worker.tasks.runs import enqueue_runs, request_report
 
 
@@ -220,6 +220,8 @@ def accept_alerts(app: Celery, *, alerts: list[Alert], truncated: int, summary: 
         if run_rec is not None and not run_rec.created and not reconsidered and outcome != "repeat":
             outcome = "repeat"  # a twin decided the same alert first, in another process
         metrics.ALERT_DECISIONS.labels(outcome).inc()
+        if outcome in ("skip", "escalate", "dry_run"):
+            metrics.ALERT_HELD_BACK.labels(outcome, reason_kind(reason)).inc()
         if run_rec is not None and run_rec.created and outcome in ("skip", "dry_run", "escalate"):
             # A skip is a run that ended at birth: count it with the finished ones.
             metrics.RUNS_FINISHED.labels("alert", d.playbook or "", "skipped").inc()

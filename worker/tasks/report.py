@@ -31,7 +31,8 @@ STATUS_ICON = {
 
 
 def run_link(public_url: str | None, run_id: int) -> str | None:
-    return f"{public_url.rstrip('/')}/api/runs/{run_id}" if public_url else None
+    """The run's page on the status page (steps and output, for people)."""
+    return f"{public_url.rstrip('/')}/runs/{run_id}" if public_url else None
 
 
 def _duration(seconds: float) -> str:
@@ -65,6 +66,36 @@ def parent_text(run: dict, public_url: str | None) -> str:
     return "\n".join(lines)
 
 
+def _section(text: str) -> dict:
+    # A section's text is at most 3000 characters.
+    return {"type": "section", "text": {"type": "mrkdwn", "text": text[:3000]}}
+
+
+def parent_blocks(run: dict, public_url: str | None) -> list[dict]:
+    """Block Kit for the parent message: the same escaped text (also the
+    notification fallback), and a button to the run's page when public_url is set."""
+    text = parent_text(run, public_url)
+    link = run_link(public_url, run["id"])
+    head, *rest = text.split("\n")
+    if link:
+        rest = [line for line in rest if not line.startswith(f"<{link}|")]
+    blocks = [_section(head)]
+    if rest:
+        blocks.append(_section("\n".join(rest)))
+    context = [{"type": "mrkdwn", "text": f"{run['trigger']}{' · rule ' + escape(run['rule']) if run.get('rule') else ''}"}]
+    blocks.append({"type": "context", "elements": context})
+    if link:
+        blocks.append({"type": "actions", "elements": [
+            {"type": "button", "text": {"type": "plain_text", "text": f"Run #{run['id']}"}, "url": link,
+             "action_id": "open_run"},
+        ]})
+    return blocks
+
+
+def step_blocks(step: dict) -> list[dict]:
+    return [_section(step_text(step))]
+
+
 def step_text(step: dict) -> str:
     icon = STATUS_ICON.get(step["status"], "")
     output = escape(step["output"][:2500])
@@ -96,20 +127,20 @@ def report_slack(self, run_id: int) -> str:
         public_url = runtime.config.fleet.public_url
         text = parent_text(run, public_url)
         if not run["slack_ts"]:
-            posted = slack.post(channel, text)
+            posted = slack.post(channel, text, blocks=parent_blocks(run, public_url))
             ledger.set_slack_thread(run_id, posted.channel, posted.ts)
             run.update(slack_channel=posted.channel, slack_ts=posted.ts, reported_status=shown_state(run))
             ledger.set_reported_status(run_id, shown_state(run))
         for step in run["steps"]:
             if step["reported"] or step["status"] == "running":
                 continue
-            slack.post(run["slack_channel"], step_text(step), thread_ts=run["slack_ts"])
+            slack.post(run["slack_channel"], step_text(step), blocks=step_blocks(step), thread_ts=run["slack_ts"])
             ledger.mark_step_reported(step["id"])
         if run["resolved_at"] and not run["resolution_reported"]:
             slack.post(run["slack_channel"], resolution_text(run), thread_ts=run["slack_ts"])
             ledger.mark_resolution_reported(run_id)
         if run["reported_status"] != shown_state(run):
-            slack.update(run["slack_channel"], run["slack_ts"], text)
+            slack.update(run["slack_channel"], run["slack_ts"], text, blocks=parent_blocks(run, public_url))
             ledger.set_reported_status(run_id, shown_state(run))
         metrics.REPORTS.labels("slack", "delivered").inc()
         return "delivered"

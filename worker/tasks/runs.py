@@ -111,6 +111,10 @@ def start_run(self, run_id: int) -> None:
         raise self.retry(countdown=5, exc=err) from None
     if run is None:
         return  # already claimed, finished, or skipped: a duplicate message
+    if run.get("created_at") and run.get("started_at"):
+        metrics.RUN_START_LATENCY.labels(run["trigger"], run["playbook"]).observe(
+            max(0.0, (run["started_at"] - run["created_at"]).total_seconds())
+        )
     if run["playbook"] not in PLAYBOOKS:
         end_run(self.app, run, "failed", f'unknown playbook "{run["playbook"]}"')
         return

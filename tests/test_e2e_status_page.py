@@ -1,0 +1,185 @@
+"""The status page in a real browser: Debian's headless Chromium, driven over WebDriver
+(selenium with Debian's chromedriver; nothing is downloaded), against a live fleet
+(gunicorn, a Celery worker, the embedded ledger and broker) whose runs are real: an
+alert the worker tried to act on and failed, an alert skipped for its hostile label,
+and a backup that ran all its steps. The same runs are checked in /metrics and in the
+Slack recorder's threads, whose buttons lead to the pages. Screenshots go to
+test-artifacts/status-page/. (Deploys join when issue 5 lands them.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+import pytest
+import yaml
+
+from tests.backup_support import make_documents
+from tests.support.fleet import REPO, Fleet, metric_value
+from worker.celery_factory import create_celery
+from worker.config import load_config
+
+pytestmark = pytest.mark.slow
+ARTIFACTS = REPO / "test-artifacts" / "status-page"
+HOSTILE = '<img src=x onerror="document.title=1">&<!channel>'
+PHONE = (390, 844)
+
+
+def alert(fingerprint: str, service: str) -> bytes:
+    return json.dumps({
+        "version": "4", "status": "firing", "receiver": "fleet", "groupKey": "{}:{}", "truncatedAlerts": 0,
+        "groupLabels": {}, "commonLabels": {}, "commonAnnotations": {}, "externalURL": "",
+        "alerts": [{"status": "firing", "labels": {"alertname": "ServiceDown", "service": service},
+                    "annotations": {}, "startsAt": "2026-12-03T11:00:00Z", "endsAt": "0001-01-01T00:00:00Z",
+                    "generatorURL": "", "fingerprint": fingerprint}],
+    }).encode()
+
+
+@pytest.fixture
+def browser(tmp_path):
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    assert chromium, "chromium (Debian chromium) is missing: run bash scripts/services.sh"
+    assert driver, "chromedriver (Debian chromium-driver) is missing: run bash scripts/services.sh"
+    os.environ["SE_OFFLINE"] = "true"  # selenium must never fetch a browser or a driver
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
+                f"--user-data-dir={tempfile.mkdtemp(dir=tmp_path)}", f"--window-size={PHONE[0]},{PHONE[1]}"):
+        options.add_argument(arg)
+    session = webdriver.Chrome(service=Service(driver, log_output=str(tmp_path / "chromedriver.log")), options=options)
+    session.set_page_load_timeout(30)
+    yield session
+    session.quit()
+
+
+def shot(browser, name: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    # The whole page at phone width: the window grows to the document's height.
+    height = browser.execute_script("return document.documentElement.scrollHeight")
+    browser.set_window_size(PHONE[0], max(PHONE[1], min(height + 120, 4000)))
+    assert browser.save_screenshot(str(ARTIFACTS / f"{name}.png"))
+    browser.set_window_size(*PHONE)
+
+
+def fits_a_phone(browser) -> bool:
+    # Wide tables scroll inside their own box; the page itself never scrolls sideways.
+    return browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth + 1")
+
+
+def test_a_person_reads_runs_steps_backups_and_rules_in_chromium(tmp_path, browser, slack):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    config = {
+        "sweeper": {"interval_seconds": 1},
+        "services": {"api": {"container": "e2e-status-no-such-container"}},
+        "remediation": {"defaults": {"cooldown_seconds": 0}, "rules": [
+            {"name": "service-down", "match": ['alertname="ServiceDown"'], "playbook": "restart_service",
+             "target": {"service_label": "service"}, "params": {"verify_timeout_seconds": 2}},
+        ]},
+        "backup": {"root": str(tmp_path / "backups"), "min_free_bytes": 0, "step_timeout_seconds": 600,
+                   "series": {"documents": {"kind": "documents", "path": str(make_documents(tmp_path))}}},
+    }
+    env = {"DOCKER_HOST": "unix:///nonexistent/docker.sock", "SLACK_BOT_TOKEN": slack.token,
+           "SLACK_API_URL": slack.base_url}
+    with Fleet(tmp_path, config, env=env) as fleet:
+        # Slack's buttons link to this fleet's pages.
+        written = yaml.safe_load(fleet.config_path.read_text())
+        written["fleet"]["public_url"] = fleet.url
+        fleet.config_path.write_text(yaml.safe_dump(written))
+        fleet.start("web", "worker")
+        assert fleet.post_alerts(alert("00000000000000a1", "api")).status_code == 202
+        assert fleet.post_alerts(alert("00000000000000a2", HOSTILE)).status_code == 202
+        app = create_celery(load_config(fleet.config_path, environ=fleet.env))
+        app.send_task("opsfleet.schedule.trigger", args=("backup_set", "all"), kwargs={"slot_seconds": 3600})
+        fleet.wait(lambda: len(fleet.runs()) == 3 or None, 30, "three runs")
+        runs = {r["playbook"]: r for r in fleet.runs() if r["status"] != "skipped"}
+        for run in fleet.runs():
+            fleet.wait_run(run["id"], timeout=90)
+        restart = fleet.api(f"/runs/{runs['restart_service']['id']}")
+        backup = fleet.api(f"/runs/{runs['backup_set']['id']}")
+        assert restart["status"] == "failed" and backup["status"] == "succeeded", (restart, backup)
+
+        # The runs list: three rows, newest first, each with its status as a person reads it.
+        browser.get(f"{fleet.url}/")
+        assert browser.title == "Runs · opsfleet"
+        rows = browser.find_elements(By.CSS_SELECTOR, "#runs tbody tr")
+        assert len(rows) == 3
+        seen = {row.find_element(By.CSS_SELECTOR, "td:nth-child(3)").text.splitlines()[0]: row.text for row in rows}
+        assert "failed" in seen["restart_service"] and "succeeded" in seen["backup_set"]
+        skipped_row = next(row.text for row in rows if "skipped" in row.text)
+        # The hostile label (in the alert's summary) is shown as the text it is, and made no element.
+        assert HOSTILE in skipped_row and "unknown target" in skipped_row
+        assert browser.find_elements(By.TAG_NAME, "img") == [] and browser.title == "Runs · opsfleet"
+        assert fits_a_phone(browser)
+        shot(browser, "runs")
+
+        # Filter with the form, as a person would.
+        Select(browser.find_element(By.NAME, "status")).select_by_visible_text("skipped")
+        browser.find_element(By.CSS_SELECTOR, "form.filters button").click()
+        assert "status=skipped" in browser.current_url
+        filtered = browser.find_elements(By.CSS_SELECTOR, "#runs tbody tr")
+        assert len(filtered) == 1 and "unknown target" in filtered[0].text
+        shot(browser, "runs-skipped")
+
+        # A run's steps and their output.
+        browser.get(f"{fleet.url}/")
+        browser.find_element(By.LINK_TEXT, f"#{backup['id']}").click()
+        assert browser.find_element(By.TAG_NAME, "h1").text == f"Run #{backup['id']}: backup_set on all"
+        steps = [s.text.splitlines()[0] for s in browser.find_elements(By.CSS_SELECTOR, "section.step")]
+        assert [s.split(" ")[1] for s in steps] == ["prepare", "dump", "verify", "commit", "retention"]
+        assert all("succeeded" in s for s in steps)
+        commit = next(s.text for s in browser.find_elements(By.CSS_SELECTOR, "section.step") if " commit " in s.text)
+        assert "committed" in commit  # the step's output, as the worker wrote it
+        assert fits_a_phone(browser)
+        shot(browser, "run-backup")
+        browser.get(f"{fleet.url}/runs/{restart['id']}")
+        failed_step = browser.find_element(By.CSS_SELECTOR, "section.step").text
+        assert "locate" in failed_step and "failed" in failed_step
+        shot(browser, "run-failed")
+
+        # Backups: the series with its newest verified set, its age and size.
+        browser.get(f"{fleet.url}/backups")
+        series = browser.find_element(By.CSS_SELECTOR, "#series tbody tr").text
+        assert series.startswith("documents") and "fresh" in series and "ago" in series and "MB" in series
+        assert "✓ verified" in browser.find_element(By.ID, "sets").text
+        shot(browser, "backups")
+
+        # The same runs in /metrics: runs by outcome, the backup's gauges, the worker's tasks.
+        text = fleet.metrics()
+        assert metric_value(text, "opsfleet_runs_total", playbook="restart_service", status="failed") == 1
+        assert metric_value(text, "opsfleet_runs_total", playbook="restart_service", status="skipped") == 1
+        assert metric_value(text, "opsfleet_runs_total", playbook="backup_set", status="succeeded") == 1
+        assert metric_value(text, "opsfleet_alerts_held_back_total", outcome="skip", reason="unknown_target") == 1
+        assert metric_value(text, "opsfleet_backup_max_age_seconds", series="documents") == 26 * 3600
+        assert metric_value(text, "opsfleet_run_start_latency_seconds_count", trigger="alert") == 1
+        assert metric_value(text, "celery_task_succeeded_total") >= 7  # start, 5 steps, finish, reports
+        assert metric_value(text, "celery_worker_up") == 1
+
+        # ...and in Slack: a thread per acted run (the skipped one is not posted), each parent's
+        # button opening the run's page in the browser.
+        def two_threads():
+            threads = [t for t in slack.threads().values() if t["parent"]]
+            finished = [t for t in threads if t["updates"] and any(w in t["updates"][-1]["text"]
+                                                                  for w in ("*failed*", "*succeeded*"))]
+            return threads if len(threads) == 2 and len(finished) == 2 else None
+
+        threads = fleet.wait(two_threads, 30, "two Slack threads with their final status")
+        assert HOSTILE not in json.dumps([t["parent"] for t in threads])
+        buttons = {b["elements"][0]["url"] for t in threads for b in t["updates"][-1]["blocks"] if b["type"] == "actions"}
+        assert buttons == {f"{fleet.url}/runs/{restart['id']}", f"{fleet.url}/runs/{backup['id']}"}
+        browser.get(f"{fleet.url}/runs/{restart['id']}")
+        assert browser.find_element(By.TAG_NAME, "h1").text.startswith(f"Run #{restart['id']}")
+
+        # Rules with what they did.
+        browser.get(f"{fleet.url}/rules")
+        rule = browser.find_element(By.ID, "rule-service-down").text
+        assert f"#{restart['id']}" in rule and "failed" in rule and "skipped" in rule
+        assert f"#{backup['id']}" not in rule  # the backup came from the schedule, not this rule
+        assert fits_a_phone(browser)
+        shot(browser, "rules")
