@@ -84,7 +84,9 @@ def build_schedule(config: Config) -> dict[str, dict]:
         hour, minute = _hm(backup.drill.at)
         schedule["restore-drill"] = {
             "task": "opsfleet.schedule.trigger",
-            "schedule": LocalCrontab(backup.timezone, minute=minute, hour=hour, day_of_week=_DAYS[backup.drill.weekday]),
+            "schedule": LocalCrontab(
+                backup.timezone, minute=minute, hour=hour, day_of_week=_DAYS[backup.drill.weekday]
+            ),
             "args": ("restore_drill", "newest", host),
             "kwargs": {"slot_seconds": 3600},
             "options": {"expires": 3000},

@@ -97,7 +97,10 @@ def run_wrk(url: str, per_request: int, total_alerts: int, connections: int, fol
     }
     done = subprocess.run(
         ["wrk", "-t", "2", "-c", str(connections), "-d", f"{seconds}s", "--timeout", "10s", "-s", str(script), url],
-        capture_output=True, text=True, env=env, timeout=200,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=200,
     )
     found = re.search(r"RESULT (.*)", done.stdout)
     if not found:
@@ -111,24 +114,35 @@ def run_wrk(url: str, per_request: int, total_alerts: int, connections: int, fol
 
 
 def start_webhook(folder: Path) -> tuple[subprocess.Popen, str]:
-    hooks = [{
-        "id": "alert",
-        "execute-command": "/bin/true",
-        "include-command-output-in-response": True,
-        "trigger-rule": {"match": {"type": "value", "value": f"Bearer {TOKEN}",
-                                   "parameter": {"source": "header", "name": "Authorization"}}},
-    }]
+    hooks = [
+        {
+            "id": "alert",
+            "execute-command": "/bin/true",
+            "include-command-output-in-response": True,
+            "trigger-rule": {
+                "match": {
+                    "type": "value",
+                    "value": f"Bearer {TOKEN}",
+                    "parameter": {"source": "header", "name": "Authorization"},
+                }
+            },
+        }
+    ]
     (folder / "hooks.json").write_text(json.dumps(hooks))
     port = free_port()
     proc = subprocess.Popen(
         ["webhook", "-hooks", str(folder / "hooks.json"), "-ip", "127.0.0.1", "-port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}/hooks/alert"
     import requests
 
-    wait_for(lambda: requests.post(url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=2).ok, 10,
-             what="webhook to start")
+    wait_for(
+        lambda: requests.post(url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=2).ok,
+        10,
+        what="webhook to start",
+    )
     return proc, url
 
 
@@ -145,8 +159,15 @@ def main() -> None:
             "defaults": {"cooldown_seconds": 3600, "storm": {"max_targets": 100000, "window_seconds": 300}},
             # verify on containers that do not exist: each action is a quick,
             # real run through the worker that fails at its first step.
-            "rules": [{"name": "down", "match": ['alertname="InstanceDown"'], "playbook": "verify",
-                       "target": {"service_label": "service"}, "params": {"verify_timeout_seconds": 1}}],
+            "rules": [
+                {
+                    "name": "down",
+                    "match": ['alertname="InstanceDown"'],
+                    "playbook": "verify",
+                    "target": {"service_label": "service"},
+                    "params": {"verify_timeout_seconds": 1},
+                }
+            ],
         },
     }
     print(f"alert storm: {ARGS.alerts} alerts per mix, {ARGS.targets} targets, {ARGS.connections} connections")
@@ -160,7 +181,9 @@ def main() -> None:
         try:
             fleet.start()
             for mix, per_request in enumerate((1, 50)):
-                ours = run_wrk(f"{fleet.url}/hooks/alertmanager", per_request, ARGS.alerts, ARGS.connections, folder, mix)
+                ours = run_wrk(
+                    f"{fleet.url}/hooks/alertmanager", per_request, ARGS.alerts, ARGS.connections, folder, mix
+                )
                 theirs = run_wrk(hook_url, per_request, ARGS.alerts, ARGS.connections, folder, mix)
                 rows.append((per_request, ours, theirs))
             time.sleep(3)
@@ -183,10 +206,14 @@ def main() -> None:
     print(f"\n{'payload':>10} {'who':>9} {'req/s':>9} {'alerts/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8}")
     for per_request, ours, theirs in rows:
         for who, r in (("opsfleet", ours), ("webhook", theirs)):
-            print(f"{per_request:>7} al {who:>9} {r['req_per_s']:>9.0f} {r['alerts_per_s']:>9.0f} "
-                  f"{r['p50_us'] / 1000:>8.1f} {r['p99_us'] / 1000:>8.1f} {r['errors_status']:>8}")
-        print(f"{'':>10} {'ratio':>9} {ours['req_per_s'] / theirs['req_per_s']:>8.2f}x {'':>9} "
-              f"{ours['p50_us'] / max(theirs['p50_us'], 1):>7.2f}x {ours['p99_us'] / max(theirs['p99_us'], 1):>7.2f}x")
+            print(
+                f"{per_request:>7} al {who:>9} {r['req_per_s']:>9.0f} {r['alerts_per_s']:>9.0f} "
+                f"{r['p50_us'] / 1000:>8.1f} {r['p99_us'] / 1000:>8.1f} {r['errors_status']:>8}"
+            )
+        print(
+            f"{'':>10} {'ratio':>9} {ours['req_per_s'] / theirs['req_per_s']:>8.2f}x {'':>9} "
+            f"{ours['p50_us'] / max(theirs['p50_us'], 1):>7.2f}x {ours['p99_us'] / max(theirs['p99_us'], 1):>7.2f}x"
+        )
     # Requests still in flight when wrk stopped are recorded but not counted by
     # wrk, so recorded may exceed accepted; lost is what was accepted and not recorded.
     lost = max(0, accepted - len(alert_runs))

@@ -128,11 +128,29 @@ def _children(loaded: LoadedConfig, host: str, port: int) -> dict[str, list[str]
     queues = ",".join(known_queues(loaded))
     return {
         "web": [
-            python, "-m", "gunicorn", "-c", "python:opsfleet.gunicorn_conf",
-            "--bind", f"{host}:{port}", "webhooks:create_app()",
+            python,
+            "-m",
+            "gunicorn",
+            "-c",
+            "python:opsfleet.gunicorn_conf",
+            "--bind",
+            f"{host}:{port}",
+            "webhooks:create_app()",
         ],
-        "worker": [*celery, "worker", "--loglevel", "INFO", "--concurrency", concurrency, "--queues", queues,
-                   "--hostname", f"opsfleet@{loaded.config.fleet.hostname}", "--without-gossip", "--without-mingle"],
+        "worker": [
+            *celery,
+            "worker",
+            "--loglevel",
+            "INFO",
+            "--concurrency",
+            concurrency,
+            "--queues",
+            queues,
+            "--hostname",
+            f"opsfleet@{loaded.config.fleet.hostname}",
+            "--without-gossip",
+            "--without-mingle",
+        ],
         # Beat at WARNING: its "sending due task" lines every few seconds would
         # bury what the worker says.
         "beat": [*celery, "beat", "--loglevel", "WARNING"],
@@ -245,9 +263,22 @@ def worker_command(ctx: click.Context, host: str | None, concurrency: int | None
     loaded = _load(ctx)
     queues = host_queue(host) if host else ",".join(QUEUES)
     argv = [
-        sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--loglevel", "INFO",
-        "--queues", queues, "--concurrency", str(concurrency or loaded.config.worker.concurrency),
-        "--hostname", f"opsfleet-{host or 'main'}@%h", "--without-gossip", "--without-mingle",
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker.celery_app",
+        "worker",
+        "--loglevel",
+        "INFO",
+        "--queues",
+        queues,
+        "--concurrency",
+        str(concurrency or loaded.config.worker.concurrency),
+        "--hostname",
+        f"opsfleet-{host or 'main'}@%h",
+        "--without-gossip",
+        "--without-mingle",
     ]
     env = dict(os.environ)
     if loaded.source != "embedded defaults":
@@ -329,8 +360,14 @@ def _run_now(ctx: click.Context, playbook: str, target: str, params: dict, dry_r
         except LedgerUnavailable as err:
             click.echo(f"opsfleet: {err}", err=True)
             ctx.exit(1)
-        run = {"id": None, "target": target, "params": {**params, "dry_run": True}, "started_at": utcnow(),
-               "playbook": playbook, "trigger": "manual"}
+        run = {
+            "id": None,
+            "target": target,
+            "params": {**params, "dry_run": True},
+            "started_at": utcnow(),
+            "playbook": playbook,
+            "trigger": "manual",
+        }
         for step in PLAYBOOKS[playbook]:
             try:
                 output = step.fn(StepContext(runtime, run))
@@ -474,8 +511,12 @@ def deploy_command(ctx: click.Context, environment: str, sha: str, git_tag: str)
 
 @cli.command("rollback")
 @click.option("--env", "environment", required=True, help="The environment (deploy.environments.NAME).")
-@click.option("--to", "release_id", type=click.IntRange(1, 2**31 - 1),
-              help="A release id (opsfleet releases); default: the one live before the current.")
+@click.option(
+    "--to",
+    "release_id",
+    type=click.IntRange(1, 2**31 - 1),
+    help="A release id (opsfleet releases); default: the one live before the current.",
+)
 @click.pass_context
 def rollback_command(ctx: click.Context, environment: str, release_id: int | None) -> None:
     """Put an earlier release live again, through the deploy playbook (with its health gate)."""
@@ -528,7 +569,9 @@ def backup_group() -> None:
 
 
 @backup_group.command("list")
-@click.option("--kind", help="Only sets holding a series of this kind (database, documents, config, models, inventory).")
+@click.option(
+    "--kind", help="Only sets holding a series of this kind (database, documents, config, models, inventory)."
+)
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def backup_list(ctx, kind, as_json) -> None:
@@ -571,7 +614,9 @@ def backup_run(ctx, kinds, names) -> None:
     known_kinds = {spec.kind for spec in series.values()}
     for kind in kinds:
         if kind not in known_kinds:
-            click.echo(f"opsfleet: --kind {kind}: no series of that kind (kinds: {', '.join(sorted(known_kinds))})", err=True)
+            click.echo(
+                f"opsfleet: --kind {kind}: no series of that kind (kinds: {', '.join(sorted(known_kinds))})", err=True
+            )
             ctx.exit(2)
     for name in names:
         if name not in series:
@@ -649,7 +694,9 @@ def _restore_plan(ctx, loaded, set_id, latest, kinds):
     plan = plan_restore(sets, loaded.config.backup.series, kinds, None if latest else set_id)
     if not plan:
         where = "the newest verified sets" if latest else f"set {set_id}"
-        click.echo(f"opsfleet: {where} in {loaded.backup_root} hold no verified item of kind {', '.join(kinds)}", err=True)
+        click.echo(
+            f"opsfleet: {where} in {loaded.backup_root} hold no verified item of kind {', '.join(kinds)}", err=True
+        )
         ctx.exit(1)
     by_id = {s.id: s for s in sets}
     tz = loaded.config.backup.timezone
@@ -668,7 +715,9 @@ def _restore_plan(ctx, loaded, set_id, latest, kinds):
 
 
 def _kinds(database, documents, config, models, default):
-    chosen = [k for k, on in (("database", database), ("documents", documents), ("config", config), ("models", models)) if on]
+    chosen = [
+        k for k, on in (("database", database), ("documents", documents), ("config", config), ("models", models)) if on
+    ]
     return chosen or default
 
 

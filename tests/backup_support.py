@@ -14,7 +14,6 @@ import docker
 import psycopg
 
 from tests.support.servers import TEST_IMAGE, _postgres_bin, free_port, wait_for
-
 from worker.adapters.ledger import NewRun
 from worker.celery_factory import create_celery
 from worker.config import parse_config
@@ -29,8 +28,10 @@ def fill_database(url: str) -> dict[str, int]:
         conn.execute("CREATE TABLE orders (id serial PRIMARY KEY, customer int REFERENCES customers, note text)")
         conn.execute('CREATE SCHEMA shop; CREATE TABLE shop."Line Items" (id int, sku text)')
         conn.execute("INSERT INTO customers (name) SELECT 'c' || g FROM generate_series(1, 120) g")
-        conn.execute("INSERT INTO orders (customer, note) SELECT 1 + g % 120, repeat('x', g) FROM generate_series(1, 300) g")
-        conn.execute('INSERT INTO shop."Line Items" SELECT g, \'sku-\' || g FROM generate_series(1, 7) g')
+        conn.execute(
+            "INSERT INTO orders (customer, note) SELECT 1 + g % 120, repeat('x', g) FROM generate_series(1, 300) g"
+        )
+        conn.execute("INSERT INTO shop.\"Line Items\" SELECT g, 'sku-' || g FROM generate_series(1, 7) g")
     return dict(ROWS)
 
 

@@ -45,8 +45,11 @@ def test_readme_lists_every_shipped_alert():
 def test_each_alert_maps_to_the_playbook_the_readme_says(rule):
     config = load_config(REPO / "opsfleet.example.yaml", environ={}).config
     labels = {"alertname": rule["alert"], "instance": "node-a:9100", "job": "stack", **rule.get("labels", {})}
-    decisions = [d for d in decide_alerts([Alert("firing", labels, "0123456789abcdef", "2026-12-03T10:00:00Z")], config)
-                 if d.outcome != "ignore"]
+    decisions = [
+        d
+        for d in decide_alerts([Alert("firing", labels, "0123456789abcdef", "2026-12-03T10:00:00Z")], config)
+        if d.outcome != "ignore"
+    ]
     expected = readme_table()[rule["alert"]]
     assert [d.playbook for d in decisions] == ([] if expected == "none" else [expected])
     for d in decisions:
@@ -62,8 +65,12 @@ def test_each_alert_has_a_promtool_test_that_fires_and_stays_quiet(rule):
     assert promtool, "promtool (Debian prometheus) is missing: run bash scripts/services.sh"
     path = RULE_TESTS / f"{rule['alert']}.yml"
     assert path.exists(), f"no promtool test for {rule['alert']}: add {path.relative_to(REPO)}"
-    cases = [case for test in yaml.safe_load(path.read_text())["tests"] for case in test.get("alert_rule_test", [])
-             if case["alertname"] == rule["alert"]]
+    cases = [
+        case
+        for test in yaml.safe_load(path.read_text())["tests"]
+        for case in test.get("alert_rule_test", [])
+        if case["alertname"] == rule["alert"]
+    ]
     assert any(case.get("exp_alerts") for case in cases), "no case where it fires"
     assert any(not case.get("exp_alerts") for case in cases), "no case where it stays quiet"
     done = subprocess.run([promtool, "test", "rules", str(path)], capture_output=True, text=True, timeout=60)
@@ -73,13 +80,12 @@ def test_each_alert_has_a_promtool_test_that_fires_and_stays_quiet(rule):
 def exported_metric_names(tmp_path) -> set[str]:
     """Every sample name opsfleet's /metrics can carry: the module's metrics and what
     the web reads at scrape time (here from an embedded ledger and broker folder)."""
+    from prometheus_client.metrics import MetricWrapperBase
     from prometheus_client.parser import text_string_to_metric_families
 
     from worker.adapters import metrics
     from worker.adapters.fleet_collector import FleetCollector
     from worker.adapters.ledger import Ledger, ledger_url
-
-    from prometheus_client.metrics import MetricWrapperBase
 
     names = set()
     for value in vars(metrics).values():
@@ -90,8 +96,9 @@ def exported_metric_names(tmp_path) -> set[str]:
     ledger.migrate()
     ledger.beat("w@h", 1, ["opsfleet.remediate"], 10)
     (tmp_path / "queue").mkdir()
-    collector = FleetCollector(ledger, "filesystem://", {"data_folder_in": str(tmp_path / "queue")},
-                               ["opsfleet.remediate"], 3600)
+    collector = FleetCollector(
+        ledger, "filesystem://", {"data_folder_in": str(tmp_path / "queue")}, ["opsfleet.remediate"], 3600
+    )
     for family in text_string_to_metric_families(metrics.scrape(collector).decode()):
         names |= {s.name for s in family.samples}
     ledger.dispose()
@@ -100,8 +107,12 @@ def exported_metric_names(tmp_path) -> set[str]:
 
 def test_opsfleet_alerts_use_only_metrics_opsfleet_exports(tmp_path):
     exported = exported_metric_names(tmp_path) | {"up"}
-    own = [rule for group in yaml.safe_load(RULES.read_text())["groups"] if group["name"] == "opsfleet.rules"
-           for rule in group["rules"]]
+    own = [
+        rule
+        for group in yaml.safe_load(RULES.read_text())["groups"]
+        if group["name"] == "opsfleet.rules"
+        for rule in group["rules"]
+    ]
     assert own
     for rule in own:
         used = set(re.findall(r"\b((?:opsfleet|celery)_\w+|up)\b(?=\s*[{\[)]|\s*[=<>!])", rule["expr"]))
@@ -126,7 +137,26 @@ def test_grafana_dashboard_loads_and_uses_only_exported_metrics(tmp_path):
     for expr in exprs:
         bare = re.sub(r"\{[^}]*\}|\[[^\]]*\]|\"[^\"]*\"", "", expr)  # label matchers, ranges, strings
         used = {w for w in re.findall(r"[a-zA-Z_][a-zA-Z0-9_]*", bare) if w not in PROMQL_WORDS}
-        used -= {w for w in used if w in {"name", "queue_name", "playbook", "outcome", "source", "code", "kind", "result",
-                                          "hostname", "status", "series", "environment", "event", "sha"}}  # grouping labels
+        used -= {
+            w
+            for w in used
+            if w
+            in {
+                "name",
+                "queue_name",
+                "playbook",
+                "outcome",
+                "source",
+                "code",
+                "kind",
+                "result",
+                "hostname",
+                "status",
+                "series",
+                "environment",
+                "event",
+                "sha",
+            }
+        }  # grouping labels
         assert used, expr
         assert used <= exported, f"{expr}: {sorted(used - exported)} not exported by opsfleet"

@@ -3,17 +3,26 @@ pg_restore, GNU tar): committed only when verified; failures leave older sets in
 
 from __future__ import annotations
 
+import io
 import stat
 import subprocess
 import tarfile
 import threading
-import io
 
 import psycopg
 import pytest
 import zstandard
 
-from tests.backup_support import ROWS, engine, fill_database, make_config_files, make_documents, record, run_playbook, sets_in
+from tests.backup_support import (
+    ROWS,
+    engine,
+    fill_database,
+    make_config_files,
+    make_documents,
+    record,
+    run_playbook,
+    sets_in,
+)
 from tests.support.servers import shared_postgres_database
 from worker.adapters.backupstore import list_sets
 from worker.adapters.postgres import Postgres
@@ -100,7 +109,9 @@ def test_a_truncated_dump_fails_verification(stack):
 def test_pg_restore_list_passes_a_truncated_dump_but_our_full_read_does_not(source_db, tmp_path):
     # Why verification is a full read: the table of contents sits at the front.
     pg = Postgres(source_db)
-    whole = subprocess.run(["pg_dump", "--format=custom", "--compress=0"], env=pg.env(), capture_output=True, check=True).stdout
+    whole = subprocess.run(
+        ["pg_dump", "--format=custom", "--compress=0"], env=pg.env(), capture_output=True, check=True
+    ).stdout
     cut = tmp_path / "cut.dump"
     cut.write_bytes(whole[: len(whole) * 2 // 3])
     assert subprocess.run(["pg_restore", "--list", str(cut)], capture_output=True).returncode == 0
@@ -204,7 +215,10 @@ def test_files_changing_during_the_archive_are_reported_not_fatal(tmp_path):
         "tar: documents/b.txt: File removed before we read it\n"
         "tar: Exiting with failure status due to previous errors\n"
     )
-    assert reported == ["documents/a.txt: file changed as we read it", "documents/b.txt: File removed before we read it"]
+    assert reported == [
+        "documents/a.txt: file changed as we read it",
+        "documents/b.txt: File removed before we read it",
+    ]
     assert fatal == []
     _, fatal = tar_problems("tar: documents/c: Cannot open: Permission denied\n")
     assert fatal == ["documents/c: Cannot open: Permission denied"]
@@ -278,7 +292,9 @@ def test_daily_summary_fails_on_a_missing_or_stale_backup(stack):
     tmp_path, app, _ = stack
     assert run_playbook(app, "backup_set", {"series": ["db"]})["status"] == "succeeded"
     partial = run_playbook(app, "backup_summary")
-    assert partial["status"] == "failed" and "documents (documents): NO verified backup" in partial["steps"][0]["output"]
+    assert (
+        partial["status"] == "failed" and "documents (documents): NO verified backup" in partial["steps"][0]["output"]
+    )
     assert run_playbook(app, "backup_set")["status"] == "succeeded"
     done = run_playbook(app, "backup_summary")
     assert done["status"] == "succeeded", done["reason"]

@@ -80,7 +80,10 @@ def test_backup_config_errors_name_the_key():
         ({"retention": {"daily": -1}}, "backup.retention.daily:"),
         ({"compression": "lz4"}, "backup.compression:"),
         ({"recover_stop_order": ["ghost"]}, 'backup.recover_stop_order: unknown service "ghost"'),
-        ({"step_timeout_seconds": 4000}, "backup.step_timeout_seconds: must be below broker.visibility_timeout_seconds"),
+        (
+            {"step_timeout_seconds": 4000},
+            "backup.step_timeout_seconds: must be below broker.visibility_timeout_seconds",
+        ),
     ]
     for backup, expected in cases:
         with pytest.raises(ConfigError) as caught:
@@ -97,7 +100,10 @@ def test_long_backup_steps_carry_their_own_time_limits(tmp_path):
         source="t", base_dir=tmp_path, environ={},
     )  # fmt: skip
     app = create_celery(loaded)
-    limits = [(t.args[1], t.options.get("soft_time_limit"), t.options.get("time_limit")) for t in build_chain(app, 1, "backup_set").tasks[:-1]]
+    limits = [
+        (t.args[1], t.options.get("soft_time_limit"), t.options.get("time_limit"))
+        for t in build_chain(app, 1, "backup_set").tasks[:-1]
+    ]
     # prepare, commit and retention keep the worker's limits; dump and verify get backup.step_timeout_seconds.
     assert limits == [(0, None, None), (1, 1800, 1830), (2, 1800, 1830), (3, None, None), (4, None, None)]
 
@@ -105,4 +111,8 @@ def test_long_backup_steps_carry_their_own_time_limits(tmp_path):
 def test_daily_summary_is_scheduled_at_its_local_time():
     entry = build_schedule(config(schedule={"summary_at": "07:15"}))["backup-summary"]
     assert entry["args"] == ("backup_summary", "all")
-    assert (entry["schedule"]._orig_hour, entry["schedule"]._orig_minute, entry["schedule"].tz_name) == (7, 15, "Europe/Berlin")
+    assert (entry["schedule"]._orig_hour, entry["schedule"]._orig_minute, entry["schedule"].tz_name) == (
+        7,
+        15,
+        "Europe/Berlin",
+    )

@@ -45,22 +45,27 @@ def images(dockerd, tmp_path):
 
 
 def _ctx(tmp_path, config: dict, **params) -> StepContext:
-    loaded = parse_config({"fleet": {"data_dir": str(tmp_path / "data")}, **config}, source="test",
-                          base_dir=tmp_path, environ={"DOCKER_HOST": TEST_DOCKER_HOST})
+    loaded = parse_config(
+        {"fleet": {"data_dir": str(tmp_path / "data")}, **config},
+        source="test",
+        base_dir=tmp_path,
+        environ={"DOCKER_HOST": TEST_DOCKER_HOST},
+    )
     runtime = Runtime(loaded)
     runtime.ledger.migrate()
     return StepContext(runtime, {"id": 1, "target": "all", "params": params, "started_at": utcnow()})
 
 
-def test_cleanup_keeps_current_and_rollback_images_and_removes_the_rest(dockerd, images, make_container, tmp_path, monkeypatch):
+def test_cleanup_keeps_current_and_rollback_images_and_removes_the_rest(
+    dockerd, images, make_container, tmp_path, monkeypatch
+):
     repo, versions, dangling = images
     name = f"opsfleet-cleanup-api-{uuid.uuid4().hex[:6]}"
     # The current release after a rollback: v4 runs. v2 is the rollback target the deploy job protects.
     current = dockerd.containers.run(f"{repo}:v4", ["sleep", "3600"], name=name, detach=True, network_mode="none")
     try:
         monkeypatch.setattr(cleanup, "PROTECTED_IMAGE_PROVIDERS", [lambda ctx: {f"{repo}:v2"}])
-        config = {"services": {"api": {"container": name}},
-                  "cleanup": {"images": {"keep": 2, "services": ["api"]}}}
+        config = {"services": {"api": {"container": name}}, "cleanup": {"images": {"keep": 2, "services": ["api"]}}}
 
         dry = _ctx(tmp_path, config, dry_run=True)
         plan = cleanup.old_images(dry)
@@ -88,7 +93,7 @@ def test_cleanup_keeps_current_and_rollback_images_and_removes_the_rest(dockerd,
     reclaimed = int(outputs["old_images"].rsplit("reclaimed ", 1)[1].split(" B")[0])
     assert reclaimed >= 2 * 64 * 1024
     assert "removed dangling" in outputs["dangling_images"]
-    assert outputs["backups"] == 'backup retention: no backup series configured'
+    assert outputs["backups"] == "backup retention: no backup series configured"
     assert outputs["old_runs"].startswith("removed 0 runs")
 
 
@@ -100,14 +105,27 @@ def test_cleanup_command_dry_run_then_real(dockerd, images, tmp_path):
 
     repo, versions, _ = images
     path = tmp_path / "opsfleet.yaml"
-    path.write_text(yaml.safe_dump({"fleet": {"data_dir": str(tmp_path / "data")},
-                                    "cleanup": {"images": {"keep": 4, "repositories": [repo], "dangling": False}}}))
-    env = {**{k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")},
-           "DOCKER_HOST": TEST_DOCKER_HOST}
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "fleet": {"data_dir": str(tmp_path / "data")},
+                "cleanup": {"images": {"keep": 4, "repositories": [repo], "dangling": False}},
+            }
+        )
+    )
+    env = {
+        **{k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")},
+        "DOCKER_HOST": TEST_DOCKER_HOST,
+    }
 
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "opsfleet.cli", "--config", str(path), "cleanup", *args],
-                              capture_output=True, text=True, env=env, timeout=120)
+        return subprocess.run(
+            [sys.executable, "-m", "opsfleet.cli", "--config", str(path), "cleanup", *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
 
     dry = cli("--dry-run")
     assert dry.returncode == 0, dry.stderr

@@ -17,8 +17,11 @@ def test_alertmanager_config_passes_amtool(tmp_path):
     checked = tmp_path / "alertmanager.yml"
     slack_url = tmp_path / "slack-webhook-url"
     slack_url.write_text("https://hooks.slack.com/services/T0/B0/x\n")
-    checked.write_text(config.replace("/etc/alertmanager/opsfleet-token", str(token))
-                       .replace("/etc/alertmanager/slack-webhook-url", str(slack_url)))
+    checked.write_text(
+        config.replace("/etc/alertmanager/opsfleet-token", str(token)).replace(
+            "/etc/alertmanager/slack-webhook-url", str(slack_url)
+        )
+    )
     done = subprocess.run([amtool, "check-config", str(checked)], capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "SUCCESS" in done.stdout
@@ -27,8 +30,9 @@ def test_alertmanager_config_passes_amtool(tmp_path):
 def test_prometheus_config_passes_promtool_with_its_rules():
     promtool = shutil.which("promtool")
     assert promtool, "promtool (Debian prometheus) is missing: run bash scripts/services.sh"
-    done = subprocess.run([promtool, "check", "config", str(COMPOSE / "prometheus.yml")],
-                          capture_output=True, text=True, timeout=30)
+    done = subprocess.run(
+        [promtool, "check", "config", str(COMPOSE / "prometheus.yml")], capture_output=True, text=True, timeout=30
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "alert_rules.yml" in done.stdout  # the rule file was found and checked too
 
@@ -46,8 +50,12 @@ def test_prometheus_scrapes_opsfleet_the_fleet_node_and_postgres_exporters():
 def _route(labels: list[str]) -> str:
     amtool = shutil.which("amtool")
     assert amtool, "amtool (Debian prometheus-alertmanager) is missing: run bash scripts/services.sh"
-    done = subprocess.run([amtool, "config", "routes", "test", f"--config.file={COMPOSE / 'alertmanager.yml'}", *labels],
-                          capture_output=True, text=True, timeout=30)
+    done = subprocess.run(
+        [amtool, "config", "routes", "test", f"--config.file={COMPOSE / 'alertmanager.yml'}", *labels],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout.strip()
 
@@ -65,7 +73,10 @@ def compose_config(tmp_path) -> dict:
     assert tool, "docker-compose (Debian docker-compose) is missing: run bash scripts/services.sh"
     done = subprocess.run(
         [tool, "-f", str(COMPOSE / "docker-compose.yml"), "--env-file", str(COMPOSE / ".env.example"), "config"],
-        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     return yaml.safe_load(done.stdout)

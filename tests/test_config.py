@@ -22,7 +22,13 @@ def problems(raw, environ=None):
 
 
 def rule(**over):
-    return {"name": "r", "match": ['alertname="X"'], "playbook": "restart_service", "target": {"service": "api"}, **over}
+    return {
+        "name": "r",
+        "match": ['alertname="X"'],
+        "playbook": "restart_service",
+        "target": {"service": "api"},
+        **over,
+    }
 
 
 def with_rules(*rules):
@@ -37,8 +43,10 @@ def test_empty_file_is_the_embedded_defaults():
 @pytest.mark.parametrize(
     "raw,expected",
     [
-        (with_rules(rule(), rule(name="b"), rule(name="c", match=['alertname=="x"'])),
-         'remediation.rules[2].match: unknown operator "=="'),
+        (
+            with_rules(rule(), rule(name="b"), rule(name="c", match=['alertname=="x"'])),
+            'remediation.rules[2].match: unknown operator "=="',
+        ),
         (with_rules(rule(match=['x=~"("'])), "remediation.rules[0].match: bad regular expression"),
         (with_rules(rule(playbook="reboot_everything")), "remediation.rules[0].playbook:"),
         (with_rules(rule(target={"service": "ghost"})), 'remediation.rules[0].target.service: unknown service "ghost"'),
@@ -49,8 +57,10 @@ def test_empty_file_is_the_embedded_defaults():
         ({"services": {"api": {}}}, "services.api: set exactly one of container or compose_service"),
         ({"worker": {"step_soft_timeout_seconds": 10, "step_hard_timeout_seconds": 5}}, "worker: step_hard"),
         ([1, 2], "(top level): expected a mapping"),
-        ({"broker": {"visibility_timeout_seconds": 100}, "worker": {"step_hard_timeout_seconds": 200}},
-         "broker.visibility_timeout_seconds: must be above worker.step_hard_timeout_seconds"),
+        (
+            {"broker": {"visibility_timeout_seconds": 100}, "worker": {"step_hard_timeout_seconds": 200}},
+            "broker.visibility_timeout_seconds: must be above worker.step_hard_timeout_seconds",
+        ),
     ],
 )
 def test_errors_name_the_key(raw, expected):
@@ -108,7 +118,9 @@ def test_config_check_command(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "container: shop-api" in done.stdout and "xoxb-zzz" not in done.stdout + done.stderr
     bad = tmp_path / "bad.yaml"
-    bad.write_text("remediation:\n  rules:\n    - {name: a, match: ['a==\"b\"'], playbook: restart_service, target: {service: x}}\n")
+    bad.write_text(
+        "remediation:\n  rules:\n    - {name: a, match: ['a==\"b\"'], playbook: restart_service, target: {service: x}}\n"
+    )
     done = _cli("--config", str(bad), "config", "check")
     assert done.returncode == 2
     assert 'remediation.rules[0].match: unknown operator "=="' in done.stderr
@@ -126,9 +138,18 @@ def test_example_configuration_is_valid():
     "rule_over,expected",
     [
         ({"params": {"stop_timeout_secs": 10}}, "remediation.rules[0].params: stop_timeout_secs: unknown key"),
-        ({"params": {"verify_timeout_seconds": "soon"}}, "remediation.rules[0].params: verify_timeout_seconds: Input should be a valid integer"),
-        ({"params": {"stop_timeout_seconds": -1}}, "remediation.rules[0].params: stop_timeout_seconds: Input should be greater than or equal to 0"),
-        ({"params": {"verify_timeout_seconds": 500}}, "remediation.rules[0].params.verify_timeout_seconds: must be below worker.step_soft_timeout_seconds (120)"),
+        (
+            {"params": {"verify_timeout_seconds": "soon"}},
+            "remediation.rules[0].params: verify_timeout_seconds: Input should be a valid integer",
+        ),
+        (
+            {"params": {"stop_timeout_seconds": -1}},
+            "remediation.rules[0].params: stop_timeout_seconds: Input should be greater than or equal to 0",
+        ),
+        (
+            {"params": {"verify_timeout_seconds": 500}},
+            "remediation.rules[0].params.verify_timeout_seconds: must be below worker.step_soft_timeout_seconds (120)",
+        ),
         ({"match": [{"alertname": "x"}]}, "remediation.rules[0].match: a list of label matcher strings"),
         ({"match": ['a="\\q"']}, "remediation.rules[0].match: bad quoted value"),
     ],
@@ -161,7 +182,10 @@ def test_config_file_problems_are_named(tmp_path):
         ({"services": {"s\n": {"container": "c"}}}, "services: service name"),
         ({"broker": {"key_prefix": ""}}, "broker.key_prefix: String should have at least 1 character"),
         ({"slack": {"channel": ""}}, "slack.channel: String should have at least 1 character"),
-        ({"services": {"a": {"container": "c", "health_url": "not a url"}}}, "services.a.health_url: String should match"),
+        (
+            {"services": {"a": {"container": "c", "health_url": "not a url"}}},
+            "services.a.health_url: String should match",
+        ),
     ],
 )
 def test_more_holes_are_closed(raw, expected):
@@ -176,7 +200,9 @@ def test_redis_password_without_user_is_masked():
 
 def test_redact_hides_interpolated_values_and_credentials():
     raw = {"services": {"api": {"container": "c", "health_url": "http://u:${API_PW}@h/health"}}}
-    loaded = parse_config(raw, source="t", base_dir=".", environ={"API_PW": "s3cret-pw", "SLACK_BOT_TOKEN": "xoxb-1234"})
+    loaded = parse_config(
+        raw, source="t", base_dir=".", environ={"API_PW": "s3cret-pw", "SLACK_BOT_TOKEN": "xoxb-1234"}
+    )
     text = "http://u:s3cret-pw@h/health did not answer; token xoxb-1234; redis://:pw@r:6379/0"
     assert loaded.redact(text) == "http://u:***@h/health did not answer; token ***; redis://:***@r:6379/0"
 

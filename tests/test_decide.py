@@ -44,14 +44,20 @@ def config(mode="first_match"):
 
 TABLE = [
     # alert                                                       outcome    rule            target  reason contains
-    (alert(alertname="ServiceDown", service="api"),               "act",     "down-by-label", "api", "matched"),
-    (alert("resolved", alertname="ServiceDown", service="api"),   "ignore",  None,            None,  "resolved"),
-    (alert(alertname="ServiceDown", service="db"),                "skip",    "down-by-label", None,  "names no configured service"),
-    (alert(alertname="ServiceDown", service="api; rm -rf /"),     "skip",    "down-by-label", None,  "names no configured service"),
-    (alert(alertname="ServiceDown"),                              "skip",    "down-by-label", None,  "missing"),
-    (alert(alertname="HighMemoryUsage", severity="warning"),      "act",     "mem-web",       "web", "matched"),
-    (alert(alertname="HighMemoryUsage", severity="info"),         "ignore",  None,            None,  "no rule"),
-    (alert(alertname="Other"),                                    "ignore",  None,            None,  "no rule"),
+    (alert(alertname="ServiceDown", service="api"), "act", "down-by-label", "api", "matched"),
+    (alert("resolved", alertname="ServiceDown", service="api"), "ignore", None, None, "resolved"),
+    (alert(alertname="ServiceDown", service="db"), "skip", "down-by-label", None, "names no configured service"),
+    (
+        alert(alertname="ServiceDown", service="api; rm -rf /"),
+        "skip",
+        "down-by-label",
+        None,
+        "names no configured service",
+    ),
+    (alert(alertname="ServiceDown"), "skip", "down-by-label", None, "missing"),
+    (alert(alertname="HighMemoryUsage", severity="warning"), "act", "mem-web", "web", "matched"),
+    (alert(alertname="HighMemoryUsage", severity="info"), "ignore", None, None, "no rule"),
+    (alert(alertname="Other"), "ignore", None, None, "no rule"),
     # first match wins: ServiceDown+critical acts once, by the first rule
     (alert(alertname="ServiceDown", service="web", severity="critical"), "act", "down-by-label", "web", "matched"),
 ]
@@ -78,8 +84,10 @@ def test_rule_policy_takes_defaults_and_overrides():
         raw["remediation"]["rules"][1],
     ]
     cfg = parse_config(raw, source="t", base_dir=".", environ={}).config
-    down, mem = (decide_alerts([alert(alertname=n, service="api", severity="warning")], cfg)[0] for n in
-                 ("ServiceDown", "HighMemoryUsage"))
+    down, mem = (
+        decide_alerts([alert(alertname=n, service="api", severity="warning")], cfg)[0]
+        for n in ("ServiceDown", "HighMemoryUsage")
+    )
     assert (down.policy.cooldown.seconds, down.policy.cap_max_actions, down.policy.dry_run) == (60, 5, False)
     assert (mem.policy.cap_max_actions, mem.policy.storm_max_targets, mem.policy.dry_run) == (3, 10, True)
 

@@ -45,8 +45,14 @@ def stack(tmp_path, dockerd, images, github):
     command = httpd_command(port)
 
     def start(tag="v1"):
-        return dockerd.containers.run(f"{REPO}:{tag}", command, name=name, detach=True, network_mode="host",
-                                      labels={"com.docker.compose.service": "app"})
+        return dockerd.containers.run(
+            f"{REPO}:{tag}",
+            command,
+            name=name,
+            detach=True,
+            network_mode="host",
+            labels={"com.docker.compose.service": "app"},
+        )
 
     raw = {
         "fleet": {"data_dir": str(tmp_path / "data"), "public_url": "http://opsfleet.test"},
@@ -54,14 +60,25 @@ def stack(tmp_path, dockerd, images, github):
         "deploy": {
             "lock_wait_seconds": 2,
             "environments": {
-                "prod": {"branch": "master", "services": ["app"], "image": REPO, "tag_template": "main-{short_sha}",
-                         "health": {"passes": 2, "interval_seconds": 0.2, "timeout_seconds": 3},
-                         "stop_timeout_seconds": 1, "min_free_bytes": 1024},
+                "prod": {
+                    "branch": "master",
+                    "services": ["app"],
+                    "image": REPO,
+                    "tag_template": "main-{short_sha}",
+                    "health": {"passes": 2, "interval_seconds": 0.2, "timeout_seconds": 3},
+                    "stop_timeout_seconds": 1,
+                    "min_free_bytes": 1024,
+                },
             },
         },
     }
-    environ = {"ALERTMANAGER_TOKEN": "am-token-xyz", "GITHUB_WEBHOOK_SECRET": SECRET, "DOCKER_HOST": TEST_DOCKER_HOST,
-               "GITHUB_TOKEN": github.token, "GITHUB_API_URL": github.base_url}
+    environ = {
+        "ALERTMANAGER_TOKEN": "am-token-xyz",
+        "GITHUB_WEBHOOK_SECRET": SECRET,
+        "DOCKER_HOST": TEST_DOCKER_HOST,
+        "GITHUB_TOKEN": github.token,
+        "GITHUB_API_URL": github.base_url,
+    }
     loaded = parse_config(raw, source="test", base_dir=tmp_path, environ=environ)
     web = create_app(loaded=loaded)
     worker = create_celery(loaded)
@@ -189,9 +206,24 @@ def test_a_then_b_in_sequence_leaves_b_live(stack, dockerd):
 def _holder_run(stack, status="running") -> int:
     from worker.adapters.ledger import NewRun
 
-    run_id = stack.ledger.record_event(source="t", summary="", body="", new_runs=[
-        NewRun(trigger="manual", triggered_by="test", playbook="deploy", target="other-env",
-               params={"sha": "f" * 40, "order": [0, 0], "images": {}})]).runs[0].id
+    run_id = (
+        stack.ledger.record_event(
+            source="t",
+            summary="",
+            body="",
+            new_runs=[
+                NewRun(
+                    trigger="manual",
+                    triggered_by="test",
+                    playbook="deploy",
+                    target="other-env",
+                    params={"sha": "f" * 40, "order": [0, 0], "images": {}},
+                )
+            ],
+        )
+        .runs[0]
+        .id
+    )
     stack.ledger.claim_run(run_id, "test-worker", 600)
     assert stack.ledger.acquire_lock("deploy:prod", f"run:{run_id}", 600)
     if status != "running":
@@ -343,9 +375,24 @@ def test_a_recreate_that_fails_half_way_puts_the_original_back(stack, dockerd):
     from worker.adapters.ledger import NewRun
 
     before = stack.start()
-    run_id = stack.ledger.record_event(source="t", summary="", body="", new_runs=[NewRun(
-        trigger="manual", triggered_by="test", playbook="deploy", target="prod",
-        params={"sha": SHA["d"], "ref": "", "images": {"app": f"{REPO}:{TAG['d']}"}, "order": [1, 1]})]).runs[0].id
+    run_id = (
+        stack.ledger.record_event(
+            source="t",
+            summary="",
+            body="",
+            new_runs=[
+                NewRun(
+                    trigger="manual",
+                    triggered_by="test",
+                    playbook="deploy",
+                    target="prod",
+                    params={"sha": SHA["d"], "ref": "", "images": {"app": f"{REPO}:{TAG['d']}"}, "order": [1, 1]},
+                )
+            ],
+        )
+        .runs[0]
+        .id
+    )
     assert stack.ledger.claim_run(run_id, "test", 600)
     step = stack.app.tasks["opsfleet.runs.step"]
     for seq in (0, 1, 3):  # lock, validate, (no pull), recreate

@@ -47,7 +47,9 @@ def test_scheduled_backup_runs_on_a_real_worker_and_is_counted(tmp_path):
             (only,) = list_sets(tmp_path / "backups")
             assert only.items["db"]["row_counts"] == ROWS
             text = fleet.metrics()
-            assert metric_value(text, "opsfleet_backup_last_success_timestamp_seconds", kind="database", series="db") > 0
+            assert (
+                metric_value(text, "opsfleet_backup_last_success_timestamp_seconds", kind="database", series="db") > 0
+            )
             # What OpsfleetBackupTooOld compares the age with: a daily series may be 26 h old.
             assert metric_value(text, "opsfleet_backup_max_age_seconds", kind="database", series="db") == 26 * 3600
             assert metric_value(text, "opsfleet_backup_verifications_total", kind="documents", result="ok") == 1

@@ -33,10 +33,19 @@ def _config(name: str, port: int) -> dict:
         "fleet": {"public_url": "http://opsfleet.test"},
         "sweeper": {"interval_seconds": 1, "requeue_after_seconds": 5},
         "services": {"app": {"container": name, "health_url": f"http://127.0.0.1:{port}/health"}},
-        "deploy": {"environments": {"prod": {
-            "branch": "master", "services": ["app"], "image": REPO, "tag_template": "main-{short_sha}",
-            "health": {"passes": 2, "interval_seconds": 0.2, "timeout_seconds": 3},
-            "stop_timeout_seconds": 1, "min_free_bytes": 1024}}},
+        "deploy": {
+            "environments": {
+                "prod": {
+                    "branch": "master",
+                    "services": ["app"],
+                    "image": REPO,
+                    "tag_template": "main-{short_sha}",
+                    "health": {"passes": 2, "interval_seconds": 0.2, "timeout_seconds": 3},
+                    "stop_timeout_seconds": 1,
+                    "min_free_bytes": 1024,
+                }
+            }
+        },
     }
 
 
@@ -46,10 +55,17 @@ def test_signed_pushes_deploy_roll_back_and_report_to_github(tmp_path, dockerd, 
     dockerd.containers.run(f"{REPO}:v1", httpd_command(port), name=name, detach=True, network_mode="host")
     config = _config(name, port)
     with GitHubRecorder() as github:
-        env = {"REDIS_URL": "redis://127.0.0.1:6379/0", "DATABASE_URL": shared_pg_url, "DOCKER_HOST": TEST_DOCKER_HOST,
-               "GITHUB_WEBHOOK_SECRET": SECRET, "GITHUB_TOKEN": github.token, "GITHUB_API_URL": github.base_url}
+        env = {
+            "REDIS_URL": "redis://127.0.0.1:6379/0",
+            "DATABASE_URL": shared_pg_url,
+            "DOCKER_HOST": TEST_DOCKER_HOST,
+            "GITHUB_WEBHOOK_SECRET": SECRET,
+            "GITHUB_TOKEN": github.token,
+            "GITHUB_API_URL": github.base_url,
+        }
         try:
             with Fleet(tmp_path, config, env).start() as fleet:
+
                 def post(commit, pushed_at, delivery=None):
                     data, headers = signed_push(SECRET, commit, pushed_at, delivery)
                     return requests.post(f"{fleet.url}/hooks/github", data=data, headers=headers, timeout=10)
@@ -76,17 +92,25 @@ def test_signed_pushes_deploy_roll_back_and_report_to_github(tmp_path, dockerd, 
                 # No signature: 401, nothing recorded.
                 data, headers = signed_push(SECRET, "b", 1002)
                 del headers["X-Hub-Signature-256"]
-                assert requests.post(f"{fleet.url}/hooks/github", data=data, headers=headers, timeout=10).status_code == 401
+                assert (
+                    requests.post(f"{fleet.url}/hooks/github", data=data, headers=headers, timeout=10).status_code
+                    == 401
+                )
 
                 # GitHub saw both deployments through (reports are retried tasks of their own).
                 def reported():
                     by_sha = {d["sha"]: github.states(d["id"]) for d in github.deployments.values()}
-                    return by_sha if by_sha.get(SHA["c"], [])[-1:] == ["failure"] and \
-                        by_sha.get(SHA["a"], [])[-1:] == ["success"] else None
+                    return (
+                        by_sha
+                        if by_sha.get(SHA["c"], [])[-1:] == ["failure"] and by_sha.get(SHA["a"], [])[-1:] == ["success"]
+                        else None
+                    )
 
                 by_sha = fleet.wait(reported, 30, "GitHub statuses for both deploys")
-                assert by_sha == {SHA["a"]: ["queued", "in_progress", "success"],
-                                  SHA["c"]: ["queued", "in_progress", "failure"]}
+                assert by_sha == {
+                    SHA["a"]: ["queued", "in_progress", "success"],
+                    SHA["c"]: ["queued", "in_progress", "failure"],
+                }
                 deploy_runs = [r for r in fleet.runs() if r["playbook"] == "deploy"]
                 assert len(deploy_runs) == 2
                 exposed = fleet.metrics()
@@ -111,13 +135,20 @@ def test_worker_killed_mid_deploy_fails_the_run_and_the_next_deploy_proceeds(tmp
     # Lease = hard limit + queue grace = 16 s: the sweeper notices the dead worker quickly.
     config["worker"] = {"step_soft_timeout_seconds": 10, "step_hard_timeout_seconds": 11, "queue_grace_seconds": 5}
     config["deploy"]["lock_wait_seconds"] = 2
-    env = {"REDIS_URL": "redis://127.0.0.1:6379/0", "DATABASE_URL": shared_pg_url, "DOCKER_HOST": TEST_DOCKER_HOST,
-           "GITHUB_WEBHOOK_SECRET": SECRET, "OPSFLEET_TEST_HOLD_DIR": str(hold_dir)}
+    env = {
+        "REDIS_URL": "redis://127.0.0.1:6379/0",
+        "DATABASE_URL": shared_pg_url,
+        "DOCKER_HOST": TEST_DOCKER_HOST,
+        "GITHUB_WEBHOOK_SECRET": SECRET,
+        "OPSFLEET_TEST_HOLD_DIR": str(hold_dir),
+    }
     try:
         with Fleet(tmp_path, config, env).start() as fleet:
             data, headers = signed_push(SECRET, "a", 1000)
             [run_id] = requests.post(f"{fleet.url}/hooks/github", data=data, headers=headers, timeout=10).json()["runs"]
-            fleet.wait(lambda: (hold_dir / f"held-{run_id}-recreate").exists(), 30, "the worker to hold inside recreate")
+            fleet.wait(
+                lambda: (hold_dir / f"held-{run_id}-recreate").exists(), 30, "the worker to hold inside recreate"
+            )
             fleet.stop("worker", sig=signal.SIGKILL)
             hold.unlink()
             fleet.start("worker")  # the sweeper is a task: a worker runs it
@@ -127,7 +158,9 @@ def test_worker_killed_mid_deploy_fails_the_run_and_the_next_deploy_proceeds(tmp
 
             # The dead run still holds deploy:prod until its TTL; the next deploy takes it over.
             data, headers = signed_push(SECRET, "b", 1001)
-            [next_id] = requests.post(f"{fleet.url}/hooks/github", data=data, headers=headers, timeout=10).json()["runs"]
+            [next_id] = requests.post(f"{fleet.url}/hooks/github", data=data, headers=headers, timeout=10).json()[
+                "runs"
+            ]
             ended = fleet.wait_run(next_id, ENDED, timeout=60)
             assert ended["status"] == "succeeded", ended
             assert f"taken over from run:{run_id}, which had ended" in ended["steps"][0]["output"]

@@ -30,11 +30,15 @@ def config(container_name: str, host: str | None = None) -> dict:
         "services": {"api": api, "web": {"container": f"{container_name}-web-not-running"}},
         "remediation": {
             "defaults": {"cooldown_seconds": 0},
-            "rules": [{
-                "name": "service-down", "match": ['alertname="ServiceDown"'], "playbook": "restart_service",
-                "target": {"service_label": "service"},
-                "params": {"stop_timeout_seconds": 2, "verify_timeout_seconds": 20},
-            }],
+            "rules": [
+                {
+                    "name": "service-down",
+                    "match": ['alertname="ServiceDown"'],
+                    "playbook": "restart_service",
+                    "target": {"service_label": "service"},
+                    "params": {"stop_timeout_seconds": 2, "verify_timeout_seconds": 20},
+                }
+            ],
         },
     }
 
@@ -49,7 +53,9 @@ def pg_env(shared_pg_url):
     return {"REDIS_URL": "redis://127.0.0.1:6379/0", "DATABASE_URL": shared_pg_url, "DOCKER_HOST": TEST_DOCKER_HOST}
 
 
-def test_alertmanager_retrying_while_opsfleet_is_down_gives_one_action(tmp_path, api_container, pg_env, make_alertmanager):
+def test_alertmanager_retrying_while_opsfleet_is_down_gives_one_action(
+    tmp_path, api_container, pg_env, make_alertmanager
+):
     before = started_at(api_container)
     fleet = Fleet(tmp_path, config(api_container.name), pg_env)
     with fleet:
@@ -82,13 +88,30 @@ def test_ha_pair_delivering_twice_gives_one_action(tmp_path, api_container, pg_e
 
 
 def _payload(fingerprint: str, service: str = "api") -> bytes:
-    return json.dumps({
-        "version": "4", "status": "firing", "receiver": "fleet", "groupKey": "{}:{}", "truncatedAlerts": 0,
-        "groupLabels": {}, "commonLabels": {}, "commonAnnotations": {}, "externalURL": "",
-        "alerts": [{"status": "firing", "labels": {"alertname": "ServiceDown", "service": service},
-                    "annotations": {}, "startsAt": "2026-12-03T11:00:00Z", "endsAt": "0001-01-01T00:00:00Z",
-                    "generatorURL": "", "fingerprint": fingerprint}],
-    }).encode()
+    return json.dumps(
+        {
+            "version": "4",
+            "status": "firing",
+            "receiver": "fleet",
+            "groupKey": "{}:{}",
+            "truncatedAlerts": 0,
+            "groupLabels": {},
+            "commonLabels": {},
+            "commonAnnotations": {},
+            "externalURL": "",
+            "alerts": [
+                {
+                    "status": "firing",
+                    "labels": {"alertname": "ServiceDown", "service": service},
+                    "annotations": {},
+                    "startsAt": "2026-12-03T11:00:00Z",
+                    "endsAt": "0001-01-01T00:00:00Z",
+                    "generatorURL": "",
+                    "fingerprint": fingerprint,
+                }
+            ],
+        }
+    ).encode()
 
 
 def test_concurrent_posts_to_several_web_processes_decide_once(tmp_path, api_container, pg_env):
@@ -125,17 +148,22 @@ def test_chunked_body_over_the_limit_is_413_under_gunicorn(tmp_path, api_contain
     import requests
 
     with Fleet(tmp_path, config(api_container.name), pg_env).start("web") as fleet:
+
         def chunks():
             for _ in range(40):
                 yield b" " * 65536  # 2.5 MiB in all, no Content-Length
 
         answer = requests.post(
-            f"{fleet.url}/hooks/alertmanager", data=chunks(), timeout=10,
+            f"{fleet.url}/hooks/alertmanager",
+            data=chunks(),
+            timeout=10,
             headers={"Authorization": f"Bearer {fleet.token}", "Content-Type": "application/json"},
         )
         assert answer.status_code == 413 and "too large" in answer.json()["error"]
         small = requests.post(
-            f"{fleet.url}/hooks/alertmanager", data=iter([_payload("00000000000000cc")]), timeout=10,
+            f"{fleet.url}/hooks/alertmanager",
+            data=iter([_payload("00000000000000cc")]),
+            timeout=10,
             headers={"Authorization": f"Bearer {fleet.token}"},
         )
         assert small.status_code == 202

@@ -47,7 +47,7 @@ def fleet_config(container_name: str) -> dict:
                     "target": {"service_label": "service"},
                     "params": {"stop_timeout_seconds": 2, "verify_timeout_seconds": 20},
                 }
-            ]
+            ],
         },
     }
 
@@ -64,6 +64,7 @@ def assert_run_reported(run: dict, slack, fleet_metrics: str) -> None:
         ("restart", "succeeded"),
         ("verify", "succeeded"),
     ]
+
     # One thread: a parent, one reply per step, the parent updated to the final status.
     def complete():
         threads = slack.threads()
@@ -77,9 +78,12 @@ def assert_run_reported(run: dict, slack, fleet_metrics: str) -> None:
     assert f"Run #{run['id']}" in thread["parent"]["text"]
     assert metric_value(fleet_metrics, "opsfleet_runs_total", playbook="restart_service", status="succeeded") == 1
     # Alert-to-action latency: the webhook's commit to the worker starting the run.
-    assert metric_value(
-        fleet_metrics, "opsfleet_run_start_latency_seconds_count", trigger="alert", playbook="restart_service"
-    ) == 1
+    assert (
+        metric_value(
+            fleet_metrics, "opsfleet_run_start_latency_seconds_count", trigger="alert", playbook="restart_service"
+        )
+        == 1
+    )
 
 
 def test_real_alertmanager_restarts_real_container_redis_postgres(
@@ -128,7 +132,11 @@ def test_opsfleet_run_on_embedded_defaults(tmp_path, api_container, make_contain
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "opsfleet.cli", "run", "--port", str(port)],
-            cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     base = f"http://127.0.0.1:{port}"
     try:
@@ -171,7 +179,11 @@ def test_opsfleet_run_on_embedded_defaults(tmp_path, api_container, make_contain
 
         # The CLI reads the same ledger.
         listed = subprocess.run(
-            [sys.executable, "-m", "opsfleet.cli", "runs"], cwd=tmp_path, env=env, capture_output=True, text=True,
+            [sys.executable, "-m", "opsfleet.cli", "runs"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
             timeout=30,
         )
         assert listed.returncode == 0 and "succeeded" in listed.stdout and "restart_service" in listed.stdout
@@ -193,13 +205,26 @@ def test_sweeper_enqueues_what_was_committed_while_redis_was_down(
     with Fleet(tmp_path, fleet_config(api_container.name), env).start() as fleet:
         private_redis.stop()
         alert = {
-            "version": "4", "status": "firing", "receiver": "fleet", "groupKey": '{}:{alertname="ServiceDown"}',
-            "truncatedAlerts": 0, "groupLabels": {}, "commonLabels": {}, "commonAnnotations": {}, "externalURL": "",
-            "alerts": [{
-                "status": "firing", "labels": {"alertname": "ServiceDown", "service": "api"}, "annotations": {},
-                "startsAt": "2026-12-03T18:44:29.678702744Z", "endsAt": "0001-01-01T00:00:00Z",
-                "generatorURL": "", "fingerprint": "0123456789abcdef",
-            }],
+            "version": "4",
+            "status": "firing",
+            "receiver": "fleet",
+            "groupKey": '{}:{alertname="ServiceDown"}',
+            "truncatedAlerts": 0,
+            "groupLabels": {},
+            "commonLabels": {},
+            "commonAnnotations": {},
+            "externalURL": "",
+            "alerts": [
+                {
+                    "status": "firing",
+                    "labels": {"alertname": "ServiceDown", "service": "api"},
+                    "annotations": {},
+                    "startsAt": "2026-12-03T18:44:29.678702744Z",
+                    "endsAt": "0001-01-01T00:00:00Z",
+                    "generatorURL": "",
+                    "fingerprint": "0123456789abcdef",
+                }
+            ],
         }
         began = time.monotonic()
         answer = fleet.post_alerts(alert)
@@ -221,12 +246,26 @@ def test_sweeper_enqueues_what_was_committed_while_redis_was_down(
 
 def _alert(fingerprint: str, starts_at: str) -> dict:
     return {
-        "version": "4", "status": "firing", "receiver": "fleet", "groupKey": '{}:{alertname="ServiceDown"}',
-        "truncatedAlerts": 0, "groupLabels": {}, "commonLabels": {}, "commonAnnotations": {}, "externalURL": "",
-        "alerts": [{
-            "status": "firing", "labels": {"alertname": "ServiceDown", "service": "api"}, "annotations": {},
-            "startsAt": starts_at, "endsAt": "0001-01-01T00:00:00Z", "generatorURL": "", "fingerprint": fingerprint,
-        }],
+        "version": "4",
+        "status": "firing",
+        "receiver": "fleet",
+        "groupKey": '{}:{alertname="ServiceDown"}',
+        "truncatedAlerts": 0,
+        "groupLabels": {},
+        "commonLabels": {},
+        "commonAnnotations": {},
+        "externalURL": "",
+        "alerts": [
+            {
+                "status": "firing",
+                "labels": {"alertname": "ServiceDown", "service": "api"},
+                "annotations": {},
+                "startsAt": starts_at,
+                "endsAt": "0001-01-01T00:00:00Z",
+                "generatorURL": "",
+                "fingerprint": fingerprint,
+            }
+        ],
     }
 
 
@@ -271,16 +310,28 @@ def test_opsfleet_run_killed_takes_web_worker_and_beat_with_it(tmp_path):
     import psutil
 
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL", "PROMETHEUS_MULTIPROC_DIR", "OPSFLEET_CONFIG")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("REDIS_URL", "DATABASE_URL", "PROMETHEUS_MULTIPROC_DIR", "OPSFLEET_CONFIG")
+    }
     env["PYTHONPATH"] = str(REPO)
     log = tmp_path / "run.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "opsfleet.cli", "run", "--port", str(port)], cwd=tmp_path,
-                                env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "opsfleet.cli", "run", "--port", str(port)],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     children = []
     try:
-        wait_for(lambda: requests.get(f"http://127.0.0.1:{port}/readyz", timeout=2).ok, 60,
-                 what=f"opsfleet run ready\n{log_tail(log)}")
+        wait_for(
+            lambda: requests.get(f"http://127.0.0.1:{port}/readyz", timeout=2).ok,
+            60,
+            what=f"opsfleet run ready\n{log_tail(log)}",
+        )
         children = psutil.Process(proc.pid).children(recursive=True)
         assert len(children) >= 3
         proc.kill()  # as when an SSH session drops: no chance to stop its children

@@ -28,13 +28,30 @@ PHONE = (390, 844)
 
 
 def alert(fingerprint: str, service: str) -> bytes:
-    return json.dumps({
-        "version": "4", "status": "firing", "receiver": "fleet", "groupKey": "{}:{}", "truncatedAlerts": 0,
-        "groupLabels": {}, "commonLabels": {}, "commonAnnotations": {}, "externalURL": "",
-        "alerts": [{"status": "firing", "labels": {"alertname": "ServiceDown", "service": service},
-                    "annotations": {}, "startsAt": "2026-12-03T11:00:00Z", "endsAt": "0001-01-01T00:00:00Z",
-                    "generatorURL": "", "fingerprint": fingerprint}],
-    }).encode()
+    return json.dumps(
+        {
+            "version": "4",
+            "status": "firing",
+            "receiver": "fleet",
+            "groupKey": "{}:{}",
+            "truncatedAlerts": 0,
+            "groupLabels": {},
+            "commonLabels": {},
+            "commonAnnotations": {},
+            "externalURL": "",
+            "alerts": [
+                {
+                    "status": "firing",
+                    "labels": {"alertname": "ServiceDown", "service": service},
+                    "annotations": {},
+                    "startsAt": "2026-12-03T11:00:00Z",
+                    "endsAt": "0001-01-01T00:00:00Z",
+                    "generatorURL": "",
+                    "fingerprint": fingerprint,
+                }
+            ],
+        }
+    ).encode()
 
 
 @pytest.fixture
@@ -48,8 +65,15 @@ def browser(tmp_path):
 
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
-                f"--user-data-dir={tempfile.mkdtemp(dir=tmp_path)}", f"--window-size={PHONE[0]},{PHONE[1]}"):
+    for arg in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--no-first-run",
+        f"--user-data-dir={tempfile.mkdtemp(dir=tmp_path)}",
+        f"--window-size={PHONE[0]},{PHONE[1]}",
+    ):
         options.add_argument(arg)
     session = webdriver.Chrome(service=Service(driver, log_output=str(tmp_path / "chromedriver.log")), options=options)
     session.set_page_load_timeout(30)
@@ -78,15 +102,30 @@ def test_a_person_reads_runs_steps_backups_and_rules_in_chromium(tmp_path, brows
     config = {
         "sweeper": {"interval_seconds": 1},
         "services": {"api": {"container": "e2e-status-no-such-container"}},
-        "remediation": {"defaults": {"cooldown_seconds": 0}, "rules": [
-            {"name": "service-down", "match": ['alertname="ServiceDown"'], "playbook": "restart_service",
-             "target": {"service_label": "service"}, "params": {"verify_timeout_seconds": 2}},
-        ]},
-        "backup": {"root": str(tmp_path / "backups"), "min_free_bytes": 0, "step_timeout_seconds": 600,
-                   "series": {"documents": {"kind": "documents", "path": str(make_documents(tmp_path))}}},
+        "remediation": {
+            "defaults": {"cooldown_seconds": 0},
+            "rules": [
+                {
+                    "name": "service-down",
+                    "match": ['alertname="ServiceDown"'],
+                    "playbook": "restart_service",
+                    "target": {"service_label": "service"},
+                    "params": {"verify_timeout_seconds": 2},
+                },
+            ],
+        },
+        "backup": {
+            "root": str(tmp_path / "backups"),
+            "min_free_bytes": 0,
+            "step_timeout_seconds": 600,
+            "series": {"documents": {"kind": "documents", "path": str(make_documents(tmp_path))}},
+        },
     }
-    env = {"DOCKER_HOST": "unix:///nonexistent/docker.sock", "SLACK_BOT_TOKEN": slack.token,
-           "SLACK_API_URL": slack.base_url}
+    env = {
+        "DOCKER_HOST": "unix:///nonexistent/docker.sock",
+        "SLACK_BOT_TOKEN": slack.token,
+        "SLACK_API_URL": slack.base_url,
+    }
     with Fleet(tmp_path, config, env=env) as fleet:
         # Slack's buttons link to this fleet's pages.
         written = yaml.safe_load(fleet.config_path.read_text())
@@ -165,13 +204,18 @@ def test_a_person_reads_runs_steps_backups_and_rules_in_chromium(tmp_path, brows
         # button opening the run's page in the browser.
         def two_threads():
             threads = [t for t in slack.threads().values() if t["parent"]]
-            finished = [t for t in threads if t["updates"] and any(w in t["updates"][-1]["text"]
-                                                                  for w in ("*failed*", "*succeeded*"))]
+            finished = [
+                t
+                for t in threads
+                if t["updates"] and any(w in t["updates"][-1]["text"] for w in ("*failed*", "*succeeded*"))
+            ]
             return threads if len(threads) == 2 and len(finished) == 2 else None
 
         threads = fleet.wait(two_threads, 30, "two Slack threads with their final status")
         assert HOSTILE not in json.dumps([t["parent"] for t in threads])
-        buttons = {b["elements"][0]["url"] for t in threads for b in t["updates"][-1]["blocks"] if b["type"] == "actions"}
+        buttons = {
+            b["elements"][0]["url"] for t in threads for b in t["updates"][-1]["blocks"] if b["type"] == "actions"
+        }
         assert buttons == {f"{fleet.url}/runs/{restart['id']}", f"{fleet.url}/runs/{backup['id']}"}
         browser.get(f"{fleet.url}/runs/{restart['id']}")
         assert browser.find_element(By.TAG_NAME, "h1").text.startswith(f"Run #{restart['id']}")

@@ -45,8 +45,11 @@ def test_sigkilled_worker_reaches_opsfleet_as_a_prometheus_alert(tmp_path, make_
             fleet.stop("worker", sig=signal.SIGKILL)
 
             def firing():
-                return [a for a in prom.alerts() if a["labels"]["alertname"] == "OpsfleetWorkerDown"
-                        and a["state"] == "firing"] or None
+                return [
+                    a
+                    for a in prom.alerts()
+                    if a["labels"]["alertname"] == "OpsfleetWorkerDown" and a["state"] == "firing"
+                ] or None
 
             [alert] = fleet.wait(firing, 30, "Prometheus to fire OpsfleetWorkerDown")
             assert alert["labels"]["hostname"] == hostname and alert["labels"]["component"] == "opsfleet"

@@ -23,12 +23,25 @@ CONFIG = {
     "services": {"node-a": {"container": "node-a"}, "api": {"container": "shop-api"}},
     "remediation": {
         "rules": [
-            {"name": "mem", "match": ['alertname="HighMemoryUsage"'], "playbook": "restart_service",
-             "target": {"service": "api"}},
-            {"name": "disk", "match": ['alertname="DiskSpaceLow"'], "playbook": "restart_service",
-             "target": {"service_label": "instance"}},
-            {"name": "down", "match": ['alertname="InstanceDown"'], "playbook": "restart_service",
-             "target": {"service": "api"}, "dry_run": True},
+            {
+                "name": "mem",
+                "match": ['alertname="HighMemoryUsage"'],
+                "playbook": "restart_service",
+                "target": {"service": "api"},
+            },
+            {
+                "name": "disk",
+                "match": ['alertname="DiskSpaceLow"'],
+                "playbook": "restart_service",
+                "target": {"service_label": "instance"},
+            },
+            {
+                "name": "down",
+                "match": ['alertname="InstanceDown"'],
+                "playbook": "restart_service",
+                "target": {"service": "api"},
+                "dry_run": True,
+            },
         ]
     },
 }
@@ -123,13 +136,30 @@ BAD = [
     (AUTH, b'{"a":' * 5000 + b"1" + b"}" * 5000, 400, "nested too deeply"),
     (AUTH, fixture("firing-single.json").replace(b'"severity":"warning"', b'"severity":"\\ud800"'), 400, "surrogate"),
     (AUTH, fixture("firing-single.json").replace(b'"severity":"warning"', b'"severity":"a\\u0000b"'), 400, "NUL"),
-    (AUTH, fixture("firing-single.json").replace(b'"version":"4"', b'"version":4'), 400, 'version 4: opsfleet reads \\"4\\"'),
-    (AUTH, fixture("firing-single.json").replace(b'"startsAt":"2026-12-03T18:44:29.678702744Z"', b'"startsAt":"2026-13-45T99:99:99Z"'), 400, "not a real time"),
+    (
+        AUTH,
+        fixture("firing-single.json").replace(b'"version":"4"', b'"version":4'),
+        400,
+        'version 4: opsfleet reads \\"4\\"',
+    ),
+    (
+        AUTH,
+        fixture("firing-single.json").replace(
+            b'"startsAt":"2026-12-03T18:44:29.678702744Z"', b'"startsAt":"2026-13-45T99:99:99Z"'
+        ),
+        400,
+        "not a real time",
+    ),
     (AUTH, b"[1, 2]", 400, "not an Alertmanager version 4 payload"),
     (AUTH, b'{"version": "4", "alerts": "x"}', 400, "not an Alertmanager version 4 payload"),
     (AUTH, fixture("firing-single.json").replace(b'"version":"4"', b'"version":"3"'), 400, "unsupported"),
     (AUTH, fixture("firing-single.json").replace(b'"severity":"warning"', b'"severity":5'), 400, "labels"),
-    (AUTH, fixture("firing-single.json").replace(b'"fingerprint":"e8e9b2de89742649"', b'"fingerprint":"../x"'), 400, "fingerprint"),
+    (
+        AUTH,
+        fixture("firing-single.json").replace(b'"fingerprint":"e8e9b2de89742649"', b'"fingerprint":"../x"'),
+        400,
+        "fingerprint",
+    ),
     (AUTH, fixture("firing-single.json").replace(b'"startsAt":"2026', b'"startsAt":"yesterday'), 400, "startsAt"),
     (AUTH, json.dumps({**json.loads(fixture("firing-single.json")), "alerts": []}).encode(), 400, "alerts"),
     (AUTH, b"{" + b" " * (10 * 1024 * 1024) + b"}", 413, "too large"),

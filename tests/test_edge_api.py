@@ -18,8 +18,14 @@ def make_client(tmp_path):
         ledger = app.extensions["opsfleet"].ledger
         for key in ("a", "b"):
             ledger.record_event(
-                source="api", summary="", body="",
-                new_runs=[NewRun(trigger="manual", triggered_by="alice", playbook="restart_service", target="api", dedup_key=key)],
+                source="api",
+                summary="",
+                body="",
+                new_runs=[
+                    NewRun(
+                        trigger="manual", triggered_by="alice", playbook="restart_service", target="api", dedup_key=key
+                    )
+                ],
             )
         return app.test_client()
 

@@ -14,8 +14,11 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 SHA = "a" * 40
 CONFIG = {
     "services": {"api": {"container": "shop-api"}},
-    "deploy": {"environments": {"prod": {"branch": "main", "services": ["api"], "image": "shop/api",
-                                         "tag_template": "main-{short_sha}"}}},
+    "deploy": {
+        "environments": {
+            "prod": {"branch": "main", "services": ["api"], "image": "shop/api", "tag_template": "main-{short_sha}"}
+        }
+    },
 }
 
 
@@ -23,8 +26,12 @@ CONFIG = {
 def make(tmp_path):
     def build(**environ):
         env = {"ALERTMANAGER_TOKEN": "am-token", "OPSFLEET_API_TOKEN": TOKEN, **environ}
-        loaded = parse_config({**CONFIG, "fleet": {"data_dir": str(tmp_path)}}, source="t", base_dir=tmp_path,
-                              environ={k: v for k, v in env.items() if v})
+        loaded = parse_config(
+            {**CONFIG, "fleet": {"data_dir": str(tmp_path)}},
+            source="t",
+            base_dir=tmp_path,
+            environ={k: v for k, v in env.items() if v},
+        )
         app = create_app(loaded=loaded)
         return app, app.test_client(), app.extensions["opsfleet"].ledger
 
@@ -60,18 +67,55 @@ def test_an_idempotency_key_makes_a_retried_post_the_same_run(make):
     ("case", "path", "body", "headers", "status", "message"),
     [
         ("no bearer", "/api/deploys", {"environment": "prod", "sha": SHA}, {}, 401, "unauthorized"),
-        ("wrong bearer", "/api/deploys", {"environment": "prod", "sha": SHA}, {"Authorization": "Bearer x"}, 401,
-         "unauthorized"),
-        ("unknown environment", "/api/deploys", {"environment": "nope", "sha": SHA}, AUTH, 400,
-         "environment must name a configured environment (prod)"),
-        ("short sha", "/api/deploys", {"environment": "prod", "sha": "abc"}, AUTH, 400, "sha must be a full commit sha"),
+        (
+            "wrong bearer",
+            "/api/deploys",
+            {"environment": "prod", "sha": SHA},
+            {"Authorization": "Bearer x"},
+            401,
+            "unauthorized",
+        ),
+        (
+            "unknown environment",
+            "/api/deploys",
+            {"environment": "nope", "sha": SHA},
+            AUTH,
+            400,
+            "environment must name a configured environment (prod)",
+        ),
+        (
+            "short sha",
+            "/api/deploys",
+            {"environment": "prod", "sha": "abc"},
+            AUTH,
+            400,
+            "sha must be a full commit sha",
+        ),
         ("not an object", "/api/deploys", [1], AUTH, 400, "body must be a JSON object"),
-        ("bad idempotency key", "/api/deploys", {"environment": "prod", "sha": SHA},
-         {**AUTH, "Idempotency-Key": "a b"}, 400, "Idempotency-Key"),
-        ("nothing to roll back to", "/api/rollbacks", {"environment": "prod"}, AUTH, 409,
-         "prod: no earlier release to roll back to"),
-        ("release not a number", "/api/rollbacks", {"environment": "prod", "release": "1"}, AUTH, 400,
-         "release must be a release id"),
+        (
+            "bad idempotency key",
+            "/api/deploys",
+            {"environment": "prod", "sha": SHA},
+            {**AUTH, "Idempotency-Key": "a b"},
+            400,
+            "Idempotency-Key",
+        ),
+        (
+            "nothing to roll back to",
+            "/api/rollbacks",
+            {"environment": "prod"},
+            AUTH,
+            409,
+            "prod: no earlier release to roll back to",
+        ),
+        (
+            "release not a number",
+            "/api/rollbacks",
+            {"environment": "prod", "release": "1"},
+            AUTH,
+            400,
+            "release must be a release id",
+        ),
     ],
 )
 def test_refusals(make, case, path, body, headers, status, message):
@@ -93,10 +137,25 @@ def test_post_rollback_deploys_the_release_live_before_the_current(make):
     app, client, ledger = make()
     run_ids = []
     for sha in ("a", "b"):
-        run_id = ledger.record_event(source="t", summary="", body="", new_runs=[NewRun(
-            trigger="github", playbook="deploy", target="prod", params={})]).runs[0].id
-        ledger.start_release(environment="prod", sha=sha * 40, ref="main", images={"api": f"shop/api:{sha}"},
-                             previous_images={}, run_id=run_id, order=(1, 1))
+        run_id = (
+            ledger.record_event(
+                source="t",
+                summary="",
+                body="",
+                new_runs=[NewRun(trigger="github", playbook="deploy", target="prod", params={})],
+            )
+            .runs[0]
+            .id
+        )
+        ledger.start_release(
+            environment="prod",
+            sha=sha * 40,
+            ref="main",
+            images={"api": f"shop/api:{sha}"},
+            previous_images={},
+            run_id=run_id,
+            order=(1, 1),
+        )
         ledger.make_current(run_id)
         run_ids.append(run_id)
     answer = client.post("/api/rollbacks", json={"environment": "prod"}, headers=AUTH)

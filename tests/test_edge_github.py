@@ -20,9 +20,14 @@ CONFIG = {
     "services": {"api": {"container": "shop-api"}, "web": {"container": "shop-web"}},
     "deploy": {
         "environments": {
-            "production": {"branch": "master", "services": ["api", "web"], "image": "shop/app",
-                           "images": {"web": "shop/web"}, "tag_template": "main-{short_sha}",
-                           "repository": "Codertocat/Hello-World"},
+            "production": {
+                "branch": "master",
+                "services": ["api", "web"],
+                "image": "shop/app",
+                "images": {"web": "shop/web"},
+                "tag_template": "main-{short_sha}",
+                "repository": "Codertocat/Hello-World",
+            },
         }
     },
 }
@@ -37,8 +42,14 @@ def sign(data: bytes, secret: str = SECRET) -> str:
 
 
 def headers(data: bytes, event: str = "push", delivery: str = "d-1", **extra) -> dict:
-    return {"X-GitHub-Event": event, "X-GitHub-Delivery": delivery, "X-Hub-Signature-256": sign(data),
-            "Content-Type": "application/json", "User-Agent": "GitHub-Hookshot/abc", **extra}
+    return {
+        "X-GitHub-Event": event,
+        "X-GitHub-Delivery": delivery,
+        "X-Hub-Signature-256": sign(data),
+        "Content-Type": "application/json",
+        "User-Agent": "GitHub-Hookshot/abc",
+        **extra,
+    }
 
 
 @pytest.fixture
@@ -70,7 +81,12 @@ def test_signed_push_to_the_branch_records_and_enqueues_one_deploy(edge):
     [run_id] = answer.json["runs"]
     assert answer.json["enqueued"] == [run_id]
     run = ledger_of(app).get_run(run_id)
-    assert (run["trigger"], run["playbook"], run["target"], run["status"]) == ("github", "deploy", "production", "queued")
+    assert (run["trigger"], run["playbook"], run["target"], run["status"]) == (
+        "github",
+        "deploy",
+        "production",
+        "queued",
+    )
     assert run["params"]["sha"] == "6113728f27ae82c7b1a177c8d03f9e96e0adf246"
     assert run["params"]["images"] == {"api": "shop/app:main-6113728", "web": "shop/web:main-6113728"}
     assert run["params"]["order"] == [1557933657.0, 1557933565.0]
@@ -106,11 +122,17 @@ def test_ping_answers_200(edge):
     [
         ("push.json", "push", "ref deleted: refs/tags/simple-tag"),
         ("push.with-organization.json", "push", "ref deleted: refs/tags/simple-tag"),
-        ("deployment.json", "deployment",
-         "environment 'production' does not take deployments (deploy.environments.<name>.deployments)"),
+        (
+            "deployment.json",
+            "deployment",
+            "environment 'production' does not take deployments (deploy.environments.<name>.deployments)",
+        ),
         ("workflow_run.completed.json", "workflow_run", "production: takes no workflow runs"),
-        ("workflow_run.requested.json", "workflow_run",
-         "workflow run requested, conclusion None: only completed successful runs deploy"),
+        (
+            "workflow_run.requested.json",
+            "workflow_run",
+            "workflow run requested, conclusion None: only completed successful runs deploy",
+        ),
         ("deployment_status.json", "deployment_status", "event deployment_status does not trigger anything"),
     ],
 )
@@ -146,9 +168,12 @@ def test_push_of_another_repository_is_ignored(edge):
 
 
 def test_v_tag_deploys_to_an_environment_that_takes_tags(edge):
-    config = {"services": {"api": {"container": "a"}},
-              "deploy": {"environments": {"prod": {"tags": True, "services": ["api"], "image": "shop/api",
-                                                   "tag_template": "{tag}"}}}}
+    config = {
+        "services": {"api": {"container": "a"}},
+        "deploy": {
+            "environments": {"prod": {"tags": True, "services": ["api"], "image": "shop/api", "tag_template": "{tag}"}}
+        },
+    }
     app, client, _ = edge(config=config)
     payload = json.loads(body("push.with-new-branch.json"))
     for ref, expect in (("refs/tags/v1.2.0", 202), ("refs/tags/nightly", 202)):
@@ -212,7 +237,9 @@ def test_without_a_configured_secret_every_delivery_is_401(edge):
 def test_bad_input_table(edge, case, data, extra, status, message):
     app, client, loaded = edge()
     data = body("push.with-new-branch.json") if data is None else data
-    answer = client.post("/hooks/github", data=data, headers={**headers(data, delivery=f"bad-{abs(hash(case))}"), **extra})
+    answer = client.post(
+        "/hooks/github", data=data, headers={**headers(data, delivery=f"bad-{abs(hash(case))}"), **extra}
+    )
     assert answer.status_code == status, (case, answer.json)
     text = answer.json.get("error") or answer.json.get("ignored")
     assert message in text, (case, text)
@@ -238,6 +265,7 @@ def test_ledger_down_is_503_and_a_broker_down_leaves_the_run_for_the_sweeper(edg
 
             def fail(*a, **k):
                 raise LedgerUnavailable("down")
+
             return fail
 
     real = state.celery.opsfleet.ledger
@@ -262,8 +290,11 @@ def test_ledger_down_is_503_and_a_broker_down_leaves_the_run_for_the_sweeper(edg
 
 DEPLOYMENTS_CONFIG = {
     "services": {"api": {"container": "shop-api"}},
-    "deploy": {"environments": {"production": {"deployments": True, "services": ["api"], "image": "shop/api",
-                                               "tag_template": "{sha}"}}},
+    "deploy": {
+        "environments": {
+            "production": {"deployments": True, "services": ["api"], "image": "shop/api", "tag_template": "{sha}"}
+        }
+    },
 }
 
 
@@ -322,10 +353,20 @@ def test_a_superseded_deploy_ends_inactive_on_github_whatever_was_reported_befor
 
 
 def test_a_successful_workflow_run_deploys_and_a_push_to_its_branch_waits_for_it(edge):
-    config = {"services": {"api": {"container": "a"}},
-              "deploy": {"environments": {"production": {
-                  "branch": "master", "workflow": ".github/workflows/test.yml", "services": ["api"],
-                  "image": "shop/api", "tag_template": "{branch}-{short_sha}"}}}}
+    config = {
+        "services": {"api": {"container": "a"}},
+        "deploy": {
+            "environments": {
+                "production": {
+                    "branch": "master",
+                    "workflow": ".github/workflows/test.yml",
+                    "services": ["api"],
+                    "image": "shop/api",
+                    "tag_template": "{branch}-{short_sha}",
+                }
+            }
+        },
+    }
     app, client, loaded = edge(config=config)
     data = body("workflow_run.completed.json")
     answer = client.post("/hooks/github", data=data, headers=headers(data, event="workflow_run", delivery="wr-1"))

@@ -29,14 +29,38 @@ def escalation(tmp_path, slack, make_alertmanager):
     ledger = app.opsfleet.ledger
     ledger.migrate()
     for status in ("succeeded", "failed"):  # what was tried before
-        tried = ledger.record_event(source="t", summary="", body="", new_runs=[
-            NewRun(trigger="alert", playbook="restart_service", rule="down", target="api", dedup_key=status)]).runs[0].id
+        tried = (
+            ledger.record_event(
+                source="t",
+                summary="",
+                body="",
+                new_runs=[
+                    NewRun(trigger="alert", playbook="restart_service", rule="down", target="api", dedup_key=status)
+                ],
+            )
+            .runs[0]
+            .id
+        )
         ledger.claim_run(tried, "w", 60)
         ledger.finish_run(tried, status, "verify failed" if status == "failed" else "")
-    run_id = ledger.record_event(source="t", summary="", body="", new_runs=[NewRun(
-        trigger="alert", playbook="escalate", rule="down", target="api",
-        params={"reason": "cap reached: 3 actions within 1h", "alert": "ServiceDown <!channel> on api"},
-    )]).runs[0].id
+    run_id = (
+        ledger.record_event(
+            source="t",
+            summary="",
+            body="",
+            new_runs=[
+                NewRun(
+                    trigger="alert",
+                    playbook="escalate",
+                    rule="down",
+                    target="api",
+                    params={"reason": "cap reached: 3 actions within 1h", "alert": "ServiceDown <!channel> on api"},
+                )
+            ],
+        )
+        .runs[0]
+        .id
+    )
     return app, ledger, run_id, am
 
 

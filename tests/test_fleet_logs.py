@@ -55,19 +55,31 @@ def test_every_request_gets_one_structured_line(tmp_path):
     from webhooks import create_app
     from worker.config import parse_config
 
-    loaded = parse_config({"fleet": {"data_dir": str(tmp_path)}}, source="t", base_dir=tmp_path,
-                          environ={"ALERTMANAGER_TOKEN": "am"})
+    loaded = parse_config(
+        {"fleet": {"data_dir": str(tmp_path)}}, source="t", base_dir=tmp_path, environ={"ALERTMANAGER_TOKEN": "am"}
+    )
     client = create_app(loaded=loaded).test_client()
     client.get("/healthz", headers={"User-Agent": "probe/1"})
-    client.post("/hooks/alertmanager", data=b'{"version": "4"}', headers={"Authorization": "Bearer wrong"},
-                environ_base={"REMOTE_ADDR": "10.9.8.7"})
+    client.post(
+        "/hooks/alertmanager",
+        data=b'{"version": "4"}',
+        headers={"Authorization": "Bearer wrong"},
+        environ_base={"REMOTE_ADDR": "10.9.8.7"},
+    )
     for handler in logging.getLogger().handlers:
         handler.flush()
     lines = [e for e in events(tmp_path / "logs", "opsfleet.jsonl") if "http" in e]
     ok, refused = lines[-2], lines[-1]
     assert ok["level"] == "INFO" and ok["role"] == "web"
-    assert ok["http"] == {"method": "GET", "path": "/healthz", "status": 200, "duration_ms": ok["http"]["duration_ms"],
-                          "client": "127.0.0.1", "user_agent": "probe/1", "body_bytes": 0}
+    assert ok["http"] == {
+        "method": "GET",
+        "path": "/healthz",
+        "status": 200,
+        "duration_ms": ok["http"]["duration_ms"],
+        "client": "127.0.0.1",
+        "user_agent": "probe/1",
+        "body_bytes": 0,
+    }
     assert refused["level"] == "WARNING"
     assert refused["http"]["status"] == 401 and refused["http"]["client"] == "10.9.8.7"
     assert refused["http"]["body_bytes"] == 16
@@ -77,8 +89,9 @@ def test_an_uncaught_exception_in_the_web_lands_in_the_errors_file_with_its_stac
     from webhooks import create_app
     from worker.config import parse_config
 
-    loaded = parse_config({"fleet": {"data_dir": str(tmp_path)}}, source="t", base_dir=tmp_path,
-                          environ={"ALERTMANAGER_TOKEN": "am"})
+    loaded = parse_config(
+        {"fleet": {"data_dir": str(tmp_path)}}, source="t", base_dir=tmp_path, environ={"ALERTMANAGER_TOKEN": "am"}
+    )
     app = create_app(loaded=loaded)
 
     @app.get("/boom")
@@ -89,4 +102,4 @@ def test_an_uncaught_exception_in_the_web_lands_in_the_errors_file_with_its_stac
     errors = events(tmp_path / "logs", "opsfleet-errors.jsonl")
     assert len(errors) == 1 and errors[0]["role"] == "web" and errors[0]["level"] == "ERROR"
     assert "RuntimeError: kaboom in a view" in errors[0]["exc"] and "def boom" not in errors[0]["msg"]
-    assert 'in boom' in errors[0]["exc"]  # the stack, not just the message
+    assert "in boom" in errors[0]["exc"]  # the stack, not just the message

@@ -17,8 +17,17 @@ def test_free_disk_rotates_compresses_and_applies_backup_retention(tmp_path, doc
     app = engine(
         tmp_path,
         {"root": str(tmp_path / "backup"), "series": {"documents": {"kind": "documents", "path": str(docs)}}},
-        rotation={"sets": {"app": {"paths": [str(logs / "*.log")], "reopen": {"watched": True},
-                                   "max_size": "100M", "compress": "zstd", "keep": 5}}},
+        rotation={
+            "sets": {
+                "app": {
+                    "paths": [str(logs / "*.log")],
+                    "reopen": {"watched": True},
+                    "max_size": "100M",
+                    "compress": "zstd",
+                    "keep": 5,
+                }
+            }
+        },
         cleanup={"images": {"dangling": True}},
         logging={"files": False},
     )
@@ -33,5 +42,8 @@ def test_free_disk_rotates_compresses_and_applies_backup_retention(tmp_path, doc
     rotated = sorted(p.name for p in logs.iterdir() if p.name != "app.log")
     assert len(rotated) == 1 and rotated[0].endswith(".zst")
     # the backup job's retention decided, and kept the newest verified backup
-    assert outputs["backup_retention"].startswith("backup retention:") and "keep   documents" in outputs["backup_retention"]
+    assert (
+        outputs["backup_retention"].startswith("backup retention:")
+        and "keep   documents" in outputs["backup_retention"]
+    )
     assert len(list((tmp_path / "backup").iterdir())) >= 1

@@ -68,7 +68,9 @@ def test_expired_lease_fails_run_and_open_step(ledger):
 
 
 def test_runs_to_enqueue(ledger):
-    ids = [r.id for r in ledger.record_event(source="a", summary="", body="", new_runs=[new_run("a"), new_run("b")]).runs]
+    ids = [
+        r.id for r in ledger.record_event(source="a", summary="", body="", new_runs=[new_run("a"), new_run("b")]).runs
+    ]
     assert ledger.runs_to_enqueue(utcnow()) == ids
     ledger.mark_enqueued(ids[:1])
     later = utcnow() + timedelta(seconds=1)
@@ -137,9 +139,15 @@ def test_prune_runs_keeps_a_count_and_never_touches_unfinished_runs(ledger):
     from worker.adapters.ledger import utcnow
 
     def record(n, key):
-        return ledger.record_event(source="t", summary="", body="", new_runs=[
-            NewRun(trigger="schedule", playbook="rotate_logs", target="all", dedup_key=f"{key}-{i}") for i in range(n)
-        ]).runs
+        return ledger.record_event(
+            source="t",
+            summary="",
+            body="",
+            new_runs=[
+                NewRun(trigger="schedule", playbook="rotate_logs", target="all", dedup_key=f"{key}-{i}")
+                for i in range(n)
+            ],
+        ).runs
 
     old = record(3, "old")
     for run in old[:2]:

@@ -11,11 +11,13 @@ def _deploy_run(env="prod", key=None):
 
 
 def test_a_delivery_is_recorded_once_and_a_redelivery_finds_its_runs(ledger):
-    first, created = ledger.record_delivery(source="github", dedup_key="d-1", summary="s", body="{}",
-                                            new_runs=[_deploy_run(key="github:d-1:prod")])
+    first, created = ledger.record_delivery(
+        source="github", dedup_key="d-1", summary="s", body="{}", new_runs=[_deploy_run(key="github:d-1:prod")]
+    )
     assert created and first.runs[0].created
-    again, created_again = ledger.record_delivery(source="github", dedup_key="d-1", summary="s", body="{}",
-                                                  new_runs=[_deploy_run(key="github:d-1:prod")])
+    again, created_again = ledger.record_delivery(
+        source="github", dedup_key="d-1", summary="s", body="{}", new_runs=[_deploy_run(key="github:d-1:prod")]
+    )
     assert not created_again and again.event_id == first.event_id
     assert [r.id for r in again.runs] == [first.runs[0].id] and not again.runs[0].created
     assert ledger.count_events("github") == 1
@@ -29,15 +31,24 @@ def test_a_delivery_is_recorded_once_and_a_redelivery_finds_its_runs(ledger):
 
 
 def test_releases_one_row_per_run_one_current_per_environment(ledger):
-    ids = [ledger.record_event(source="t", summary="", body="", new_runs=[_deploy_run(env)]).runs[0].id
-           for env in ("prod", "prod", "staging")]
-    for run_id, env, sha in zip(ids, ("prod", "prod", "staging"), ("a", "b", "c")):
-        release = ledger.start_release(environment=env, sha=sha * 40, ref="refs/heads/main",
-                                       images={"api": f"r/api:{sha}"}, previous_images={"api": "r/api:old"},
-                                       run_id=run_id, order=(100.0, 50.5))
+    ids = [
+        ledger.record_event(source="t", summary="", body="", new_runs=[_deploy_run(env)]).runs[0].id
+        for env in ("prod", "prod", "staging")
+    ]
+    for run_id, env, sha in zip(ids, ("prod", "prod", "staging"), ("a", "b", "c"), strict=True):
+        release = ledger.start_release(
+            environment=env,
+            sha=sha * 40,
+            ref="refs/heads/main",
+            images={"api": f"r/api:{sha}"},
+            previous_images={"api": "r/api:old"},
+            run_id=run_id,
+            order=(100.0, 50.5),
+        )
         assert release["status"] == "deploying" and release["images"] == {"api": f"r/api:{sha}"}
-    again = ledger.start_release(environment="prod", sha="z" * 40, ref="", images={}, previous_images={},
-                                 run_id=ids[0], order=(0, 0))
+    again = ledger.start_release(
+        environment="prod", sha="z" * 40, ref="", images={}, previous_images={}, run_id=ids[0], order=(0, 0)
+    )
     assert again["sha"] == "a" * 40  # a re-run finds the row written first
     ledger.make_current(ids[0])
     ledger.make_current(ids[2])

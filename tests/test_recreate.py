@@ -16,19 +16,42 @@ SERVICE_COMMAND = ["sh", "-c", "trap 'exit 0' TERM; while true; do sleep 1; done
 def test_recreate_gives_a_fresh_container_with_the_same_image_and_configuration(tmp_path, dockerd):
     name = f"opsfleet-recreate-{uuid.uuid4().hex[:8]}"
     old = dockerd.containers.run(
-        TEST_IMAGE, SERVICE_COMMAND, name=name, detach=True, network_mode="none",
-        environment={"APP_MODE": "prod"}, labels={"com.docker.compose.service": "api"}, working_dir="/tmp",
+        TEST_IMAGE,
+        SERVICE_COMMAND,
+        name=name,
+        detach=True,
+        network_mode="none",
+        environment={"APP_MODE": "prod"},
+        labels={"com.docker.compose.service": "api"},
+        working_dir="/tmp",
     )
     try:
         loaded = parse_config(
             {"fleet": {"data_dir": str(tmp_path)}, "services": {"api": {"container": name}}},
-            source="t", base_dir=tmp_path, environ={"DOCKER_HOST": TEST_DOCKER_HOST},
+            source="t",
+            base_dir=tmp_path,
+            environ={"DOCKER_HOST": TEST_DOCKER_HOST},
         )
         app = create_celery(loaded)
         app.opsfleet.ledger.migrate()
-        run_id = app.opsfleet.ledger.record_event(source="t", summary="", body="", new_runs=[NewRun(
-            trigger="manual", triggered_by="test", playbook="recreate_service", target="api",
-            params={"stop_timeout_seconds": 2, "verify_timeout_seconds": 10})]).runs[0].id
+        run_id = (
+            app.opsfleet.ledger.record_event(
+                source="t",
+                summary="",
+                body="",
+                new_runs=[
+                    NewRun(
+                        trigger="manual",
+                        triggered_by="test",
+                        playbook="recreate_service",
+                        target="api",
+                        params={"stop_timeout_seconds": 2, "verify_timeout_seconds": 10},
+                    )
+                ],
+            )
+            .runs[0]
+            .id
+        )
         run = execute_inline(app, run_id)
         assert run["status"] == "succeeded", run
         fresh = dockerd.containers.get(name)

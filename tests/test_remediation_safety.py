@@ -21,18 +21,35 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 def payload(*alerts: dict, truncated: int = 0, status: str = "firing") -> bytes:
     return json.dumps(
         {
-            "version": "4", "status": status, "receiver": "fleet", "groupKey": "{}:{}",
-            "truncatedAlerts": truncated, "groupLabels": {}, "commonLabels": {}, "commonAnnotations": {},
-            "externalURL": "", "alerts": list(alerts),
+            "version": "4",
+            "status": status,
+            "receiver": "fleet",
+            "groupKey": "{}:{}",
+            "truncatedAlerts": truncated,
+            "groupLabels": {},
+            "commonLabels": {},
+            "commonAnnotations": {},
+            "externalURL": "",
+            "alerts": list(alerts),
         }
     ).encode()
 
 
-def alert(service: str, fingerprint: str, starts_at: str = "2026-12-03T10:00:00Z", status: str = "firing",
-          alertname: str = "ServiceDown") -> dict:
+def alert(
+    service: str,
+    fingerprint: str,
+    starts_at: str = "2026-12-03T10:00:00Z",
+    status: str = "firing",
+    alertname: str = "ServiceDown",
+) -> dict:
     return {
-        "status": status, "labels": {"alertname": alertname, "service": service}, "annotations": {},
-        "startsAt": starts_at, "endsAt": "0001-01-01T00:00:00Z", "generatorURL": "", "fingerprint": fingerprint,
+        "status": status,
+        "labels": {"alertname": alertname, "service": service},
+        "annotations": {},
+        "startsAt": starts_at,
+        "endsAt": "0001-01-01T00:00:00Z",
+        "generatorURL": "",
+        "fingerprint": fingerprint,
     }
 
 
@@ -41,11 +58,19 @@ def config(**rule_overrides) -> dict:
     return {
         "services": {"api": {"container": "shop-api"}, **services},
         "remediation": {
-            "defaults": {"cooldown_seconds": 0, "cap": {"max_actions": 3, "window_seconds": 3600},
-                         "storm": {"max_targets": 10, "window_seconds": 300}},
+            "defaults": {
+                "cooldown_seconds": 0,
+                "cap": {"max_actions": 3, "window_seconds": 3600},
+                "storm": {"max_targets": 10, "window_seconds": 300},
+            },
             "rules": [
-                {"name": "down", "match": ['alertname="ServiceDown"'], "playbook": "restart_service",
-                 "target": {"service_label": "service"}, **rule_overrides},
+                {
+                    "name": "down",
+                    "match": ['alertname="ServiceDown"'],
+                    "playbook": "restart_service",
+                    "target": {"service_label": "service"},
+                    **rule_overrides,
+                },
             ],
         },
     }
@@ -60,8 +85,9 @@ def edge(request, tmp_path):
         environ = {"ALERTMANAGER_TOKEN": TOKEN, **({"DATABASE_URL": url} if url else {})}
 
         def make(raw: dict):
-            loaded = parse_config({**raw, "fleet": {"data_dir": str(tmp_path)}}, source="t", base_dir=tmp_path,
-                                  environ=environ)
+            loaded = parse_config(
+                {**raw, "fleet": {"data_dir": str(tmp_path)}}, source="t", base_dir=tmp_path, environ=environ
+            )
             app = create_app(loaded=loaded)
             return app.test_client(), app.extensions["opsfleet"].ledger
 
@@ -124,7 +150,9 @@ def test_firing_then_resolved_is_one_action_and_marks_the_run_resolved(edge):
 
 def test_group_with_a_resolved_alert_acts_only_for_the_firing_ones(edge):
     client, ledger = edge(config())
-    answer = post(client, payload(alert("svc-1", "00000000000000c1"), alert("svc-2", "00000000000000c2", status="resolved")))
+    answer = post(
+        client, payload(alert("svc-1", "00000000000000c1"), alert("svc-2", "00000000000000c2", status="resolved"))
+    )
     assert outcomes(answer) == ["act", "ignore"]
     assert [r["target"] for r in ledger.list_runs()] == ["svc-1"]
 
@@ -153,7 +181,9 @@ def test_forty_targets_in_one_group_trip_the_storm_breaker(edge):
     queued = ledger.list_runs(status="queued")
     assert len(queued) == 1 and queued[0]["playbook"] == "escalate" and queued[0]["target"] is None
     assert queued[0]["params"]["storm"] is True
-    assert queued[0]["params"]["alert"].startswith("ServiceDown firing for 40 targets in this notification: svc-0, svc-1")
+    assert queued[0]["params"]["alert"].startswith(
+        "ServiceDown firing for 40 targets in this notification: svc-0, svc-1"
+    )
     # The storm goes on: more alerts for the rule, no action and no second escalation.
     later = post(client, payload(alert("svc-0", "00000000000000e0", starts_at="2026-12-03T10:01:00Z")))
     assert outcomes(later) == ["skip"] and len(ledger.list_runs(status="queued")) == 1
@@ -223,11 +253,14 @@ def test_a_firing_skipped_in_cooldown_acts_on_a_resend_after_the_cooldown(edge):
 
 def test_a_rule_that_escalates_pages_with_the_alert(edge):
     raw = config()
-    raw["remediation"]["rules"].insert(0, {"name": "db-down", "match": ['alertname="DatabaseConnectionFailure"'],
-                                           "playbook": "escalate"})
+    raw["remediation"]["rules"].insert(
+        0, {"name": "db-down", "match": ['alertname="DatabaseConnectionFailure"'], "playbook": "escalate"}
+    )
     client, ledger = edge(raw)
     answer = post(client, payload(alert("api", "0000000000000051", alertname="DatabaseConnectionFailure")))
     run = ledger.get_run(answer["alerts"][0]["run_id"])
     assert (run["playbook"], run["status"], run["target"]) == ("escalate", "queued", None)
     assert run["params"]["reason"] == "DatabaseConnectionFailure matched rule db-down"
-    assert run["params"]["alert"].startswith("DatabaseConnectionFailure firing since 2026-12-03T10:00:00Z (service=api)")
+    assert run["params"]["alert"].startswith(
+        "DatabaseConnectionFailure firing since 2026-12-03T10:00:00Z (service=api)"
+    )

@@ -9,9 +9,18 @@ from worker.tasks.report import parent_blocks, step_blocks
 
 
 def _run(**extra) -> dict:
-    return {"id": 7, "playbook": "restart_service", "target": "api", "status": "failed", "summary": HOSTILE,
-            "reason": "verify failed " + HOSTILE, "resolved_at": None, "trigger": "alert", "rule": "service-down",
-            **extra}
+    return {
+        "id": 7,
+        "playbook": "restart_service",
+        "target": "api",
+        "status": "failed",
+        "summary": HOSTILE,
+        "reason": "verify failed " + HOSTILE,
+        "resolved_at": None,
+        "trigger": "alert",
+        "rule": "service-down",
+        **extra,
+    }
 
 
 def test_parent_blocks_are_escaped_and_link_to_the_status_page():

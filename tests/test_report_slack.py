@@ -22,10 +22,18 @@ def reporting(tmp_path, slack):
     app = create_celery(loaded)
     ledger = app.opsfleet.ledger
     ledger.migrate()
-    run_id = ledger.record_event(
-        source="alertmanager", summary="", body="",
-        new_runs=[NewRun(trigger="alert", playbook="restart_service", target="api", summary=HOSTILE, dedup_key="k")],
-    ).runs[0].id
+    run_id = (
+        ledger.record_event(
+            source="alertmanager",
+            summary="",
+            body="",
+            new_runs=[
+                NewRun(trigger="alert", playbook="restart_service", target="api", summary=HOSTILE, dedup_key="k")
+            ],
+        )
+        .runs[0]
+        .id
+    )
     ledger.claim_run(run_id, "w", 60)
     ledger.begin_step(run_id, 0, "locate", 60)
     ledger.end_step(run_id, 0, "succeeded", "found " + HOSTILE, 60)
@@ -90,11 +98,23 @@ def test_resolved_alert_closes_the_thread_with_the_time_it_took(reporting, slack
 
 
 def test_skipped_runs_are_not_posted(tmp_path, slack):
-    loaded = parse_config({"fleet": {"data_dir": str(tmp_path)}}, source="t", base_dir=tmp_path,
-                          environ={"SLACK_BOT_TOKEN": slack.token, "SLACK_API_URL": slack.base_url})
+    loaded = parse_config(
+        {"fleet": {"data_dir": str(tmp_path)}},
+        source="t",
+        base_dir=tmp_path,
+        environ={"SLACK_BOT_TOKEN": slack.token, "SLACK_API_URL": slack.base_url},
+    )
     app = create_celery(loaded)
     app.opsfleet.ledger.migrate()
-    run_id = app.opsfleet.ledger.record_event(source="t", summary="", body="", new_runs=[
-        NewRun(trigger="alert", playbook="restart_service", status="skipped", reason="locked: run 1")]).runs[0].id
+    run_id = (
+        app.opsfleet.ledger.record_event(
+            source="t",
+            summary="",
+            body="",
+            new_runs=[NewRun(trigger="alert", playbook="restart_service", status="skipped", reason="locked: run 1")],
+        )
+        .runs[0]
+        .id
+    )
     assert app.tasks["opsfleet.report.slack"].apply(args=(run_id,)).get() == "skipped runs are not posted"
     assert slack.calls == []

@@ -47,7 +47,9 @@ def site(tmp_path, monkeypatch):
         live = Postgres(url).dbname
         yield {"path": path, "url": url, "docs": docs, "env": env_file, "tmp": tmp_path, "live": live, "config": config}
         with psycopg.connect(SHARED_POSTGRES_URL, autocommit=True) as admin:  # databases a restore left behind
-            for (name,) in admin.execute("SELECT datname FROM pg_database WHERE datname LIKE %s", (live + "_%",)).fetchall():
+            for (name,) in admin.execute(
+                "SELECT datname FROM pg_database WHERE datname LIKE %s", (live + "_%",)
+            ).fetchall():
                 admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
@@ -91,7 +93,9 @@ def test_backup_then_restore_into_a_new_database_then_swap(site):
     assert "is now " + site["live"] in out
     assert counts(site["url"]) == ROWS
     with psycopg.connect(SHARED_POSTGRES_URL) as admin:
-        kept = admin.execute("SELECT datname FROM pg_database WHERE datname LIKE %s", (site["live"] + "_before_%",)).fetchall()
+        kept = admin.execute(
+            "SELECT datname FROM pg_database WHERE datname LIKE %s", (site["live"] + "_before_%",)
+        ).fetchall()
     assert len(kept) == 1
     base = site["url"].rsplit("/", 1)[0]
     assert counts(f"{base}/{kept[0][0]}")["public.orders"] == 100  # the drifted one, kept
@@ -153,8 +157,10 @@ def test_restore_to_a_side_database_leaves_everything_live_alone_and_names_are_c
 
 
 def test_backup_run_refuses_unknown_series_and_kinds_up_front(site):
-    for args, says in ((("--series", "nope"), "--series nope: no such series"),
-                       (("--kind", "bogus"), "--kind bogus: no series of that kind")):
+    for args, says in (
+        (("--series", "nope"), "--series nope: no such series"),
+        (("--kind", "bogus"), "--kind bogus: no series of that kind"),
+    ):
         result = opsfleet(site, "backup", "run", *args, ok=False)
         assert result.exit_code == 2 and says in result.output
     assert "backup_set" not in opsfleet(site, "runs", "--json").output
@@ -227,7 +233,9 @@ def test_inventory_series_records_images_and_containers(tmp_path, make_container
 
     make_container("opsfleet-bk-inventory")
     monkeypatch.setenv("DOCKER_HOST", TEST_DOCKER_HOST)
-    app = engine(tmp_path, {"root": str(tmp_path / "backups"), "min_free_bytes": 0, "series": {"images": {"kind": "inventory"}}})
+    app = engine(
+        tmp_path, {"root": str(tmp_path / "backups"), "min_free_bytes": 0, "series": {"images": {"kind": "inventory"}}}
+    )
     assert app.opsfleet.config.backup.series["images"].cadence == "monthly"
     run = run_playbook(app, "backup_set", {"series": ["inventory"]})
     assert run["status"] == "succeeded", run["reason"]
@@ -244,7 +252,9 @@ def test_cleanup_applies_backup_retention_through_the_backup_jobs_prune(tmp_path
     from worker.tasks.steps import StepContext
 
     docs = make_documents(tmp_path)
-    app = engine(tmp_path, {"root": str(tmp_path / "backup"), "series": {"documents": {"kind": "documents", "path": str(docs)}}})
+    app = engine(
+        tmp_path, {"root": str(tmp_path / "backup"), "series": {"documents": {"kind": "documents", "path": str(docs)}}}
+    )
     assert run_playbook(app, "backup_set")["status"] == "succeeded"
     run = {"id": 0, "target": "all", "params": {"dry_run": True}}
     out = backups(StepContext(app.opsfleet, run))

@@ -56,7 +56,10 @@ def test_parse_rotated(name, parsed):
 def test_names_sort_in_rotation_order():
     names = ["app.log.20261203-0010", "app.log.20261203-0002", "app.log.20261130-0001", "app.log.20261203-0001"]
     assert sorted(names) == [
-        "app.log.20261130-0001", "app.log.20261203-0001", "app.log.20261203-0002", "app.log.20261203-0010",
+        "app.log.20261130-0001",
+        "app.log.20261203-0001",
+        "app.log.20261203-0002",
+        "app.log.20261203-0010",
     ]
 
 
@@ -88,13 +91,17 @@ def test_compress_skips_held_and_newest_when_delayed():
         ("app.log.20261203-0001", 3 * H, False),
         ("app.log.20261202-0001.zst", D, False),  # done already
     )
-    assert [(v.name, v.action, v.reason) for v in to_compress("app.log", files, method="zstd", compress_newest=False)] == [
+    assert [
+        (v.name, v.action, v.reason) for v in to_compress("app.log", files, method="zstd", compress_newest=False)
+    ] == [
         ("app.log.20261203-0003", "keep", "newest rotated file: compressed next cycle"),
         ("app.log.20261203-0002", "keep", "still held open by its writer"),
         ("app.log.20261203-0001", "compress", "zstd"),
     ]
     assert [v.action for v in to_compress("app.log", files, method="zstd", compress_newest=True)] == [
-        "compress", "keep", "compress",
+        "compress",
+        "keep",
+        "compress",
     ]
     assert to_compress("app.log", files, method="none", compress_newest=True) == []
 
@@ -120,13 +127,22 @@ def test_retention_by_count_and_age():
 
 @pytest.mark.parametrize(
     "text, size",
-    [(1024, 1024), ("100", 100), ("1K", 1024), ("100M", 100 * 1024**2), ("100MiB", 100 * 1024**2), ("1.5G", 1536 * 1024**2)],
+    [
+        (1024, 1024),
+        ("100", 100),
+        ("1K", 1024),
+        ("100M", 100 * 1024**2),
+        ("100MiB", 100 * 1024**2),
+        ("1.5G", 1536 * 1024**2),
+    ],
 )
 def test_parse_size(text, size):
     assert parse_size(text) == size
 
 
-@pytest.mark.parametrize("text, seconds", [(3600, 3600), ("30s", 30), ("15m", 900), ("12h", 43200), ("1d", 86400), ("2w", 1209600)])
+@pytest.mark.parametrize(
+    "text, seconds", [(3600, 3600), ("30s", 30), ("15m", 900), ("12h", 43200), ("1d", 86400), ("2w", 1209600)]
+)
 def test_parse_span(text, seconds):
     assert parse_span(text).total_seconds() == seconds
 

@@ -24,7 +24,11 @@ SCRIPT = (
 def writer_container(dockerd, folder):
     name = f"opsfleet-rot-{uuid.uuid4().hex[:8]}"
     container = dockerd.containers.run(
-        TEST_IMAGE, ["sh", "-c", SCRIPT], name=name, detach=True, network_mode="none",
+        TEST_IMAGE,
+        ["sh", "-c", SCRIPT],
+        name=name,
+        detach=True,
+        network_mode="none",
         volumes={str(folder): {"bind": "/logs", "mode": "rw"}},
     )
     try:
@@ -46,9 +50,18 @@ def test_rename_and_signal_the_container(dockerd, tmp_path):
     folder = tmp_path / "logs"
     folder.mkdir()
     with writer_container(dockerd, folder) as name:
-        ctx = make_ctx(tmp_path, {"app": {"paths": [str(folder / "app.log")], "max_size": "1G", "keep": 100,
-                                          "reopen": {"service": "web", "signal": "HUP"}}},
-                       services={"web": {"container": name}})
+        ctx = make_ctx(
+            tmp_path,
+            {
+                "app": {
+                    "paths": [str(folder / "app.log")],
+                    "max_size": "1G",
+                    "keep": 100,
+                    "reopen": {"service": "web", "signal": "HUP"},
+                }
+            },
+            services={"web": {"container": name}},
+        )
         outputs = _rotate_until_done(ctx, folder)
     result = audit(folder / "app.log", LINES)
     assert result.clean, (result.missing[:10], result.duplicated[:10], result.nul_bytes, result.garbled)
@@ -61,10 +74,21 @@ def test_copytruncate_pauses_the_container(dockerd, tmp_path):
     folder = tmp_path / "logs"
     folder.mkdir()
     with writer_container(dockerd, folder) as name:
-        ctx = make_ctx(tmp_path, {"app": {"paths": [str(folder / "app.log")], "mode": "copytruncate",
-                                          "writer_appends": True, "pause_service": "web", "max_size": "1G",
-                                          "keep": 100, "compress": "gzip"}},
-                       services={"web": {"container": name}})
+        ctx = make_ctx(
+            tmp_path,
+            {
+                "app": {
+                    "paths": [str(folder / "app.log")],
+                    "mode": "copytruncate",
+                    "writer_appends": True,
+                    "pause_service": "web",
+                    "max_size": "1G",
+                    "keep": 100,
+                    "compress": "gzip",
+                }
+            },
+            services={"web": {"container": name}},
+        )
         outputs = _rotate_until_done(ctx, folder)
         assert dockerd.containers.get(name).status == "running"  # unpaused
     result = audit(folder / "app.log", LINES)

@@ -28,8 +28,18 @@ def rotated(folder: Path, live: str = "app.log") -> list[str]:
 
 def test_two_size_triggered_rotations_in_one_day(tmp_path):
     log = tmp_path / "app.log"
-    ctx = make_ctx(tmp_path, {"app": {"paths": [str(log)], "reopen": {"watched": True}, "max_size": "1K",
-                                      "compress": "zstd", "compress_newest": False}})
+    ctx = make_ctx(
+        tmp_path,
+        {
+            "app": {
+                "paths": [str(log)],
+                "reopen": {"watched": True},
+                "max_size": "1K",
+                "compress": "zstd",
+                "compress_newest": False,
+            }
+        },
+    )
     log.write_bytes(b"a" * 1000 + b"\n")
     assert "nothing due" in run_rotation(ctx)  # 1001 B < 1 KiB
     with open(log, "ab") as f:
@@ -53,7 +63,10 @@ def _cli(tmp_path: Path, config: dict, *args: str, crash_after: str | None = Non
         env["OPSFLEET_TEST_CRASH_AFTER"] = crash_after
     return subprocess.run(
         [sys.executable, "-m", "opsfleet.cli", "--config", str(path), *args],
-        capture_output=True, text=True, env=env, timeout=120,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
 
 
@@ -70,7 +83,8 @@ def test_rotation_interrupted_by_a_crash_completes_once(tmp_path, mode, crash_af
     rate, seconds = 2000, 4
     writer = subprocess.Popen(
         [sys.executable, WRITER, str(log), "--rate", str(rate), "--seconds", str(seconds), "--reopen-on-hup"],
-        stdout=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     wait_for(lambda: log.exists() and log.stat().st_size > 10_000, 10, what="writer wrote")
     pidfile = tmp_path / "app.pid"
@@ -100,13 +114,25 @@ def test_writer_that_never_reopens_keeps_every_line(tmp_path):
     file it still holds is neither compressed nor removed, and its empty successor is
     never rotated again."""
     log = tmp_path / "app.log"
-    writer = subprocess.Popen([sys.executable, WRITER, str(log), "--rate", "2000", "--seconds", "3"],
-                              stdout=subprocess.PIPE, text=True)  # ignores SIGHUP
+    writer = subprocess.Popen(
+        [sys.executable, WRITER, str(log), "--rate", "2000", "--seconds", "3"], stdout=subprocess.PIPE, text=True
+    )  # ignores SIGHUP
     wait_for(lambda: log.exists() and log.stat().st_size > 0, 10, what="writer wrote")
     pidfile = tmp_path / "app.pid"
     pidfile.write_text(str(writer.pid))
-    ctx = make_ctx(tmp_path, {"app": {"paths": [str(log)], "reopen": {"pidfile": str(pidfile)}, "max_size": 1,
-                                      "keep": 1, "max_age": "1s", "reopen_timeout_seconds": 0.5}})
+    ctx = make_ctx(
+        tmp_path,
+        {
+            "app": {
+                "paths": [str(log)],
+                "reopen": {"pidfile": str(pidfile)},
+                "max_size": 1,
+                "keep": 1,
+                "max_age": "1s",
+                "reopen_timeout_seconds": 0.5,
+            }
+        },
+    )
     outputs = [run_rotation(ctx, force=True) for _ in range(3)]
     assert "still open by its writer" in outputs[0]
     assert "kept app.log." in outputs[1] and "still held open by its writer" in outputs[1]
@@ -124,16 +150,37 @@ def _touch(path: Path, age: timedelta, data: bytes = b"x\n") -> None:
 def test_retention_by_count_and_by_age(tmp_path):
     log = tmp_path / "app.log"
     log.write_text("")
-    for name, age in [("20261101-0001.zst", timedelta(days=40)), ("20261120-0001.zst", timedelta(days=13)),
-                      ("20261125-0001.zst", timedelta(days=8)), ("20261125-0002.zst", timedelta(days=8)),
-                      ("20261201-0001.zst", timedelta(days=2)), ("20261203-0001", timedelta(hours=1))]:
+    for name, age in [
+        ("20261101-0001.zst", timedelta(days=40)),
+        ("20261120-0001.zst", timedelta(days=13)),
+        ("20261125-0001.zst", timedelta(days=8)),
+        ("20261125-0002.zst", timedelta(days=8)),
+        ("20261201-0001.zst", timedelta(days=2)),
+        ("20261203-0001", timedelta(hours=1)),
+    ]:
         _touch(tmp_path / f"app.log.{name}", age)
     (tmp_path / "app.log.20261125-0002.zst.partial").write_bytes(b"half")  # a crashed compression
-    ctx = make_ctx(tmp_path, {"app": {"paths": [str(log)], "reopen": {"watched": True}, "every": "1d",
-                                      "keep": 5, "max_age": "10d", "compress": "zstd", "compress_newest": False}})
+    ctx = make_ctx(
+        tmp_path,
+        {
+            "app": {
+                "paths": [str(log)],
+                "reopen": {"watched": True},
+                "every": "1d",
+                "keep": 5,
+                "max_age": "10d",
+                "compress": "zstd",
+                "compress_newest": False,
+            }
+        },
+    )
     out = run_rotation(ctx)
-    assert rotated(tmp_path) == ["app.log.20261125-0001.zst", "app.log.20261125-0002.zst",
-                                 "app.log.20261201-0001.zst", "app.log.20261203-0001"]
+    assert rotated(tmp_path) == [
+        "app.log.20261125-0001.zst",
+        "app.log.20261125-0002.zst",
+        "app.log.20261201-0001.zst",
+        "app.log.20261203-0001",
+    ]
     assert "removed app.log.20261120-0001.zst (2 B): older than max_age 10d" in out
     assert "removed app.log.20261101-0001.zst (2 B): beyond keep=5 (#6 newest)" in out
     assert not (tmp_path / "app.log.20261125-0002.zst.partial").exists()
@@ -172,10 +219,15 @@ def test_dry_run_changes_nothing_and_records_nothing(tmp_path):
 
 
 def test_config_check_warns_about_copytruncate_writers_without_o_append(tmp_path):
-    config = {"rotation": {"sets": {"legacy": {"paths": ["/var/log/legacy.log"], "mode": "copytruncate", "every": "1d"}}}}
+    config = {
+        "rotation": {"sets": {"legacy": {"paths": ["/var/log/legacy.log"], "mode": "copytruncate", "every": "1d"}}}
+    }
     done = _cli(tmp_path, config, "config", "check")
     assert done.returncode == 0
-    assert "warning: rotation.sets.legacy.mode: copytruncate is safe only for writers that open the file with O_APPEND" in done.stderr
+    assert (
+        "warning: rotation.sets.legacy.mode: copytruncate is safe only for writers that open the file with O_APPEND"
+        in done.stderr
+    )
     config["rotation"]["sets"]["legacy"]["writer_appends"] = True
     assert "warning" not in _cli(tmp_path, config, "config", "check").stderr
 
@@ -185,8 +237,18 @@ def test_scheduled_check_records_a_run_only_when_something_is_due(tmp_path):
 
     log = tmp_path / "app.log"
     log.write_bytes(b"x\n")
-    ctx = make_ctx(tmp_path, {"app": {"paths": [str(log)], "reopen": {"watched": True}, "max_size": "1K",
-                                      "every": "1d", "compress_newest": False}})
+    ctx = make_ctx(
+        tmp_path,
+        {
+            "app": {
+                "paths": [str(log)],
+                "reopen": {"watched": True},
+                "max_size": "1K",
+                "every": "1d",
+                "compress_newest": False,
+            }
+        },
+    )
     assert worth_a_run(ctx.runtime, "all", {}) is None  # never seen: one run records it
     run_rotation(ctx)
     assert worth_a_run(ctx.runtime, "all", {}) == "no log file due"

@@ -23,7 +23,8 @@ RATE, SECONDS, EVERY = 20000, 10, 2.0
 def start_writer(log: Path, *extra: str) -> subprocess.Popen:
     proc = subprocess.Popen(
         [sys.executable, WRITER, str(log), "--rate", str(RATE), "--seconds", str(SECONDS), *extra],
-        stdout=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     wait_for(lambda: Path(str(log) + ".ready").exists(), 10, what="writer ready")
     Path(str(log) + ".ready").unlink()
@@ -47,10 +48,20 @@ def test_rename_and_reopen_loses_no_line(tmp_path):
     pidfile = tmp_path / "app.pid"
     writer = start_writer(log, "--reopen-on-hup")
     pidfile.write_text(str(writer.pid))
-    ctx = make_ctx(tmp_path, {"app": {
-        "paths": [str(tmp_path / "logs" / "*.log")], "mode": "rename", "max_size": "1G", "keep": 50,
-        "reopen": {"signal": "HUP", "pidfile": str(pidfile)}, "compress": "zstd", "compress_newest": False,
-    }})
+    ctx = make_ctx(
+        tmp_path,
+        {
+            "app": {
+                "paths": [str(tmp_path / "logs" / "*.log")],
+                "mode": "rename",
+                "max_size": "1G",
+                "keep": 50,
+                "reopen": {"signal": "HUP", "pidfile": str(pidfile)},
+                "compress": "zstd",
+                "compress_newest": False,
+            }
+        },
+    )
     outputs = rotate_while_writing(ctx, writer)
     result = audit(log, RATE * SECONDS)
     assert result.clean, (result.missing[:10], result.duplicated[:10], result.nul_bytes, result.garbled, outputs)
@@ -66,10 +77,19 @@ def test_copytruncate_with_appending_writer_loses_no_line(tmp_path):
     log = tmp_path / "logs" / "app.log"
     log.parent.mkdir()
     writer = start_writer(log)  # O_APPEND, never reopens
-    ctx = make_ctx(tmp_path, {"app": {
-        "paths": [str(log)], "mode": "copytruncate", "writer_appends": True, "max_size": "1G", "keep": 50,
-        "compress": "gzip",
-    }})
+    ctx = make_ctx(
+        tmp_path,
+        {
+            "app": {
+                "paths": [str(log)],
+                "mode": "copytruncate",
+                "writer_appends": True,
+                "max_size": "1G",
+                "keep": 50,
+                "compress": "gzip",
+            }
+        },
+    )
     outputs = rotate_while_writing(ctx, writer)
     result = audit(log, RATE * SECONDS)
     assert result.clean, (result.missing[:10], result.duplicated[:10], result.nul_bytes, result.garbled, outputs)

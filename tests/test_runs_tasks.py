@@ -22,10 +22,16 @@ def engine(tmp_path):
     app = create_celery(loaded)
     ledger = app.opsfleet.ledger
     ledger.migrate()
-    run_id = ledger.record_event(
-        source="t", summary="", body="",
-        new_runs=[NewRun(trigger="alert", playbook="restart_service", target="api", dedup_key="k")],
-    ).runs[0].id
+    run_id = (
+        ledger.record_event(
+            source="t",
+            summary="",
+            body="",
+            new_runs=[NewRun(trigger="alert", playbook="restart_service", target="api", dedup_key="k")],
+        )
+        .runs[0]
+        .id
+    )
     queue = tmp_path / "broker" / "queue"
     return app, ledger, run_id, lambda: sorted(p.name for p in queue.iterdir())
 
@@ -101,9 +107,11 @@ def test_scheduled_host_work_and_pinned_services_route_to_the_hosts_queue(tmp_pa
     import beat_schedule
     from worker.tasks.runs import queue_for_run
 
-    raw = {"fleet": {"data_dir": str(tmp_path), "maintenance_host": "db-1"},
-           "services": {"api": {"container": "a", "host": "edge-1"}, "web": {"container": "w"}},
-           "backup": {"root": str(tmp_path / "b"), "series": {"docs": {"kind": "documents", "path": str(tmp_path)}}}}
+    raw = {
+        "fleet": {"data_dir": str(tmp_path), "maintenance_host": "db-1"},
+        "services": {"api": {"container": "a", "host": "edge-1"}, "web": {"container": "w"}},
+        "backup": {"root": str(tmp_path / "b"), "series": {"docs": {"kind": "documents", "path": str(tmp_path)}}},
+    }
     config = parse_config(raw, source="t", base_dir=tmp_path, environ={}).config
     schedule = beat_schedule.build_schedule(config)
     for job in ("backup-sets", "restore-drill", "cleanup"):

@@ -10,10 +10,15 @@ from worker.config import parse_config
 
 def test_rotation_and_cleanup_entries():
     config = parse_config(
-        {"rotation": {"check_interval_seconds": 120, "sets": {"app": {"paths": ["/var/log/app.log"],
-                                                                     "reopen": {"watched": True}, "every": "1d"}}},
-         "cleanup": {"at": "04:15"}},
-        source="t", base_dir=Path("."),
+        {
+            "rotation": {
+                "check_interval_seconds": 120,
+                "sets": {"app": {"paths": ["/var/log/app.log"], "reopen": {"watched": True}, "every": "1d"}},
+            },
+            "cleanup": {"at": "04:15"},
+        },
+        source="t",
+        base_dir=Path("."),
     ).config
     schedule = beat_schedule.build_schedule(config)
     assert schedule["rotate-logs"]["task"] == "opsfleet.schedule.trigger"
@@ -36,9 +41,14 @@ def test_scheduled_rotation_runs_through_the_run_machinery(tmp_path):
     log = tmp_path / "app.log"
     log.write_bytes(b"line\n" * 1000)
     loaded = parse_config(
-        {"fleet": {"data_dir": str(tmp_path / "data")}, "logging": {"files": False},
-         "rotation": {"sets": {"app": {"paths": [str(log)], "reopen": {"watched": True}, "max_size": "1K"}}}},
-        source="t", base_dir=tmp_path, environ={"DOCKER_HOST": "unix:///nonexistent/docker.sock"},
+        {
+            "fleet": {"data_dir": str(tmp_path / "data")},
+            "logging": {"files": False},
+            "rotation": {"sets": {"app": {"paths": [str(log)], "reopen": {"watched": True}, "max_size": "1K"}}},
+        },
+        source="t",
+        base_dir=tmp_path,
+        environ={"DOCKER_HOST": "unix:///nonexistent/docker.sock"},
     )
     app = create_celery(loaded)
     app.opsfleet.ledger.migrate()
@@ -57,4 +67,8 @@ def test_scheduled_rotation_runs_through_the_run_machinery(tmp_path):
     assert log.read_bytes() == b""
     # the next check finds nothing due: no run recorded
     assert trigger.apply(args=("rotate_logs", "all", {}, 300)).get() == {
-        "run_id": None, "created": False, "enqueued": False, "idle": "no log file due"}
+        "run_id": None,
+        "created": False,
+        "enqueued": False,
+        "idle": "no log file due",
+    }

@@ -23,10 +23,18 @@ HOSTILE = '<script>alert("x")</script> & <@U123> <!channel>'
 def make_set(root, moment, items: dict[str, bool]):
     folder = root / set_id_for(moment)
     folder.mkdir(parents=True)
-    write_manifest(folder, {
-        "id": folder.name, "state": "complete", "taken_at": iso(moment),
-        "items": {name: {"kind": "documents", "verified": ok, "files": [{"size": 2_500_000}]} for name, ok in items.items()},
-    })
+    write_manifest(
+        folder,
+        {
+            "id": folder.name,
+            "state": "complete",
+            "taken_at": iso(moment),
+            "items": {
+                name: {"kind": "documents", "verified": ok, "files": [{"size": 2_500_000}]}
+                for name, ok in items.items()
+            },
+        },
+    )
 
 
 @pytest.fixture
@@ -36,32 +44,64 @@ def make_client(tmp_path):
         config = {
             "fleet": {"data_dir": str(tmp_path)},
             "services": {"api": {"container": "shop-api"}, "api-staging": {"container": "staging-api"}},
-            "deploy": {"environments": {
-                "production": {"branch": "main", "services": ["api"], "image": "shop/api"},
-                "staging": {"deployments": True, "services": ["api-staging"], "image": "shop/api"},
-            }},
-            "remediation": {"rules": [
-                {"name": "service-down", "match": ['alertname="ServiceDown"'], "playbook": "restart_service",
-                 "target": {"service_label": "service"}},
-                {"name": "disk-low", "match": ['alertname="DiskSpaceLow"'], "playbook": "free_disk",
-                 "dry_run": True},
-            ]},
-            "backup": {"root": str(tmp_path / "backups"), "series": {
-                "documents": {"kind": "documents", "path": str(tmp_path)},
-                "old": {"kind": "documents", "path": str(tmp_path)},
-                "never": {"kind": "documents", "path": str(tmp_path)},
-            }},
+            "deploy": {
+                "environments": {
+                    "production": {"branch": "main", "services": ["api"], "image": "shop/api"},
+                    "staging": {"deployments": True, "services": ["api-staging"], "image": "shop/api"},
+                }
+            },
+            "remediation": {
+                "rules": [
+                    {
+                        "name": "service-down",
+                        "match": ['alertname="ServiceDown"'],
+                        "playbook": "restart_service",
+                        "target": {"service_label": "service"},
+                    },
+                    {
+                        "name": "disk-low",
+                        "match": ['alertname="DiskSpaceLow"'],
+                        "playbook": "free_disk",
+                        "dry_run": True,
+                    },
+                ]
+            },
+            "backup": {
+                "root": str(tmp_path / "backups"),
+                "series": {
+                    "documents": {"kind": "documents", "path": str(tmp_path)},
+                    "old": {"kind": "documents", "path": str(tmp_path)},
+                    "never": {"kind": "documents", "path": str(tmp_path)},
+                },
+            },
         }
         loaded = parse_config(config, source="t", base_dir=tmp_path, environ=env)
         app = create_app(loaded=loaded)
         ledger = app.extensions["opsfleet"].ledger
-        ledger.record_event(source="api", summary="", body="", new_runs=[
-            NewRun(trigger="alert", rule="service-down", playbook="restart_service", target="api", dedup_key="a",
-                   summary=HOSTILE),
-            NewRun(trigger="manual", triggered_by="alice", playbook="verify", target="api", dedup_key="b"),
-            NewRun(trigger="alert", rule="service-down", playbook="restart_service", status="skipped",
-                   reason=f"unknown target {HOSTILE}", dedup_key="c"),
-        ])
+        ledger.record_event(
+            source="api",
+            summary="",
+            body="",
+            new_runs=[
+                NewRun(
+                    trigger="alert",
+                    rule="service-down",
+                    playbook="restart_service",
+                    target="api",
+                    dedup_key="a",
+                    summary=HOSTILE,
+                ),
+                NewRun(trigger="manual", triggered_by="alice", playbook="verify", target="api", dedup_key="b"),
+                NewRun(
+                    trigger="alert",
+                    rule="service-down",
+                    playbook="restart_service",
+                    status="skipped",
+                    reason=f"unknown target {HOSTILE}",
+                    dedup_key="c",
+                ),
+            ],
+        )
         ledger.claim_run(1, "w@h", 60)
         ledger.begin_step(1, 0, "locate", 60)
         ledger.end_step(1, 0, "failed", f"container not found: {HOSTILE}", 60)
@@ -124,8 +164,11 @@ def test_a_runs_steps_and_output(make_client):
 
 def test_backups_per_series_with_age_and_verification(make_client):
     page = make_client().get("/backups").get_data(as_text=True)
-    rows = {line.split("</td>")[0].split("<td>")[-1].split(" ")[0]: line
-            for line in page.split("<tr>") if "s-fresh" in line or "s-stale" in line or "s-missing" in line}
+    rows = {
+        line.split("</td>")[0].split("<td>")[-1].split(" ")[0]: line
+        for line in page.split("<tr>")
+        if "s-fresh" in line or "s-stale" in line or "s-missing" in line
+    }
     assert "s-fresh" in rows["documents"] and "2h ago" in rows["documents"] and "2.5 MB" in rows["documents"]
     assert "s-stale" in rows["old"] and "3d ago" in rows["old"]  # daily series, 3 days old
     assert "s-missing" in rows["never"]
@@ -148,9 +191,15 @@ def test_runs_since_and_paging(make_client, tmp_path):
     assert client.get("/?since=forever").status_code == 400
     assert client.get("/?before=abc").status_code == 400
     ledger = client.application.extensions["opsfleet"].ledger
-    ledger.record_event(source="api", summary="", body="", new_runs=[
-        NewRun(trigger="manual", triggered_by="bob", playbook="verify", target="api", dedup_key=f"p{i}") for i in range(60)
-    ])
+    ledger.record_event(
+        source="api",
+        summary="",
+        body="",
+        new_runs=[
+            NewRun(trigger="manual", triggered_by="bob", playbook="verify", target="api", dedup_key=f"p{i}")
+            for i in range(60)
+        ],
+    )
     first = client.get("/?trigger=manual").get_data(as_text=True)
     assert first.count('<tr>\n      <td><a href="/runs/') == 50
     assert 'id="older" href="/?trigger=manual&amp;before=14"' in first
@@ -162,14 +211,26 @@ def test_runs_since_and_paging(make_client, tmp_path):
 def test_deploys_per_environment_live_release_and_history(make_client):
     client = make_client()
     ledger = client.application.extensions["opsfleet"].ledger
-    recorded = ledger.record_event(source="api", summary="", body="", new_runs=[
-        NewRun(trigger="manual", triggered_by="bob", playbook="deploy", target="production", dedup_key=f"d{i}")
-        for i in range(3)
-    ])
+    recorded = ledger.record_event(
+        source="api",
+        summary="",
+        body="",
+        new_runs=[
+            NewRun(trigger="manual", triggered_by="bob", playbook="deploy", target="production", dedup_key=f"d{i}")
+            for i in range(3)
+        ],
+    )
     run_ids = [r.id for r in recorded.runs]
-    for sha, run_id, ref in zip("abc", run_ids, ["refs/heads/main", "refs/heads/main", HOSTILE]):
-        ledger.start_release(environment="production", sha=sha * 40, ref=ref, images={"api": f"shop/api:{sha}"},
-                             previous_images={}, run_id=run_id, order=(0.0, 0.0))
+    for sha, run_id, ref in zip("abc", run_ids, ["refs/heads/main", "refs/heads/main", HOSTILE], strict=True):
+        ledger.start_release(
+            environment="production",
+            sha=sha * 40,
+            ref=ref,
+            images={"api": f"shop/api:{sha}"},
+            previous_images={},
+            run_id=run_id,
+            order=(0.0, 0.0),
+        )
     ledger.make_current(run_ids[0])
     ledger.make_current(run_ids[1])
     ledger.set_release_status(run_ids[2], "rolled_back")

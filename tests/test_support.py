@@ -15,6 +15,7 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.http_retry.builtin_handlers import RateLimitErrorRetryHandler
 
 from tests.support import servers
+
 # The fixtures (dockerd, slack, private_redis, ...) come from tests/conftest.py.
 from tests.support.servers import TEST_IMAGE, shared_redis_url, wait_for
 

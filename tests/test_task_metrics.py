@@ -40,7 +40,9 @@ def value(text: str, metric: str, **labels: str) -> float:
     from prometheus_client.parser import text_string_to_metric_families
 
     return sum(
-        s.value for f in text_string_to_metric_families(text) for s in f.samples
+        s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
         if s.name == metric and all(s.labels.get(k) == v for k, v in labels.items())
     )
 
@@ -50,7 +52,9 @@ def _samples(text: str, name: str) -> dict[str, float]:
 
     return {
         json.dumps(s.labels, sort_keys=True): s.value
-        for f in text_string_to_metric_families(text) for s in f.samples if s.name == name
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == name
     }
 
 
@@ -61,7 +65,11 @@ def test_two_processes_count_one_scrape_sums(tmp_path):
     assert len(list(tmp_path.glob("*.db"))) >= 2, "each process writes its own file"
     text = subprocess.run(
         [sys.executable, "-c", "from worker.adapters.metrics import scrape; print(scrape().decode())"],
-        env=env, check=True, timeout=60, capture_output=True, text=True,
+        env=env,
+        check=True,
+        timeout=60,
+        capture_output=True,
+        text=True,
     ).stdout
     labels = {"task": "opsfleet.runs.step", "hostname": "w@h", "queue_name": "opsfleet.remediate"}
     assert value(text, "celery_task_succeeded_total", **labels) == 2
@@ -79,8 +87,13 @@ def test_heartbeats_judge_workers_up_down_and_forgotten(ledger):
     ledger.forget_worker("stopped@d", 13)
     # A restart under the same name replaces the row, with a fresh start time.
     ledger.beat("fresh@a", 14, ["opsfleet.remediate", "opsfleet.report"], 1.0, now=now)
-    collector = FleetCollector(ledger, "memory://", {}, ["opsfleet.remediate", "opsfleet.report", "opsfleet.maintenance"],
-                               forget_after_seconds=3600)
+    collector = FleetCollector(
+        ledger,
+        "memory://",
+        {},
+        ["opsfleet.remediate", "opsfleet.report", "opsfleet.maintenance"],
+        forget_after_seconds=3600,
+    )
     text = scrape(collector).decode()
     assert _samples(text, "celery_worker_up") == {
         json.dumps({"hostname": "fresh@a"}): 1.0,
@@ -88,7 +101,7 @@ def test_heartbeats_judge_workers_up_down_and_forgotten(ledger):
     }
     assert value(text, "celery_active_worker_count", queue_name="opsfleet.remediate") == 1
     assert value(text, "celery_active_worker_count", queue_name="opsfleet.report") == 1
-    assert "celery_active_worker_count{queue_name=\"opsfleet.maintenance\"} 0.0" in text
+    assert 'celery_active_worker_count{queue_name="opsfleet.maintenance"} 0.0' in text
     assert value(text, "opsfleet_ledger_up") == 1
     # memory:// has no queue length reader: the broker part says so, the rest still scrapes.
     assert value(text, "opsfleet_broker_up") == 0
@@ -102,8 +115,9 @@ def test_queue_length_from_redis_lists_and_filesystem_folder(tmp_path, ledger):
         client.rpush(prefix + "opsfleet.remediate", "a", "b")
         client.rpush(prefix + "opsfleet.remediate\x06\x169", "c")  # kombu's priority-9 list
         client.rpush("opsfleet.remediate", "not ours")  # another prefix's queue
-        collector = FleetCollector(ledger, REDIS_URL, {"global_keyprefix": prefix},
-                                   ["opsfleet.remediate", "opsfleet.report"], 3600)
+        collector = FleetCollector(
+            ledger, REDIS_URL, {"global_keyprefix": prefix}, ["opsfleet.remediate", "opsfleet.report"], 3600
+        )
         assert collector.queue_lengths() == {"opsfleet.remediate": 3, "opsfleet.report": 0}
     finally:
         client.delete(prefix + "opsfleet.remediate", prefix + "opsfleet.remediate\x06\x169", "opsfleet.remediate")
@@ -111,14 +125,20 @@ def test_queue_length_from_redis_lists_and_filesystem_folder(tmp_path, ledger):
     folder.mkdir()
     for name in ("1_aa.opsfleet.remediate.msg", "2_bb.opsfleet.remediate.msg", "3_cc.opsfleet.report.msg", "x.tmp"):
         (folder / name).write_text("{}")
-    collector = FleetCollector(ledger, "filesystem://localhost/", {"data_folder_in": str(folder)},
-                               ["opsfleet.remediate", "opsfleet.report", "opsfleet.maintenance"], 3600)
+    collector = FleetCollector(
+        ledger,
+        "filesystem://localhost/",
+        {"data_folder_in": str(folder)},
+        ["opsfleet.remediate", "opsfleet.report", "opsfleet.maintenance"],
+        3600,
+    )
     assert collector.queue_lengths() == {"opsfleet.remediate": 2, "opsfleet.report": 1, "opsfleet.maintenance": 0}
 
 
 def test_unreachable_redis_costs_a_bounded_wait_not_the_scrape(ledger):
-    collector = FleetCollector(ledger, "redis://10.255.255.1:6379/0", {}, ["opsfleet.remediate"], 3600,
-                               timeout_seconds=0.5)
+    collector = FleetCollector(
+        ledger, "redis://10.255.255.1:6379/0", {}, ["opsfleet.remediate"], 3600, timeout_seconds=0.5
+    )
     started = time.monotonic()
     text = scrape(collector).decode()
     assert time.monotonic() - started < 3
@@ -174,8 +194,11 @@ def test_real_worker_tasks_in_web_metrics_and_sigkilled_worker_goes_down_redis_p
         assert time.monotonic() - killed_at < 5
         assert value(text, "celery_active_worker_count", queue_name="opsfleet.maintenance") == 0
         # Nobody consumes now: beat's sweeps pile up in Redis, read by LLEN at scrape.
-        fleet.wait(lambda: value(fleet.metrics(), "celery_queue_length", queue_name="opsfleet.maintenance") >= 2,
-                   20, "celery_queue_length to grow with the worker dead")
+        fleet.wait(
+            lambda: value(fleet.metrics(), "celery_queue_length", queue_name="opsfleet.maintenance") >= 2,
+            20,
+            "celery_queue_length to grow with the worker dead",
+        )
 
 
 @pytest.mark.slow
@@ -183,14 +206,23 @@ def test_embedded_fleet_counts_tasks_and_a_stopped_worker_leaves_metrics(tmp_pat
     """SQLite ledger and the filesystem broker: the same metrics; SIGTERM is a stop, not an outage."""
     with Fleet(tmp_path, FLEET_CONFIG).start("web", "worker", "beat") as fleet:
         hostname = _worker_hostname(fleet)
-        fleet.wait(lambda: value(fleet.metrics(), "celery_task_succeeded_total", hostname=hostname,
-                                        task="opsfleet.sweeper.sweep") >= 1, 30, "a sweep counted")
+        fleet.wait(
+            lambda: (
+                value(fleet.metrics(), "celery_task_succeeded_total", hostname=hostname, task="opsfleet.sweeper.sweep")
+                >= 1
+            ),
+            30,
+            "a sweep counted",
+        )
         text = fleet.metrics()
         assert value(text, "opsfleet_broker_up") == 1
         assert 'celery_queue_length{queue_name="opsfleet.maintenance"}' in text
         fleet.stop("worker")
-        fleet.wait(lambda: json.dumps({"hostname": hostname}) not in _samples(fleet.metrics(), "celery_worker_up"),
-                   20, "the stopped worker's heartbeat row removed")
+        fleet.wait(
+            lambda: json.dumps({"hostname": hostname}) not in _samples(fleet.metrics(), "celery_worker_up"),
+            20,
+            "the stopped worker's heartbeat row removed",
+        )
 
 
 @pytest.mark.slow
@@ -205,8 +237,11 @@ def test_a_worker_serves_its_own_metrics_endpoint(tmp_path):
 
         def served():
             text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
-            return text if value(text, "celery_task_succeeded_total", hostname=hostname,
-                                 task="opsfleet.sweeper.sweep") >= 1 else None
+            return (
+                text
+                if value(text, "celery_task_succeeded_total", hostname=hostname, task="opsfleet.sweeper.sweep") >= 1
+                else None
+            )
 
         text = fleet.wait(served, 30, "the worker's own endpoint to count a sweep")
         assert value(text, "celery_task_received_total", hostname=hostname) >= 1
@@ -215,16 +250,19 @@ def test_a_worker_serves_its_own_metrics_endpoint(tmp_path):
             requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
 
 
-@pytest.mark.parametrize(("reason", "kind"), [
-    ("storm: 12 targets firing within 5m (breaker at 10); no action", "storm"),
-    ("locked: run 7 is working on this target", "locked"),
-    ("cooldown: acted 2m ago, 3m left", "cooldown"),
-    ("cap reached: 3 actions within 1h, escalated instead of acting", "cap"),
-    ("dry run: would restart_service api", "dry_run"),
-    ('unknown target: label "service" names no configured service', "unknown_target"),
-    ("rule matched", "other"),
-    ("", "other"),
-])
+@pytest.mark.parametrize(
+    ("reason", "kind"),
+    [
+        ("storm: 12 targets firing within 5m (breaker at 10); no action", "storm"),
+        ("locked: run 7 is working on this target", "locked"),
+        ("cooldown: acted 2m ago, 3m left", "cooldown"),
+        ("cap reached: 3 actions within 1h, escalated instead of acting", "cap"),
+        ("dry run: would restart_service api", "dry_run"),
+        ('unknown target: label "service" names no configured service', "unknown_target"),
+        ("rule matched", "other"),
+        ("", "other"),
+    ],
+)
 def test_reason_kinds_for_the_held_back_metric(reason, kind):
     from worker.safety import reason_kind
 
@@ -235,18 +273,44 @@ def test_alerts_held_back_are_counted_by_reason(tmp_path):
     from webhooks import create_app
     from worker.config import parse_config
 
-    config = {"fleet": {"data_dir": str(tmp_path)}, "services": {"api": {"container": "shop-api"}},
-              "remediation": {"rules": [{"name": "down", "match": ['alertname="ServiceDown"'],
-                                         "playbook": "restart_service", "target": {"service_label": "service"}}]}}
+    config = {
+        "fleet": {"data_dir": str(tmp_path)},
+        "services": {"api": {"container": "shop-api"}},
+        "remediation": {
+            "rules": [
+                {
+                    "name": "down",
+                    "match": ['alertname="ServiceDown"'],
+                    "playbook": "restart_service",
+                    "target": {"service_label": "service"},
+                }
+            ]
+        },
+    }
     loaded = parse_config(config, source="t", base_dir=tmp_path, environ={"ALERTMANAGER_TOKEN": "am"})
     client = create_app(loaded=loaded).test_client()
     before = value(scrape().decode(), "opsfleet_alerts_held_back_total", outcome="skip", reason="unknown_target")
     body = {
-        "version": "4", "status": "firing", "receiver": "fleet", "groupKey": "{}:{}", "truncatedAlerts": 0,
-        "groupLabels": {}, "commonLabels": {}, "commonAnnotations": {}, "externalURL": "",
-        "alerts": [{"status": "firing", "labels": {"alertname": "ServiceDown", "service": "nope"}, "annotations": {},
-                    "startsAt": "2026-12-03T11:00:00Z", "endsAt": "0001-01-01T00:00:00Z", "generatorURL": "",
-                    "fingerprint": "00000000000000f1"}],
+        "version": "4",
+        "status": "firing",
+        "receiver": "fleet",
+        "groupKey": "{}:{}",
+        "truncatedAlerts": 0,
+        "groupLabels": {},
+        "commonLabels": {},
+        "commonAnnotations": {},
+        "externalURL": "",
+        "alerts": [
+            {
+                "status": "firing",
+                "labels": {"alertname": "ServiceDown", "service": "nope"},
+                "annotations": {},
+                "startsAt": "2026-12-03T11:00:00Z",
+                "endsAt": "0001-01-01T00:00:00Z",
+                "generatorURL": "",
+                "fingerprint": "00000000000000f1",
+            }
+        ],
     }
     answer = client.post("/hooks/alertmanager", json=body, headers={"Authorization": "Bearer am"})
     assert answer.status_code == 202, answer.json

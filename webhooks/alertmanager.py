@@ -133,9 +133,8 @@ def receive():
 
     g.group_key = payload.groupKey[:200]  # for the request log line
     alerts = [Alert(a.status, a.labels, a.fingerprint, a.startsAt) for a in payload.alerts]
-    summary = (
-        f"{payload.status} group {payload.groupKey}: {len(alerts)} alerts"
-        + (f", {payload.truncatedAlerts} truncated" if payload.truncatedAlerts else "")
+    summary = f"{payload.status} group {payload.groupKey}: {len(alerts)} alerts" + (
+        f", {payload.truncatedAlerts} truncated" if payload.truncatedAlerts else ""
     )
     try:
         state.ensure_schema()

@@ -96,17 +96,26 @@ def _record_and_enqueue(name: str, params: dict, what: str):
     key = request.headers.get("Idempotency-Key")
     if key is not None and not _KEY.match(key):
         return error(400, "Idempotency-Key: 1 to 100 of A-Z a-z 0-9 . _ : -")
-    run = NewRun(trigger="manual", triggered_by="api", playbook="deploy", target=name, params=params,
-                 summary=f"{what} {params['sha'][:7]} to {name} (API)")
+    run = NewRun(
+        trigger="manual",
+        triggered_by="api",
+        playbook="deploy",
+        target=name,
+        params=params,
+        summary=f"{what} {params['sha'][:7]} to {name} (API)",
+    )
     state = edge()
     try:
         state.ensure_schema()
         if key:
-            recorded, created = state.ledger.record_delivery(source="api", dedup_key=key, summary=run.summary,
-                                                             body="", new_runs=[run])
+            recorded, created = state.ledger.record_delivery(
+                source="api", dedup_key=key, summary=run.summary, body="", new_runs=[run]
+            )
         else:
-            recorded, created = state.ledger.record_event(source="api", summary=run.summary, body="",
-                                                          new_runs=[run]), True
+            recorded, created = (
+                state.ledger.record_event(source="api", summary=run.summary, body="", new_runs=[run]),
+                True,
+            )
     except LedgerUnavailable:
         return error(503, "ledger unavailable")
     from worker.tasks.runs import enqueue_runs

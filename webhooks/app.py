@@ -60,8 +60,10 @@ def create_app(config_path: str | None = None, *, loaded: LoadedConfig | None = 
         configure_logging(loaded.data_dir, role="web")
     if not loaded.secrets.get("ALERTMANAGER_TOKEN"):
         raise ConfigError(
-            ["ALERTMANAGER_TOKEN: not set; the webhook endpoint never runs without a token "
-             "(`opsfleet run` generates one for you)"],
+            [
+                "ALERTMANAGER_TOKEN: not set; the webhook endpoint never runs without a token "
+                "(`opsfleet run` generates one for you)"
+            ],
             "environment",
         )
     use_multiprocess_dir(loaded.data_dir / "metrics")
@@ -117,7 +119,11 @@ def create_app(config_path: str | None = None, *, loaded: LoadedConfig | None = 
         log.log(
             logging.WARNING if response.status_code >= 400 else logging.INFO,
             "%s %s %s %.1fms %s",
-            request.method, request.path, response.status_code, duration_ms, request.remote_addr,
+            request.method,
+            request.path,
+            response.status_code,
+            duration_ms,
+            request.remote_addr,
             extra={"http": http},
         )
         return response

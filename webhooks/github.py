@@ -73,8 +73,9 @@ def _answer(status: int, **body):
 def receive():
     state = edge()
     body = read_body()
-    if not signature_ok(state.loaded.secrets.get("GITHUB_WEBHOOK_SECRET"), body,
-                        request.headers.get("X-Hub-Signature-256")):
+    if not signature_ok(
+        state.loaded.secrets.get("GITHUB_WEBHOOK_SECRET"), body, request.headers.get("X-Hub-Signature-256")
+    ):
         if not state.loaded.secrets.get("GITHUB_WEBHOOK_SECRET"):
             log.warning("GITHUB_WEBHOOK_SECRET is not set: every GitHub delivery is refused")
         return error(401, "unauthorized")
@@ -101,13 +102,22 @@ def receive():
     runs = [
         NewRun(
             trigger="github",
-            triggered_by=str((data.get("pusher") or data.get("sender") or {}).get("name")
-                             or (data.get("sender") or {}).get("login") or "")[:128] or None,
+            triggered_by=str(
+                (data.get("pusher") or data.get("sender") or {}).get("name")
+                or (data.get("sender") or {}).get("login")
+                or ""
+            )[:128]
+            or None,
             playbook="deploy",
             target=d.environment,
             params={
-                "environment": d.environment, "sha": d.sha, "ref": d.ref, "tag": d.tag,
-                "images": d.images, "order": list(d.order), "delivery": delivery,
+                "environment": d.environment,
+                "sha": d.sha,
+                "ref": d.ref,
+                "tag": d.tag,
+                "images": d.images,
+                "order": list(d.order),
+                "delivery": delivery,
                 "repository": str((data.get("repository") or {}).get("full_name") or "")[:255],
                 **({"github_deployment_id": d.github_deployment_id} if d.github_deployment_id else {}),
             },

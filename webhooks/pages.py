@@ -47,11 +47,15 @@ def _authorize():
         if not token_matches(presented, token):
             return Response(
                 "Unauthorized: log in with any user name and OPSFLEET_API_TOKEN as the password.\n",
-                401, {"WWW-Authenticate": 'Basic realm="opsfleet", charset="UTF-8"', "Content-Type": "text/plain"},
+                401,
+                {"WWW-Authenticate": 'Basic realm="opsfleet", charset="UTF-8"', "Content-Type": "text/plain"},
             )
     elif not is_loopback(request.remote_addr):
-        return Response("Forbidden: set OPSFLEET_API_TOKEN to see the status page from other hosts.\n", 403,
-                        {"Content-Type": "text/plain"})
+        return Response(
+            "Forbidden: set OPSFLEET_API_TOKEN to see the status page from other hosts.\n",
+            403,
+            {"Content-Type": "text/plain"},
+        )
     if any("\x00" in v or len(v) > 256 for v in request.args.values()):
         abort(400)
     return None
@@ -112,8 +116,12 @@ def runs():
         return render_template("pages/error.html", message="; ".join(problems)), 400
     try:
         found = edge().ledger.list_runs(
-            limit=PAGE + 1, status=status, trigger=trigger, target=target,
-            since=utcnow() - SINCE[since] if since else None, before_id=int(before) if before else None,
+            limit=PAGE + 1,
+            status=status,
+            trigger=trigger,
+            target=target,
+            since=utcnow() - SINCE[since] if since else None,
+            before_id=int(before) if before else None,
         )
     except LedgerUnavailable:
         return _ledger_down()
@@ -122,8 +130,15 @@ def runs():
     if len(found) > PAGE:
         found = found[:PAGE]
         older = {k: v for k, v in chosen.items() if v} | {"before": found[-1]["id"]}
-    return render_template("pages/runs.html", runs=found, statuses=RUN_STATUSES, triggers=TRIGGERS,
-                           periods=list(SINCE), chosen=chosen, older=older)
+    return render_template(
+        "pages/runs.html",
+        runs=found,
+        statuses=RUN_STATUSES,
+        triggers=TRIGGERS,
+        periods=list(SINCE),
+        chosen=chosen,
+        older=older,
+    )
 
 
 @bp.get("/runs/<int:run_id>")
@@ -154,13 +169,22 @@ def backups():
             taken = newest.item_taken_at(name)
             age = (now - taken).total_seconds()
             row.update(
-                set=newest.id, taken=taken, age=age_text(age), size=_megabytes(newest.size(name)),
+                set=newest.id,
+                taken=taken,
+                age=age_text(age),
+                size=_megabytes(newest.size(name)),
                 state="stale" if age > MAX_AGE_HOURS[spec.cadence] * 3600 else "fresh",
             )
         series.append(row)
     recent = [
-        {"id": s.id, "taken": s.taken_at, "age": age_text((now - s.taken_at).total_seconds()),
-         "contents": [{"series": n, "verified": s.verified(n), "size": _megabytes(s.size(n))} for n in sorted(s.items)]}
+        {
+            "id": s.id,
+            "taken": s.taken_at,
+            "age": age_text((now - s.taken_at).total_seconds()),
+            "contents": [
+                {"series": n, "verified": s.verified(n), "size": _megabytes(s.size(n))} for n in sorted(s.items)
+            ],
+        }
         for s in sets[:20]
     ]
     return render_template("pages/backups.html", series=series, sets=recent, root=str(root))

@@ -27,6 +27,7 @@ def host_queue(host: str) -> str:
     worker (`opsfleet worker --host NAME`), which alone consumes this queue."""
     return f"opsfleet.host.{host}"
 
+
 def known_queues(loaded: LoadedConfig) -> list[str]:
     """Every queue the configuration can route to: the shared ones and each pinned host's."""
     config = loaded.config
@@ -36,7 +37,13 @@ def known_queues(loaded: LoadedConfig) -> list[str]:
     return [*QUEUES, *(host_queue(h) for h in sorted(hosts))]
 
 
-TASK_MODULES = ("worker.tasks.runs", "worker.tasks.report", "worker.tasks.report_github", "worker.tasks.sweeper", "worker.tasks.schedule")
+TASK_MODULES = (
+    "worker.tasks.runs",
+    "worker.tasks.report",
+    "worker.tasks.report_github",
+    "worker.tasks.sweeper",
+    "worker.tasks.schedule",
+)
 
 # Task name → queue. The edge only enqueues by name, so it needs none of the
 # task code (Docker, Slack) to start.

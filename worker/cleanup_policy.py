@@ -32,7 +32,7 @@ class ImageVerdict:
 
 
 def repository_of(reference: str) -> str:
-    """"reg:5000/shop/api:1.2" → "reg:5000/shop/api" (a colon after the last slash is the tag)."""
+    """ "reg:5000/shop/api:1.2" → "reg:5000/shop/api" (a colon after the last slash is the tag)."""
     name = reference.partition("@")[0]
     head, sep, tail = name.rpartition(":")
     return head if sep and "/" not in tail else name

@@ -32,6 +32,7 @@ def _size_or_none(value: int | str | None) -> int | None:
 def _seconds_or_none(value: int | str | None) -> int | None:
     return None if value is None else int(parse_span(value).total_seconds())
 
+
 CONFIG_ENV = "OPSFLEET_CONFIG"
 DEFAULT_CONFIG_FILE = "opsfleet.yaml"
 
@@ -149,7 +150,9 @@ class ServiceSpec(_Strict):
     container: str | None = Field(default=None, description="Container name.")
     compose_project: str | None = None
     compose_service: str | None = None
-    health_url: str | None = Field(default=None, pattern=r"^https?://[^\s]+$", description="http(s) URL answering 2xx when healthy.")
+    health_url: str | None = Field(
+        default=None, pattern=r"^https?://[^\s]+$", description="http(s) URL answering 2xx when healthy."
+    )
     host: str | None = Field(
         default=None,
         pattern=r"^[a-z0-9][a-z0-9_.-]{0,62}$",
@@ -165,7 +168,13 @@ class ServiceSpec(_Strict):
 
 # The playbooks a rule may name (tests check this against worker.tasks.playbooks).
 RULE_PLAYBOOKS = (
-    "restart_service", "recreate_service", "verify", "escalate", "free_disk", "rotate_logs", "run_backup",
+    "restart_service",
+    "recreate_service",
+    "verify",
+    "escalate",
+    "free_disk",
+    "rotate_logs",
+    "run_backup",
 )
 # Playbooks that act on the host (all log sets, all backup series) rather than
 # on one service: their rules need no target, and their runs' target is "all".
@@ -219,7 +228,8 @@ class LogSetSpec(_Strict):
     )
     # copytruncate only: the writer is paused for the final copy and the truncate.
     pause_service: str | None = Field(
-        default=None, description="copytruncate: pause this service's container; else stop the processes holding the file."
+        default=None,
+        description="copytruncate: pause this service's container; else stop the processes holding the file.",
     )
     writer_appends: bool = Field(
         default=False, description="copytruncate: you checked that the writer opens the file with O_APPEND."
@@ -287,7 +297,9 @@ class LoggingSettings(_Strict):
 class ImageCleanupSettings(_Strict):
     keep: int = Field(default=3, ge=1, description="Newest images kept per repository.")
     repositories: tuple[str, ...] = Field(default=(), description='Repositories to prune, e.g. "shop/api".')
-    services: tuple[str, ...] = Field(default=(), description="Configured services whose container's repository is pruned.")
+    services: tuple[str, ...] = Field(
+        default=(), description="Configured services whose container's repository is pruned."
+    )
     protect: tuple[str, ...] = Field(default=(), description="Image references never removed (repo:tag or id).")
     dangling: bool = True
 
@@ -296,7 +308,9 @@ class CleanupSettings(_Strict):
     at: str = Field(default="03:30", pattern=r"^([01]\d|2[0-3]):[0-5]\d$", description="Daily, HH:MM UTC.")
     images: ImageCleanupSettings = ImageCleanupSettings()
     runs_max_age: int | str | None = Field(
-        default="90d", validate_default=True, description="Finished runs older than this leave the ledger (counted in run_archive)."
+        default="90d",
+        validate_default=True,
+        description="Finished runs older than this leave the ledger (counted in run_archive).",
     )
 
     _span = field_validator("runs_max_age")(lambda cls, v: _seconds_or_none(v))
@@ -304,9 +318,7 @@ class CleanupSettings(_Strict):
 
 class TargetSpec(_Strict):
     service: str | None = Field(default=None, description="Always act on this configured service.")
-    service_label: str | None = Field(
-        default=None, description="Alert label whose value names a configured service."
-    )
+    service_label: str | None = Field(default=None, description="Alert label whose value names a configured service.")
 
     @model_validator(mode="after")
     def _one_way(self) -> TargetSpec:
@@ -399,9 +411,7 @@ class RuleSpec(_Strict):
         if self.target is None and self.playbook not in ("escalate", *HOST_PLAYBOOKS):
             raise ValueError(f"target is required for playbook {self.playbook}")
         if self.target is not None and self.playbook in HOST_PLAYBOOKS:
-            raise ValueError(
-                f"{self.playbook} acts on the host (every log set, every backup series): remove target"
-            )
+            raise ValueError(f"{self.playbook} acts on the host (every log set, every backup series): remove target")
         return self
 
     @field_validator("match", mode="before")
@@ -410,7 +420,7 @@ class RuleSpec(_Strict):
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, list) or not value or not all(isinstance(item, str) for item in value):
-            raise ValueError('a list of label matcher strings, e.g. [\'alertname="ServiceDown"\']')
+            raise ValueError("a list of label matcher strings, e.g. ['alertname=\"ServiceDown\"']")
         return tuple(str(parse_matcher(item)) for item in value)
 
     @property
@@ -476,7 +486,9 @@ class SeriesSpec(_Strict):
         description="Configured service whose container runs PostgreSQL: dump and restore by `docker exec`; "
         "database_url is then the connection as seen inside the container.",
     )
-    bin_dir: str | None = Field(default=None, description="Where pg_dump/psql are inside the container (default: PATH).")
+    bin_dir: str | None = Field(
+        default=None, description="Where pg_dump/psql are inside the container (default: PATH)."
+    )
     exec_user: str = Field(default="postgres", description="User the tools run as inside the container.")
     stop_services: tuple[str, ...] = Field(
         default=(), description="Configured services using this database: stopped for a restore's swap, then started."
@@ -518,7 +530,8 @@ class BackupSchedule(_Strict):
     weekly_on: Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"] = "sun"
     monthly_on: int = Field(default=1, ge=1, le=28)
     summary_at: str = Field(
-        default="08:00", pattern=r"^([01]\d|2[0-3]):[0-5]\d$",
+        default="08:00",
+        pattern=r"^([01]\d|2[0-3]):[0-5]\d$",
         description="Local time of the daily summary (a run reported to Slack; failed when a backup is stale).",
     )
     enabled: bool = True
@@ -540,7 +553,9 @@ class BackupSettings(_Strict):
     compression: Literal["zstd", "gzip"] = "zstd"
     zstd_level: int = Field(default=3, ge=1, le=19)
     threads: int = Field(default=2, ge=1, le=64, description="zstd worker threads.")
-    lock_ttl_seconds: int = Field(default=6 * 3600, ge=60, description="A crashed worker's series lock expires after this.")
+    lock_ttl_seconds: int = Field(
+        default=6 * 3600, ge=60, description="A crashed worker's series lock expires after this."
+    )
     free_space_factor: float = Field(default=1.2, ge=1.0, description="Need previous size × this free before starting.")
     min_free_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
     step_timeout_seconds: int = Field(
@@ -591,19 +606,26 @@ class DeployEnvironment(_Strict):
     branch: str | None = Field(default=None, description="A push to this branch deploys its head commit.")
     tags: bool = Field(default=False, description="A push of a v* tag deploys it.")
     deployments: bool = Field(
-        default=False, description="A `deployment` event (Deployments API) for an environment of this name deploys its sha."
+        default=False,
+        description="A `deployment` event (Deployments API) for an environment of this name deploys its sha.",
     )
     workflow: str | None = Field(
-        default=None, min_length=1,
+        default=None,
+        min_length=1,
         description="Deploy after CI: a workflow (name or .github/workflows/ path) completing with success on `branch` "
         "deploys its head commit; pushes to the branch then wait for it.",
     )
     repository: str | None = Field(
-        default=None, pattern=r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$",
+        default=None,
+        pattern=r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$",
         description="Accept pushes of this GitHub repository only (owner/name); default: any.",
     )
-    services: tuple[str, ...] = Field(min_length=1, description="Configured services this environment deploys, in order.")
-    image: str | None = Field(default=None, description='Image repository for every service, e.g. "registry:5000/shop".')
+    services: tuple[str, ...] = Field(
+        min_length=1, description="Configured services this environment deploys, in order."
+    )
+    image: str | None = Field(
+        default=None, description='Image repository for every service, e.g. "registry:5000/shop".'
+    )
     images: dict[str, str] = Field(default_factory=dict, description="Image repository per service (overrides image).")
     tag_template: str = Field(default="{branch}-{short_sha}", description="Fields: {sha} {short_sha} {branch} {tag}.")
     health: HealthGate = HealthGate()
@@ -622,7 +644,9 @@ class DeployEnvironment(_Strict):
             raise ValueError(f"not a template: {err}") from None
         for name in names:
             if name not in _TEMPLATE_FIELDS:
-                raise ValueError(f'unknown field "{{{name}}}" (use {", ".join("{" + f + "}" for f in _TEMPLATE_FIELDS)})')
+                raise ValueError(
+                    f'unknown field "{{{name}}}" (use {", ".join("{" + f + "}" for f in _TEMPLATE_FIELDS)})'
+                )
         return value
 
     @model_validator(mode="after")
@@ -743,9 +767,7 @@ def mask_url_password(url: str) -> str:
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
-def _interpolate(
-    node: Any, path: tuple, environ: dict[str, str], found: dict[tuple, str], problems: list[str]
-) -> Any:
+def _interpolate(node: Any, path: tuple, environ: dict[str, str], found: dict[tuple, str], problems: list[str]) -> Any:
     if isinstance(node, dict):
         return {key: _interpolate(value, (*path, key), environ, found, problems) for key, value in node.items()}
     if isinstance(node, list):
@@ -821,10 +843,15 @@ def _cross_check(config: Config) -> list[str]:
             f"({config.broker.visibility_timeout_seconds}), or Redis re-delivers a backup step that is still running"
         )
     if "opsfleet" in config.rotation.sets and config.logging.files:
-        problems.append('rotation.sets.opsfleet: the name is taken by opsfleet\'s own logs (configure them under logging.rotate)')
+        problems.append(
+            "rotation.sets.opsfleet: the name is taken by opsfleet's own logs (configure them under logging.rotate)"
+        )
     for name, spec in config.rotation.sets.items():
         where = f"rotation.sets.{name}"
-        for key, service in (("reopen.service", spec.reopen and spec.reopen.service), ("pause_service", spec.pause_service)):
+        for key, service in (
+            ("reopen.service", spec.reopen and spec.reopen.service),
+            ("pause_service", spec.pause_service),
+        ):
             if service and service not in config.services:
                 known = ", ".join(names) or "none configured"
                 problems.append(f'{where}.{key}: unknown service "{service}" (services: {known})')
@@ -839,13 +866,13 @@ def _cross_check(config: Config) -> list[str]:
                 known = ", ".join(names) or "none configured"
                 problems.append(f'{where}.services[{i}]: unknown service "{service}" (services: {known})')
             elif not env.image_repository(service):
-                problems.append(f'{where}.images.{service}: no image repository (set image or images.{service})')
+                problems.append(f"{where}.images.{service}: no image repository (set image or images.{service})")
             if service in deploy_owner:
                 problems.append(f'{where}.services[{i}]: "{service}" is deployed by {deploy_owner[service]} already')
             deploy_owner.setdefault(service, where)
         for service in env.images:
             if service not in env.services:
-                problems.append(f'{where}.images.{service}: not one of this environment\'s services')
+                problems.append(f"{where}.images.{service}: not one of this environment's services")
         gate = env.health
         # The health step may gate, roll back (stop + start each service) and gate again.
         worst = 2 * gate.timeout_seconds + 2 * env.stop_timeout_seconds * len(env.services)
@@ -877,9 +904,7 @@ def config_warnings(config: Config) -> list[str]:
     return warnings
 
 
-def parse_config(
-    raw: Any, *, source: str, base_dir: Path, environ: dict[str, str] | None = None
-) -> LoadedConfig:
+def parse_config(raw: Any, *, source: str, base_dir: Path, environ: dict[str, str] | None = None) -> LoadedConfig:
     environ = dict(os.environ if environ is None else environ)
     if raw is None:
         raw = {}
@@ -913,9 +938,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} is given twice", key_node.start_mark
-                )
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep)
 

@@ -121,13 +121,17 @@ def decide_deployment(payload: dict, config: Config) -> PushDecision:
         return PushDecision((), f"deployment sha is not a commit sha: {str(sha)[:50]!r}")
     env = config.deploy.environments.get(name) if isinstance(name, str) else None
     if env is None or not env.deployments:
-        return PushDecision((), f"environment {str(name)[:64]!r} does not take deployments (deploy.environments.<name>.deployments)")
+        return PushDecision(
+            (), f"environment {str(name)[:64]!r} does not take deployments (deploy.environments.<name>.deployments)"
+        )
     repo = (payload.get("repository") or {}).get("full_name") or ""
     if env.repository and env.repository.lower() != repo.lower():
         return PushDecision((), f"{name}: repository {repo or '(none)'} is not {env.repository}")
     tag = ref if isinstance(ref, str) and ref.startswith("v") else ""
     if "{tag}" in env.tag_template and not tag:
-        return PushDecision((), f"{name}: tag_template {env.tag_template} needs {{tag}}, which ref {ref!r} does not give")
+        return PushDecision(
+            (), f"{name}: tag_template {env.tag_template} needs {{tag}}, which ref {ref!r} does not give"
+        )
     image = image_tag(env, sha=sha, branch=str(ref), tag=tag)
     when = _epoch(deployment.get("created_at"))
     deployment_id = deployment.get("id") if isinstance(deployment.get("id"), int) else None
@@ -141,8 +145,11 @@ def decide_workflow_run(payload: dict, config: Config) -> PushDecision:
     if not isinstance(run, dict):
         return PushDecision((), "not a workflow_run payload: no workflow_run object")
     if payload.get("action") != "completed" or run.get("conclusion") != "success":
-        return PushDecision((), f"workflow run {payload.get('action')}, conclusion {run.get('conclusion')}: "
-                                "only completed successful runs deploy")
+        return PushDecision(
+            (),
+            f"workflow run {payload.get('action')}, conclusion {run.get('conclusion')}: "
+            "only completed successful runs deploy",
+        )
     sha, branch = run.get("head_sha"), run.get("head_branch")
     if not isinstance(sha, str) or not (len(sha) == 40 and all(c in "0123456789abcdef" for c in sha)):
         return PushDecision((), f"head_sha is not a commit sha: {str(sha)[:50]!r}")
@@ -203,8 +210,14 @@ def judge_deploy(
 def manual_deploy_params(environment: str, env: DeployEnvironment, sha: str, git_tag: str, now: float) -> dict:
     """Run params of a deliberate deploy (CLI, API): its order is the time it was asked."""
     tag = image_tag(env, sha=sha, branch=env.branch or "", tag=git_tag)
-    return {"environment": environment, "sha": sha, "ref": git_tag or env.branch or "", "tag": tag,
-            "images": images_for(env, tag), "order": [now, now]}
+    return {
+        "environment": environment,
+        "sha": sha,
+        "ref": git_tag or env.branch or "",
+        "tag": tag,
+        "images": images_for(env, tag),
+        "order": [now, now],
+    }
 
 
 def rollback_target(releases: list[dict], release_id: int | None) -> tuple[dict | None, str]:
@@ -218,5 +231,12 @@ def rollback_target(releases: list[dict], release_id: int | None) -> tuple[dict 
 
 
 def rollback_params(environment: str, release: dict, now: float) -> dict:
-    return {"environment": environment, "sha": release["sha"], "ref": release["ref"], "tag": "",
-            "images": release["images"], "order": [now, now], "rollback_to": release["id"]}
+    return {
+        "environment": environment,
+        "sha": release["sha"],
+        "ref": release["ref"],
+        "tag": "",
+        "images": release["images"],
+        "order": [now, now],
+        "rollback_to": release["id"],
+    }

@@ -172,6 +172,7 @@ def _log_uncaught() -> None:
 
     sys.excepthook = hook
     threading.excepthook = lambda args: logging.getLogger("opsfleet").critical(
-        "uncaught exception in thread %s", args.thread.name if args.thread else "?",
+        "uncaught exception in thread %s",
+        args.thread.name if args.thread else "?",
         exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
     )

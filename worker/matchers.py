@@ -48,7 +48,7 @@ def parse_matcher(text: str) -> Matcher:
         raise ValueError(f"matcher must be a string like 'alertname=\"X\"', got {type(text).__name__}")
     found = _SHAPE.match(text)
     if not found:
-        raise ValueError(f"cannot parse matcher {text!r}: expected name=\"value\" with one of {', '.join(OPERATORS)}")
+        raise ValueError(f'cannot parse matcher {text!r}: expected name="value" with one of {", ".join(OPERATORS)}')
     name, op, value = found.group("name", "op", "value")
     if op not in OPERATORS:
         raise ValueError(f'unknown operator "{op}" in {text!r} (use one of {", ".join(OPERATORS)})')

@@ -35,7 +35,9 @@ class Runtime:
 
     @property
     def ledger(self) -> Ledger:
-        return self._handle("ledger", lambda: Ledger(ledger_url(self.secrets.get("DATABASE_URL"), self.loaded.data_dir)))
+        return self._handle(
+            "ledger", lambda: Ledger(ledger_url(self.secrets.get("DATABASE_URL"), self.loaded.data_dir))
+        )
 
     @property
     def docker(self) -> DockerAdapter:

@@ -30,8 +30,9 @@ def connect_worker_signals(app: Celery) -> None:
         # The main process only (children are forked before this); sender is the consumer.
         queues = [q.name for q in sender.task_consumer.queues] if sender.task_consumer else []
         heartbeats.append(
-            Heartbeat(app.opsfleet.ledger, sender.hostname, queues,
-                      app.opsfleet.config.worker.heartbeat_interval_seconds).start()
+            Heartbeat(
+                app.opsfleet.ledger, sender.hostname, queues, app.opsfleet.config.worker.heartbeat_interval_seconds
+            ).start()
         )
 
     servers: list = []

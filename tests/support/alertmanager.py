@@ -10,7 +10,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import tempfile
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import requests
@@ -22,7 +22,7 @@ BINARY = "prometheus-alertmanager"
 
 
 def _rfc3339(t: datetime) -> str:
-    return t.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+    return t.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 class Alertmanager(ServerProcess):
@@ -94,7 +94,6 @@ class Alertmanager(ServerProcess):
     def stop(self) -> None:
         stop_process(self._proc)
 
-
     def post_alerts(self, alerts: list[dict]) -> None:
         resp = requests.post(f"{self.url}/api/v2/alerts", json=alerts, timeout=5)
         resp.raise_for_status()
@@ -111,6 +110,6 @@ class Alertmanager(ServerProcess):
     def resolve(self, labels: dict) -> dict:
         """Re-posts the alert with endsAt in the past, which is how Alertmanager learns of a resolve."""
         previous = self._alerts.get(tuple(sorted(labels.items())), {"labels": dict(labels)})
-        alert = {**previous, "endsAt": _rfc3339(datetime.now(timezone.utc) - timedelta(seconds=1))}
+        alert = {**previous, "endsAt": _rfc3339(datetime.now(UTC) - timedelta(seconds=1))}
         self.post_alerts([alert])
         return alert

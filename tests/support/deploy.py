@@ -72,5 +72,9 @@ def signed_push(secret: str, commit: str, pushed_at: int, delivery: str | None =
     payload["repository"]["pushed_at"] = pushed_at
     data = json.dumps(payload).encode()
     signature = "sha256=" + hmac.new(secret.encode(), data, hashlib.sha256).hexdigest()
-    return data, {"X-GitHub-Event": "push", "X-GitHub-Delivery": delivery or str(uuid.uuid4()),
-                  "X-Hub-Signature-256": signature, "Content-Type": "application/json"}
+    return data, {
+        "X-GitHub-Event": "push",
+        "X-GitHub-Delivery": delivery or str(uuid.uuid4()),
+        "X-Hub-Signature-256": signature,
+        "Content-Type": "application/json",
+    }

@@ -52,11 +52,31 @@ class Fleet:
     def argv(self, name: str) -> list[str]:
         celery = [sys.executable, "-m", "celery", "-A", "worker.celery_app"]
         if name == "web":
-            return [sys.executable, "-m", "gunicorn", "-c", "python:opsfleet.gunicorn_conf",
-                    "--bind", f"127.0.0.1:{self.port}", "--workers", "2", "webhooks:create_app()"]
+            return [
+                sys.executable,
+                "-m",
+                "gunicorn",
+                "-c",
+                "python:opsfleet.gunicorn_conf",
+                "--bind",
+                f"127.0.0.1:{self.port}",
+                "--workers",
+                "2",
+                "webhooks:create_app()",
+            ]
         if name == "worker":
-            return [*celery, "worker", "--concurrency", "2", "--loglevel", "INFO", "--without-gossip",
-                    "--without-mingle", "--hostname", f"e2e-{uuid.uuid4().hex[:6]}@%h"]
+            return [
+                *celery,
+                "worker",
+                "--concurrency",
+                "2",
+                "--loglevel",
+                "INFO",
+                "--without-gossip",
+                "--without-mingle",
+                "--hostname",
+                f"e2e-{uuid.uuid4().hex[:6]}@%h",
+            ]
         if name.startswith("worker@"):  # a host's worker: opsfleet worker --host NAME
             host = name.split("@", 1)[1]
             return [sys.executable, "-m", "opsfleet.cli", "worker", "--host", host, "--concurrency", "1"]
@@ -71,7 +91,11 @@ class Fleet:
         for name in names or ("web", "worker", "beat"):
             handle = open(self.log(name), "ab")
             self.procs[name] = subprocess.Popen(
-                self.argv(name), env=self.env, cwd=str(self.folder), stdout=handle, stderr=subprocess.STDOUT,
+                self.argv(name),
+                env=self.env,
+                cwd=str(self.folder),
+                stdout=handle,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
             handle.close()

@@ -72,9 +72,14 @@ class GitHubRecorder:
                 return 422, {"message": "Validation Failed"}
             deployment_id = 1000 + len(self.deployments)
             self.deployments[deployment_id] = {
-                "id": deployment_id, "sha": body["ref"], "ref": body["ref"], "repository": match.group(1),
-                "environment": body.get("environment", "production"), "payload": body.get("payload", {}),
-                "auto_merge": body.get("auto_merge"), "required_contexts": body.get("required_contexts"),
+                "id": deployment_id,
+                "sha": body["ref"],
+                "ref": body["ref"],
+                "repository": match.group(1),
+                "environment": body.get("environment", "production"),
+                "payload": body.get("payload", {}),
+                "auto_merge": body.get("auto_merge"),
+                "required_contexts": body.get("required_contexts"),
                 "statuses": [],
             }
             shown = {k: v for k, v in self.deployments[deployment_id].items() if k != "statuses"}

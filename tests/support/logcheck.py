@@ -29,7 +29,11 @@ class Audit:
 def audit(live: Path, expected: int) -> Audit:
     """Every line of `live` and its rotated siblings (decompressed): which of 0..expected-1 are missing or doubled."""
     files = [live] if live.exists() else []
-    files += sorted(p for p in live.parent.iterdir() if p.name.startswith(live.name + ".") and _ROTATED.search(p.name[len(live.name):]))
+    files += sorted(
+        p
+        for p in live.parent.iterdir()
+        if p.name.startswith(live.name + ".") and _ROTATED.search(p.name[len(live.name) :])
+    )
     seen: Counter[int] = Counter()
     nul = garbled = lines = 0
     for path in files:

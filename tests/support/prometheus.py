@@ -16,8 +16,14 @@ BINARY = "prometheus"
 
 
 class Prometheus(ServerProcess):
-    def __init__(self, scrape: dict[str, list[str]], rule_files: list[Path], alertmanager_url: str | None = None,
-                 interval: str = "1s", start_timeout: float = 30):
+    def __init__(
+        self,
+        scrape: dict[str, list[str]],
+        rule_files: list[Path],
+        alertmanager_url: str | None = None,
+        interval: str = "1s",
+        start_timeout: float = 30,
+    ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.dir = Path(tempfile.mkdtemp(prefix="opsfleet-prometheus-"))
@@ -27,18 +33,26 @@ class Prometheus(ServerProcess):
         config = {
             "global": {"scrape_interval": interval, "evaluation_interval": interval},
             "rule_files": [str(p) for p in rule_files],
-            "scrape_configs": [{"job_name": job, "static_configs": [{"targets": targets}]} for job, targets in scrape.items()],
+            "scrape_configs": [
+                {"job_name": job, "static_configs": [{"targets": targets}]} for job, targets in scrape.items()
+            ],
         }
         if alertmanager_url:
-            config["alerting"] = {"alertmanagers": [{"static_configs": [{"targets": [alertmanager_url.split("://", 1)[1]]}]}]}
+            config["alerting"] = {
+                "alertmanagers": [{"static_configs": [{"targets": [alertmanager_url.split("://", 1)[1]]}]}]
+            }
         self.config_file = self.dir / "prometheus.yml"
         self.config_file.write_text(yaml.safe_dump(config, sort_keys=False))
 
     def start(self) -> Prometheus:
         if shutil.which(BINARY) is None:
             raise RuntimeError(f"{BINARY} is not installed. Install it with: bash scripts/services.sh")
-        cmd = [BINARY, f"--config.file={self.config_file}", f"--storage.tsdb.path={self.dir / 'data'}",
-               f"--web.listen-address=127.0.0.1:{self.port}"]
+        cmd = [
+            BINARY,
+            f"--config.file={self.config_file}",
+            f"--storage.tsdb.path={self.dir / 'data'}",
+            f"--web.listen-address=127.0.0.1:{self.port}",
+        ]
         with open(self._log, "ab") as log:
             self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
 

@@ -16,7 +16,9 @@ from worker.tasks.steps import StepContext
 def make_ctx(tmp_path: Path, sets: dict[str, Any], services: dict | None = None, target: str = "all") -> StepContext:
     loaded = parse_config(
         {"fleet": {"data_dir": str(tmp_path / "data")}, "rotation": {"sets": sets}, "services": services or {}},
-        source="test", base_dir=tmp_path, environ={"DOCKER_HOST": TEST_DOCKER_HOST},
+        source="test",
+        base_dir=tmp_path,
+        environ={"DOCKER_HOST": TEST_DOCKER_HOST},
     )
     return StepContext(Runtime(loaded), {"id": 0, "target": target, "params": {}, "started_at": utcnow()})
 

@@ -27,9 +27,7 @@ from redis.retry import Retry
 
 START_HINT = "Start it with: bash scripts/services.sh"
 
-TEST_DOCKER_HOST = os.environ.get(
-    "OPSFLEET_TEST_DOCKER_HOST", "unix:///run/opsfleet-test-docker/docker.sock"
-)
+TEST_DOCKER_HOST = os.environ.get("OPSFLEET_TEST_DOCKER_HOST", "unix:///run/opsfleet-test-docker/docker.sock")
 TEST_IMAGE = "opsfleet-test/busybox:1"
 
 SHARED_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -47,9 +45,7 @@ class GaveUp(Exception):
     """Raised by a wait_for predicate to stop waiting at once (say, the server process died)."""
 
 
-def wait_for(
-    predicate: Callable[[], object], timeout: float, interval: float = 0.1, what: str = "condition"
-) -> object:
+def wait_for(predicate: Callable[[], object], timeout: float, interval: float = 0.1, what: str = "condition") -> object:
     """Polls predicate until it returns something truthy; returns that value.
 
     Exceptions from predicate count as "not yet", so it can probe a server still starting;
@@ -219,7 +215,6 @@ class PrivateRedis(ServerProcess):
         stop_process(self._proc)
 
 
-
 # --- PostgreSQL ------------------------------------------------------------------------------------
 
 
@@ -285,7 +280,6 @@ class PrivatePostgres(ServerProcess):
     def stop(self) -> None:
         # SIGINT is PostgreSQL's "fast" shutdown: it does not wait for clients to disconnect.
         stop_process(self._proc, signal.SIGINT, timeout=30)
-
 
 
 @contextlib.contextmanager

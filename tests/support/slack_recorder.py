@@ -55,7 +55,9 @@ class SlackRecorder:
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
         self.base_url = f"http://127.0.0.1:{self.port}/api/"
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), name="slack-recorder", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, args=(0.05,), name="slack-recorder", daemon=True
+        )
         self._thread.start()
 
     # --- test-facing API ---

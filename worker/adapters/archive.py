@@ -63,9 +63,7 @@ class Watchdog:
 def run(argv: list[str], timeout: float, env: dict[str, str] | None = None, stdin_bytes: bytes | None = None) -> str:
     """Run a tool to completion; its stdout, or ArchiveError with its stderr tail."""
     try:
-        done = subprocess.run(
-            argv, input=stdin_bytes, capture_output=True, timeout=timeout, env=env, check=False
-        )
+        done = subprocess.run(argv, input=stdin_bytes, capture_output=True, timeout=timeout, env=env, check=False)
     except subprocess.TimeoutExpired:
         raise ArchiveError(f"{argv[0]} did not finish within {timeout:.0f}s") from None
     except OSError as err:

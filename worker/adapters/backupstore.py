@@ -120,9 +120,7 @@ def get_set(root: Path, set_id: str) -> BackupSet | None:
 
 
 def retention_inputs(sets: list[BackupSet]) -> list[Backup]:
-    return [
-        Backup(s.id, series, s.item_taken_at(series), s.verified(series)) for s in sets for series in s.items
-    ]
+    return [Backup(s.id, series, s.item_taken_at(series), s.verified(series)) for s in sets for series in s.items]
 
 
 def forget_item(backup_set: BackupSet, series: str, reasons: str, now: datetime) -> bool:

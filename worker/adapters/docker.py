@@ -8,7 +8,6 @@ socket timeout, plus the stop timeout given to the daemon for restarts.
 from __future__ import annotations
 
 import contextlib
-
 from dataclasses import dataclass
 
 import docker
@@ -305,12 +304,15 @@ class DockerAdapter:
         except DockerException as err:
             raise DockerError(f"container {container.name}: start failed: {err}") from None
 
-    def exec_process(self, container, argv: list[str], env: dict[str, str], user: str = "", stdin: bool = False,
-                     stderr_path=None) -> "ExecProcess":
+    def exec_process(
+        self, container, argv: list[str], env: dict[str, str], user: str = "", stdin: bool = False, stderr_path=None
+    ) -> ExecProcess:
         """`docker exec` a command, streaming: see ExecProcess. argv is a list (no shell)."""
         api = self.client.api
         try:
-            created = api.exec_create(container.id, argv, stdout=True, stderr=True, stdin=stdin, user=user, environment=env)
+            created = api.exec_create(
+                container.id, argv, stdout=True, stderr=True, stdin=stdin, user=user, environment=env
+            )
             sock = api.exec_start(created["Id"], socket=True)
         except DockerException as err:
             raise DockerError(f"container {container.name}: cannot exec {argv[0]}: {err}") from None
@@ -410,7 +412,7 @@ class DockerAdapter:
 
 
 class _ExecStdout:
-    def __init__(self, proc: "ExecProcess"):
+    def __init__(self, proc: ExecProcess):
         self.proc = proc
 
     def read(self, n: int = -1) -> bytes:
@@ -421,7 +423,7 @@ class _ExecStdout:
 
 
 class _ExecStdin:
-    def __init__(self, proc: "ExecProcess"):
+    def __init__(self, proc: ExecProcess):
         self.proc = proc
 
     def write(self, data: bytes) -> int:

@@ -36,8 +36,15 @@ def worker_is_up(row: dict[str, Any], now) -> bool:
 
 
 class FleetCollector:
-    def __init__(self, ledger: Ledger, broker_url: str, transport_options: dict, queues: Iterable[str],
-                 forget_after_seconds: float, timeout_seconds: float = 1.0):
+    def __init__(
+        self,
+        ledger: Ledger,
+        broker_url: str,
+        transport_options: dict,
+        queues: Iterable[str],
+        forget_after_seconds: float,
+        timeout_seconds: float = 1.0,
+    ):
         self.ledger = ledger
         self.broker_url = broker_url
         self.options = transport_options
@@ -70,12 +77,17 @@ class FleetCollector:
             return
         ledger_up.add_metric([], 1)
         yield ledger_up
-        up = GaugeMetricFamily("celery_worker_up", "Indicates if a worker has recently sent a heartbeat.",
-                               labels=["hostname"])
-        last_seen = GaugeMetricFamily("opsfleet_worker_last_heartbeat_timestamp_seconds",
-                                      "When the worker last wrote its heartbeat (Unix time).", labels=["hostname"])
-        active = GaugeMetricFamily("celery_active_worker_count", "The number of active workers in broker queue.",
-                                   labels=["queue_name"])
+        up = GaugeMetricFamily(
+            "celery_worker_up", "Indicates if a worker has recently sent a heartbeat.", labels=["hostname"]
+        )
+        last_seen = GaugeMetricFamily(
+            "opsfleet_worker_last_heartbeat_timestamp_seconds",
+            "When the worker last wrote its heartbeat (Unix time).",
+            labels=["hostname"],
+        )
+        active = GaugeMetricFamily(
+            "celery_active_worker_count", "The number of active workers in broker queue.", labels=["queue_name"]
+        )
         per_queue = dict.fromkeys(self.queues, 0)
         for row in rows:
             alive = worker_is_up(row, now)
@@ -99,8 +111,9 @@ class FleetCollector:
             yield broker_up
             return
         broker_up.add_metric([], 1)
-        family = GaugeMetricFamily("celery_queue_length", "The number of message in broker queue.",
-                                   labels=["queue_name"])
+        family = GaugeMetricFamily(
+            "celery_queue_length", "The number of message in broker queue.", labels=["queue_name"]
+        )
         for queue, length in sorted(lengths.items()):
             family.add_metric([queue], length)
         yield broker_up
@@ -132,7 +145,7 @@ class FleetCollector:
                 pipe.llen(f"{prefix}{queue}{REDIS_PRIORITY_SEP}{priority}")
         answers = pipe.execute()
         per = 1 + len(REDIS_PRIORITY_STEPS)
-        return {queue: sum(answers[i * per:(i + 1) * per]) for i, queue in enumerate(self.queues)}
+        return {queue: sum(answers[i * per : (i + 1) * per]) for i, queue in enumerate(self.queues)}
 
     def _folder_lengths(self, folder: Path) -> dict[str, int]:
         # kombu names each message "<ms>_<uuid>.<queue>.msg".

@@ -34,9 +34,15 @@ class GitHubAdapter:
         url = (self.api_url or DEFAULT_API_URL).rstrip("/") + path
         try:
             answer = requests.post(
-                url, json=body, timeout=self.timeout_seconds,
-                headers={"Authorization": f"Bearer {self.token}", "Accept": "application/vnd.github+json",
-                         "X-GitHub-Api-Version": API_VERSION, "User-Agent": "opsfleet"},
+                url,
+                json=body,
+                timeout=self.timeout_seconds,
+                headers={
+                    "Authorization": f"Bearer {self.token}",
+                    "Accept": "application/vnd.github+json",
+                    "X-GitHub-Api-Version": API_VERSION,
+                    "User-Agent": "opsfleet",
+                },
             )
         except requests.RequestException as err:
             raise GitHubError(f"POST {path}: {err.__class__.__name__}", retryable=True) from None
@@ -48,19 +54,34 @@ class GitHubAdapter:
         except ValueError:
             raise GitHubError(f"POST {path}: 201 without a JSON body", retryable=False) from None
 
-    def create_deployment(self, repository: str, *, ref: str, environment: str, description: str,
-                          payload: dict) -> int:
+    def create_deployment(self, repository: str, *, ref: str, environment: str, description: str, payload: dict) -> int:
         """A deployment of `ref` (a sha): no auto-merge, no required contexts (opsfleet decided already)."""
-        created = self._post(f"/repos/{repository}/deployments", {
-            "ref": ref, "environment": environment, "description": description[:140], "payload": payload,
-            "auto_merge": False, "required_contexts": [], "production_environment": environment == "production",
-        })
+        created = self._post(
+            f"/repos/{repository}/deployments",
+            {
+                "ref": ref,
+                "environment": environment,
+                "description": description[:140],
+                "payload": payload,
+                "auto_merge": False,
+                "required_contexts": [],
+                "production_environment": environment == "production",
+            },
+        )
         if not isinstance(created.get("id"), int):
             raise GitHubError(f"deployment of {ref}: 201 without an id", retryable=False)
         return created["id"]
 
-    def create_status(self, repository: str, deployment_id: int, *, state: str, description: str,
-                      log_url: str | None, environment: str) -> None:
+    def create_status(
+        self,
+        repository: str,
+        deployment_id: int,
+        *,
+        state: str,
+        description: str,
+        log_url: str | None,
+        environment: str,
+    ) -> None:
         body = {"state": state, "description": description[:140], "environment": environment, "auto_inactive": False}
         if log_url:
             body["log_url"] = log_url

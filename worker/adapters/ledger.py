@@ -14,8 +14,8 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -472,13 +472,9 @@ class Ledger:
                     return "interrupted"
                 if existing is not None:
                     return "done"
+                conn.execute(steps.insert().values(run_id=run_id, seq=seq, name=name, status="running", started_at=now))
                 conn.execute(
-                    steps.insert().values(run_id=run_id, seq=seq, name=name, status="running", started_at=now)
-                )
-                conn.execute(
-                    runs.update()
-                    .where(runs.c.id == run_id)
-                    .values(lease_until=now + timedelta(seconds=lease_seconds))
+                    runs.update().where(runs.c.id == run_id).values(lease_until=now + timedelta(seconds=lease_seconds))
                 )
                 return "start"
         except IntegrityError:
@@ -610,18 +606,32 @@ class Ledger:
             return conn.execute(sa.select(runs.c.status).where(runs.c.id == run_id)).scalar()
 
     def start_release(
-        self, *, environment: str, sha: str, ref: str, images: dict[str, str], previous_images: dict[str, str],
-        run_id: int, order: tuple[float, float],
+        self,
+        *,
+        environment: str,
+        sha: str,
+        ref: str,
+        images: dict[str, str],
+        previous_images: dict[str, str],
+        run_id: int,
+        order: tuple[float, float],
     ) -> dict[str, Any]:
         """The release row of a deploy run, created once (a re-run finds it)."""
         with self._tx() as conn:
             conn.execute(
                 self._insert(releases)
                 .values(
-                    environment=environment, sha=sha, ref=ref, images=json.dumps(images, sort_keys=True),
-                    previous_images=json.dumps(previous_images, sort_keys=True), run_id=run_id,
-                    pushed_at=float(order[0]), committed_at=float(order[1]), status="deploying",
-                    current=False, created_at=utcnow(),
+                    environment=environment,
+                    sha=sha,
+                    ref=ref,
+                    images=json.dumps(images, sort_keys=True),
+                    previous_images=json.dumps(previous_images, sort_keys=True),
+                    run_id=run_id,
+                    pushed_at=float(order[0]),
+                    committed_at=float(order[1]),
+                    status="deploying",
+                    current=False,
+                    created_at=utcnow(),
                 )
                 .on_conflict_do_nothing(index_elements=["run_id"])
             )
@@ -646,7 +656,9 @@ class Ledger:
             env = conn.execute(sa.select(releases.c.environment).where(releases.c.run_id == run_id)).scalar_one()
             conn.execute(releases.update().where(releases.c.environment == env).values(current=False))
             conn.execute(
-                releases.update().where(releases.c.run_id == run_id).values(status="live", current=True, live_at=utcnow())
+                releases.update()
+                .where(releases.c.run_id == run_id)
+                .values(status="live", current=True, live_at=utcnow())
             )
 
     def set_release_status(self, run_id: int, status: str) -> None:
@@ -687,15 +699,22 @@ class Ledger:
 
     # -- worker heartbeats ---------------------------------------------------------
 
-    def beat(self, hostname: str, pid: int, queues: Iterable[str], interval_seconds: float,
-             now: datetime | None = None) -> None:
+    def beat(
+        self, hostname: str, pid: int, queues: Iterable[str], interval_seconds: float, now: datetime | None = None
+    ) -> None:
         """Record that `hostname` is alive now (upsert of its one row)."""
         now = now or utcnow()
-        values = {"pid": pid, "queues": ",".join(sorted(queues)), "interval_seconds": interval_seconds, "last_seen": now}
+        values = {
+            "pid": pid,
+            "queues": ",".join(sorted(queues)),
+            "interval_seconds": interval_seconds,
+            "last_seen": now,
+        }
         with self._tx() as conn:
             updated = conn.execute(
-                worker_heartbeats.update().where(worker_heartbeats.c.hostname == hostname,
-                                                 worker_heartbeats.c.pid == pid).values(**values)
+                worker_heartbeats.update()
+                .where(worker_heartbeats.c.hostname == hostname, worker_heartbeats.c.pid == pid)
+                .values(**values)
             )
             if updated.rowcount == 0:
                 # New worker, or the same name restarted (new pid): a fresh start time.
@@ -716,7 +735,8 @@ class Ledger:
     def worker_heartbeats(self, seen_since: datetime) -> list[dict[str, Any]]:
         with self._tx() as conn:
             rows = conn.execute(
-                sa.select(worker_heartbeats).where(worker_heartbeats.c.last_seen >= seen_since)
+                sa.select(worker_heartbeats)
+                .where(worker_heartbeats.c.last_seen >= seen_since)
                 .order_by(worker_heartbeats.c.hostname)
             ).all()
             return [_row_dict(row) for row in rows]
@@ -732,7 +752,9 @@ class Ledger:
         while True:
             with self._tx() as conn:
                 rows = conn.execute(
-                    sa.select(runs.c.id, runs.c.created_at, runs.c.playbook, runs.c.trigger, runs.c.status, runs.c.repeats)
+                    sa.select(
+                        runs.c.id, runs.c.created_at, runs.c.playbook, runs.c.trigger, runs.c.status, runs.c.repeats
+                    )
                     .where(runs.c.status.in_(sorted(FINAL_STATUSES)), runs.c.finished_at < finished_before)
                     .order_by(runs.c.id)
                     .limit(batch)
@@ -767,7 +789,8 @@ class Ledger:
                 }
                 conn.execute(runs.delete().where(runs.c.id.in_(ids)))
                 orphans = [
-                    e for e in event_ids
+                    e
+                    for e in event_ids
                     if not conn.execute(sa.select(runs.c.id).where(runs.c.event_id == e).limit(1)).first()
                 ]
                 if orphans:

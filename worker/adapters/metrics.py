@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 
+from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -19,7 +20,6 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
-from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
 
 from worker.adapters.metrics_multiproc import MULTIPROC_ENV
 
@@ -40,9 +40,7 @@ ALERT_HELD_BACK = Counter(
     "cap, dry_run, unknown_target, other.",
     ["outcome", "reason"],
 )
-RUNS_FINISHED = Counter(
-    "opsfleet_runs_total", "Runs that reached a final status.", ["trigger", "playbook", "status"]
-)
+RUNS_FINISHED = Counter("opsfleet_runs_total", "Runs that reached a final status.", ["trigger", "playbook", "status"])
 RUN_DURATION = Histogram(
     "opsfleet_run_duration_seconds",
     "From a run's start to its end.",
@@ -50,7 +48,8 @@ RUN_DURATION = Histogram(
     buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800),
 )
 GITHUB_DELIVERIES = Counter(
-    "opsfleet_github_deliveries_total", "GitHub deliveries accepted, by event and outcome (deploy, ignored, redelivery).",
+    "opsfleet_github_deliveries_total",
+    "GitHub deliveries accepted, by event and outcome (deploy, ignored, redelivery).",
     ["event", "outcome"],
 )
 DEPLOYS = Counter(
@@ -59,12 +58,16 @@ DEPLOYS = Counter(
     ["environment", "outcome"],
 )
 DEPLOY_DURATION = Histogram(
-    "opsfleet_deploy_duration_seconds", "From the deploy's lock to its release recorded.", ["environment"],
+    "opsfleet_deploy_duration_seconds",
+    "From the deploy's lock to its release recorded.",
+    ["environment"],
     buckets=(5, 10, 20, 30, 60, 120, 300, 600),
 )
 # 1 for the live release of each environment, 0 for the one it replaced.
 RELEASE_INFO = Gauge(
-    "opsfleet_release_info", "The live release per environment (1; the one it replaced 0).", ["environment", "sha"],
+    "opsfleet_release_info",
+    "The live release per environment (1; the one it replaced 0).",
+    ["environment", "sha"],
     multiprocess_mode="mostrecent",
 )
 RUN_START_LATENCY = Histogram(
@@ -81,7 +84,9 @@ SWEEPER_ACTIONS = Counter(
 )
 REPORTS = Counter("opsfleet_reports_total", "Reports to outside services, by outcome.", ["service", "outcome"])
 LOG_ROTATIONS = Counter("opsfleet_log_rotations_total", "Live log files rotated, by log set and mode.", ["set", "mode"])
-LOG_ROTATED_BYTES = Counter("opsfleet_log_rotated_bytes_total", "Bytes moved out of live log files by rotation.", ["set"])
+LOG_ROTATED_BYTES = Counter(
+    "opsfleet_log_rotated_bytes_total", "Bytes moved out of live log files by rotation.", ["set"]
+)
 LOG_ROTATED_LINES = Counter(
     "opsfleet_log_rotated_lines_total", "Lines in rotated files, counted when they are compressed.", ["set"]
 )
@@ -104,7 +109,9 @@ BACKUP_LAST_SUCCESS = Gauge(
     multiprocess_mode="mostrecent",
 )
 BACKUP_SIZE = Gauge(
-    "opsfleet_backup_size_bytes", "Size of the series' last committed backup.", ["kind", "series"],
+    "opsfleet_backup_size_bytes",
+    "Size of the series' last committed backup.",
+    ["kind", "series"],
     multiprocess_mode="mostrecent",
 )
 BACKUP_MAX_AGE = Gauge(
@@ -130,11 +137,13 @@ BACKUP_SKIPPED = Counter(
 BACKUP_FAILURES = Counter("opsfleet_backup_failures_total", "Backup sets that failed, by step.", ["step"])
 BACKUP_PRUNED = Counter("opsfleet_backup_pruned_total", "Backup items deleted by retention.", ["series"])
 RESTORE_DRILL_SECONDS = Gauge(
-    "opsfleet_restore_drill_seconds", "Time the last restore drill took (restore and all checks).",
+    "opsfleet_restore_drill_seconds",
+    "Time the last restore drill took (restore and all checks).",
     multiprocess_mode="mostrecent",
 )
 RESTORE_DRILL_RESULT = Gauge(
-    "opsfleet_restore_drill_success", "1 when the last restore drill passed, 0 when it failed.",
+    "opsfleet_restore_drill_success",
+    "1 when the last restore drill passed, 0 when it failed.",
     multiprocess_mode="mostrecent",
 )
 
@@ -158,7 +167,9 @@ TASK_REJECTED = Counter(
     TASK_LABELS,
 )
 TASK_REVOKED = Counter("celery_task_revoked", "Sent if the task has been revoked.", TASK_LABELS)
-TASK_RETRIED = Counter("celery_task_retried", "Sent if the task failed, but will be retried in the future.", TASK_LABELS)
+TASK_RETRIED = Counter(
+    "celery_task_retried", "Sent if the task failed, but will be retried in the future.", TASK_LABELS
+)
 TASK_RUNTIME = Histogram("celery_task_runtime", "Histogram of task runtime measurements.", TASK_LABELS)
 TASK_QUEUE_WAIT = Histogram(
     "celery_task_queue_wait_time",

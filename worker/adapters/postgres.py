@@ -178,8 +178,11 @@ class Postgres:
 
     def rename_database(self, old: str, new: str) -> None:
         with self.admin() as conn:
-            conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
-                sql.Identifier(check_db_name(old)), sql.Identifier(check_db_name(new))))
+            conn.execute(
+                sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
+                    sql.Identifier(check_db_name(old)), sql.Identifier(check_db_name(new))
+                )
+            )
 
     def swap_databases(self, live: str, restored: str, keep_as: str) -> None:
         """live -> keep_as, restored -> live. Connections to live are refused,
@@ -193,8 +196,12 @@ class Postgres:
                     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = ANY(%s) AND pid <> pg_backend_pid()",
                     ([live, restored],),
                 )
-                conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(live), sql.Identifier(keep_as)))
-                conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(restored), sql.Identifier(live)))
+                conn.execute(
+                    sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(live), sql.Identifier(keep_as))
+                )
+                conn.execute(
+                    sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(restored), sql.Identifier(live))
+                )
                 conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(sql.Identifier(keep_as)))
             except psycopg.Error as err:
                 raise PostgresError(f"swapping {restored} into {live} failed: {_first_line(err)}") from None
@@ -222,9 +229,7 @@ def verify_process(stderr: Path, source: Path | None = None) -> subprocess.Popen
     only the table of contents and passes a truncated dump.)"""
     argv = ["pg_restore", "--file=/dev/null"] + ([str(source)] if source else [])
     with open(stderr, "wb") as err:
-        return subprocess.Popen(
-            argv, stdin=None if source else subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err
-        )
+        return subprocess.Popen(argv, stdin=None if source else subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err)
 
 
 def _count_rows(conn: psycopg.Connection) -> dict[str, int]:
@@ -245,7 +250,7 @@ def _first_line(err: Exception) -> str:
 _COUNTS_ONE_QUERY = (
     "SELECT n.nspname || '.' || c.relname, (xpath('/row/c/text()', query_to_xml("
     "format('SELECT count(*) AS c FROM %I.%I', n.nspname, c.relname), false, true, '')))[1]::text "
-    + _TABLES[_TABLES.index("FROM pg_class"):]
+    + _TABLES[_TABLES.index("FROM pg_class") :]
 )
 _SEP = "\x1f"  # psql field separator: no table name holds a unit separator
 
@@ -320,7 +325,8 @@ class ContainerPostgres:
                 (
                     "BEGIN ISOLATION LEVEL REPEATABLE READ;\nSELECT 'snapshot', pg_export_snapshot();\n"
                     "SELECT 'version', current_setting('server_version');\n"
-                    + _COUNTS_ONE_QUERY + ";\n\\echo opsfleet-end\n"
+                    + _COUNTS_ONE_QUERY
+                    + ";\n\\echo opsfleet-end\n"
                 ).encode()
             )
             buffered = b""

@@ -91,7 +91,9 @@ def due_series(config: Config, moment: datetime, requested: list[str] | None = N
         chosen = [n for n in series if n in requested or series[n].kind in requested]
         unknown = [r for r in requested if r not in series and r not in {s.kind for s in series.values()}]
         if unknown:
-            raise StepFailed(f"no backup series or kind named {', '.join(unknown)} (backup.series: {', '.join(series) or 'none'})")
+            raise StepFailed(
+                f"no backup series or kind named {', '.join(unknown)} (backup.series: {', '.join(series) or 'none'})"
+            )
         return chosen
     local = moment.astimezone(ZoneInfo(config.backup.timezone))
     sched = config.backup.schedule
@@ -353,7 +355,9 @@ def retention(ctx: StepContext) -> str:
     return "\n".join(prune(ctx.config, root, series=list(mine.items), dry_run=False)) or "nothing to prune"
 
 
-def prune(config: Config, root: Path, series: list[str] | None = None, dry_run: bool = True, now: datetime | None = None) -> list[str]:
+def prune(
+    config: Config, root: Path, series: list[str] | None = None, dry_run: bool = True, now: datetime | None = None
+) -> list[str]:
     """Apply retention to the sets in `root` (only `series` when given). With
     dry_run, only say what would go and why each stays."""
     now = now or utcnow()
@@ -407,7 +411,9 @@ def _roles(pg: Postgres, series: str, folder: Path) -> tuple[list[dict], list[st
     return [{"name": name, "size": len(roles), "sha256": hashlib.sha256(roles).hexdigest(), "format": "sql"}], []
 
 
-def dump_database_directory(ctx: StepContext, series: str, spec: SeriesSpec, folder: Path, pg: Postgres) -> dict[str, Any]:
+def dump_database_directory(
+    ctx: StepContext, series: str, spec: SeriesSpec, folder: Path, pg: Postgres
+) -> dict[str, Any]:
     """pg_dump -Fd -j: parallel dump, one gzip file per table; then pg_restore reads
     the whole directory to /dev/null (the full read; it cannot stream here)."""
     out = folder / f"{series}.dir"
@@ -446,7 +452,9 @@ def postgres_for(ctx: StepContext, spec: SeriesSpec):
         container = ctx.runtime.docker.find_container(spec.service, ctx.config.services[spec.service])
     except DockerError as err:
         raise StepFailed(str(err)) from None
-    return ContainerPostgres(ctx.runtime.docker, container, spec.database_url, spec.bin_dir, spec.exec_user, spec.timeout_seconds)
+    return ContainerPostgres(
+        ctx.runtime.docker, container, spec.database_url, spec.bin_dir, spec.exec_user, spec.timeout_seconds
+    )
 
 
 def dump_database(ctx: StepContext, series: str, spec: SeriesSpec, folder: Path) -> dict[str, Any]:
@@ -499,7 +507,9 @@ def dump_database(ctx: StepContext, series: str, spec: SeriesSpec, folder: Path)
     }
 
 
-def _tar_item(ctx: StepContext, series: str, spec: SeriesSpec, folder: Path, base: Path, members: list[str]) -> dict[str, Any]:
+def _tar_item(
+    ctx: StepContext, series: str, spec: SeriesSpec, folder: Path, base: Path, members: list[str]
+) -> dict[str, Any]:
     name = f"{series}.tar{_suffix(ctx)}"
     index = folder / f".{series}.index"
     errors = folder / f".{series}.tar.log"
@@ -515,7 +525,9 @@ def _tar_item(ctx: StepContext, series: str, spec: SeriesSpec, folder: Path, bas
             wait_all(tar, timeout=spec.timeout_seconds)
         reported, fatal = tar_problems(errors.read_text(errors="replace"))
         if tar.returncode not in (0, 1) or (tar.returncode == 1 and fatal):
-            raise ArchiveError(f"tar of {base / members[0] if len(members) == 1 else base} failed ({tar.returncode}): {'; '.join(fatal[-5:]) or tail(errors.read_bytes())}")
+            raise ArchiveError(
+                f"tar of {base / members[0] if len(members) == 1 else base} failed ({tar.returncode}): {'; '.join(fatal[-5:]) or tail(errors.read_bytes())}"
+            )
         size, sha = writer.close()
     except BaseException:
         _kill(tar)
@@ -528,7 +540,15 @@ def _tar_item(ctx: StepContext, series: str, spec: SeriesSpec, folder: Path, bas
         "source": str(base / members[0]) if len(members) == 1 else [str(base / m) for m in members],
         "file_count": sum(1 for e in entries if not e.endswith("/")),
         "entry_count": len(entries),
-        "files": [{"name": name, "size": size, "sha256": sha, "format": f"tar, {ctx.config.backup.compression}", "uncompressed_bytes": writer.uncompressed}],
+        "files": [
+            {
+                "name": name,
+                "size": size,
+                "sha256": sha,
+                "format": f"tar, {ctx.config.backup.compression}",
+                "uncompressed_bytes": writer.uncompressed,
+            }
+        ],
         # Files that vanished or changed while archived: reported, not fatal.
         "problems": reported,
     }
@@ -591,7 +611,12 @@ class Verification:
 
 
 def verify_item(
-    folder: Path, item: dict[str, Any], compression: str, deep: bool = True, timeout: float = 3000, sha_only: bool = False
+    folder: Path,
+    item: dict[str, Any],
+    compression: str,
+    deep: bool = True,
+    timeout: float = 3000,
+    sha_only: bool = False,
 ) -> Verification:
     """Full read of every file: sha256 against the manifest and decompression to
     the end (truncation fails). deep: also pg_restore the whole dump to /dev/null
@@ -632,7 +657,9 @@ def verify_item(
                 listing = _feed(path, compression, digest, ["tar", "--list", "--file=-"], timeout)
                 entries = len([line for line in listing.splitlines() if line])
                 if entries != item.get("entry_count", entries):
-                    return Verification(False, f"{f['name']}: {entries} entries, the manifest says {item['entry_count']}")
+                    return Verification(
+                        False, f"{f['name']}: {entries} entries, the manifest says {item['entry_count']}"
+                    )
             else:
                 # sha256 of the file and its decompression in parallel (both release the GIL).
                 hashed = threading.Thread(target=_hash_into, args=(path, digest))
@@ -645,7 +672,9 @@ def verify_item(
         except ArchiveError as err:
             return Verification(False, str(err))
         if digest.hexdigest() != f["sha256"]:
-            return Verification(False, f"{f['name']}: sha256 {digest.hexdigest()[:12]}… differs from the manifest's {f['sha256'][:12]}…")
+            return Verification(
+                False, f"{f['name']}: sha256 {digest.hexdigest()[:12]}… differs from the manifest's {f['sha256'][:12]}…"
+            )
         details.append(f"{f['name']} sha256 OK" + (", full read OK" if compressed and not sha_only else ""))
     return Verification(True, "; ".join(details))
 

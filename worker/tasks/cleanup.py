@@ -92,8 +92,10 @@ def old_images(ctx: StepContext) -> str:
         in_use = docker.images_in_use()
         protected = protected_images(ctx)
         for repo in repos:
-            images = [Image(i.id, tuple(t for t in i.tags if repository_of(t) == repo) or i.tags, i.created, i.size)
-                      for i in docker.images(repo)]
+            images = [
+                Image(i.id, tuple(t for t in i.tags if repository_of(t) == repo) or i.tags, i.created, i.size)
+                for i in docker.images(repo)
+            ]
             for v in images_to_remove(images, keep=settings.keep, in_use=in_use, protected=protected):
                 out.append(f"{repo}: {'keep' if v.action == 'keep' else 'remove'} {v.label}: {v.reason}")
                 if v.action == "remove":

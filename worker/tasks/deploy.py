@@ -144,8 +144,11 @@ def lock(ctx: StepContext) -> str:
     verdict = _judge(ctx, environment)  # what changed while we waited
     if not verdict.go:
         raise _superseded(ctx, verdict.reason)
-    return (f"locked {lock_name(environment)}" + (f" after waiting for {waited_for}" if waited_for else "")
-            + (f" ({note})" if note else ""))
+    return (
+        f"locked {lock_name(environment)}"
+        + (f" after waiting for {waited_for}" if waited_for else "")
+        + (f" ({note})" if note else "")
+    )
 
 
 @_frees_lock_on_failure
@@ -224,8 +227,13 @@ def recreate(ctx: StepContext) -> str:
         # The rollback target: what each service runs now.
         previous = {service: _running_image(_container(ctx, service)) for service in env.services}
         release = ledger.start_release(
-            environment=environment, sha=ctx.params["sha"], ref=ctx.params.get("ref", ""),
-            images=ctx.params["images"], previous_images=previous, run_id=ctx.run["id"], order=_order(ctx.run),
+            environment=environment,
+            sha=ctx.params["sha"],
+            ref=ctx.params.get("ref", ""),
+            images=ctx.params["images"],
+            previous_images=previous,
+            run_id=ctx.run["id"],
+            order=_order(ctx.run),
         )
     try:
         lines = _put(ctx, release["images"], "deploy", env.stop_timeout_seconds)
@@ -274,7 +282,9 @@ def _roll_back(ctx: StepContext, release: dict, why: str):
         lines.append(_gate(ctx, previous))
     except (DockerError, StepFailed) as err:
         ledger.set_release_status(ctx.run["id"], "failed")
-        _escalate(ctx, environment, f"deploy of {ctx.params['sha'][:7]} to {environment}: {why}; rollback failed: {err}")
+        _escalate(
+            ctx, environment, f"deploy of {ctx.params['sha'][:7]} to {environment}: {why}; rollback failed: {err}"
+        )
         _release_lock(ctx)
         metrics.DEPLOYS.labels(environment, "rollback_failed").inc()
         raise StepEnded("rollback_failed", f"{why}; rollback failed: {err}") from None
@@ -289,12 +299,20 @@ def _escalate(ctx: StepContext, environment: str, reason: str) -> None:
     """An escalate run; the sweeper sends it if the broker cannot take it now."""
     ledger = ctx.runtime.ledger
     recorded = ledger.record_event(
-        source="deploy", summary=reason, body="",
-        new_runs=[NewRun(
-            trigger=ctx.run["trigger"], playbook="escalate", target=None, rule=f"deploy:{environment}",
-            params={"reason": reason, "alert": f"deploy run #{ctx.run['id']}"},
-            summary=f"escalation: {reason}", dedup_key=f"escalate:deploy:{ctx.run['id']}",
-        )],
+        source="deploy",
+        summary=reason,
+        body="",
+        new_runs=[
+            NewRun(
+                trigger=ctx.run["trigger"],
+                playbook="escalate",
+                target=None,
+                rule=f"deploy:{environment}",
+                params={"reason": reason, "alert": f"deploy run #{ctx.run['id']}"},
+                summary=f"escalation: {reason}",
+                dedup_key=f"escalate:deploy:{ctx.run['id']}",
+            )
+        ],
     )
     try:
         from celery import current_app
@@ -330,8 +348,12 @@ def record(ctx: StepContext) -> str:
     _release_lock(ctx)
     metrics.DEPLOYS.labels(environment, "succeeded").inc()
     if ctx.run.get("started_at") and release.get("live_at"):
-        metrics.DEPLOY_DURATION.labels(environment).observe((release["live_at"] - ctx.run["started_at"]).total_seconds())
-    return f"{environment} is on {ctx.params['sha'][:7]}: " + ", ".join(f"{s} {i}" for s, i in release["images"].items())
+        metrics.DEPLOY_DURATION.labels(environment).observe(
+            (release["live_at"] - ctx.run["started_at"]).total_seconds()
+        )
+    return f"{environment} is on {ctx.params['sha'][:7]}: " + ", ".join(
+        f"{s} {i}" for s, i in release["images"].items()
+    )
 
 
 def protected_release_images(ctx: StepContext) -> set[str]:

@@ -47,8 +47,11 @@ def _alert_run(decision: AlertDecision, status: str, reason: str) -> NewRun:
     params = decision.params
     if decision.playbook == "escalate":
         # A rule that pages: the page says which alert and why.
-        params = {**params, "reason": f"{decision.alert.name} matched rule {decision.rule}",
-                  "alert": _summary(decision.alert)}
+        params = {
+            **params,
+            "reason": f"{decision.alert.name} matched rule {decision.rule}",
+            "alert": _summary(decision.alert),
+        }
     return NewRun(
         trigger="alert",
         playbook=decision.playbook or "",
@@ -76,8 +79,12 @@ def _escalation(decision: AlertDecision, reason: str, storm: bool, firing: list[
         reason=reason,
         rule=decision.rule,
         target=target,
-        params={"reason": reason, "alert": _storm_text(decision, firing) if storm else _summary(decision.alert),
-                "storm": storm, "alerts": len(firing)},
+        params={
+            "reason": reason,
+            "alert": _storm_text(decision, firing) if storm else _summary(decision.alert),
+            "storm": storm,
+            "alerts": len(firing),
+        },
         summary=f"escalation: {what}: {reason}",
         # One escalation per rule (storm) or rule and target (cap) per window,
         # however many web processes decide at once.

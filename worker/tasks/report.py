@@ -82,13 +82,24 @@ def parent_blocks(run: dict, public_url: str | None) -> list[dict]:
     blocks = [_section(head)]
     if rest:
         blocks.append(_section("\n".join(rest)))
-    context = [{"type": "mrkdwn", "text": f"{run['trigger']}{' · rule ' + escape(run['rule']) if run.get('rule') else ''}"}]
+    context = [
+        {"type": "mrkdwn", "text": f"{run['trigger']}{' · rule ' + escape(run['rule']) if run.get('rule') else ''}"}
+    ]
     blocks.append({"type": "context", "elements": context})
     if link:
-        blocks.append({"type": "actions", "elements": [
-            {"type": "button", "text": {"type": "plain_text", "text": f"Run #{run['id']}"}, "url": link,
-             "action_id": "open_run"},
-        ]})
+        blocks.append(
+            {
+                "type": "actions",
+                "elements": [
+                    {
+                        "type": "button",
+                        "text": {"type": "plain_text", "text": f"Run #{run['id']}"},
+                        "url": link,
+                        "action_id": "open_run",
+                    },
+                ],
+            }
+        )
     return blocks
 
 

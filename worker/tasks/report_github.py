@@ -66,8 +66,11 @@ def report_deploy(runtime, github: GitHubAdapter, run_id: int) -> list[str]:
             known = ledger.github_deployment(run_id)
         if known is None:
             deployment_id = github.create_deployment(
-                repository, ref=run["params"]["sha"], environment=environment,
-                description=f"opsfleet run #{run_id}", payload={"opsfleet_run": run_id},
+                repository,
+                ref=run["params"]["sha"],
+                environment=environment,
+                description=f"opsfleet run #{run_id}",
+                payload={"opsfleet_run": run_id},
             )
             ledger.set_github_deployment(run_id, repository, deployment_id)
             known = ledger.github_deployment(run_id)
@@ -75,8 +78,14 @@ def report_deploy(runtime, github: GitHubAdapter, run_id: int) -> list[str]:
         posted = []
         link = run_link(runtime.config.fleet.public_url, run_id)
         for state in [s for s in wanted if s not in known["states"]]:
-            github.create_status(repository, known["deployment_id"], state=state, description=_description(run, state),
-                                 log_url=link, environment=environment)
+            github.create_status(
+                repository,
+                known["deployment_id"],
+                state=state,
+                description=_description(run, state),
+                log_url=link,
+                environment=environment,
+            )
             ledger.add_github_state(run_id, state)
             posted.append(state)
         if "success" in posted:
@@ -93,9 +102,14 @@ def _inactivate_previous(runtime, github: GitHubAdapter, run: dict) -> None:
             continue
         previous = ledger.github_deployment(release["run_id"])
         if previous and previous["states"][-1:] == ["success"]:
-            github.create_status(previous["repository"], previous["deployment_id"], state="inactive",
-                                 description=f"replaced by opsfleet run #{run['id']}", log_url=None,
-                                 environment=run["target"])
+            github.create_status(
+                previous["repository"],
+                previous["deployment_id"],
+                state="inactive",
+                description=f"replaced by opsfleet run #{run['id']}",
+                log_url=None,
+                environment=run["target"],
+            )
             ledger.add_github_state(release["run_id"], "inactive")
         return  # only the one that was live just before
 

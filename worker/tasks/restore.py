@@ -49,7 +49,9 @@ FILE_KINDS = ("documents", "models", "config")
 # -- planning (pure over the sets on disk; used by the CLI and the drill) ----------------------
 
 
-def plan_restore(sets: list[BackupSet], series_specs: dict[str, SeriesSpec], wanted_kinds: list[str], set_id: str | None) -> dict[str, str]:
+def plan_restore(
+    sets: list[BackupSet], series_specs: dict[str, SeriesSpec], wanted_kinds: list[str], set_id: str | None
+) -> dict[str, str]:
     """{series: set id} for each configured series of a wanted kind: from the
     given set, or (latest) the newest verified set holding that series."""
     plan = {}
@@ -68,7 +70,6 @@ def plan_restore(sets: list[BackupSet], series_specs: dict[str, SeriesSpec], wan
 
 
 # -- helpers -------------------------------------------------------------------------------------
-
 
 
 def _scratch(ctx: StepContext) -> Path:
@@ -300,7 +301,10 @@ def files(ctx: StepContext) -> str:
                     os.rename(target, aside)
                 os.rename(restored, target)
                 shutil.rmtree(staging, ignore_errors=True)
-                lines.append(f"{series}: {got} files restored to {target}" + (f"; the previous tree is at {aside}" if aside.exists() else ""))
+                lines.append(
+                    f"{series}: {got} files restored to {target}"
+                    + (f"; the previous tree is at {aside}" if aside.exists() else "")
+                )
             else:  # config: listed files and directories, each put back where it was
                 staging = _scratch(ctx) / series
                 extract(archive, compression, staging, spec.timeout_seconds)
@@ -351,16 +355,29 @@ def drill(ctx: StepContext) -> str:
             if not result.ok:
                 raise StepFailed(f"{series} in {found.id}: {result.detail}")
             if item["kind"] == "database":
-                pg = Postgres(settings.server_url, spec.timeout_seconds) if settings.server_url else postgres_for(ctx, spec)
-                scratch_db = check_db_name(f"opsfleet_drill_{ctx.run['id']}_{series.replace('-', '_').replace('.', '_')}"[:63])
-                lines.append(f"{found.id} " + restore_database_into(ctx, series, spec, found, pg, scratch_db, with_roles=bool(settings.server_url)))
+                pg = (
+                    Postgres(settings.server_url, spec.timeout_seconds)
+                    if settings.server_url
+                    else postgres_for(ctx, spec)
+                )
+                scratch_db = check_db_name(
+                    f"opsfleet_drill_{ctx.run['id']}_{series.replace('-', '_').replace('.', '_')}"[:63]
+                )
+                lines.append(
+                    f"{found.id} "
+                    + restore_database_into(
+                        ctx, series, spec, found, pg, scratch_db, with_roles=bool(settings.server_url)
+                    )
+                )
                 pg.drop_database(scratch_db)
             elif "file_count" in item and ".tar" in item["files"][0]["name"]:
                 dest = scratch / series
                 extract(found.path / item["files"][0]["name"], compression, dest, spec.timeout_seconds)
                 got = count_files(dest)
                 if got != item["file_count"]:
-                    raise StepFailed(f"{series} in {found.id}: {got} files extracted, the manifest says {item['file_count']}")
+                    raise StepFailed(
+                        f"{series} in {found.id}: {got} files extracted, the manifest says {item['file_count']}"
+                    )
                 lines.append(f"{found.id} {series}: {got} files extracted, checksums and count match")
                 shutil.rmtree(dest, ignore_errors=True)
             else:

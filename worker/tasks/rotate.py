@@ -71,10 +71,17 @@ def all_sets(config, data_dir: Path) -> dict[str, LogSetSpec]:
     if config.logging.files:
         own = config.logging.rotate
         sets[OWN_SET] = LogSetSpec(
-            paths=(str(data_dir / "logs" / "*.jsonl"),), mode="rename", reopen={"watched": True},
-            max_size=own.max_size, every=own.every, keep=own.keep, max_age=own.max_age, compress=own.compress,
+            paths=(str(data_dir / "logs" / "*.jsonl"),),
+            mode="rename",
+            reopen={"watched": True},
+            max_size=own.max_size,
+            every=own.every,
+            keep=own.keep,
+            max_age=own.max_age,
+            compress=own.compress,
             # Idle processes let go of the old file only at their next line: wait a cycle.
-            compress_newest=False, reopen_timeout_seconds=0.5,
+            compress_newest=False,
+            reopen_timeout_seconds=0.5,
         )
     return sets
 
@@ -179,8 +186,12 @@ class LogSet:
                 self.out.append(f"sent SIG{sig} to container {container.name} (service {reopen.service})")
             elif reopen.command is not None:
                 done = subprocess.run(
-                    list(reopen.command), capture_output=True, text=True, timeout=self.spec.reopen_timeout_seconds,
-                    check=False, stdin=subprocess.DEVNULL,
+                    list(reopen.command),
+                    capture_output=True,
+                    text=True,
+                    timeout=self.spec.reopen_timeout_seconds,
+                    check=False,
+                    stdin=subprocess.DEVNULL,
                 )
                 if done.returncode != 0:
                     raise RuntimeError(f"exited {done.returncode}: {(done.stderr or done.stdout).strip()[-300:]}")
@@ -273,8 +284,14 @@ class LogSet:
             if paused.get("container_name"):
                 who = f"container {paused['container_name']}"
             else:
-                who = f"pids {', '.join(map(str, paused['pids']))}" if paused.get("pids") else "nothing to pause: no process held it"
-            self.out.append(f"  writer paused {pause * 1000:.1f} ms ({who}) for the last {size - bulk} B and the truncate")
+                who = (
+                    f"pids {', '.join(map(str, paused['pids']))}"
+                    if paused.get("pids")
+                    else "nothing to pause: no process held it"
+                )
+            self.out.append(
+                f"  writer paused {pause * 1000:.1f} ms ({who}) for the last {size - bulk} B and the truncate"
+            )
             return entry
         if entry["phase"] == "copied":
             # The copy [0, copied) is durable; the truncate may or may not have happened.
@@ -318,8 +335,14 @@ class LogSet:
         existing = [p.name for p in rotated_files(live)]
         target = live.parent / rotation.next_rotated_name(live.name, existing, _now())
         entry = {
-            "live": str(live), "target": str(target), "mode": self.spec.mode, "reason": reason,
-            "size": st.st_size, "file_mode": st.st_mode & 0o7777, "uid": st.st_uid, "gid": st.st_gid,
+            "live": str(live),
+            "target": str(target),
+            "mode": self.spec.mode,
+            "reason": reason,
+            "size": st.st_size,
+            "file_mode": st.st_mode & 0o7777,
+            "uid": st.st_uid,
+            "gid": st.st_gid,
             "began": _now().isoformat(),
         }
         return self.record(entry, "planned")
@@ -342,9 +365,16 @@ def due_files(ls: LogSet, times: dict[str, str], now: datetime, force: bool) -> 
         seen = times.get(str(live))
         if seen is None:
             times[str(live)] = now.isoformat()  # age triggers count from when opsfleet first saw it
-        reason = "forced" if force and size > 0 else rotation.rotation_due(
-            size=size, last_rotated=datetime.fromisoformat(seen) if seen else None, now=now,
-            max_size=ls.spec.max_size, every=timedelta(seconds=ls.spec.every) if ls.spec.every else None,
+        reason = (
+            "forced"
+            if force and size > 0
+            else rotation.rotation_due(
+                size=size,
+                last_rotated=datetime.fromisoformat(seen) if seen else None,
+                now=now,
+                max_size=ls.spec.max_size,
+                every=timedelta(seconds=ls.spec.every) if ls.spec.every else None,
+            )
         )
         if reason:
             due.append((live, reason, size))
@@ -366,8 +396,12 @@ def worth_a_run(runtime, target: str, params: dict) -> str | None:
         for live in live_files(ls.spec):
             files = rotated_files(live)
             held = {p for p, who in logfiles.holders(files).items() if who}
-            verdicts = rotation.to_compress(live.name, [rotation.Rotated(p.name, _mtime(p), p in held) for p in files],
-                                            method=ls.spec.compress, compress_newest=ls.spec.compress_newest)
+            verdicts = rotation.to_compress(
+                live.name,
+                [rotation.Rotated(p.name, _mtime(p), p in held) for p in files],
+                method=ls.spec.compress,
+                compress_newest=ls.spec.compress_newest,
+            )
             if any(v.action == "compress" for v in verdicts):
                 return None
     return "no log file due"
@@ -387,7 +421,9 @@ def rotate(ctx: StepContext) -> str:
             # 1. Half-finished rotations first: completed, never started over under a new name.
             pending = ls.journals()
             if pending and dry_run:
-                ls.out.extend(f"  would complete the interrupted rotation of {e['live']} ({e['phase']})" for e in pending)
+                ls.out.extend(
+                    f"  would complete the interrupted rotation of {e['live']} ({e['phase']})" for e in pending
+                )
                 pending = []
             for entry in pending:
                 ls.out.append(f"  completing the interrupted rotation of {entry['live']} (journal: {entry['phase']})")
@@ -403,7 +439,9 @@ def rotate(ctx: StepContext) -> str:
             if dry_run:
                 for live, reason, _ in due:
                     existing = [p.name for p in rotated_files(live)]
-                    ls.out.append(f"  would rotate {live} ({reason}) → {rotation.next_rotated_name(live.name, existing, now)}")
+                    ls.out.append(
+                        f"  would rotate {live} ({reason}) → {rotation.next_rotated_name(live.name, existing, now)}"
+                    )
                 if not due:
                     ls.out.append("  nothing due")
                 out.extend(ls.out)
@@ -424,7 +462,8 @@ def rotate(ctx: StepContext) -> str:
                         Path(entry["target"]), max(0.0, deadline - time.monotonic())
                     )
                     ls.out.append(
-                        f"  writer let go of {Path(entry['target']).name} after {waited * 1000:.0f} ms" if released
+                        f"  writer let go of {Path(entry['target']).name} after {waited * 1000:.0f} ms"
+                        if released
                         else f"  {Path(entry['target']).name} still open by its writer after {waited:.1f}s: "
                         "compressed once it lets go"
                     )
@@ -453,7 +492,8 @@ def compress(ctx: StepContext) -> str:
                 verdicts = rotation.to_compress(
                     live.name,
                     [rotation.Rotated(p.name, _mtime(p), p in held) for p in files],
-                    method=ls.spec.compress, compress_newest=ls.spec.compress_newest,
+                    method=ls.spec.compress,
+                    compress_newest=ls.spec.compress_newest,
                 )
                 for v in verdicts:
                     if v.action != "compress":
@@ -467,7 +507,9 @@ def compress(ctx: StepContext) -> str:
                     except (LogFileError, OSError) as err:
                         raise StepFailed(f"{ls.name}: compressing {v.name} failed: {err}") from None
                     metrics.LOG_ROTATED_LINES.labels(ls.name).inc(lines)
-                    out.append(f"{ls.name}: compressed {v.name} → {final.name} ({size_in} → {size_out} B, {lines} lines)")
+                    out.append(
+                        f"{ls.name}: compressed {v.name} → {final.name} ({size_in} → {size_out} B, {lines} lines)"
+                    )
     return "\n".join(out) or "nothing to compress"
 
 
@@ -493,8 +535,11 @@ def apply_retention(ls: LogSet, dry_run: bool) -> tuple[int, int, list[str]]:
         held = {p for p, who in logfiles.holders(files).items() if who}
         max_age = timedelta(seconds=ls.spec.max_age) if ls.spec.max_age else None
         for v in rotation.retention(
-            live.name, [rotation.Rotated(p.name, _mtime(p), p in held) for p in files],
-            keep=ls.spec.keep, max_age=max_age, now=now,
+            live.name,
+            [rotation.Rotated(p.name, _mtime(p), p in held) for p in files],
+            keep=ls.spec.keep,
+            max_age=max_age,
+            now=now,
         ):
             if v.action != "remove":
                 continue

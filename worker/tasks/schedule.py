@@ -42,7 +42,10 @@ def trigger(self, playbook: str, target: str, params: dict | None = None, slot_s
         dedup_key=f"schedule:{playbook}:{target}:{slot:%Y%m%dT%H%M%S}",
     )
     recorded = runtime.ledger.record_event(
-        source="schedule", summary=new.summary, body=json.dumps({"playbook": playbook, "target": target}), new_runs=[new]
+        source="schedule",
+        summary=new.summary,
+        body=json.dumps({"playbook": playbook, "target": target}),
+        new_runs=[new],
     )
     run = recorded.runs[0]
     sent = enqueue_runs(self.app, runtime.ledger, [run.id]) if run.created else []
