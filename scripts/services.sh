@@ -41,6 +41,7 @@ command -v logrotate >/dev/null || missing+=(logrotate)  # bench/rotation compar
 command -v zstd >/dev/null || missing+=(zstd)  # rotation tests check .zst files with the zstd tool too
 command -v chromium >/dev/null || missing+=(chromium)  # the status page's headless browser test
 command -v chromedriver >/dev/null || missing+=(chromium-driver)  # ...driven over WebDriver by selenium
+command -v debootstrap >/dev/null || missing+=(debootstrap)  # the base of opsfleet's own image (tests/test_image.py)
 if ((${#missing[@]})); then
   log "installing ${missing[*]}"
   apt_log=$(mktemp)
@@ -117,5 +118,7 @@ fi
 
 # --- test image ----------------------------------------------------------------------------------
 OPSFLEET_TEST_DOCKER_HOST=$DOCKER_HOST bash "$here/build-test-image.sh"
+# opsfleet's own image builds on this (tests/test_image.py); about a minute, once per dockerd.
+DOCKER_HOST=$DOCKER_HOST bash "$here/make-base-image.sh" opsfleet-base:bookworm || err "the base image for opsfleet's Dockerfile could not be made"
 
 exit "$failed"
