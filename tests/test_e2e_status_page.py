@@ -1,10 +1,10 @@
 """The status page in a real browser: Debian's headless Chromium, driven over WebDriver
 (selenium with Debian's chromedriver; nothing is downloaded), against a live fleet
-(gunicorn, a Celery worker, the embedded ledger and broker) whose runs are real: an
-alert the worker tried to act on and failed, an alert skipped for its hostile label,
-and a backup that ran all its steps. The same runs are checked in /metrics and in the
-Slack recorder's threads, whose buttons lead to the pages. Screenshots go to
-test-artifacts/status-page/. (Deploys join when issue 5 lands them.)"""
+(gunicorn, a Celery worker, the embedded ledger and broker, the private dockerd) whose
+runs are real: an alert the worker tried to act on and failed, an alert skipped for its
+hostile label, a backup that ran all its steps and a signed GitHub push deployed to a
+container. The same runs are checked in /metrics and in the Slack recorder's threads,
+whose buttons lead to the pages. Screenshots go to test-artifacts/status-page/."""
 
 from __future__ import annotations
 
@@ -12,12 +12,16 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 
 import pytest
+import requests
 import yaml
 
 from tests.backup_support import make_documents
+from tests.support.deploy import SHA, TAG, build_images, httpd_command, new_repository, remove_images, signed_push
 from tests.support.fleet import REPO, Fleet, metric_value
+from tests.support.servers import TEST_DOCKER_HOST, free_port
 from worker.celery_factory import create_celery
 from worker.config import load_config
 
@@ -25,6 +29,20 @@ pytestmark = pytest.mark.slow
 ARTIFACTS = REPO / "test-artifacts" / "status-page"
 HOSTILE = '<img src=x onerror="document.title=1">&<!channel>'
 PHONE = (390, 844)
+SECRET = "status-page-github-secret"
+IMAGES = new_repository()
+
+
+@pytest.fixture
+def app_container(dockerd):
+    """A container of the deployed app running its first tag (v1); the images and it removed after."""
+    built = build_images(dockerd, IMAGES)
+    port, name = free_port(), f"opsfleet-e2e-status-{uuid.uuid4().hex[:8]}"
+    dockerd.containers.run(f"{IMAGES}:v1", httpd_command(port), name=name, detach=True, network_mode="host")
+    yield name, port
+    for container in dockerd.containers.list(all=True, filters={"name": name}):
+        container.remove(force=True)
+    remove_images(dockerd, built)
 
 
 def alert(fingerprint: str, service: str) -> bytes:
@@ -95,13 +113,29 @@ def fits_a_phone(browser) -> bool:
     return browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth + 1")
 
 
-def test_a_person_reads_runs_steps_backups_and_rules_in_chromium(tmp_path, browser, slack):
+def test_a_person_reads_runs_steps_backups_deploys_and_rules_in_chromium(tmp_path, browser, slack, app_container):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
 
     config = {
         "sweeper": {"interval_seconds": 1},
-        "services": {"api": {"container": "e2e-status-no-such-container"}},
+        "services": {
+            "api": {"container": "e2e-status-no-such-container"},
+            "app": {"container": app_container[0], "health_url": f"http://127.0.0.1:{app_container[1]}/health"},
+        },
+        "deploy": {
+            "environments": {
+                "prod": {
+                    "branch": "master",
+                    "services": ["app"],
+                    "image": IMAGES,
+                    "tag_template": "main-{short_sha}",
+                    "health": {"passes": 2, "interval_seconds": 0.2, "timeout_seconds": 3},
+                    "stop_timeout_seconds": 1,
+                    "min_free_bytes": 1024,
+                }
+            }
+        },
         "remediation": {
             "defaults": {"cooldown_seconds": 0},
             "rules": [
@@ -122,7 +156,8 @@ def test_a_person_reads_runs_steps_backups_and_rules_in_chromium(tmp_path, brows
         },
     }
     env = {
-        "DOCKER_HOST": "unix:///nonexistent/docker.sock",
+        "DOCKER_HOST": TEST_DOCKER_HOST,
+        "GITHUB_WEBHOOK_SECRET": SECRET,
         "SLACK_BOT_TOKEN": slack.token,
         "SLACK_API_URL": slack.base_url,
     }
@@ -136,21 +171,26 @@ def test_a_person_reads_runs_steps_backups_and_rules_in_chromium(tmp_path, brows
         assert fleet.post_alerts(alert("00000000000000a2", HOSTILE)).status_code == 202
         app = create_celery(load_config(fleet.config_path, environ=fleet.env))
         app.send_task("opsfleet.schedule.trigger", args=("backup_set", "all"), kwargs={"slot_seconds": 3600})
-        fleet.wait(lambda: len(fleet.runs()) == 3 or None, 30, "three runs")
+        data, headers = signed_push(SECRET, "a", 1000)
+        assert requests.post(f"{fleet.url}/hooks/github", data=data, headers=headers, timeout=10).status_code == 202
+        fleet.wait(lambda: len(fleet.runs()) == 4 or None, 30, "four runs")
         runs = {r["playbook"]: r for r in fleet.runs() if r["status"] != "skipped"}
         for run in fleet.runs():
             fleet.wait_run(run["id"], timeout=90)
         restart = fleet.api(f"/runs/{runs['restart_service']['id']}")
         backup = fleet.api(f"/runs/{runs['backup_set']['id']}")
+        deploy = fleet.api(f"/runs/{runs['deploy']['id']}")
         assert restart["status"] == "failed" and backup["status"] == "succeeded", (restart, backup)
+        assert deploy["status"] == "succeeded", deploy
 
-        # The runs list: three rows, newest first, each with its status as a person reads it.
+        # The runs list: four rows, newest first, each with its status as a person reads it.
         browser.get(f"{fleet.url}/")
         assert browser.title == "Runs · opsfleet"
         rows = browser.find_elements(By.CSS_SELECTOR, "#runs tbody tr")
-        assert len(rows) == 3
+        assert len(rows) == 4
         seen = {row.find_element(By.CSS_SELECTOR, "td:nth-child(3)").text.splitlines()[0]: row.text for row in rows}
         assert "failed" in seen["restart_service"] and "succeeded" in seen["backup_set"]
+        assert "succeeded" in seen["deploy"] and "prod" in seen["deploy"]
         skipped_row = next(row.text for row in rows if "skipped" in row.text)
         # The hostile label (in the alert's summary) is shown as the text it is, and made no element.
         assert HOSTILE in skipped_row and "unknown target" in skipped_row
@@ -189,7 +229,15 @@ def test_a_person_reads_runs_steps_backups_and_rules_in_chromium(tmp_path, brows
         assert "✓ verified" in browser.find_element(By.ID, "sets").text
         shot(browser, "backups")
 
-        # The same runs in /metrics: runs by outcome, the backup's gauges, the worker's tasks.
+        # Deploys: the environment's live release is the pushed commit, linked to its run.
+        browser.get(f"{fleet.url}/deploys")
+        prod = browser.find_element(By.ID, "env-prod").text
+        assert "a push to master" in prod and SHA["a"][:12] in prod and f"#{deploy['id']}" in prod
+        assert f"{IMAGES}:{TAG['a']}" in prod and "live" in prod
+        assert fits_a_phone(browser)
+        shot(browser, "deploys")
+
+        # The same runs in /metrics: runs by outcome, the backup's gauges, the deploy, the worker's tasks.
         text = fleet.metrics()
         assert metric_value(text, "opsfleet_runs_total", playbook="restart_service", status="failed") == 1
         assert metric_value(text, "opsfleet_runs_total", playbook="restart_service", status="skipped") == 1
@@ -198,25 +246,28 @@ def test_a_person_reads_runs_steps_backups_and_rules_in_chromium(tmp_path, brows
         assert metric_value(text, "opsfleet_backup_max_age_seconds", series="documents") == 26 * 3600
         assert metric_value(text, "opsfleet_run_start_latency_seconds_count", trigger="alert") == 1
         assert metric_value(text, "celery_task_succeeded_total") >= 7  # start, 5 steps, finish, reports
+        assert metric_value(text, "opsfleet_deploys_total", environment="prod", outcome="succeeded") == 1
+        assert metric_value(text, "opsfleet_deploys_total", environment="prod", outcome="rolled_back") == 0
+        assert metric_value(text, "opsfleet_release_info", environment="prod", sha=SHA["a"]) == 1
         assert metric_value(text, "celery_worker_up") == 1
 
         # ...and in Slack: a thread per acted run (the skipped one is not posted), each parent's
         # button opening the run's page in the browser.
-        def two_threads():
+        def three_threads():
             threads = [t for t in slack.threads().values() if t["parent"]]
             finished = [
                 t
                 for t in threads
                 if t["updates"] and any(w in t["updates"][-1]["text"] for w in ("*failed*", "*succeeded*"))
             ]
-            return threads if len(threads) == 2 and len(finished) == 2 else None
+            return threads if len(threads) == 3 and len(finished) == 3 else None
 
-        threads = fleet.wait(two_threads, 30, "two Slack threads with their final status")
+        threads = fleet.wait(three_threads, 30, "three Slack threads with their final status")
         assert HOSTILE not in json.dumps([t["parent"] for t in threads])
         buttons = {
             b["elements"][0]["url"] for t in threads for b in t["updates"][-1]["blocks"] if b["type"] == "actions"
         }
-        assert buttons == {f"{fleet.url}/runs/{restart['id']}", f"{fleet.url}/runs/{backup['id']}"}
+        assert buttons == {f"{fleet.url}/runs/{run['id']}" for run in (restart, backup, deploy)}
         browser.get(f"{fleet.url}/runs/{restart['id']}")
         assert browser.find_element(By.TAG_NAME, "h1").text.startswith(f"Run #{restart['id']}")
 
