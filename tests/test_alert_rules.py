@@ -156,6 +156,7 @@ def test_grafana_dashboard_loads_and_uses_only_exported_metrics(tmp_path):
                 "environment",
                 "event",
                 "sha",
+                "rule",
             }
         }  # grouping labels
         assert used, expr

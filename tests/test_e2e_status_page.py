@@ -115,7 +115,7 @@ def fits_a_phone(browser) -> bool:
 
 def test_a_person_reads_runs_steps_backups_deploys_and_rules_in_chromium(tmp_path, browser, slack, app_container):
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import Select
+    from selenium.webdriver.support.ui import Select, WebDriverWait
 
     config = {
         "sweeper": {"interval_seconds": 1},
@@ -201,7 +201,8 @@ def test_a_person_reads_runs_steps_backups_deploys_and_rules_in_chromium(tmp_pat
         # Filter with the form, as a person would.
         Select(browser.find_element(By.NAME, "status")).select_by_visible_text("skipped")
         browser.find_element(By.CSS_SELECTOR, "form.filters button").click()
-        assert "status=skipped" in browser.current_url
+        # The click starts a navigation; wait for it to land rather than read the old page.
+        WebDriverWait(browser, 10).until(lambda b: "status=skipped" in b.current_url)
         filtered = browser.find_elements(By.CSS_SELECTOR, "#runs tbody tr")
         assert len(filtered) == 1 and "unknown target" in filtered[0].text
         shot(browser, "runs-skipped")
@@ -209,6 +210,7 @@ def test_a_person_reads_runs_steps_backups_deploys_and_rules_in_chromium(tmp_pat
         # A run's steps and their output.
         browser.get(f"{fleet.url}/")
         browser.find_element(By.LINK_TEXT, f"#{backup['id']}").click()
+        WebDriverWait(browser, 10).until(lambda b: b.current_url.endswith(f"/runs/{backup['id']}"))
         assert browser.find_element(By.TAG_NAME, "h1").text == f"Run #{backup['id']}: backup_set on all"
         steps = [s.text.splitlines()[0] for s in browser.find_elements(By.CSS_SELECTOR, "section.step")]
         assert [s.split(" ")[1] for s in steps] == ["prepare", "dump", "verify", "commit", "retention"]
@@ -243,6 +245,8 @@ def test_a_person_reads_runs_steps_backups_deploys_and_rules_in_chromium(tmp_pat
         assert metric_value(text, "opsfleet_runs_total", playbook="restart_service", status="skipped") == 1
         assert metric_value(text, "opsfleet_runs_total", playbook="backup_set", status="succeeded") == 1
         assert metric_value(text, "opsfleet_alerts_held_back_total", outcome="skip", reason="unknown_target") == 1
+        for outcome in ("failed", "skipped"):
+            assert metric_value(text, "opsfleet_remediations_total", rule="service-down", outcome=outcome) == 1
         assert metric_value(text, "opsfleet_backup_max_age_seconds", series="documents") == 26 * 3600
         assert metric_value(text, "opsfleet_run_start_latency_seconds_count", trigger="alert") == 1
         assert metric_value(text, "celery_task_succeeded_total") >= 7  # start, 5 steps, finish, reports

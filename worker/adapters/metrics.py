@@ -41,6 +41,12 @@ ALERT_HELD_BACK = Counter(
     ["outcome", "reason"],
 )
 RUNS_FINISHED = Counter("opsfleet_runs_total", "Runs that reached a final status.", ["trigger", "playbook", "status"])
+# Alert-triggered runs only, by the rule that decided them (rules are configured: bounded).
+REMEDIATIONS = Counter(
+    "opsfleet_remediations_total",
+    "Alert remediation runs that reached a final status, by rule, playbook and outcome.",
+    ["rule", "playbook", "outcome"],
+)
 RUN_DURATION = Histogram(
     "opsfleet_run_duration_seconds",
     "From a run's start to its end.",
@@ -267,6 +273,7 @@ __all__ = [
     "ALERT_HELD_BACK",
     "CONTENT_TYPE",
     "REPORTS",
+    "REMEDIATIONS",
     "RUNS_FINISHED",
     "RUN_DURATION",
     "RUN_START_LATENCY",

@@ -232,6 +232,7 @@ def accept_alerts(app: Celery, *, alerts: list[Alert], truncated: int, summary: 
         if run_rec is not None and run_rec.created and outcome in ("skip", "dry_run", "escalate"):
             # A skip is a run that ended at birth: count it with the finished ones.
             metrics.RUNS_FINISHED.labels("alert", d.playbook or "", "skipped").inc()
+            metrics.REMEDIATIONS.labels(d.rule or "", d.playbook or "", "skipped").inc()
         report.append(
             {
                 "fingerprint": d.alert.fingerprint,

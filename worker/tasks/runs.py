@@ -94,6 +94,8 @@ def end_run(app, run: dict, status: str, reason: str = "") -> None:
     ledger = app.opsfleet.ledger
     if _ledger_write(ledger.finish_run, run["id"], status, app.opsfleet.loaded.redact(reason)):
         metrics.RUNS_FINISHED.labels(run["trigger"], run["playbook"], status).inc()
+        if run["trigger"] == "alert":
+            metrics.REMEDIATIONS.labels(run.get("rule") or "", run["playbook"], status).inc()
         if run.get("started_at"):
             ended = ledger.get_run(run["id"])
             metrics.RUN_DURATION.labels(run["playbook"]).observe(
