@@ -111,6 +111,8 @@ def test_dockerfile_copies_what_exists_and_runs_what_the_procfile_runs():
     for line in dockerfile.splitlines():
         if line.startswith("COPY "):
             for source in line.split()[1:-1]:
+                if any(c in source for c in "*?["):
+                    continue  # a pattern: optional by design (wheel[s] for offline builds)
                 assert (repo / source).exists(), f"Dockerfile copies {source}, which is not in the repository"
     web = next(line for line in (repo / "Procfile").read_text().splitlines() if line.startswith("web:"))
     assert "opsfleet.gunicorn_conf" in web and "opsfleet.gunicorn_conf" in dockerfile

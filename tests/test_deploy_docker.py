@@ -40,13 +40,17 @@ def github():
 @pytest.fixture
 def stack(tmp_path, dockerd, images, github):
     """One service `app` (busybox httpd on a free port) in environment `prod`, on repo:v1."""
+    yield from make_stack(tmp_path, dockerd, github, REPO, prune=False)
+
+
+def make_stack(tmp_path, dockerd, github, repo: str, prune: bool):
     port = free_port()
     name = f"opsfleet-deploy-{uuid.uuid4().hex[:8]}"
     command = httpd_command(port)
 
     def start(tag="v1"):
         return dockerd.containers.run(
-            f"{REPO}:{tag}",
+            f"{repo}:{tag}",
             command,
             name=name,
             detach=True,
@@ -63,11 +67,13 @@ def stack(tmp_path, dockerd, images, github):
                 "prod": {
                     "branch": "master",
                     "services": ["app"],
-                    "image": REPO,
+                    "image": repo,
                     "tag_template": "main-{short_sha}",
                     "health": {"passes": 2, "interval_seconds": 0.2, "timeout_seconds": 3},
                     "stop_timeout_seconds": 1,
                     "min_free_bytes": 1024,
+                    # The module's tests share locally built tags no registry can serve again.
+                    "prune_images": prune,
                 },
             },
         },
@@ -89,9 +95,11 @@ def stack(tmp_path, dockerd, images, github):
     s = Stack()
     s.name, s.port, s.start, s.loaded = name, port, start, loaded
     s.client, s.app, s.ledger = web.test_client(), worker, worker.opsfleet.ledger
-    yield s
-    for c in dockerd.containers.list(all=True, filters={"name": name}):
-        c.remove(force=True)
+    try:
+        yield s
+    finally:
+        for c in dockerd.containers.list(all=True, filters={"name": name}):
+            c.remove(force=True)
 
 
 def push(stack, commit: str, pushed_at: int, delivery: str | None = None):
@@ -119,7 +127,15 @@ def test_a_signed_push_deploys_the_new_tag_and_health_passes(stack, dockerd):
     assert serving(stack) == "v1"
     run = deploy(stack, "a", 1000)
     assert run["status"] == "succeeded", run
-    assert [s["name"] for s in run["steps"]] == ["lock", "validate", "pull", "recreate", "health", "record"]
+    assert [s["name"] for s in run["steps"]] == [
+        "lock",
+        "validate",
+        "pull",
+        "recreate",
+        "health",
+        "record",
+        "prune_images",
+    ]
     assert image_of(dockerd, stack) == f"{REPO}:{TAG['a']}" and serving(stack) == "a"
     container = dockerd.containers.get(stack.name)
     assert container.labels["com.docker.compose.service"] == "app"  # same configuration, new image
@@ -261,6 +277,53 @@ def test_cleanup_protects_the_current_release_and_its_rollback_targets(stack, do
     protected = protected_images(StepContext(stack.app.opsfleet, {"id": 0, "params": {}}))
     assert {f"{REPO}:{TAG['a']}", f"{REPO}:{TAG['b']}"} <= protected
     assert f"{REPO}:{TAG['c']}" not in protected
+
+
+def test_a_live_release_prunes_its_environments_images_beyond_the_rollback_targets(tmp_path, dockerd, github):
+    repo = new_repository()  # its own tags: this test removes some
+    built = build_images(dockerd, repo)
+    making = make_stack(tmp_path, dockerd, github, repo, prune=True)
+    stack = next(making)
+    try:
+        stack.start()
+        other = f"{new_repository()}:keep"  # another repository: never looked at
+        dockerd.images.get(f"{repo}:v1").tag(other)
+        ran = deploy(stack, "a", 1000)
+        assert ran["status"] == "succeeded"
+        output = {s["name"]: s["output"] for s in ran["steps"]}["prune_images"]
+        tags = {t for i in dockerd.images.list(name=repo) for t in i.tags if t.startswith(f"{repo}:")}
+        # Live (a) and the image it replaced (v1) stay; b, c, e go (a registry would serve them again).
+        assert tags == {f"{repo}:{TAG['a']}", f"{repo}:v1"}, (tags, output)
+        assert "removed 3 images" in output and f"remove {repo}:{TAG['b']}" in output
+        assert dockerd.images.get(other)
+    finally:
+        remove_images(dockerd, [other])
+        making.close()  # removes the stack's container
+        remove_images(dockerd, built)
+
+
+def test_images_of_a_deploy_still_running_are_protected(stack):
+    from worker.adapters.ledger import NewRun
+    from worker.tasks.cleanup import protected_images
+    from worker.tasks.steps import StepContext
+
+    image = f"{REPO}:{TAG['e']}"
+    stack.ledger.record_event(
+        source="api",
+        summary="",
+        body="",
+        new_runs=[
+            NewRun(
+                trigger="manual",
+                triggered_by="t",
+                playbook="deploy",
+                target="prod",
+                dedup_key="queued-deploy",
+                params={"sha": SHA["e"], "images": {"app": image}},
+            ),
+        ],
+    )
+    assert image in protected_images(StepContext(stack.app.opsfleet, {"id": 0, "params": {}}))
 
 
 def report(stack, run_id):

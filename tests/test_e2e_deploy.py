@@ -43,6 +43,8 @@ def _config(name: str, port: int) -> dict:
                     "health": {"passes": 2, "interval_seconds": 0.2, "timeout_seconds": 3},
                     "stop_timeout_seconds": 1,
                     "min_free_bytes": 1024,
+                    # The module's deploys share locally built tags no registry can serve again.
+                    "prune_images": False,
                 }
             }
         },

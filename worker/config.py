@@ -630,6 +630,11 @@ class DeployEnvironment(_Strict):
     tag_template: str = Field(default="{branch}-{short_sha}", description="Fields: {sha} {short_sha} {branch} {tag}.")
     health: HealthGate = HealthGate()
     keep_releases: int = Field(default=2, ge=0, le=50, description="Earlier releases kept as rollback targets.")
+    prune_images: bool = Field(
+        default=True,
+        description="After a release goes live, remove this environment's local images beyond it and its "
+        "keep_releases rollback targets (a registry can serve them again).",
+    )
     stop_timeout_seconds: int = Field(default=5, ge=0, le=600)
     min_free_bytes: int = Field(default=256 * 1024 * 1024, ge=0, description="Free disk floor on Docker's data root.")
 

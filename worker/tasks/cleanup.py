@@ -82,13 +82,23 @@ def _repositories(ctx: StepContext) -> list[str]:
 
 
 def old_images(ctx: StepContext) -> str:
-    settings = ctx.config.cleanup.images
+    try:
+        repos = _repositories(ctx)
+    except DockerError as err:
+        raise StepFailed(str(err)) from None
+    if not repos:
+        return "old images: no repositories configured (cleanup.images.repositories / services)"
+    return remove_old_images(ctx, repos, keep=ctx.config.cleanup.images.keep, dry=_dry(ctx))
+
+
+def remove_old_images(ctx: StepContext, repos: Iterable[str], *, keep: int, dry: bool = False) -> str:
+    """In each repository, remove the images beyond the newest `keep` that no container
+    uses and no protected reference names (every environment's release and rollback
+    targets among them). One line per image and a total; DockerError → StepFailed.
+    The scheduled cleanup and a deploy's own image cleanup both come here."""
     docker = ctx.runtime.docker
     out, doomed = [], []
     try:
-        repos = _repositories(ctx)
-        if not repos:
-            return "old images: no repositories configured (cleanup.images.repositories / services)"
         in_use = docker.images_in_use()
         protected = protected_images(ctx)
         for repo in repos:
@@ -96,11 +106,11 @@ def old_images(ctx: StepContext) -> str:
                 Image(i.id, tuple(t for t in i.tags if repository_of(t) == repo) or i.tags, i.created, i.size)
                 for i in docker.images(repo)
             ]
-            for v in images_to_remove(images, keep=settings.keep, in_use=in_use, protected=protected):
+            for v in images_to_remove(images, keep=keep, in_use=in_use, protected=protected):
                 out.append(f"{repo}: {'keep' if v.action == 'keep' else 'remove'} {v.label}: {v.reason}")
                 if v.action == "remove":
                     doomed.append(v.image)
-        if _dry(ctx):
+        if dry:
             return "\n".join(out + [f"would remove {len(doomed)} images"])
         before = _layers_size(ctx)
         removed = 0

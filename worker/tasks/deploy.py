@@ -358,10 +358,13 @@ def record(ctx: StepContext) -> str:
 
 def protected_release_images(ctx: StepContext) -> set[str]:
     """For cleanup: every environment's current release and its keep_releases
-    rollback targets (the newest earlier releases that went live)."""
+    rollback targets (the newest earlier releases that went live), and the images of
+    deploys queued or running (one may have pulled its images and not yet started them)."""
     refs: set[str] = set()
     ledger = ctx.runtime.ledger
     for environment, env in ctx.config.deploy.environments.items():
+        for run in ledger.active_deploys(environment):
+            refs.update((run["params"].get("images") or {}).values())
         went_live = [r for r in ledger.list_releases(environment, limit=200) if r["live_at"] is not None]
         current = [r for r in went_live if r["current"]]
         earlier = [r for r in went_live if not r["current"]][: env.keep_releases]
@@ -375,6 +378,21 @@ def protected_release_images(ctx: StepContext) -> set[str]:
 cleanup.PROTECTED_IMAGE_PROVIDERS.append(protected_release_images)
 
 
+def prune_images(ctx: StepContext) -> str:
+    """After the release is live: remove this environment's images beyond the current
+    release and its keep_releases rollback targets (never another environment's: every
+    environment's are protected, and only this one's repositories are looked at).
+    The release is live already, so a Docker error here is said, not failed on."""
+    environment, env = _env(ctx)
+    if not env.prune_images:
+        return f"image cleanup: off (deploy.environments.{environment}.prune_images)"
+    repos = sorted({r for r in (env.image_repository(s) for s in env.services) if r})
+    try:
+        return cleanup.remove_old_images(ctx, repos, keep=0)
+    except StepFailed as err:
+        return f"image cleanup skipped: {err} (the release is live; the next deploy or cleanup run tries again)"
+
+
 PLAYBOOKS = {
     "deploy": (
         Step("lock", lock),
@@ -383,5 +401,6 @@ PLAYBOOKS = {
         Step("recreate", recreate),
         Step("health", health),
         Step("record", record),
+        Step("prune_images", prune_images),
     ),
 }
