@@ -388,3 +388,72 @@ def test_every_deploy_outcome_is_exported_at_zero_from_the_start(edge):
     exposed = client.get("/metrics").get_data(as_text=True)
     for outcome in ("succeeded", "rolled_back", "rollback_failed", "superseded", "failed"):
         assert f'opsfleet_deploys_total{{environment="production",outcome="{outcome}"}} 0.0' in exposed
+
+
+RETYPED = [None, "x", 5, [1], {"a": 1}, True]
+
+
+def _mutants():
+    """Every top-level field, and every field of the objects the deciders read, of GitHub's
+    example payloads set to each wrong type in turn (signed: only a trusted sender gets here)."""
+    examples = {
+        "push": "push.with-new-branch.json",
+        "workflow_run": "workflow_run.completed.json",
+        "deployment": "deployment.json",
+    }
+    for event, fixture in examples.items():
+        payload = json.loads(body(fixture))
+        paths = [(k,) for k in payload]
+        for outer in ("repository", "head_commit", "workflow_run", "deployment", "pusher", "sender"):
+            if isinstance(payload.get(outer), dict):
+                paths += [(outer, inner) for inner in payload[outer]]
+        for path in paths:
+            for value in RETYPED:
+                yield event, path, value
+
+
+def test_signed_payloads_with_retyped_fields_are_answered_4xx_or_accepted_never_5xx(edge):
+    import copy
+
+    config = {
+        **CONFIG,
+        "deploy": {
+            "environments": {
+                **CONFIG["deploy"]["environments"],
+                "staging": {"branch": "main", "workflow": "CI", "services": ["web2"], "image": "shop/app"},
+                "preview": {"deployments": True, "services": ["api2"], "image": "shop/app"},
+            }
+        },
+        "services": {**CONFIG["services"], "web2": {"container": "w2"}, "api2": {"container": "a2"}},
+    }
+    app, client, loaded = edge(config=config)
+    answered = {}
+    cases = list(_mutants())
+    assert len(cases) > 500
+    for n, (event, path, value) in enumerate(cases):
+        payload = copy.deepcopy(
+            json.loads(
+                body(
+                    {
+                        "push": "push.with-new-branch.json",
+                        "workflow_run": "workflow_run.completed.json",
+                        "deployment": "deployment.json",
+                    }[event]
+                )
+            )
+        )
+        holder = payload
+        for key in path[:-1]:
+            holder = holder[key]
+        holder[path[-1]] = value
+        data = json.dumps(payload).encode()
+        answer = client.post("/hooks/github", data=data, headers=headers(data, event=event, delivery=f"m-{n}"))
+        answered.setdefault(answer.status_code, []).append((event, path, value))
+        assert answer.status_code < 500, (event, path, value, answer.get_data(as_text=True))
+        if answer.status_code == 400:
+            assert answer.json["error"], (event, path)  # with the reason
+    assert 400 in answered
+    data = body("push.with-new-branch.json").replace(b'"repository": {', b'"repository": "x", "_was": {', 1)
+    answer = client.post("/hooks/github", data=data, headers=headers(data, delivery="typed-1"))
+    assert answer.status_code == 400
+    assert answer.json["error"] == "malformed push payload: repository must be an object, not str"

@@ -35,7 +35,14 @@ from webhooks.app import edge
 from webhooks.errors import error, read_body
 from worker.adapters import metrics
 from worker.adapters.ledger import LedgerUnavailable, NewRun
-from worker.deploys import decide_deployment, decide_push, decide_workflow_run
+from worker.deploys import (
+    MalformedPayload,
+    decide_deployment,
+    decide_push,
+    decide_workflow_run,
+    repository_name,
+    sender_name,
+)
 from worker.tasks.runs import enqueue_runs
 
 log = logging.getLogger("opsfleet.web.github")
@@ -94,20 +101,19 @@ def receive():
         return _answer(200, pong=True, zen=str(data.get("zen", ""))[:200])
 
     deciders = {"push": decide_push, "deployment": decide_deployment, "workflow_run": decide_workflow_run}
-    if event in deciders:
-        decision = deciders[event](data, state.loaded.config)
-        ignored = decision.ignored
-    else:
-        decision, ignored = None, f"event {event} does not trigger anything"
+    try:
+        if event in deciders:
+            decision = deciders[event](data, state.loaded.config)
+            ignored = decision.ignored
+        else:
+            decision, ignored = None, f"event {event} does not trigger anything"
+        who, repository = sender_name(data), repository_name(data)
+    except MalformedPayload as err:
+        return error(400, f"malformed {event} payload: {err}")
     runs = [
         NewRun(
             trigger="github",
-            triggered_by=str(
-                (data.get("pusher") or data.get("sender") or {}).get("name")
-                or (data.get("sender") or {}).get("login")
-                or ""
-            )[:128]
-            or None,
+            triggered_by=who[:128] or None,
             playbook="deploy",
             target=d.environment,
             params={
@@ -118,7 +124,7 @@ def receive():
                 "images": d.images,
                 "order": list(d.order),
                 "delivery": delivery,
-                "repository": str((data.get("repository") or {}).get("full_name") or "")[:255],
+                "repository": repository[:255],
                 **({"github_deployment_id": d.github_deployment_id} if d.github_deployment_id else {}),
             },
             summary=f"deploy {d.sha[:7]} ({d.ref}) to {d.environment}",

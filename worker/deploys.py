@@ -22,6 +22,41 @@ from worker.config import Config, DeployEnvironment
 ZERO_SHA = "0" * 40
 
 
+class MalformedPayload(ValueError):
+    """A field of a (signed) payload has the wrong type: the edge answers 400 with this."""
+
+
+def _object(parent: dict, key: str, where: str = "") -> dict:
+    """parent[key] as a dict ({} when absent or null); any other type is malformed."""
+    value = parent.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise MalformedPayload(f"{where}{key} must be an object, not {type(value).__name__}")
+    return value
+
+
+def _text(parent: dict, key: str, where: str = "") -> str:
+    """parent[key] as a str ("" when absent or null); any other type is malformed."""
+    value = parent.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise MalformedPayload(f"{where}{key} must be a string, not {type(value).__name__}")
+    return value
+
+
+def repository_name(payload: dict) -> str:
+    return _text(_object(payload, "repository"), "full_name", "repository.")
+
+
+def sender_name(payload: dict) -> str:
+    """Who caused the event: the pusher's name, else the sender's login."""
+    pusher = _object(payload, "pusher")
+    sender = _object(payload, "sender")
+    return _text(pusher, "name", "pusher.") or _text(sender, "name", "sender.") or _text(sender, "login", "sender.")
+
+
 @dataclass(frozen=True)
 class PushDeploy:
     environment: str
@@ -59,8 +94,8 @@ def images_for(env: DeployEnvironment, tag: str) -> dict[str, str]:
 
 
 def push_order(payload: dict) -> tuple[float, float]:
-    repo = payload.get("repository") or {}
-    head = payload.get("head_commit") or {}
+    repo = _object(payload, "repository")
+    head = _object(payload, "head_commit")
     return (_epoch(repo.get("pushed_at")), _epoch(head.get("timestamp")))
 
 
@@ -74,7 +109,7 @@ def decide_push(payload: dict, config: Config) -> PushDecision:
         return PushDecision((), f"ref deleted: {ref}")
     if not (len(after) == 40 and all(c in "0123456789abcdef" for c in after)):
         return PushDecision((), f"after is not a commit sha: {after[:50]!r}")
-    repo = (payload.get("repository") or {}).get("full_name") or ""
+    repo = repository_name(payload)
     branch = ref.removeprefix("refs/heads/") if ref.startswith("refs/heads/") else None
     tag = ref.removeprefix("refs/tags/") if ref.startswith("refs/tags/") else None
     order = push_order(payload)
@@ -124,7 +159,7 @@ def decide_deployment(payload: dict, config: Config) -> PushDecision:
         return PushDecision(
             (), f"environment {str(name)[:64]!r} does not take deployments (deploy.environments.<name>.deployments)"
         )
-    repo = (payload.get("repository") or {}).get("full_name") or ""
+    repo = repository_name(payload)
     if env.repository and env.repository.lower() != repo.lower():
         return PushDecision((), f"{name}: repository {repo or '(none)'} is not {env.repository}")
     tag = ref if isinstance(ref, str) and ref.startswith("v") else ""
@@ -153,9 +188,19 @@ def decide_workflow_run(payload: dict, config: Config) -> PushDecision:
     sha, branch = run.get("head_sha"), run.get("head_branch")
     if not isinstance(sha, str) or not (len(sha) == 40 and all(c in "0123456789abcdef" for c in sha)):
         return PushDecision((), f"head_sha is not a commit sha: {str(sha)[:50]!r}")
-    names = {n for n in ((payload.get("workflow") or {}).get("name"), run.get("name"), run.get("path")) if n}
-    repo = (payload.get("repository") or {}).get("full_name") or ""
-    order = (_epoch(run.get("created_at")), _epoch((run.get("head_commit") or {}).get("timestamp")))
+    workflow = _object(payload, "workflow")
+    names = {
+        n
+        for n in (
+            _text(workflow, "name", "workflow."),
+            _text(run, "name", "workflow_run."),
+            _text(run, "path", "workflow_run."),
+        )
+        if n
+    }
+    repo = repository_name(payload)
+    head = _object(run, "head_commit", "workflow_run.")
+    order = (_epoch(run.get("created_at")), _epoch(head.get("timestamp")))
     deploys, reasons = [], []
     for name, env in sorted(config.deploy.environments.items()):
         if not env.workflow:
