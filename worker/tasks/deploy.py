@@ -277,6 +277,7 @@ def _roll_back(ctx: StepContext, release: dict, why: str):
     environment, env = _env(ctx)
     ledger = ctx.runtime.ledger
     previous = release["previous_images"]
+    began = time.monotonic()
     try:
         lines = _put(ctx, previous, "rollback", env.stop_timeout_seconds)
         lines.append(_gate(ctx, previous))
@@ -292,7 +293,8 @@ def _roll_back(ctx: StepContext, release: dict, why: str):
     _release_lock(ctx)
     metrics.DEPLOYS.labels(environment, "rolled_back").inc()
     back = ", ".join(f"{s} on {i}" for s, i in previous.items())
-    raise StepEnded("rolled_back", f"{why}; rolled back: {back}\n" + "\n".join(lines))
+    took = time.monotonic() - began
+    raise StepEnded("rolled_back", f"{why}; rolled back in {took:.2f}s: {back}\n" + "\n".join(lines))
 
 
 def _escalate(ctx: StepContext, environment: str, reason: str) -> None:
