@@ -66,7 +66,7 @@ def config_check(ctx: click.Context) -> None:
     """
     loaded = _load(ctx)
     click.echo(yaml.safe_dump(redacted_view(loaded), sort_keys=False, allow_unicode=True).rstrip())
-    for warning in config_warnings(loaded.config):
+    for warning in config_warnings(loaded.config, loaded.secrets):
         click.echo(f"warning: {warning}", err=True)
     click.echo(f"configuration OK ({loaded.source})", err=True)
 
@@ -211,10 +211,18 @@ def run(ctx: click.Context, port: int | None, host: str | None) -> None:
         f"opsfleet running ({loaded.source}; {broker}; {ledger})\n"
         f"  Alertmanager webhook: POST {base}/hooks/alertmanager  (Authorization: Bearer <token>)\n"
         f"  token: {token_note}\n"
+        + (
+            f"  GitHub webhook:       POST {base}/hooks/github  (signed with GITHUB_WEBHOOK_SECRET)\n"
+            if loaded.secrets.get("GITHUB_WEBHOOK_SECRET")
+            else ""
+        )
+        + f"  status page: {base}/\n"
         f"  runs:    {_opsfleet_command()} runs   or   GET {base}/api/runs\n"
         f"  health:  {base}/healthz  {base}/readyz   metrics: {base}/metrics\n"
         f"Ctrl-C stops web, worker and beat."
     )
+    for warning in config_warnings(loaded.config, loaded.secrets):
+        click.echo(f"warning: {warning}", err=True)
 
     stopping = False
 
@@ -334,7 +342,7 @@ def runs(ctx, limit, status, trigger, target, as_json, run_id) -> None:
     for r in rows:
         click.echo(
             f"{r['id']:>6}  {r['created_at']:%Y-%m-%d %H:%M:%S}  {r['trigger']:8}  {r['playbook'][:16]:16}  "
-            f"{(r['target'] or '-')[:14]:14}  {r['status']:10}  {r['reason'][:60]}"
+            f"{_tty(r['target'] or '-')[:14]:14}  {r['status']:10}  {_tty(r['reason'])[:60]}"
             + (f" (+{r['repeats']} repeats)" if r["repeats"] else "")
         )
 
@@ -404,15 +412,25 @@ def cleanup(ctx: click.Context, dry_run: bool) -> None:
     _run_now(ctx, "cleanup", "all", {}, dry_run)
 
 
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F, *range(0x80, 0xA0)]}
+_CONTROL.update({0x2028: "\\u2028", 0x2029: "\\u2029"})  # line breaks to a terminal, too
+
+
+def _tty(value: object) -> str:
+    """Ledger text (from alert labels, commit messages, step output) as one terminal line:
+    control characters shown as escapes, so none moves the cursor, sets the title or forges a line."""
+    return str(value).translate(_CONTROL)
+
+
 def _print_run(run: dict) -> None:
-    click.echo(f"run {run['id']}: {run['playbook']} on {run['target'] or '-'} — {run['status']}")
+    click.echo(f"run {run['id']}: {run['playbook']} on {_tty(run['target'] or '-')} — {run['status']}")
     for key in ("trigger", "rule", "summary", "reason", "created_at", "started_at", "finished_at", "worker", "repeats"):
         if run.get(key) not in (None, ""):
-            click.echo(f"  {key}: {run[key]}")
+            click.echo(f"  {key}: {_tty(run[key])}")
     for step in run["steps"]:
         click.echo(f"  step {step['seq']} {step['name']}: {step['status']}")
-        for line in step["output"].splitlines()[:20]:
-            click.echo(f"      {line}")
+        for line in step["output"].split("\n")[:20]:
+            click.echo(f"      {_tty(line)}")
 
 
 # -- backups and restores ------------------------------------------------------------------
@@ -541,6 +559,11 @@ def releases_command(ctx: click.Context, environment: str | None, limit: int, as
     from worker.adapters.ledger import jsonable
 
     app = _engine(ctx)
+    configured = app.opsfleet.loaded.config.deploy.environments
+    if environment is not None and environment not in configured:
+        known = ", ".join(sorted(configured)) or "none (deploy.environments is empty)"
+        click.echo(f"opsfleet: no environment {environment!r} is configured; configured: {known}", err=True)
+        ctx.exit(2)
     rows = app.opsfleet.ledger.list_releases(environment, limit=limit)
     if as_json:
         click.echo(json.dumps(jsonable(rows), indent=2))

@@ -6,15 +6,21 @@
 #   docker build --build-arg BASE=opsfleet-base:bookworm -t opsfleet .
 #
 # DOCKER_HOST picks the engine; MIRROR the Debian mirror (default http://deb.debian.org/debian).
-# Needs root (debootstrap) and Debian's debootstrap package. Does nothing when TAG exists.
+# Needs root (debootstrap) and Debian's debootstrap package. Does nothing when TAG exists with
+# the same package list.
 set -euo pipefail
 
 tag=${1:-opsfleet-base:bookworm}
 mirror=${MIRROR:-http://deb.debian.org/debian}
-# What the Dockerfile would otherwise apt-get: Python and venv, pg_dump/pg_restore, zstd.
-packages=python3,python3-venv,postgresql-client,zstd,ca-certificates
+# What the Dockerfile would otherwise apt-get: Python and venv, pg_dump/pg_restore, zstd;
+# python3-gdbm so Celery beat's schedule is one gdbm file (without it shelve falls back to
+# dbm.dumb's .dat/.dir files, and the compose file's beat health check looks for the one file).
+packages=python3,python3-venv,python3-gdbm,postgresql-client,zstd,ca-certificates
 
-if docker image inspect "$tag" >/dev/null 2>&1; then
+# The package list is kept as a label: a base made with another list is made again.
+label=opsfleet.base.packages
+have=$(docker image inspect -f "{{ index .Config.Labels \"$label\" }}" "$tag" 2>/dev/null || true)
+if [ "$have" = "$packages" ]; then
   echo "make-base-image: $tag is already there"
   exit 0
 fi
@@ -39,5 +45,6 @@ tar -C "$root" --numeric-owner -c . |
     -c 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
     -c 'ENV LANG=C.UTF-8' \
     -c 'CMD ["/bin/bash"]' \
+    -c "LABEL $label=$packages" \
     - "$tag" >/dev/null
 echo "make-base-image: $tag imported"

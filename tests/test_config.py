@@ -57,6 +57,7 @@ def test_empty_file_is_the_embedded_defaults():
         ({"services": {"api": {}}}, "services.api: set exactly one of container or compose_service"),
         ({"worker": {"step_soft_timeout_seconds": 10, "step_hard_timeout_seconds": 5}}, "worker: step_hard"),
         ([1, 2], "(top level): expected a mapping"),
+        ({"fleet": {"public_url": "javascript:alert(1)"}}, "fleet.public_url: String should match pattern"),
         (
             {"broker": {"visibility_timeout_seconds": 100}, "worker": {"step_hard_timeout_seconds": 200}},
             "broker.visibility_timeout_seconds: must be above worker.step_hard_timeout_seconds",
@@ -212,3 +213,20 @@ def test_host_playbooks_take_no_target():
     assert any(p.startswith("remediation.rules[0]: free_disk acts on the host") for p in found), found
     untargeted = {k: v for k, v in rule(playbook="rotate_logs").items() if k != "target"}
     assert parse_config(with_rules(untargeted), source="t", base_dir=".", environ={})
+
+
+def test_warnings_for_no_rules_and_for_escalations_that_reach_nobody(tmp_path):
+    from worker.config import Secrets, config_warnings
+
+    bare = parse_config({}, source="t", base_dir=tmp_path, environ={})
+    [warning] = config_warnings(bare.config, bare.secrets)
+    assert warning.startswith("remediation.rules: none configured") and "opsfleet.example.yaml" in warning
+    rules = {"remediation": {"rules": [{"name": "r", "match": ['alertname="X"'], "playbook": "escalate"}]}}
+    loaded = parse_config(rules, source="t", base_dir=tmp_path, environ={})
+    [warning] = config_warnings(loaded.config, loaded.secrets)
+    assert warning.startswith("escalation: neither escalation.alertmanager_url nor SLACK_BOT_TOKEN")
+    assert config_warnings(loaded.config, Secrets.from_env({"SLACK_BOT_TOKEN": "xoxb-1"})) == []
+    with_am = parse_config(
+        {**rules, "escalation": {"alertmanager_url": "http://am:9093"}}, source="t", base_dir=tmp_path, environ={}
+    )
+    assert config_warnings(with_am.config, with_am.secrets) == []

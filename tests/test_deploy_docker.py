@@ -428,6 +428,8 @@ def test_cli_deploy_releases_and_rollback(stack, dockerd, tmp_path):
     # Deliberate: the CLI may put an older commit live, which a webhook never does.
     assert opsfleet("deploy", "--env", "prod", "--ref", "nothex").exit_code == 2
     assert opsfleet("rollback", "--env", "nope").exit_code == 2
+    unknown = opsfleet("releases", "--env", "nope")
+    assert unknown.exit_code == 2 and "no environment 'nope' is configured; configured: prod" in unknown.output
     result = opsfleet("releases", "--env", "prod", "--json")
     assert [r["sha"][0] for r in json.loads(result.output)] == ["a", "b", "a"]
 

@@ -95,3 +95,17 @@ def test_slack_down_still_reaches_alertmanager(escalation, slack):
     assert [(s["name"], s["status"]) for s in run["steps"]] == [("alertmanager", "succeeded"), ("page_slack", "failed")]
     assert run["status"] == "failed" and "channel_not_found" in run["reason"]
     assert len(am_escalations(am)) == 1
+
+
+def test_an_escalation_with_no_path_to_a_person_fails(tmp_path):
+    loaded = parse_config({"fleet": {"data_dir": str(tmp_path)}}, source="t", base_dir=tmp_path, environ={})
+    app = create_celery(loaded)
+    app.conf.task_always_eager = True
+    ledger = app.opsfleet.ledger
+    ledger.migrate()
+    new = NewRun(trigger="alert", playbook="escalate", rule="down", target="api", params={"reason": "cap reached"})
+    run_id = ledger.record_event(source="t", summary="", body="", new_runs=[new]).runs[0].id
+    app.tasks["opsfleet.runs.start"].apply(args=(run_id,))
+    run = ledger.get_run(run_id)
+    assert [(s["name"], s["status"]) for s in run["steps"]] == [("alertmanager", "succeeded"), ("page_slack", "failed")]
+    assert run["status"] == "failed" and "nobody was paged" in run["reason"]

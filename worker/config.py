@@ -76,7 +76,10 @@ class FleetSettings(_Strict):
     )
     hostname: str = Field(default_factory=socket.gethostname)
     public_url: str | None = Field(
-        default=None, description="Base URL of the web app, used in links from Slack and GitHub."
+        default=None,
+        # Links built on it go into Slack buttons and GitHub's log_url: http(s) only.
+        pattern=r"^https?://[^\s<>|]+$",
+        description="Base URL of the web app (http:// or https://), used in links from Slack and GitHub.",
     )
     maintenance_host: str | None = Field(
         default=None,
@@ -895,9 +898,20 @@ def _cross_check(config: Config) -> list[str]:
     return problems
 
 
-def config_warnings(config: Config) -> list[str]:
-    """Valid but risky settings, each naming the key: `config check` prints them."""
+def config_warnings(config: Config, secrets: Secrets | None = None) -> list[str]:
+    """Valid but risky settings, each naming the key: `config check` and `opsfleet run` print them.
+    With `secrets`, also what the environment leaves out (no way to page a person)."""
     warnings = []
+    if not config.remediation.rules:
+        warnings.append(
+            "remediation.rules: none configured, so every alert is recorded and ignored; "
+            "start from opsfleet.example.yaml (cp opsfleet.example.yaml opsfleet.yaml)"
+        )
+    elif secrets is not None and not config.escalation.alertmanager_url and not secrets.get("SLACK_BOT_TOKEN"):
+        warnings.append(
+            "escalation: neither escalation.alertmanager_url nor SLACK_BOT_TOKEN is set, so an escalation "
+            "(a cap reached, a storm, an escalate rule) pages nobody and its run fails; set one of them"
+        )
     for name, spec in config.rotation.sets.items():
         if spec.mode == "copytruncate" and not spec.writer_appends:
             warnings.append(

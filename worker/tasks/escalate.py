@@ -83,6 +83,11 @@ def notify_alertmanager(ctx: StepContext) -> str:
 def page_slack(ctx: StepContext) -> str:
     slack = ctx.runtime.slack
     if slack is None:
+        if not ctx.config.escalation.alertmanager_url:
+            # An escalation that reached nobody must not read as done.
+            raise StepFailed(
+                "nobody was paged: neither escalation.alertmanager_url nor SLACK_BOT_TOKEN is set; set one of them"
+            )
         return "SLACK_BOT_TOKEN is not set: no Slack page"
     settings = ctx.config.escalation
     lines = [

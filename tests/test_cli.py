@@ -1,0 +1,39 @@
+"""The CLI shows ledger text (alert labels, reasons, step output) without letting it drive
+the terminal: control characters are printed as escapes."""
+
+from __future__ import annotations
+
+import yaml
+from click.testing import CliRunner
+
+from opsfleet.cli import cli
+from worker.adapters.ledger import Ledger, NewRun, ledger_url
+
+HOSTILE = "api\x1b]0;pwned\x07\r\nFAKE LINE\x1b[2J\u2028x"
+
+
+def test_runs_table_and_run_detail_escape_control_characters(tmp_path):
+    data = tmp_path / "data"
+    config = tmp_path / "opsfleet.yaml"
+    config.write_text(yaml.safe_dump({"fleet": {"data_dir": str(data)}}))
+    ledger = Ledger(ledger_url(None, data))
+    ledger.migrate()
+    recorded = ledger.record_event(
+        source="t",
+        summary="",
+        body="",
+        new_runs=[
+            NewRun(trigger="alert", playbook="restart_service", status="skipped", target=HOSTILE, reason=HOSTILE)
+        ],
+    )
+    run_id = recorded.runs[0].id
+    ledger.dispose()
+    runner = CliRunner()
+    env = {"DATABASE_URL": "", "REDIS_URL": ""}
+    for args in (["runs"], ["runs", str(run_id)]):
+        result = runner.invoke(cli, ["--config", str(config), *args], env=env, catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        assert "\x1b" not in result.output and "\x07" not in result.output and "\r" not in result.output
+        assert "\u2028" not in result.output
+        assert "\\x1b]0;pwned\\x07\\x0d\\x0aFAKE LINE" in result.output
+        assert not any(line.startswith("FAKE LINE") for line in result.output.splitlines())
