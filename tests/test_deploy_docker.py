@@ -43,7 +43,8 @@ def stack(tmp_path, dockerd, images, github):
     yield from make_stack(tmp_path, dockerd, github, REPO, prune=False)
 
 
-def make_stack(tmp_path, dockerd, github, repo: str, prune: bool):
+def make_stack(tmp_path, dockerd, github, repo: str, prune: bool, environment: dict | None = None, **sections):
+    """The stack; `environment` adds keys to deploy.environments.prod, `sections` top-level sections."""
     port = free_port()
     name = f"opsfleet-deploy-{uuid.uuid4().hex[:8]}"
     command = httpd_command(port)
@@ -74,9 +75,11 @@ def make_stack(tmp_path, dockerd, github, repo: str, prune: bool):
                     "min_free_bytes": 1024,
                     # The module's tests share locally built tags no registry can serve again.
                     "prune_images": prune,
+                    **(environment or {}),
                 },
             },
         },
+        **sections,
     }
     environ = {
         "ALERTMANAGER_TOKEN": "am-token-xyz",
@@ -130,6 +133,7 @@ def test_a_signed_push_deploys_the_new_tag_and_health_passes(stack, dockerd):
     assert [s["name"] for s in run["steps"]] == [
         "lock",
         "validate",
+        "backup",
         "pull",
         "recreate",
         "health",
@@ -326,6 +330,100 @@ def test_images_of_a_deploy_still_running_are_protected(stack):
     assert image in protected_images(StepContext(stack.app.opsfleet, {"id": 0, "params": {}}))
 
 
+def test_a_migrating_deploy_backs_up_first_and_its_rollback_restores_the_database(
+    tmp_path, dockerd, images, github, shared_pg_url, monkeypatch
+):
+    import psycopg
+
+    from worker.adapters.backupstore import list_sets
+    from worker.tasks import deploy as deploy_tasks
+    from worker.tasks.playbooks import PLAYBOOKS
+    from worker.tasks.steps import Step
+
+    with psycopg.connect(shared_pg_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE orders (id int primary key, total int)")
+        conn.execute("INSERT INTO orders SELECT g, g * 10 FROM generate_series(1, 3) g")
+        dbname = conn.info.dbname
+    backups = tmp_path / "backups"
+    making = make_stack(
+        tmp_path,
+        dockerd,
+        github,
+        REPO,
+        prune=False,
+        environment={"backup": ["db"], "migrating": True},
+        backup={
+            "root": str(backups),
+            "min_free_bytes": 0,
+            "series": {"db": {"kind": "database", "database_url": shared_pg_url}},
+        },
+    )
+    stack = next(making)
+
+    # The new release migrates the database as it starts (here: as the recreate step ends).
+    def recreate_and_migrate(ctx):
+        output = deploy_tasks.recreate(ctx)
+        with psycopg.connect(shared_pg_url, autocommit=True) as conn:
+            conn.execute("ALTER TABLE orders ADD COLUMN migrated bool")
+            conn.execute("DELETE FROM orders WHERE id = 1")
+        return output
+
+    steps = tuple(Step(s.name, recreate_and_migrate) if s.name == "recreate" else s for s in PLAYBOOKS["deploy"])
+    monkeypatch.setitem(PLAYBOOKS, "deploy", steps)
+    try:
+        stack.start()
+        run = deploy(stack, "c", 1000)  # c never gets healthy: rolled back
+        assert run["status"] == "rolled_back", run
+        outputs = {s["name"]: s["output"] for s in run["steps"]}
+        assert "committed" in outputs["backup"]
+        assert "database restored from pre-deploy set" in outputs["health"] and "rolled back in" in outputs["health"]
+        assert serving(stack) == "v1"
+        with psycopg.connect(shared_pg_url, autocommit=True) as conn:
+            rows = conn.execute("SELECT id, total FROM orders ORDER BY id").fetchall()
+            columns = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT column_name FROM information_schema.columns WHERE table_name = 'orders' ORDER BY 1"
+                )
+            ]
+        assert rows == [(1, 10), (2, 20), (3, 30)] and columns == ["id", "total"]  # as before the deploy
+        [taken] = [s for s in list_sets(backups) if s.manifest.get("run_id") == run["id"]]
+        assert taken.verified("db") and taken.items["db"]["row_counts"] == {"public.orders": 3}
+    finally:
+        making.close()
+        with psycopg.connect(shared_pg_url.rsplit("/", 1)[0] + "/postgres", autocommit=True) as conn:
+            # The migrated database the restore kept aside (<db>_before_<run>), and any restore leftovers.
+            for (name,) in conn.execute("SELECT datname FROM pg_database WHERE datname LIKE %s", (f"{dbname}\\_%",)):
+                conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+def test_a_deploy_with_a_backup_that_cannot_be_taken_stops_nothing(tmp_path, dockerd, images, github):
+    making = make_stack(
+        tmp_path,
+        dockerd,
+        github,
+        REPO,
+        prune=False,
+        environment={"backup": ["db"]},
+        backup={
+            "root": str(tmp_path / "backups"),
+            "min_free_bytes": 0,
+            "series": {"db": {"kind": "database", "database_url": "postgresql://postgres@127.0.0.1:1/nothing"}},
+        },
+    )
+    stack = next(making)
+    try:
+        before = stack.start()
+        run = deploy(stack, "a", 1000)
+        assert run["status"] == "failed" and "pre-deploy backup failed" in run["reason"], run
+        assert [s["name"] for s in run["steps"]][-1] == "backup"
+        assert dockerd.containers.get(stack.name).id == before.id and serving(stack) == "v1"
+        assert not list((tmp_path / "backups").glob("*"))  # no partial set left
+        assert stack.ledger.get_lock("deploy:prod") is None
+    finally:
+        making.close()
+
+
 def report(stack, run_id):
     return stack.app.tasks["opsfleet.report.github"].apply(args=(run_id,)).get()
 
@@ -460,7 +558,7 @@ def test_a_recreate_that_fails_half_way_puts_the_original_back(stack, dockerd):
     )
     assert stack.ledger.claim_run(run_id, "test", 600)
     step = stack.app.tasks["opsfleet.runs.step"]
-    for seq in (0, 1, 3):  # lock, validate, (no pull), recreate
+    for seq in (0, 1, 2, 4):  # lock, validate, backup, (no pull), recreate
         step.apply(args=(run_id, seq))
     run = stack.ledger.get_run(run_id)
     assert run["status"] == "rolled_back", run

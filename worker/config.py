@@ -633,6 +633,16 @@ class DeployEnvironment(_Strict):
     tag_template: str = Field(default="{branch}-{short_sha}", description="Fields: {sha} {short_sha} {branch} {tag}.")
     health: HealthGate = HealthGate()
     keep_releases: int = Field(default=2, ge=0, le=50, description="Earlier releases kept as rollback targets.")
+    backup: tuple[str, ...] = Field(
+        default=(),
+        description="Backup series (backup.series names) taken and verified before anything is stopped; "
+        "empty: no pre-deploy backup.",
+    )
+    migrating: bool = Field(
+        default=False,
+        description="This environment's new releases migrate the database as they start: a rollback restores "
+        "the pre-deploy backup of the database series in `backup` before the previous images start again.",
+    )
     prune_images: bool = Field(
         default=True,
         description="After a release goes live, remove this environment's local images beyond it and its "
@@ -881,6 +891,16 @@ def _cross_check(config: Config) -> list[str]:
         for service in env.images:
             if service not in env.services:
                 problems.append(f"{where}.images.{service}: not one of this environment's services")
+        for i, series in enumerate(env.backup):
+            if series not in config.backup.series:
+                known = ", ".join(config.backup.series) or "none configured"
+                problems.append(f'{where}.backup[{i}]: unknown backup series "{series}" (backup.series: {known})')
+        databases = [s for s in env.backup if s in config.backup.series and config.backup.series[s].kind == "database"]
+        if env.migrating and not databases:
+            problems.append(
+                f"{where}.migrating: a rollback restores the pre-deploy database backup; name a database series "
+                "in backup"
+            )
         gate = env.health
         # The health step may gate, roll back (stop + start each service) and gate again.
         worst = 2 * gate.timeout_seconds + 2 * env.stop_timeout_seconds * len(env.services)

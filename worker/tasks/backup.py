@@ -133,7 +133,7 @@ def backup_root(ctx: StepContext) -> Path:
     return ctx.runtime.loaded.backup_root
 
 
-def _partial(ctx: StepContext) -> tuple[Path, dict[str, Any]]:
+def partial_of_run(ctx: StepContext) -> tuple[Path, dict[str, Any]]:
     for path, manifest in partial_sets(backup_root(ctx)):
         if manifest and manifest.get("run_id") == ctx.run["id"]:
             return path, manifest
@@ -146,13 +146,13 @@ def _release(ctx: StepContext, manifest: dict[str, Any]) -> None:
 
 
 @contextmanager
-def _cleanup_on_failure(ctx: StepContext, step: str):
+def abandon_set_on_failure(ctx: StepContext, step: str):
     """A failing step removes the partial set and releases the locks; older sets stay."""
     try:
         yield
     except BaseException as err:
         try:
-            path, manifest = _partial(ctx)
+            path, manifest = partial_of_run(ctx)
             shutil.rmtree(path, ignore_errors=True)
             _release(ctx, manifest)
         except StepFailed:
@@ -276,8 +276,8 @@ def prepare(ctx: StepContext) -> str:
 
 
 def dump(ctx: StepContext) -> str:
-    with _cleanup_on_failure(ctx, "dump"):
-        folder, manifest = _partial(ctx)
+    with abandon_set_on_failure(ctx, "dump"):
+        folder, manifest = partial_of_run(ctx)
         lines = []
         for series in manifest["series"]:
             spec = ctx.config.backup.series.get(series)
@@ -300,8 +300,8 @@ def dump(ctx: StepContext) -> str:
 
 
 def verify(ctx: StepContext) -> str:
-    with _cleanup_on_failure(ctx, "verify"):
-        folder, manifest = _partial(ctx)
+    with abandon_set_on_failure(ctx, "verify"):
+        folder, manifest = partial_of_run(ctx)
         lines = []
         for series, item in manifest["items"].items():
             result = verify_item(folder, item, manifest["compression"], deep=False)
@@ -317,8 +317,8 @@ def verify(ctx: StepContext) -> str:
 
 
 def commit(ctx: StepContext) -> str:
-    with _cleanup_on_failure(ctx, "commit"):
-        folder, manifest = _partial(ctx)
+    with abandon_set_on_failure(ctx, "commit"):
+        folder, manifest = partial_of_run(ctx)
         if not manifest.get("verification", {}).get("ok"):
             raise StepFailed("refusing to commit a set that was not verified")
         manifest["state"] = "complete"

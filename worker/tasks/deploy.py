@@ -29,15 +29,17 @@ from __future__ import annotations
 
 import functools
 import logging
+import shutil
 import time
 
 from worker.adapters import metrics
 from worker.adapters.docker import DockerError
 from worker.adapters.ledger import FINAL_STATUSES, NewRun
 from worker.deploys import judge_deploy
-from worker.tasks import cleanup
+from worker.tasks import backup as backups
+from worker.tasks import cleanup, restore
 from worker.tasks.remediate import _container, _health_problem
-from worker.tasks.steps import Step, StepContext, StepEnded, StepFailed
+from worker.tasks.steps import Step, StepContext, StepEnded, StepFailed, StepSkipped
 
 log = logging.getLogger("opsfleet.deploy")
 
@@ -186,6 +188,68 @@ def pull(ctx: StepContext) -> str:
     return "\n".join(lines)
 
 
+def _pre_deploy_set(ctx: StepContext):
+    """The backup set this deploy run took (its manifest carries the run's id), if committed."""
+    root = backups.backup_root(ctx)
+    if not root.is_dir():
+        return None
+    return next((s for s in backups.list_sets(root) if s.manifest.get("run_id") == ctx.run["id"]), None)
+
+
+@_frees_lock_on_failure
+def backup(ctx: StepContext) -> str:
+    """The environment's backup series, through the backup job's own steps (prepare, dump,
+    verify, commit): a verified set before anything is stopped. Its set carries this run's id."""
+    environment, env = _env(ctx)
+    if not env.backup:
+        return f"no pre-deploy backup (deploy.environments.{environment}.backup is empty)"
+    done = _pre_deploy_set(ctx)
+    if done is not None:
+        return f"set {done.id} of this run is there already: {', '.join(sorted(done.items))}"
+    root = backups.backup_root(ctx)
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for path, manifest in backups.partial_sets(root):
+        if manifest and manifest.get("run_id") == ctx.run["id"]:  # this step, restarted after a crash
+            shutil.rmtree(path, ignore_errors=True)
+            for series in manifest.get("series", []):
+                ctx.runtime.ledger.release_lock(backups.lock_name(series), backups.holder(ctx.run))
+    job = StepContext(ctx.runtime, {**ctx.run, "params": {"series": list(env.backup)}})
+    try:
+        lines = [backups.prepare(job)]
+    except StepSkipped as err:
+        raise StepFailed(f"pre-deploy backup could not start: {err}; nothing was stopped") from None
+    _, manifest = backups.partial_of_run(job)
+    if manifest.get("skipped"):
+        # Abandoned as a failing backup step abandons its set: partial removed, locks released.
+        with backups.abandon_set_on_failure(job, "prepare"):
+            raise StepFailed(
+                "pre-deploy backup incomplete: "
+                + "; ".join(f"{s}: {why}" for s, why in manifest["skipped"].items())
+                + "; nothing was stopped"
+            )
+    for step in (backups.dump, backups.verify, backups.commit):
+        try:
+            lines.append(step(job))
+        except StepFailed as err:
+            raise StepFailed(f"pre-deploy backup failed: {err}; nothing was stopped") from None
+    return "\n".join(lines)
+
+
+def _restore_database(ctx: StepContext, env) -> list[str]:
+    """A migrating deploy's rollback: the database series of its pre-deploy set restored
+    (the restore job's own step: a fresh database, row counts checked, swapped in; the
+    migrated one kept as <db>_before_<run>)."""
+    found = _pre_deploy_set(ctx)
+    if found is None:
+        raise StepFailed("no pre-deploy backup set of this run to restore the database from")
+    plan = {s: found.id for s in env.backup if ctx.config.backup.series[s].kind == "database" and s in found.items}
+    job = StepContext(ctx.runtime, {**ctx.run, "params": {"plan": plan}})
+    try:
+        return [f"database restored from pre-deploy set {found.id}:", restore.database(job)]
+    finally:
+        restore.cleanup(job)
+
+
 def _marker(ctx: StepContext, service: str, what: str = "deploy") -> str:
     return f"opsfleet-run-{ctx.run['id']}-{what}-{service}"
 
@@ -279,7 +343,8 @@ def _roll_back(ctx: StepContext, release: dict, why: str):
     previous = release["previous_images"]
     began = time.monotonic()
     try:
-        lines = _put(ctx, previous, "rollback", env.stop_timeout_seconds)
+        lines = _restore_database(ctx, env) if env.migrating else []
+        lines += _put(ctx, previous, "rollback", env.stop_timeout_seconds)
         lines.append(_gate(ctx, previous))
     except (DockerError, StepFailed) as err:
         ledger.set_release_status(ctx.run["id"], "failed")
@@ -395,13 +460,21 @@ def prune_images(ctx: StepContext) -> str:
         return f"image cleanup skipped: {err} (the release is live; the next deploy or cleanup run tries again)"
 
 
+def _health_timeout(config) -> int:
+    """A migrating environment's rollback restores its database inside the health step."""
+    if any(env.migrating for env in config.deploy.environments.values()):
+        return max(config.worker.step_soft_timeout_seconds, config.backup.step_timeout_seconds)
+    return config.worker.step_soft_timeout_seconds
+
+
 PLAYBOOKS = {
     "deploy": (
         Step("lock", lock),
         Step("validate", validate),
+        Step("backup", backup, timeout=lambda config: config.backup.step_timeout_seconds),
         Step("pull", pull),
         Step("recreate", recreate),
-        Step("health", health),
+        Step("health", health, timeout=_health_timeout),
         Step("record", record),
         Step("prune_images", prune_images),
     ),
