@@ -43,9 +43,18 @@ def stack(tmp_path, dockerd, images, github):
     yield from make_stack(tmp_path, dockerd, github, REPO, prune=False)
 
 
-def make_stack(tmp_path, dockerd, github, repo: str, prune: bool, environment: dict | None = None, **sections):
+def make_stack(
+    tmp_path,
+    dockerd,
+    github,
+    repo: str,
+    prune: bool,
+    environment: dict | None = None,
+    port: int | None = None,
+    **sections,
+):
     """The stack; `environment` adds keys to deploy.environments.prod, `sections` top-level sections."""
-    port = free_port()
+    port = port or free_port()
     name = f"opsfleet-deploy-{uuid.uuid4().hex[:8]}"
     command = httpd_command(port)
 
@@ -328,6 +337,42 @@ def test_images_of_a_deploy_still_running_are_protected(stack):
         ],
     )
     assert image in protected_images(StepContext(stack.app.opsfleet, {"id": 0, "params": {}}))
+
+
+@pytest.mark.parametrize(
+    "check,status,reason",
+    [
+        ({"name": "version", "url": "http://127.0.0.1:{port}/version"}, "succeeded", None),
+        (
+            {"name": "still-v1", "url": "http://127.0.0.1:{port}/version", "expect_text": "v1"},
+            "rolled_back",
+            "check still-v1: http://127.0.0.1:{port}/version answered without 'v1'",
+        ),
+        (
+            {"name": "admin", "url": "http://127.0.0.1:{port}/admin", "expect_status": 200},
+            "rollback_failed",  # the previous release fails it too
+            "check admin: http://127.0.0.1:{port}/admin answered 404, expected 200",
+        ),
+    ],
+)
+def test_business_checks_run_after_the_health_gate(tmp_path, dockerd, images, github, check, status, reason):
+    port = free_port()
+    check = {**check, "url": check["url"].format(port=port)}
+    making = make_stack(tmp_path, dockerd, github, REPO, prune=False, environment={"checks": [check]}, port=port)
+    stack = next(making)
+    try:
+        stack.start()
+        run = deploy(stack, "a", 1000)
+        assert run["status"] == status, run
+        health = {s["name"]: s["output"] for s in run["steps"]}["health"]
+        if reason is None:
+            assert "check version: 200" in health and serving(stack) == "a"
+        else:
+            assert reason.format(port=port) in run["reason"]
+            if status == "rolled_back":
+                assert serving(stack) == "v1" and "check still-v1: 200, has 'v1'" in health
+    finally:
+        making.close()
 
 
 def test_a_migrating_deploy_backs_up_first_and_its_rollback_restores_the_database(

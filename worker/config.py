@@ -603,6 +603,17 @@ class HealthGate(_Strict):
     timeout_seconds: int = Field(default=30, ge=1, le=3600, description="The gate fails after this.")
 
 
+class BusinessCheck(_Strict):
+    """An HTTP probe the release must pass after its services are healthy (the health gate's
+    last part): the status it answers and, optionally, a text its body holds."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    url: str = Field(pattern=r"^https?://\S+$", description="Credentials as ${VAR}.")
+    expect_status: int = Field(default=200, ge=100, le=599)
+    expect_text: str | None = Field(default=None, min_length=1, description="A text the body must contain.")
+    timeout_seconds: float = Field(default=5, gt=0, le=60)
+
+
 class DeployEnvironment(_Strict):
     """One environment a push deploys: which services, which images, which gate."""
 
@@ -632,6 +643,10 @@ class DeployEnvironment(_Strict):
     images: dict[str, str] = Field(default_factory=dict, description="Image repository per service (overrides image).")
     tag_template: str = Field(default="{branch}-{short_sha}", description="Fields: {sha} {short_sha} {branch} {tag}.")
     health: HealthGate = HealthGate()
+    checks: tuple[BusinessCheck, ...] = Field(
+        default=(),
+        description="Business checks, after every service passed the health gate; a failing one fails the gate.",
+    )
     keep_releases: int = Field(default=2, ge=0, le=50, description="Earlier releases kept as rollback targets.")
     backup: tuple[str, ...] = Field(
         default=(),

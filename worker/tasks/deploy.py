@@ -32,6 +32,8 @@ import logging
 import shutil
 import time
 
+import requests
+
 from worker.adapters import metrics
 from worker.adapters.docker import DockerError
 from worker.adapters.ledger import FINAL_STATUSES, NewRun
@@ -306,12 +308,30 @@ def recreate(ctx: StepContext) -> str:
     return "\n".join(lines)
 
 
+def _business_checks(checks) -> tuple[str, list[str]]:
+    """("", what passed) when every check passes, else (the first failure, [])."""
+    passed = []
+    for check in checks:
+        try:
+            answer = requests.get(check.url, timeout=check.timeout_seconds, allow_redirects=False)
+        except requests.RequestException as err:
+            return f"check {check.name}: {check.url} did not answer ({err.__class__.__name__})", []
+        if answer.status_code != check.expect_status:
+            return f"check {check.name}: {check.url} answered {answer.status_code}, expected {check.expect_status}", []
+        if check.expect_text is not None and check.expect_text not in answer.text:
+            return f"check {check.name}: {check.url} answered without {check.expect_text!r}", []
+        passed.append(
+            f"{check.name}: {answer.status_code}" + (f", has {check.expect_text!r}" if check.expect_text else "")
+        )
+    return "", passed
+
+
 def _gate(ctx: StepContext, images: dict[str, str]) -> str:
     """Every service on its image, running, healthy: `passes` times in a row, before the timeout."""
     _, env = _env(ctx)
     gate = env.health
     deadline = time.monotonic() + gate.timeout_seconds
-    streak, problem = 0, ""
+    streak, problem, failed_check = 0, "", ""
     while True:
         problem = ""
         for service, reference in images.items():
@@ -328,10 +348,16 @@ def _gate(ctx: StepContext, images: dict[str, str]) -> str:
                 break
         streak = 0 if problem else streak + 1
         if streak >= gate.passes:
-            return f"{', '.join(images)} healthy {gate.passes} times in a row"
+            failed_check, passed = _business_checks(env.checks)
+            if not failed_check:
+                return f"{', '.join(images)} healthy {gate.passes} times in a row" + "".join(
+                    f"\ncheck {line}" for line in passed
+                )
+            streak = 0  # a check that fails sends the services back through the gate
         if time.monotonic() + gate.interval_seconds > deadline:
             raise StepFailed(
-                f"health gate failed after {gate.timeout_seconds}s: {problem or f'only {streak} passes in a row'}"
+                f"health gate failed after {gate.timeout_seconds}s: "
+                f"{problem or failed_check or f'only {streak} passes in a row'}"
             )
         time.sleep(gate.interval_seconds)
 
