@@ -339,6 +339,19 @@ def test_images_of_a_deploy_still_running_are_protected(stack):
     assert image in protected_images(StepContext(stack.app.opsfleet, {"id": 0, "params": {}}))
 
 
+def test_a_host_below_the_memory_floor_fails_validation_and_stops_nothing(tmp_path, dockerd, images, github):
+    making = make_stack(tmp_path, dockerd, github, REPO, prune=False, environment={"min_free_memory_bytes": 2**50})
+    stack = next(making)
+    try:
+        before = stack.start()
+        run = deploy(stack, "a", 1000)
+        assert run["status"] == "failed" and "below min_free_memory_bytes (1073741824 MiB)" in run["reason"], run
+        assert [s["name"] for s in run["steps"]] == ["lock", "validate"]
+        assert dockerd.containers.get(stack.name).id == before.id and serving(stack) == "v1"
+    finally:
+        making.close()
+
+
 @pytest.mark.parametrize(
     "check,status,reason",
     [

@@ -665,6 +665,11 @@ class DeployEnvironment(_Strict):
     )
     stop_timeout_seconds: int = Field(default=5, ge=0, le=600)
     min_free_bytes: int = Field(default=256 * 1024 * 1024, ge=0, description="Free disk floor on Docker's data root.")
+    min_free_memory_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        ge=0,
+        description="Available memory floor on Docker's host (checked when Docker runs on this host).",
+    )
 
     @field_validator("tag_template")
     @classmethod

@@ -235,6 +235,20 @@ class DockerAdapter:
         except OSError:
             return root, None
 
+    def memory_available(self) -> int | None:
+        """MemAvailable of Docker's host in bytes, when Docker runs on this host (a unix
+        socket); None for a remote engine, whose API gives total memory only."""
+        if self.base_url and not self.base_url.startswith(("unix:", "/")):
+            return None
+        try:
+            with open("/proc/meminfo") as meminfo:
+                for line in meminfo:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+        return None
+
     def undo_recreate(self, name: str, marker: str):
         """After a recreate that failed half-way (the original stopped and renamed
         to `<name>.<marker>-old`, the new one not created or not started): the

@@ -165,6 +165,18 @@ def validate(ctx: StepContext) -> str:
     except DockerError as err:
         raise StepFailed(str(err)) from None
     lines = []
+    memory = docker.memory_available()
+    if memory is None:
+        lines.append("available memory: not checked (Docker is not on this host)")
+    elif memory < env.min_free_memory_bytes:
+        raise StepFailed(
+            f"{memory // (1 << 20)} MiB of memory available, below min_free_memory_bytes "
+            f"({env.min_free_memory_bytes // (1 << 20)} MiB); nothing was stopped"
+        )
+    else:
+        lines.append(
+            f"memory: {memory // (1 << 20)} MiB available (floor {env.min_free_memory_bytes // (1 << 20)} MiB)"
+        )
     if free is None:
         lines.append(f"free space on {root}: not checked (not a path on this host)")
     elif free < env.min_free_bytes:
