@@ -42,6 +42,8 @@ command -v zstd >/dev/null || missing+=(zstd)  # rotation tests check .zst files
 command -v chromium >/dev/null || missing+=(chromium)  # the status page's headless browser test
 command -v chromedriver >/dev/null || missing+=(chromium-driver)  # ...driven over WebDriver by selenium
 command -v debootstrap >/dev/null || missing+=(debootstrap)  # the base of opsfleet's own image (tests/test_image.py)
+command -v docker-registry >/dev/null || missing+=(docker-registry)  # deploys pull from a real registry
+command -v htpasswd >/dev/null || missing+=(apache2-utils)  # ...behind htpasswd auth (tests/support/registry.py)
 if ((${#missing[@]})); then
   log "installing ${missing[*]}"
   apt_log=$(mktemp)

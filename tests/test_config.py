@@ -230,3 +230,16 @@ def test_warnings_for_no_rules_and_for_escalations_that_reach_nobody(tmp_path):
         {**rules, "escalation": {"alertmanager_url": "http://am:9093"}}, source="t", base_dir=tmp_path, environ={}
     )
     assert config_warnings(with_am.config, with_am.secrets) == []
+
+
+def test_registry_passwords_come_from_the_environment(tmp_path):
+    literal = {"deploy": {"registries": {"registry.local:5000": {"username": "d", "password": "hunter22"}}}}
+    with pytest.raises(ConfigError) as err:
+        parse_config(literal, source="t", base_dir=tmp_path, environ={})
+    assert "deploy.registries.registry.local:5000.password: give it as ${VAR}" in str(err.value)
+    from_env = {"deploy": {"registries": {"registry.local:5000": {"username": "d", "password": "${REG_PW}"}}}}
+    loaded = parse_config(from_env, source="t", base_dir=tmp_path, environ={"REG_PW": "hunter22"})
+    assert loaded.config.deploy.registries["registry.local:5000"].password == "hunter22"
+    shown = str(redacted_view(loaded))
+    assert "hunter22" not in shown and "${REG_PW} (set, redacted)" in shown
+    assert loaded.redact("pull failed with hunter22") == "pull failed with ***"

@@ -51,9 +51,12 @@ def make_stack(
     prune: bool,
     environment: dict | None = None,
     port: int | None = None,
+    deploy_extra: dict | None = None,
+    environ_extra: dict | None = None,
     **sections,
 ):
-    """The stack; `environment` adds keys to deploy.environments.prod, `sections` top-level sections."""
+    """The stack; `environment` adds keys to deploy.environments.prod, `deploy_extra` to deploy,
+    `environ_extra` to the environment, `sections` top-level sections."""
     port = port or free_port()
     name = f"opsfleet-deploy-{uuid.uuid4().hex[:8]}"
     command = httpd_command(port)
@@ -73,6 +76,7 @@ def make_stack(
         "services": {"app": {"container": name, "health_url": f"http://127.0.0.1:{port}/health"}},
         "deploy": {
             "lock_wait_seconds": 2,
+            **(deploy_extra or {}),
             "environments": {
                 "prod": {
                     "branch": "master",
@@ -96,6 +100,7 @@ def make_stack(
         "DOCKER_HOST": TEST_DOCKER_HOST,
         "GITHUB_TOKEN": github.token,
         "GITHUB_API_URL": github.base_url,
+        **(environ_extra or {}),
     }
     loaded = parse_config(raw, source="test", base_dir=tmp_path, environ=environ)
     web = create_app(loaded=loaded)
@@ -350,6 +355,64 @@ def test_a_host_below_the_memory_floor_fails_validation_and_stops_nothing(tmp_pa
         assert dockerd.containers.get(stack.name).id == before.id and serving(stack) == "v1"
     finally:
         making.close()
+
+
+def test_deploys_pull_from_a_real_registry_with_credentials_from_the_environment(tmp_path, dockerd, github):
+    from tests.support.registry import Registry
+
+    with Registry() as registry:
+        repo = f"{registry.host}/shop/app-{uuid.uuid4().hex[:6]}"
+        built = build_images(dockerd, repo)
+        try:
+            for reference in built:
+                registry.push(dockerd, reference)
+            # Only v1 (running now) stays local: a deploy has to pull its tag from the registry.
+            remove_images(dockerd, [r for r in built if not r.endswith(":v1")])
+            assert registry.tags(repo.split("/", 1)[1]) == sorted([TAG["a"], TAG["b"], TAG["c"], TAG["e"], "v1"])
+
+            def stack_with(password: str, folder: str):
+                making = make_stack(
+                    tmp_path / folder,
+                    dockerd,
+                    github,
+                    repo,
+                    prune=False,
+                    deploy_extra={"registries": {registry.host: {"username": registry.user, "password": "${REG_PW}"}}},
+                    environ_extra={"REG_PW": password},
+                )
+                return making, next(making)
+
+            # A wrong password: the pull fails inside its stream, nothing is stopped.
+            making, stack = stack_with("not-the-password", "wrong")
+            try:
+                before = stack.start()
+                run = deploy(stack, "a", 1000)
+                assert run["status"] == "failed" and "nothing was stopped" in run["reason"], run
+                assert dockerd.containers.get(stack.name).id == before.id and serving(stack) == "v1"
+            finally:
+                making.close()
+
+            making, stack = stack_with(registry.password, "right")
+            try:
+                stack.start()
+                run = deploy(stack, "a", 1000)
+                assert run["status"] == "succeeded", run
+                assert serving(stack) == "a" and image_of(dockerd, stack) == f"{repo}:{TAG['a']}"
+                assert registry.password not in json.dumps(run, default=str)  # never in the ledger
+            finally:
+                making.close()
+        finally:
+            remove_images(dockerd, built)
+
+
+def test_registry_of_an_image_reference():
+    from worker.tasks.deploy import registry_of
+
+    assert registry_of("registry.local:5000/shop/api:1") == "registry.local:5000"
+    assert registry_of("127.0.0.1:5000/api") == "127.0.0.1:5000"
+    assert registry_of("localhost/api:2") == "localhost"
+    assert registry_of("ghcr.io/org/api:3") == "ghcr.io"
+    assert registry_of("shop/api:1") is None and registry_of("busybox") is None
 
 
 @pytest.mark.parametrize(

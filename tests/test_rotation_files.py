@@ -229,7 +229,7 @@ def test_config_check_warns_about_copytruncate_writers_without_o_append(tmp_path
         in done.stderr
     )
     config["rotation"]["sets"]["legacy"]["writer_appends"] = True
-    assert "warning" not in _cli(tmp_path, config, "config", "check").stderr
+    assert "warning: rotation.sets" not in _cli(tmp_path, config, "config", "check").stderr
 
 
 def test_scheduled_check_records_a_run_only_when_something_is_due(tmp_path):

@@ -699,7 +699,19 @@ class DeployEnvironment(_Strict):
         return self.images.get(service) or self.image
 
 
+class RegistryAuth(_Strict):
+    """Credentials for pulling from one registry (its host[:port], as image references name it)."""
+
+    username: str = Field(min_length=1)
+    password: str = Field(min_length=1, description="As ${VAR}: secrets come from the environment.")
+
+
 class DeploySettings(_Strict):
+    registries: dict[str, RegistryAuth] = Field(
+        default_factory=dict,
+        description='Pull credentials per registry host, e.g. {"registry.local:5000": {username: deploy, '
+        "password: ${REGISTRY_PASSWORD}}}.",
+    )
     lock_ttl_seconds: int = Field(default=900, ge=30, description="A dead worker's environment lock lapses after this.")
     lock_wait_seconds: int = Field(default=90, ge=0, description="How long a deploy waits for the environment lock.")
     environments: dict[str, DeployEnvironment] = Field(default_factory=dict)
@@ -979,6 +991,12 @@ def parse_config(raw: Any, *, source: str, base_dir: Path, environ: dict[str, st
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err), source) from None
     problems = _cross_check(config)
+    for host in config.deploy.registries:
+        if ("deploy", "registries", host, "password") not in found:
+            problems.append(
+                f"deploy.registries.{host}.password: give it as ${{VAR}} and set VAR in the environment "
+                "(secrets never live in the file)"
+            )
     if problems:
         raise ConfigError(problems, source)
     secrets = Secrets.from_env(environ)

@@ -189,13 +189,27 @@ def validate(ctx: StepContext) -> str:
     return "\n".join(lines)
 
 
+def registry_of(reference: str) -> str | None:
+    """The registry host an image reference names ("registry.local:5000/shop/api:1" →
+    "registry.local:5000"); None for Docker Hub's short names ("busybox", "shop/api")."""
+    first, slash, _ = reference.partition("/")
+    if slash and ("." in first or ":" in first or first == "localhost"):
+        return first
+    return None
+
+
+def _registry_auth(ctx: StepContext, reference: str) -> dict | None:
+    auth = ctx.config.deploy.registries.get(registry_of(reference) or "")
+    return {"username": auth.username, "password": auth.password} if auth else None
+
+
 @_frees_lock_on_failure
 def pull(ctx: StepContext) -> str:
     docker = ctx.runtime.docker
     lines = []
     for service, reference in ctx.params["images"].items():
         try:
-            image_id = docker.pull(reference)
+            image_id = docker.pull(reference, auth_config=_registry_auth(ctx, reference))
         except DockerError as err:
             raise StepFailed(f"{service}: {err}; nothing was stopped") from None
         lines.append(f"{service}: {reference} is {image_id[:19]}")
