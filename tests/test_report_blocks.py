@@ -36,6 +36,21 @@ def test_parent_blocks_are_escaped_and_link_to_the_status_page():
     assert [b["type"] for b in parent_blocks(_run(), None)] == ["section", "section", "context"]
 
 
+def test_a_deploy_parent_names_commit_ref_environment_and_who_escaped():
+    run = _run(
+        playbook="deploy",
+        target="prod",
+        status="rolled_back",
+        trigger="github",
+        rule=None,
+        triggered_by="<@U024BE7LH>",
+        params={"sha": "6113728f27ae82c7b1a177c8d03f9e96e0adf246", "ref": "refs/heads/<!here>"},
+    )
+    head = parent_blocks(run, None)[0]["text"]["text"]
+    assert head.startswith(":leftwards_arrow_with_hook: Deploy #7 of `6113728` (refs/heads/&lt;!here&gt;) to prod")
+    assert "*rolled_back*" in head and head.endswith("by &lt;@U024BE7LH&gt;")
+
+
 def test_step_blocks_fit_a_section():
     [block] = step_blocks({"name": "verify", "status": "failed", "output": "x" * 10_000})
     assert len(block["text"]["text"]) <= 3000

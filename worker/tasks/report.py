@@ -52,7 +52,18 @@ def shown_state(run: dict) -> str:
 
 def parent_text(run: dict, public_url: str | None) -> str:
     icon = STATUS_ICON.get(run["status"], "")
-    head = f"{icon} Run #{run['id']} {run['playbook']} on {escape(run['target'] or '-')}: *{run['status']}*"
+    params = run.get("params") or {}
+    if run["playbook"] == "deploy" and params.get("sha"):
+        # A deploy reads as one: which commit, from which ref, to which environment, asked by whom.
+        ref = f" ({escape(str(params.get('ref') or ''))})" if params.get("ref") else ""
+        head = (
+            f"{icon} Deploy #{run['id']} of `{escape(str(params['sha'])[:7])}`{ref} to "
+            f"{escape(run['target'] or '-')}: *{run['status']}*"
+        )
+        if run.get("triggered_by"):
+            head += f" · by {escape(str(run['triggered_by']))}"
+    else:
+        head = f"{icon} Run #{run['id']} {run['playbook']} on {escape(run['target'] or '-')}: *{run['status']}*"
     lines = [head]
     if run["summary"]:
         lines.append(escape(run["summary"]))
