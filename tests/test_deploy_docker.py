@@ -16,6 +16,7 @@ from tests.support.deploy import SHA, TAG, build_images, httpd_command, new_repo
 from tests.support.github_recorder import GitHubRecorder
 from tests.support.servers import TEST_DOCKER_HOST, free_port
 from webhooks import create_app
+from worker.adapters.ledger import utcnow
 from worker.celery_factory import create_celery
 from worker.config import parse_config
 from worker.tasks.runs import execute_inline
@@ -265,14 +266,39 @@ def _holder_run(stack, status="running") -> int:
     return run_id
 
 
-def test_a_deploy_waits_for_the_environment_lock_and_gives_up_touching_nothing(stack, dockerd):
+def test_a_deploy_kept_waiting_goes_back_to_the_queue_then_runs_once_the_lock_is_free(stack, dockerd):
+    from worker.tasks.runs import execute_inline
+
     before = stack.start()
     holder = _holder_run(stack)
-    run = deploy(stack, "a", 1000)  # deploy.lock_wait_seconds: 2
-    assert run["status"] == "failed" and run["steps"][-1]["name"] == "lock"
-    assert f"held by run:{holder}" in run["reason"]
+    run = deploy(stack, "a", 1000)  # deploy.lock_wait_seconds: 2, then back to the queue
+    assert run["status"] == "queued" and run["steps"] == [], run
+    assert run["reason"].startswith(f"waiting for deploy:prod, held by run:{holder}")
     assert dockerd.containers.get(stack.name).id == before.id and serving(stack) == "v1"
     assert stack.ledger.get_lock("deploy:prod")["holder"] == f"run:{holder}"  # not ours to release
+    assert run["id"] in stack.ledger.runs_to_enqueue(utcnow())  # the sweeper will send it again
+
+    # The other deploy ends; the sweeper's resend starts this one from its lock step.
+    stack.ledger.release_lock("deploy:prod", f"run:{holder}")
+    stack.ledger.finish_run(holder, "succeeded", "")
+    ended = execute_inline(stack.app, run["id"])
+    assert ended["status"] == "succeeded", ended
+    assert [s["name"] for s in ended["steps"]][0] == "lock" and serving(stack) == "a"
+
+
+def test_a_deploy_waiting_longer_than_max_wait_fails_touching_nothing(tmp_path, dockerd, images, github):
+    making = make_stack(tmp_path, dockerd, github, REPO, prune=False, deploy_extra={"max_wait_seconds": 1})
+    stack = next(making)
+    try:
+        before = stack.start()
+        holder = _holder_run(stack)
+        run = deploy(stack, "a", 1000)
+        assert run["status"] == "failed" and run["steps"][-1]["name"] == "lock", run
+        assert f"held by run:{holder}; waited" in run["reason"] and "deploy.max_wait_seconds (1s)" in run["reason"]
+        assert dockerd.containers.get(stack.name).id == before.id and serving(stack) == "v1"
+        assert stack.ledger.get_lock("deploy:prod")["holder"] == f"run:{holder}"
+    finally:
+        making.close()
 
 
 def test_the_lock_of_a_run_that_died_is_taken_over_and_the_deploy_proceeds(stack, dockerd):

@@ -713,7 +713,15 @@ class DeploySettings(_Strict):
         "password: ${REGISTRY_PASSWORD}}}.",
     )
     lock_ttl_seconds: int = Field(default=900, ge=30, description="A dead worker's environment lock lapses after this.")
-    lock_wait_seconds: int = Field(default=90, ge=0, description="How long a deploy waits for the environment lock.")
+    lock_wait_seconds: int = Field(
+        default=90,
+        ge=0,
+        description="How long a deploy waits in its lock step; then it goes back to the queue (the sweeper sends "
+        "it again after sweeper.requeue_after_seconds) rather than keep a worker busy.",
+    )
+    max_wait_seconds: int = Field(
+        default=3600, ge=0, description="A deploy still waiting for the lock this long after it was recorded fails."
+    )
     environments: dict[str, DeployEnvironment] = Field(default_factory=dict)
 
     @field_validator("environments")

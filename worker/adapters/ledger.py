@@ -452,6 +452,26 @@ class Ledger:
             ).one_or_none()
             return None if claimed is None else _run_dict(claimed)
 
+    def requeue_run(self, run_id: int, reason: str) -> bool:
+        """running → queued again, its steps forgotten, marked enqueued now (so the sweeper
+        sends it after sweeper.requeue_after_seconds). False when the run is not running."""
+        with self._tx() as conn:
+            done = conn.execute(
+                runs.update()
+                .where(runs.c.id == run_id, runs.c.status == "running")
+                .values(
+                    status="queued",
+                    started_at=None,
+                    worker=None,
+                    lease_until=None,
+                    reason=reason[:2000],
+                    enqueued_at=utcnow(),
+                )
+            ).rowcount
+            if done:
+                conn.execute(steps.delete().where(steps.c.run_id == run_id))
+            return bool(done)
+
     def begin_step(self, run_id: int, seq: int, name: str, lease_seconds: float) -> str:
         """Record that a step starts. Returns what the caller must do:
 

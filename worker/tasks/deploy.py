@@ -36,12 +36,12 @@ import requests
 
 from worker.adapters import metrics
 from worker.adapters.docker import DockerError
-from worker.adapters.ledger import FINAL_STATUSES, NewRun
+from worker.adapters.ledger import FINAL_STATUSES, NewRun, utcnow
 from worker.deploys import judge_deploy
 from worker.tasks import backup as backups
 from worker.tasks import cleanup, restore
 from worker.tasks.remediate import _container, _health_problem
-from worker.tasks.steps import Step, StepContext, StepEnded, StepFailed, StepSkipped
+from worker.tasks.steps import Step, StepContext, StepEnded, StepFailed, StepRequeued, StepSkipped
 
 log = logging.getLogger("opsfleet.deploy")
 
@@ -140,9 +140,16 @@ def lock(ctx: StepContext) -> str:
             break
         waited_for = note
         if time.monotonic() >= deadline:
-            raise StepFailed(
-                f"{lock_name(environment)} is held by {waited_for} for more than deploy.lock_wait_seconds "
-                f"({ctx.config.deploy.lock_wait_seconds}s)"
+            waited = (utcnow() - ctx.run["created_at"]).total_seconds()
+            if waited >= ctx.config.deploy.max_wait_seconds:
+                raise StepFailed(
+                    f"{lock_name(environment)} is held by {waited_for}; waited {waited:.0f}s, more than "
+                    f"deploy.max_wait_seconds ({ctx.config.deploy.max_wait_seconds}s)"
+                )
+            # Not hold a worker for a long deploy: back to the queue, tried again by the sweeper.
+            raise StepRequeued(
+                f"waiting for {lock_name(environment)}, held by {waited_for} (waited {waited:.0f}s of "
+                f"deploy.max_wait_seconds {ctx.config.deploy.max_wait_seconds}s)"
             )
         time.sleep(1)
     verdict = _judge(ctx, environment)  # what changed while we waited

@@ -23,7 +23,7 @@ from worker.adapters.ledger import LedgerUnavailable
 from worker.celery_factory import host_queue
 from worker.logs import run_context
 from worker.tasks.playbooks import PLAYBOOKS
-from worker.tasks.steps import StepContext, StepEnded, StepFailed, StepSkipped, hold_if_asked
+from worker.tasks.steps import StepContext, StepEnded, StepFailed, StepRequeued, StepSkipped, hold_if_asked
 
 log = logging.getLogger("opsfleet.runs")
 
@@ -154,6 +154,11 @@ def run_step(self, run_id: int, seq: int) -> None:
         status, output = "failed", str(err)
     except StepSkipped as err:
         status, output = "skipped", str(err)
+    except StepRequeued as err:
+        _ledger_write(ledger.requeue_run, run_id, runtime.loaded.redact(str(err)))
+        log.info("run %s back in the queue: %s", run_id, err, extra={"run_id": run_id})
+        request_report(self.app, run_id, run["playbook"])
+        raise Ignore() from None
     except StepEnded as err:
         status, output, ended = err.step_status, str(err), err
     except SoftTimeLimitExceeded:

@@ -34,6 +34,12 @@ class StepEnded(Exception):
         self.step_status = step_status
 
 
+class StepRequeued(Exception):
+    """Not now (say, a lock held by a longer run): the run goes back to `queued` with this
+    message as its reason, its steps forgotten; the sweeper sends it again after
+    sweeper.requeue_after_seconds, and it starts from its first step."""
+
+
 class StepSkipped(Exception):
     """There is nothing for this run to do (say, another run holds the lock):
     the run ends as `skipped` with this reason, and no later step runs."""
