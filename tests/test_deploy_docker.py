@@ -7,13 +7,16 @@ tasks a worker runs (execute_inline), real containers, real HTTP health checks
 from __future__ import annotations
 
 import json
+import os
 import uuid
 
 import pytest
 import requests
+import yaml
 
 from tests.support.deploy import SHA, TAG, build_images, httpd_command, new_repository, remove_images, signed_push
 from tests.support.github_recorder import GitHubRecorder
+from tests.support.registry import Registry
 from tests.support.servers import TEST_DOCKER_HOST, free_port
 from webhooks import create_app
 from worker.adapters.ledger import utcnow
@@ -22,14 +25,40 @@ from worker.config import parse_config
 from worker.tasks.runs import execute_inline
 
 SECRET = "gh-deploy-secret-7"
-REPO = new_repository()
+# Debian's docker-registry behind htpasswd serves the module's images (started by `images`):
+# every deploy pulls its tag from it with credentials from the environment, as in production.
+REGISTRY = Registry()
+REPO = f"{REGISTRY.host}/shop/app-{uuid.uuid4().hex[:6]}"
 
 
 @pytest.fixture(scope="module")
 def images(dockerd):
-    built = build_images(dockerd, REPO)
-    yield built
-    remove_images(dockerd, built)
+    with REGISTRY:
+        built = build_images(dockerd, REPO)
+        try:
+            for reference in built:
+                REGISTRY.push(dockerd, reference)
+            yield built
+        finally:
+            remove_images(dockerd, built)
+
+
+@pytest.fixture(autouse=True)
+def tags_only_in_the_registry(request, dockerd):
+    """Before each test on the module's images, only v1 (what runs before a deploy) is
+    local: a deploy must pull its tag from the registry."""
+    if "images" in request.fixturenames:
+        for name in ("a", "b", "c", "e"):
+            try:
+                dockerd.api.remove_image(f"{REPO}:{TAG[name]}", force=True, noprune=True)
+            except Exception:
+                pass  # not here
+
+
+def registry_credentials() -> tuple[dict, dict]:
+    """(deploy.registries, environment) for the module's registry."""
+    auth = {REGISTRY.host: {"username": REGISTRY.user, "password": "${REGISTRY_PASSWORD}"}}
+    return auth, {"REGISTRY_PASSWORD": REGISTRY.password}
 
 
 @pytest.fixture
@@ -63,6 +92,8 @@ def make_stack(
     command = httpd_command(port)
 
     def start(tag="v1"):
+        if repo == REPO and tag != "v1":  # only v1 is kept local between tests
+            dockerd.images.pull(repo, tag, auth_config=REGISTRY.auth)
         return dockerd.containers.run(
             f"{repo}:{tag}",
             command,
@@ -72,11 +103,13 @@ def make_stack(
             labels={"com.docker.compose.service": "app"},
         )
 
+    registries, registry_environ = registry_credentials()
     raw = {
         "fleet": {"data_dir": str(tmp_path / "data"), "public_url": "http://opsfleet.test"},
         "services": {"app": {"container": name, "health_url": f"http://127.0.0.1:{port}/health"}},
         "deploy": {
             "lock_wait_seconds": 2,
+            "registries": registries,
             **(deploy_extra or {}),
             "environments": {
                 "prod": {
@@ -101,6 +134,7 @@ def make_stack(
         "DOCKER_HOST": TEST_DOCKER_HOST,
         "GITHUB_TOKEN": github.token,
         "GITHUB_API_URL": github.base_url,
+        **registry_environ,
         **(environ_extra or {}),
     }
     loaded = parse_config(raw, source="test", base_dir=tmp_path, environ=environ)
@@ -431,6 +465,215 @@ def test_deploys_pull_from_a_real_registry_with_credentials_from_the_environment
             remove_images(dockerd, built)
 
 
+class ComposeStack:
+    """The team's compose file (db, and app depending on it; busybox httpd on host ports), an
+    opsfleet environment deploying both from it, and docker-compose v1 to look at the result."""
+
+    def __init__(self, tmp_path, dockerd, github):
+        import subprocess
+
+        self.tmp_path, self.dockerd = tmp_path, dockerd
+        self.ports = {"app": free_port(), "db": free_port()}
+        self.project = f"opsfleet-compose-{uuid.uuid4().hex[:6]}"
+        folder = tmp_path / "stack"
+        (folder / "conf").mkdir(parents=True)
+        (folder / "conf" / "app.ini").write_text("mode=prod\n")
+        (folder / ".env").write_text(f"APP_IMAGE={REPO}\n")  # compose's own variables file
+        (folder / "app.env").write_text("FROM_ENV_FILE=1\n")
+        self.file = folder / "docker-compose.yml"
+
+        def healthcheck(port):
+            url = f"http://127.0.0.1:{port}/health"
+            return {"test": ["CMD", "wget", "-q", "-O", "/dev/null", url], "interval": "1s", "retries": 2}
+
+        self.file.write_text(
+            yaml.safe_dump(
+                {
+                    "version": "3.8",
+                    "services": {
+                        "app": {
+                            "image": "${APP_IMAGE}:v1",
+                            "command": httpd_command(self.ports["app"]),
+                            "network_mode": "host",
+                            "env_file": "app.env",
+                            "environment": ["ROLE=app", "GREETING"],
+                            "volumes": ["./conf:/conf:ro", "cache:/cache"],
+                            "labels": {"team": "shop"},
+                            "restart": "unless-stopped",
+                            "healthcheck": healthcheck(self.ports["app"]),
+                            "depends_on": ["db"],
+                        },
+                        "db": {
+                            "image": "${APP_IMAGE}:v1",
+                            "command": " ".join(httpd_command(self.ports["db"])),
+                            "network_mode": "host",
+                            "environment": {"ROLE": "db"},
+                            "healthcheck": healthcheck(self.ports["db"]),
+                        },
+                    },
+                    "volumes": {"cache": None},
+                }
+            )
+        )
+        self.env = {**os.environ, "DOCKER_HOST": TEST_DOCKER_HOST}
+        self._run = subprocess.run
+        registries, registry_environ = registry_credentials()
+        raw = {
+            "fleet": {"data_dir": str(tmp_path / "data")},
+            "services": {
+                name: {
+                    "compose_project": self.project,
+                    "compose_service": name,
+                    "health_url": f"http://127.0.0.1:{port}/health",
+                }
+                for name, port in self.ports.items()
+            },
+            "deploy": {
+                "lock_wait_seconds": 2,
+                "registries": registries,
+                "environments": {
+                    "prod": {
+                        "branch": "master",
+                        "services": ["app", "db"],  # app listed first: the compose file says db first
+                        "tag_template": "main-{short_sha}",  # no image: the compose file names the repository
+                        "compose_file": str(self.file),
+                        "health": {"passes": 2, "interval_seconds": 0.3, "timeout_seconds": 8},
+                        "stop_timeout_seconds": 1,
+                        "min_free_bytes": 1024,
+                        "prune_images": False,
+                    }
+                },
+            },
+        }
+        environ = {
+            "ALERTMANAGER_TOKEN": "t",
+            "GITHUB_WEBHOOK_SECRET": SECRET,
+            "DOCKER_HOST": TEST_DOCKER_HOST,
+            **registry_environ,
+        }
+        self.loaded = parse_config(raw, source="test", base_dir=tmp_path, environ=environ)
+        self.client, self.app = create_app(loaded=self.loaded).test_client(), create_celery(self.loaded)
+        self.ledger = self.app.opsfleet.ledger
+
+    def compose(self, *args) -> str:
+        done = self._run(
+            ["docker-compose", "-p", self.project, "-f", str(self.file), *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=self.env,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    def serving(self) -> dict:
+        return {
+            name: requests.get(f"http://127.0.0.1:{port}/version", timeout=5).text for name, port in self.ports.items()
+        }
+
+    def containers(self) -> dict:
+        found = self.dockerd.containers.list(all=True, filters={"label": f"com.docker.compose.project={self.project}"})
+        return {c.labels["com.docker.compose.service"]: c for c in found}
+
+    def close(self):
+        self.compose("down", "-v", "-t", "0")
+
+
+@pytest.fixture
+def compose_stack(tmp_path, dockerd, images, github, monkeypatch):
+    monkeypatch.setenv("GREETING", "hello from the worker's environment")
+    stack = ComposeStack(tmp_path, dockerd, github)
+    try:
+        yield stack
+    finally:
+        stack.close()
+
+
+def test_a_stack_docker_compose_started_is_recreated_from_its_compose_file_dependencies_first(compose_stack):
+    stack = compose_stack
+    stack.compose("up", "-d")
+    before = {name: c.id for name, c in stack.containers().items()}
+    assert stack.serving() == {"app": "v1", "db": "v1"}
+
+    run = deploy(stack, "a", 1000)
+    assert run["status"] == "succeeded", run
+    recreated = {s["name"]: s["output"] for s in run["steps"]}["recreate"].splitlines()
+    assert [line.split(":")[0] for line in recreated] == ["db", "app"]
+    assert stack.serving() == {"app": "a", "db": "a"}
+    containers = stack.containers()
+    for name, container in containers.items():
+        assert container.id != before[name] and container.name == f"{stack.project}_{name}_1"
+        assert container.attrs["Config"]["Image"] == f"{REPO}:{TAG['a']}"
+    # The compose file's definition, not only the image: env file, environment, volumes, labels, restart, health.
+    app = containers["app"].attrs
+    env = set(app["Config"]["Env"])
+    assert {"FROM_ENV_FILE=1", "ROLE=app", "GREETING=hello from the worker's environment"} <= env
+    mounts = {m["Destination"]: m for m in app["Mounts"]}
+    assert mounts["/conf"]["Type"] == "bind" and mounts["/conf"]["RW"] is False
+    assert mounts["/cache"]["Name"] == f"{stack.project}_cache"
+    assert app["Config"]["Labels"]["team"] == "shop"
+    assert app["HostConfig"]["RestartPolicy"]["Name"] == "unless-stopped"
+    assert app["Config"]["Healthcheck"]["Test"][:2] == ["CMD", "wget"]
+    assert containers["db"].attrs["Config"]["Cmd"] == httpd_command(stack.ports["db"])
+    # docker-compose still knows the stack: same names and labels, new image.
+    listed = stack.compose("ps")
+    assert listed.count(" Up ") == 2 and f"{stack.project}_app_1" in listed
+    assert set(stack.compose("ps", "-q").split()) == {c.id for c in containers.values()}
+
+    # A tag whose health fails: back to a, in the same order, from the same file.
+    run = deploy(stack, "c", 2000)
+    assert run["status"] == "rolled_back", run
+    assert stack.serving() == {"app": "a", "db": "a"}
+    assert stack.compose("ps").count(" Up ") == 2
+
+
+def test_a_fresh_stack_is_created_from_the_compose_file_and_a_failed_first_deploy_leaves_none(
+    tmp_path, dockerd, images, github, monkeypatch
+):
+    monkeypatch.setenv("GREETING", "hi")
+    stack = ComposeStack(tmp_path / "good", dockerd, github)
+    try:
+        assert stack.containers() == {}
+        run = deploy(stack, "a", 1000)
+        assert run["status"] == "succeeded", run
+        steps = {s["name"]: s["output"] for s in run["steps"]}
+        assert "no container yet; created as" in steps["validate"]
+        assert [line.split(":")[0] for line in steps["recreate"].splitlines()] == ["db", "app"]
+        assert "created on" in steps["recreate"] and stack.serving() == {"app": "a", "db": "a"}
+        assert stack.ledger.release_of_run(run["id"])["previous_images"] == {"app": "", "db": ""}
+        assert stack.compose("ps").count(" Up ") == 2
+        # The next deploy recreates both (new containers, same names).
+        ids = {c.id for c in stack.containers().values()}
+        assert deploy(stack, "b", 1001)["status"] == "succeeded" and stack.serving() == {"app": "b", "db": "b"}
+        assert ids.isdisjoint(c.id for c in stack.containers().values())
+    finally:
+        stack.close()
+
+    stack = ComposeStack(tmp_path / "bad", dockerd, github)
+    try:
+        run = deploy(stack, "c", 1000)
+        assert run["status"] == "rolled_back", run
+        assert run["reason"].endswith("app removed, db removed"), run["reason"]
+        assert "nothing to gate" in {s["name"]: s["output"] for s in run["steps"]}["health"]
+        assert stack.containers() == {} and stack.compose("ps", "-q").split() == []
+        assert stack.ledger.current_release("prod") is None
+    finally:
+        stack.close()
+
+
+def test_a_compose_file_that_cannot_be_applied_fails_validation_touching_nothing(compose_stack):
+    stack = compose_stack
+    stack.compose("up", "-d")
+    before = {name: c.id for name, c in stack.containers().items()}
+    text = stack.file.read_text()
+    stack.file.write_text(text.replace("network_mode: host", "network_mode: host\n    ulimits: {nofile: 1024}", 1))
+    run = deploy(stack, "a", 1000)
+    assert run["status"] == "failed" and run["steps"][-1]["name"] == "validate", run
+    assert "ulimits not applied by opsfleet's deploy" in run["reason"]
+    assert {name: c.id for name, c in stack.containers().items()} == before
+    assert stack.ledger.get_lock("deploy:prod") is None
+
+
 def test_registry_of_an_image_reference():
     from worker.tasks.deploy import registry_of
 
@@ -655,8 +898,9 @@ def test_cli_deploy_releases_and_rollback(stack, dockerd, tmp_path):
     assert deploy(stack, "a", 1000)["status"] == "succeeded"
     config_file = tmp_path / "opsfleet.yaml"
     raw = stack.loaded.config.model_dump(mode="json", exclude_defaults=True)
+    raw["deploy"]["registries"], registry_environ = registry_credentials()
     config_file.write_text(yaml.safe_dump(raw))
-    env = {"DOCKER_HOST": TEST_DOCKER_HOST, "GITHUB_TOKEN": "", "GITHUB_API_URL": ""}
+    env = {"DOCKER_HOST": TEST_DOCKER_HOST, "GITHUB_TOKEN": "", "GITHUB_API_URL": "", **registry_environ}
     runner = CliRunner()
 
     def opsfleet(*args):

@@ -642,6 +642,13 @@ class DeployEnvironment(_Strict):
     )
     images: dict[str, str] = Field(default_factory=dict, description="Image repository per service (overrides image).")
     tag_template: str = Field(default="{branch}-{short_sha}", description="Fields: {sha} {short_sha} {branch} {tag}.")
+    compose_file: Path | None = Field(
+        default=None,
+        description="The team's compose file: each service's container is made from its definition there "
+        "(with the new tag; compose's labels, so docker-compose ps lists it), depends_on orders the recreate "
+        "(dependencies first), and its image names the repository when images/image do not. Services are "
+        "matched by their compose_service (or name).",
+    )
     health: HealthGate = HealthGate()
     checks: tuple[BusinessCheck, ...] = Field(
         default=(),
@@ -815,6 +822,79 @@ class LoadedConfig:
     def backup_root(self) -> Path:
         path = self.config.backup.root
         return path if path.is_absolute() else (self.base_dir / path).resolve()
+
+    def compose_path(self, environment: str) -> Path | None:
+        env = self.config.deploy.environments[environment]
+        if not env.compose_file:
+            return None
+        return env.compose_file if env.compose_file.is_absolute() else (self.base_dir / env.compose_file).resolve()
+
+    def compose_names(self, environment: str) -> dict[str, str]:
+        """The environment's services → their compose service names."""
+        return _compose_names(self.config, self.config.deploy.environments[environment])
+
+    def compose_project(self, environment: str, environ: dict[str, str] | None = None):
+        """The environment's compose file, read now (variables from `environ`, default the
+        process's, and the .env beside it). Raises ComposeError when it cannot be used."""
+        return _compose_project(self.config, self.base_dir, environment, os.environ if environ is None else environ)
+
+    def deploy_order(self, environment: str) -> list[str]:
+        """The environment's services in the order a deploy recreates them: dependencies first
+        by its compose file's depends_on when it names one, else as `services` lists them.
+        Raises ComposeError when the compose file cannot be used."""
+        from worker.compose import dependency_order, read_compose
+
+        env = self.config.deploy.environments[environment]
+        path = self.compose_path(environment)
+        if path is None:
+            return list(env.services)
+        names = self.compose_names(environment)
+        ordered = dependency_order(list(names.values()), read_compose(path))
+        by_compose = {compose: service for service, compose in names.items()}
+        return [by_compose[name] for name in ordered]
+
+
+def _compose_names(config: Config, env: DeployEnvironment) -> dict[str, str]:
+    return {s: config.services[s].compose_service or s for s in env.services if s in config.services}
+
+
+def _compose_project(config: Config, base_dir: Path, environment: str, environ):
+    from worker.compose import ComposeError, load_project
+
+    env = config.deploy.environments[environment]
+    path = env.compose_file if env.compose_file.is_absolute() else (base_dir / env.compose_file).resolve()
+    projects = {config.services[s].compose_project for s in env.services if s in config.services} - {None}
+    if len(projects) > 1:
+        raise ComposeError(f"the environment's services name different compose projects: {', '.join(sorted(projects))}")
+    return load_project(path, dict(environ), project_name=next(iter(projects), None))
+
+
+def _read_compose_files(config: Config, base_dir: Path, environ: dict[str, str]) -> tuple[Config, list[str]]:
+    """Each environment with a compose_file: the file must define and order its services into
+    containers opsfleet can create; a service without an image repository in opsfleet.yaml
+    takes the compose file's (which the deploy then tags)."""
+    from worker.compose import ComposeError, container_definition, dependency_order, image_repository
+
+    problems: list[str] = []
+    environments = dict(config.deploy.environments)
+    for name, env in config.deploy.environments.items():
+        if not env.compose_file:
+            continue
+        try:
+            project = _compose_project(config, base_dir, name, environ)
+            names = _compose_names(config, env)
+            dependency_order(list(names.values()), {"services": project.services})
+            images = dict(env.images)
+            for service, compose_service in names.items():
+                container_definition(project, compose_service, "opsfleet-check:tag", environ)
+                if not env.image_repository(service) and image_repository(project, compose_service):
+                    images[service] = image_repository(project, compose_service)
+        except ComposeError as err:
+            problems.append(f"deploy.environments.{name}.compose_file: {err}")
+            continue
+        environments[name] = env.model_copy(update={"images": images})
+    deploy = config.deploy.model_copy(update={"environments": environments})
+    return config.model_copy(update={"deploy": deploy}), problems
 
 
 def mask_url_password(url: str) -> str:
@@ -998,7 +1078,8 @@ def parse_config(raw: Any, *, source: str, base_dir: Path, environ: dict[str, st
         config = Config.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err), source) from None
-    problems = _cross_check(config)
+    config, problems = _read_compose_files(config, base_dir, environ)
+    problems += _cross_check(config)
     for host in config.deploy.registries:
         if ("deploy", "registries", host, "password") not in found:
             problems.append(

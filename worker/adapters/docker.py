@@ -129,14 +129,18 @@ class DockerAdapter:
         except DockerException as err:
             raise DockerError(f"container {name}: cannot inspect: {err}") from None
 
-    def recreate(self, container, marker: str, stop_timeout: int, image: str | None = None):
+    def recreate(self, container, marker: str, stop_timeout: int, image: str | None = None, definition=None):
         """A fresh container from the same image (or `image`, for a deploy) and
-        the same configuration, under the same name.
+        the same configuration, under the same name; or, given a compose
+        `definition` (worker.compose.ContainerDefinition), from that definition
+        under the old container's name, its anonymous volumes kept.
 
         Idempotent across a crash at any point: the old container is first
         renamed to `<name>.<marker>-old` (found and finished on a re-run); the
         new one carries the label `opsfleet.recreated-by=<marker>`.
         """
+        if definition is not None:
+            return self._recreate_from(container, marker, stop_timeout, definition)
         attrs = container.attrs
         name = attrs["Name"].lstrip("/")
         config, host_config = attrs["Config"], attrs["HostConfig"]
@@ -170,6 +174,114 @@ class DockerAdapter:
                 return self.client.containers.get(created["Id"])
             except DockerException as err:
                 raise DockerError(f"container {name}: recreate failed: {err}") from None
+
+    def _recreate_from(self, container, marker: str, stop_timeout: int, definition):
+        name = container.name
+        # Anonymous volumes stay the container's data across a recreate, as compose keeps them.
+        kept = {
+            m["Destination"]: m["Name"]
+            for m in container.attrs.get("Mounts") or []
+            if m.get("Type") == "volume" and m.get("Name") and m.get("Destination") in definition.anonymous
+        }
+        with self._waiting_for_stop(stop_timeout):
+            try:
+                container.stop(timeout=stop_timeout)
+                container.rename(f"{name}.{marker}-old")
+            except DockerException as err:
+                raise DockerError(f"container {name}: recreate failed: {err}") from None
+        fresh = self.create(definition, marker, name=name, volumes_kept=kept)
+        try:
+            self.client.containers.get(f"{name}.{marker}-old").remove(force=True)
+        except DockerException as err:
+            raise DockerError(f"container {name}.{marker}-old: cannot remove: {err}") from None
+        return fresh
+
+    def create(self, definition, marker: str, name: str | None = None, volumes_kept: dict | None = None):
+        """Create and start a container from a compose definition, its named volumes and
+        networks made first when compose would make them (external ones must exist).
+        Labelled `opsfleet.recreated-by=<marker>`, so a re-run finds it done."""
+        api = self.client.api
+        name = name or definition.name
+        try:
+            for volume, key, external in definition.volumes:
+                self._ensure_volume(volume, key, external, definition.labels)
+            for network, _, external in definition.networks:
+                self._ensure_network(network, external, definition.labels)
+            host = dict(definition.host)
+            if volumes_kept:
+                host["binds"] = [*host.get("binds", []), *(f"{v}:{d}" for d, v in volumes_kept.items())]
+            networks = list(definition.networks)
+            first = networks[0] if networks else None
+            created = api.create_container(
+                image=definition.image,
+                name=name,
+                **{**definition.config, "labels": {**definition.labels, "opsfleet.recreated-by": marker}},
+                host_config=api.create_host_config(**host),
+                networking_config=(
+                    api.create_networking_config({first[0]: api.create_endpoint_config(aliases=list(first[1]))})
+                    if first
+                    else None
+                ),
+            )
+            for network, aliases, _ in networks[1:]:
+                api.connect_container_to_network(created["Id"], network, aliases=list(aliases))
+            api.start(created["Id"])
+            return self.client.containers.get(created["Id"])
+        except DockerException as err:
+            raise DockerError(f"container {name}: create from the compose file failed: {err}") from None
+
+    def _ensure_volume(self, volume: str, key: str, external: bool, labels: dict) -> None:
+        from worker.compose import COMPOSE_PROJECT
+
+        try:
+            self.client.volumes.get(volume)
+            return
+        except NotFound:
+            if external:
+                raise DockerError(
+                    f'volume "{volume}" is external in the compose file and does not exist: create it first'
+                ) from None
+        self.client.volumes.create(
+            name=volume,
+            labels={COMPOSE_PROJECT: labels[COMPOSE_PROJECT], "com.docker.compose.volume": key},
+        )
+
+    def _ensure_network(self, network: str, external: bool, labels: dict) -> None:
+        from worker.compose import COMPOSE_PROJECT
+
+        if network in ("host", "none", "bridge") or network.startswith("container:"):
+            return
+        if self.client.networks.list(names=[network]):
+            return
+        if external:
+            raise DockerError(
+                f'network "{network}" is external in the compose file and does not exist: create it first'
+            )
+        project = labels[COMPOSE_PROJECT]
+        self.client.networks.create(
+            network,
+            labels={COMPOSE_PROJECT: project, "com.docker.compose.network": network.removeprefix(f"{project}_")},
+        )
+
+    def remove(self, container, stop_timeout: int) -> None:
+        """Stop and remove a container (a rollback of a service that did not exist before)."""
+        with self._waiting_for_stop(stop_timeout):
+            try:
+                container.stop(timeout=stop_timeout)
+                container.remove()
+            except NotFound:
+                return
+            except DockerException as err:
+                raise DockerError(f"container {container.name}: cannot remove: {err}") from None
+
+    def find_service_container(self, service_name: str, spec: ServiceSpec):
+        """find_container, or None when the service has no container yet."""
+        try:
+            return self.find_container(service_name, spec)
+        except DockerError as err:
+            if "no container" in str(err):
+                return None
+            raise
 
     def finish_recreate(self, name: str, marker: str):
         """After a crash mid-recreate: the new container if it exists, else None;

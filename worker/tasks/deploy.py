@@ -8,12 +8,14 @@ Steps (target: the environment; params: sha, ref, images, order):
    (worker.deploys.judge_deploy): an older push than the live release, or
    than another waiting deploy, ends `superseded`.
 2. `validate`: Docker answers; free space on its data root above the floor;
-   every service's container is found.
+   every service's container is found (with a compose file: every service's
+   definition builds; a missing container is created by the recreate).
 3. `pull`: every new image is here (pulled when not, the pull stream checked
    for errors). Nothing has been stopped yet: a bad tag stops the run here.
 4. `recreate`: the release row is written (with what ran before, the
-   rollback target), then each service is recreated with its new image, same
-   configuration. A failure rolls back.
+   rollback target), then each service, dependencies first, is recreated with
+   its new image: from the compose file's definition (worker.compose), else
+   with its current configuration. A failure rolls back.
 5. `health`: each service passes its check `health.passes` times in a row
    within `health.timeout_seconds`. A failure rolls back: the previous images
    are recreated and gated again → the run ends `rolled_back`, or
@@ -29,6 +31,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import re
 import shutil
 import time
 
@@ -37,6 +41,7 @@ import requests
 from worker.adapters import metrics
 from worker.adapters.docker import DockerError
 from worker.adapters.ledger import FINAL_STATUSES, NewRun, utcnow
+from worker.compose import COMPOSE_CONFIG_HASH, ComposeError, ContainerDefinition, container_definition
 from worker.deploys import judge_deploy
 from worker.tasks import backup as backups
 from worker.tasks import cleanup, restore
@@ -190,9 +195,16 @@ def validate(ctx: StepContext) -> str:
         raise StepFailed(f"{root} has {free} bytes free, below min_free_bytes ({env.min_free_bytes})")
     else:
         lines.append(f"{root}: {free // (1 << 20)} MiB free (floor {env.min_free_bytes // (1 << 20)} MiB)")
+    definitions = _definitions(ctx, ctx.params["images"])  # a compose file that cannot be used fails here
     for service in env.services:
-        container = _container(ctx, service)
-        lines.append(f"{service}: container {container.name} ({container.status})")
+        if definitions is None:
+            container = _container(ctx, service)
+        else:
+            container = _find(ctx, service)
+        if container is None:
+            lines.append(f"{service}: no container yet; created as {definitions[service].name} from the compose file")
+        else:
+            lines.append(f"{service}: container {container.name} ({container.status})")
     return "\n".join(lines)
 
 
@@ -293,26 +305,97 @@ def _running_image(container) -> str:
     return (container.attrs.get("Config") or {}).get("Image") or container.attrs.get("Image", "")
 
 
+def _in_deploy_order(ctx: StepContext, images: dict[str, str]) -> list[tuple[str, str]]:
+    """(service, image) dependencies first (the compose file's depends_on), else in `services` order."""
+    environment, _ = _env(ctx)
+    try:
+        order = ctx.runtime.loaded.deploy_order(environment)
+    except ComposeError as err:
+        raise StepFailed(f"deploy.environments.{environment}.compose_file: {err}") from None
+    rank = {service: i for i, service in enumerate(order)}
+    return sorted(images.items(), key=lambda item: rank.get(item[0], len(rank)))
+
+
+# A deploy's recreate renames the original `<name>.<marker>-old` until the new one runs.
+_LEFT_BY_RECREATE = re.compile(r"^(?P<name>.+)\.opsfleet-run-\d+-[a-z]+-.+-old$")
+
+
+def _find(ctx: StepContext, service: str):
+    """The service's container, or None when it has none yet (a compose environment's fresh stack)."""
+    spec = ctx.config.services.get(service)
+    if spec is None:
+        raise StepFailed(f'service "{service}" is no longer configured')
+    try:
+        return ctx.runtime.docker.find_service_container(service, spec)
+    except DockerError as err:
+        raise StepFailed(str(err)) from None
+
+
+def _definitions(ctx: StepContext, images: dict[str, str]) -> dict[str, ContainerDefinition] | None:
+    """For an environment with a compose file: each service's container as the file defines it,
+    on its image from `images` (services without an image are left out), named as its container
+    is now (or as compose names a new one). None for an environment without a compose file."""
+    environment, env = _env(ctx)
+    if not env.compose_file:
+        return None
+    loaded = ctx.runtime.loaded
+    try:
+        project = loaded.compose_project(environment)
+        names = loaded.compose_names(environment)
+        definitions = {}
+        for service, reference in images.items():
+            if not reference:
+                continue
+            spec = ctx.config.services[service]
+            name = spec.container
+            if name is None and (current := _find(ctx, service)) is not None:
+                left = _LEFT_BY_RECREATE.match(current.name)
+                name = left["name"] if left else current.name
+            definitions[service] = container_definition(project, names[service], reference, dict(os.environ), name)
+    except ComposeError as err:
+        raise StepFailed(f"deploy.environments.{environment}.compose_file: {err}") from None
+    return definitions
+
+
 def _put(ctx: StepContext, images: dict[str, str], what: str, stop_timeout: int) -> list[str]:
-    """Each service on its image from `images` (those already on it are left alone)."""
+    """Each service on its image from `images`, dependencies first (those already on it are
+    left alone). With a compose file, each container is made from its definition there; a
+    service whose image is "" had no container before this deploy: its rollback removes the
+    one the deploy made."""
     docker = ctx.runtime.docker
+    definitions = _definitions(ctx, images)
     lines = []
-    for service, reference in images.items():
+    for service, reference in _in_deploy_order(ctx, images):
         marker = _marker(ctx, service, what)
         spec = ctx.config.services[service]
-        if what == "rollback" and spec.container:
+        definition = (definitions or {}).get(service)
+        name = spec.container or (definition.name if definition else None)
+        if not reference:
+            made = _find(ctx, service)
+            if made is not None and (made.labels or {}).get("opsfleet.recreated-by") == _marker(ctx, service, "deploy"):
+                docker.remove(made, stop_timeout)
+                lines.append(f"{service}: {made.name} removed (there was none before this deploy)")
+            else:
+                lines.append(f"{service}: had no container before this deploy; none to remove")
+            continue
+        if what == "rollback" and name:
             # A deploy recreate that failed half-way left the original stopped and renamed.
-            restored = docker.undo_recreate(spec.container, _marker(ctx, service, "deploy"))
+            restored = docker.undo_recreate(name, _marker(ctx, service, "deploy"))
             if restored is not None:
                 lines.append(f"{service}: original container {restored.id[:12]} put back")
-        if spec.container and docker.finish_recreate(spec.container, marker) is not None:
+        if name and docker.finish_recreate(name, marker) is not None:
             lines.append(f"{service}: already on {reference}")
             continue
-        container = _container(ctx, service)
-        if _running_image(container) == reference and container.status == "running":
+        container = _container(ctx, service) if definition is None else _find(ctx, service)
+        if container is None:
+            fresh = docker.create(definition, marker)
+            lines.append(f"{service}: {fresh.name} ({fresh.id[:12]}) created on {reference} from the compose file")
+            continue
+        same = definition is None or (container.labels or {}).get(COMPOSE_CONFIG_HASH) == definition.config_hash
+        if _running_image(container) == reference and container.status == "running" and same:
             lines.append(f"{service}: already runs {reference}")
             continue
-        fresh = docker.recreate(container, marker, stop_timeout, image=reference)
+        fresh = docker.recreate(container, marker, stop_timeout, image=reference, definition=definition)
         lines.append(f"{service}: {container.id[:12]} → {fresh.id[:12]} on {reference}")
     return lines
 
@@ -323,8 +406,12 @@ def recreate(ctx: StepContext) -> str:
     ledger = ctx.runtime.ledger
     release = ledger.release_of_run(ctx.run["id"])
     if release is None:
-        # The rollback target: what each service runs now.
-        previous = {service: _running_image(_container(ctx, service)) for service in env.services}
+        # The rollback target: what each service runs now ("" for one a compose file creates afresh).
+        if env.compose_file:
+            found = {service: _find(ctx, service) for service in env.services}
+            previous = {service: _running_image(c) if c is not None else "" for service, c in found.items()}
+        else:
+            previous = {service: _running_image(_container(ctx, service)) for service in env.services}
         release = ledger.start_release(
             environment=environment,
             sha=ctx.params["sha"],
@@ -365,6 +452,7 @@ def _gate(ctx: StepContext, images: dict[str, str]) -> str:
     gate = env.health
     deadline = time.monotonic() + gate.timeout_seconds
     streak, problem, failed_check = 0, "", ""
+    images = {service: reference for service, reference in images.items() if reference}
     while True:
         problem = ""
         for service, reference in images.items():
@@ -404,7 +492,10 @@ def _roll_back(ctx: StepContext, release: dict, why: str):
     try:
         lines = _restore_database(ctx, env) if env.migrating else []
         lines += _put(ctx, previous, "rollback", env.stop_timeout_seconds)
-        lines.append(_gate(ctx, previous))
+        if any(previous.values()):
+            lines.append(_gate(ctx, previous))
+        else:
+            lines.append("nothing ran before this deploy: the stack is back to no containers, nothing to gate")
     except (DockerError, StepFailed) as err:
         ledger.set_release_status(ctx.run["id"], "failed")
         _escalate(
@@ -416,7 +507,7 @@ def _roll_back(ctx: StepContext, release: dict, why: str):
     ledger.set_release_status(ctx.run["id"], "rolled_back")
     _release_lock(ctx)
     metrics.DEPLOYS.labels(environment, "rolled_back").inc()
-    back = ", ".join(f"{s} on {i}" for s, i in previous.items())
+    back = ", ".join(f"{s} on {i}" if i else f"{s} removed" for s, i in previous.items())
     took = time.monotonic() - began
     raise StepEnded("rolled_back", f"{why}; rolled back in {took:.2f}s: {back}\n" + "\n".join(lines))
 
@@ -498,7 +589,7 @@ def protected_release_images(ctx: StepContext) -> set[str]:
             refs.update(release["images"].values())
         for release in current:
             refs.update(release["previous_images"].values())
-    return refs
+    return refs - {""}
 
 
 cleanup.PROTECTED_IMAGE_PROVIDERS.append(protected_release_images)
