@@ -73,3 +73,35 @@ def test_github_deployment_states_are_kept_in_order(ledger):
         ledger.add_github_state(run_id, state)
     found = ledger.github_deployment(run_id)
     assert (found["deployment_id"], found["states"]) == (2**40, ["queued", "in_progress", "success"])
+
+
+def test_pruning_old_runs_keeps_the_deploy_history(ledger):
+    """Finished deploy runs named by a release or a GitHub deployment stay (the foreign keys,
+    the current release and its rollback targets); other old runs of the same age go."""
+    from datetime import timedelta
+
+    from worker.adapters.ledger import PruneResult, utcnow
+
+    released, reported, plain = (
+        ledger.record_event(source="t", summary="", body="", new_runs=[_deploy_run(key=k)]).runs[0].id
+        for k in ("released", "reported", "plain")
+    )
+    ledger.start_release(
+        environment="prod",
+        sha="a" * 40,
+        ref="",
+        images={"api": "r/api:a"},
+        previous_images={},
+        run_id=released,
+        order=(1, 1),
+    )
+    ledger.make_current(released)
+    ledger.set_github_deployment(reported, "o/r", 9)
+    for run_id in (released, reported, plain):
+        ledger.claim_run(run_id, "w", 60)
+        ledger.finish_run(run_id, "succeeded" if run_id == released else "superseded", "")
+    assert ledger.prune_runs(utcnow() + timedelta(seconds=1)) == PruneResult(1, 0, 1)  # plain and its event
+    assert ledger.get_run(plain) is None
+    assert ledger.get_run(released) is not None and ledger.get_run(reported) is not None
+    assert ledger.current_release("prod")["run_id"] == released
+    assert ledger.github_deployment(reported)["deployment_id"] == 9

@@ -767,7 +767,9 @@ class Ledger:
         """Delete finished runs (and their steps) that ended before `finished_before`,
         and events left with no run; each pruned run is counted in `run_archive`
         (per day, playbook, trigger, status), so totals survive. Queued and
-        running runs are never touched. Batched: one transaction per batch."""
+        running runs are never touched, nor deploy runs that a release or a GitHub
+        deployment names: they are the deploy history (current release, rollback
+        targets, what GitHub was told). Batched: one transaction per batch."""
         total = PruneResult(0, 0, 0)
         while True:
             with self._tx() as conn:
@@ -775,7 +777,12 @@ class Ledger:
                     sa.select(
                         runs.c.id, runs.c.created_at, runs.c.playbook, runs.c.trigger, runs.c.status, runs.c.repeats
                     )
-                    .where(runs.c.status.in_(sorted(FINAL_STATUSES)), runs.c.finished_at < finished_before)
+                    .where(
+                        runs.c.status.in_(sorted(FINAL_STATUSES)),
+                        runs.c.finished_at < finished_before,
+                        runs.c.id.not_in(sa.select(releases.c.run_id)),
+                        runs.c.id.not_in(sa.select(github_deployments.c.run_id)),
+                    )
                     .order_by(runs.c.id)
                     .limit(batch)
                 ).all()
