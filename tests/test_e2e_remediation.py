@@ -131,6 +131,24 @@ def test_concurrent_posts_to_several_web_processes_decide_once(tmp_path, api_con
         assert len([r for r in fleet.runs() if r["status"] == "queued"]) == 1
 
 
+def test_a_storm_posted_concurrently_to_several_web_processes_trips_the_breaker_once(tmp_path, api_container, pg_env):
+    """Twelve services down at once, each in its own notification, posted together to two
+    gunicorn workers: the storm breaker counts them under one rule lock, so no more than
+    max_targets act and exactly one escalation is recorded."""
+    storm = config(api_container.name)
+    storm["services"] = {f"svc{i}": {"container": f"{api_container.name}-{i}"} for i in range(12)}
+    storm["remediation"]["defaults"]["storm"] = {"max_targets": 3, "window_seconds": 300}
+    with Fleet(tmp_path, storm, pg_env).start("web") as fleet:
+        with ThreadPoolExecutor(12) as pool:
+            answers = list(pool.map(lambda i: fleet.post_alerts(_payload(f"{i + 1:016x}", f"svc{i}")), range(12)))
+        assert {a.status_code for a in answers} == {202}
+        outcomes = sorted(a.json()["alerts"][0]["outcome"] for a in answers)
+        assert outcomes.count("act") == 3 and outcomes.count("escalate") == 1, outcomes
+        assert outcomes.count("skip") == 8
+        escalations = [r for r in fleet.runs() if r["playbook"] == "escalate"]
+        assert len(escalations) == 1, escalations
+
+
 def test_steps_of_a_pinned_service_run_on_its_hosts_worker(tmp_path, api_container, pg_env):
     before = started_at(api_container)
     with Fleet(tmp_path, config(api_container.name, host="edge-1"), pg_env) as fleet:

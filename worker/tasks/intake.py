@@ -158,8 +158,12 @@ def accept_alerts(app: Celery, *, alerts: list[Alert], truncated: int, summary: 
     decisions = decide_alerts(alerts, runtime.config)
     acting = [d for d in decisions if d.makes_run]
     with runtime.ledger.intake() as tx:
-        # Per target: two intakes about one target never decide at once.
-        tx.lock(f"target:{d.target}" for d in acting if d.target)
+        # Per target and per rule: two intakes about one target never decide at once, and
+        # the storm breaker of a rule counts every subject its concurrent intakes bring.
+        tx.lock(
+            [f"target:{d.target}" for d in acting if d.target]
+            + [f"rule:{d.rule}" for d in acting if d.outcome == "act" and d.rule]
+        )
         event_id = tx.add_event(source="alertmanager", summary=summary, body=body)
         known = tx.existing_runs(d.dedup_key for d in acting)
         waiting = {
