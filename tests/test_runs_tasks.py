@@ -119,3 +119,7 @@ def test_scheduled_host_work_and_pinned_services_route_to_the_hosts_queue(tmp_pa
     assert queue_for_run(config, {"params": {"host": "db-1"}, "target": "all"}) == "opsfleet.host.db-1"
     assert queue_for_run(config, {"params": {}, "target": "api"}) == "opsfleet.host.edge-1"
     assert queue_for_run(config, {"params": {}, "target": "web"}) is None
+    # An alert's free_disk (target all) goes to the maintenance host, like the scheduled one.
+    assert queue_for_run(config, {"playbook": "free_disk", "params": {}, "target": "all"}) == "opsfleet.host.db-1"
+    # A cap's escalation about a pinned service pages from any worker: its host's may be the one down.
+    assert queue_for_run(config, {"playbook": "escalate", "params": {}, "target": "api"}) is None

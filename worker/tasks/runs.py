@@ -21,6 +21,7 @@ from celery.exceptions import Ignore, SoftTimeLimitExceeded
 from worker.adapters import metrics
 from worker.adapters.ledger import LedgerUnavailable
 from worker.celery_factory import host_queue
+from worker.config import HOST_PLAYBOOKS
 from worker.logs import run_context
 from worker.tasks.playbooks import PLAYBOOKS
 from worker.tasks.steps import StepContext, StepEnded, StepFailed, StepRequeued, StepSkipped, hold_if_asked
@@ -56,8 +57,14 @@ def build_chain(app, run_id: int, playbook: str, queue: str | None = None) -> Si
 
 
 def queue_for_run(config, run: dict) -> str | None:
-    """A run's steps go to the queue of the host its target is pinned to, if any."""
+    """A run's steps go to the queue of the host its target is pinned to, if any; host
+    playbooks (free disk, rotate logs, back up) to fleet.maintenance_host's, whoever asked.
+    Escalations never wait for a host: they page people, also when that host's worker is down."""
+    if run.get("playbook") == "escalate":
+        return None
     host = run["params"].get("host")
+    if not host and run.get("playbook") in HOST_PLAYBOOKS:
+        host = config.fleet.maintenance_host
     if not host and run["target"] in config.services:
         host = config.services[run["target"]].host
     return host_queue(host) if host else None
