@@ -213,3 +213,12 @@ def test_metrics_count_webhook_outcomes(edge):
     client.post("/hooks/alertmanager", data=b"x", headers={"Authorization": "Bearer wrong"})
     text = client.get("/metrics").data.decode()
     assert 'opsfleet_webhook_requests_total{code="401",source="alertmanager"}' in text
+
+
+def test_every_alert_outcome_is_exported_from_the_start(edge):
+    # OpsfleetRemediationCapReached uses increase() on the escalate outcome: a series born at 1
+    # would hide the first escalation after a restart.
+    _, client, _ = edge()
+    text = client.get("/metrics").data.decode()
+    for outcome in ("act", "dry_run", "skip", "escalate", "ignore", "repeat"):
+        assert f'opsfleet_alert_decisions_total{{outcome="{outcome}"}}' in text, outcome

@@ -77,6 +77,7 @@ def create_app(config_path: str | None = None, *, loaded: LoadedConfig | None = 
 
     connect_task_metrics()  # the edge publishes tasks: celery_task_sent_total
     metrics.zero_deploy_outcomes(loaded.config.deploy.environments)
+    metrics.zero_alert_outcomes()
     app = Flask("opsfleet")
     app.config["MAX_CONTENT_LENGTH"] = loaded.config.web.max_body_bytes
     app.json.sort_keys = False

@@ -241,6 +241,17 @@ def zero_deploy_outcomes(environments) -> None:
             DEPLOYS.labels(environment, outcome)
 
 
+ALERT_OUTCOMES = ("act", "dry_run", "skip", "escalate", "ignore", "repeat")
+
+
+def zero_alert_outcomes() -> None:
+    """Every outcome of ALERT_DECISIONS at 0 from the start, for the same reason:
+    OpsfleetRemediationCapReached is an increase() of the escalate outcome, and the
+    first escalation after a restart would otherwise be a series born at 1."""
+    for outcome in ALERT_OUTCOMES:
+        ALERT_DECISIONS.labels(outcome)
+
+
 def mark_process_dead(pid: int) -> None:
     if os.environ.get(MULTIPROC_ENV):
         multiprocess.mark_process_dead(pid)
@@ -292,6 +303,7 @@ __all__ = [
     "WEBHOOK_REQUESTS",
     "mark_process_dead",
     "scrape",
+    "zero_alert_outcomes",
     "zero_deploy_outcomes",
     "serve",
 ]
