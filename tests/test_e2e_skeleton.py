@@ -9,6 +9,7 @@ counts it.
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
 import subprocess
 import sys
@@ -20,6 +21,9 @@ import requests
 
 from tests.support.fleet import REPO, Fleet, metric_value
 from tests.support.servers import TEST_DOCKER_HOST, free_port, log_tail, stop_process, wait_for
+
+# A body a real Alertmanager sent (tests/fixtures/alertmanager/README.md).
+FIXTURES = REPO / "tests" / "fixtures" / "alertmanager"
 
 pytestmark = pytest.mark.slow
 SLACK_TOKEN = "xoxb-e2e-token"
@@ -195,6 +199,36 @@ def test_opsfleet_run_on_embedded_defaults(tmp_path, api_container, make_contain
             stop_process(proc, signal.SIGKILL)
     assert proc.returncode == 0, log_tail(log)
     assert "opsfleet stopped" in log.read_text()
+
+
+def test_a_message_redis_lost_after_it_was_enqueued_is_sent_again_from_the_ledger(
+    tmp_path, api_container, shared_pg_url
+):
+    """The edge commits and enqueues; Redis (no AOF) then dies with the message in it. The
+    ledger still has the run queued: once Redis is back, the sweeper sends it again, once."""
+    from tests.support.servers import PrivateRedis
+
+    before = started_at(api_container)
+    with PrivateRedis(appendonly=False) as redis_server:
+        env = {"REDIS_URL": redis_server.url, "DATABASE_URL": shared_pg_url, "DOCKER_HOST": TEST_DOCKER_HOST}
+        with Fleet(tmp_path, fleet_config(api_container.name), env).start("web") as fleet:
+            alert = json.loads((FIXTURES / "firing-single.json").read_text())
+            alert["alerts"][0]["labels"] = {"alertname": "ServiceDown", "service": "api"}
+            answer = fleet.post_alerts(alert)
+            assert answer.status_code == 202, answer.text
+            [run_id] = answer.json()["runs"]
+            assert answer.json()["enqueued"] == [run_id]  # the broker took it...
+            redis_server.stop()  # ...and lost it: nothing on disk
+            redis_server.start()
+            assert fleet.api(f"/runs/{run_id}")["status"] == "queued"
+            fleet.start("worker", "beat")
+            run = fleet.wait_run(run_id, timeout=90)
+            assert run["status"] == "succeeded", run
+            assert started_at(api_container) != before
+            time.sleep(4)  # several more sweeps: nothing more happens
+            assert len(fleet.runs()) == 1
+            assert [s["name"] for s in fleet.api(f"/runs/{run_id}")["steps"]] == ["locate", "restart", "verify"]
+            assert metric_value(fleet.metrics(), "opsfleet_sweeper_actions_total", action="requeued") >= 1
 
 
 def test_sweeper_enqueues_what_was_committed_while_redis_was_down(
