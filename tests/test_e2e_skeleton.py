@@ -112,6 +112,13 @@ def test_real_alertmanager_restarts_real_container_redis_postgres(
         assert_run_reported(run, slack, fleet.metrics())
         # Alertmanager's own POST reached the edge with its token and was counted.
         assert metric_value(fleet.metrics(), "opsfleet_webhook_requests_total", source="alertmanager", code="202") >= 1
+    # No secret in anything the fleet logged: process output, JSON lines, the errors file.
+    logs = [fleet.log(name) for name in ("web", "worker", "beat")] + sorted((tmp_path / "data" / "logs").glob("*"))
+    assert len(logs) >= 4  # and opsfleet-errors.jsonl when something failed
+    for path in logs:
+        text = path.read_text(errors="replace")
+        for secret in (fleet.token, slack.token):
+            assert secret not in text, f"{secret[:4]}… in {path.name}"
 
 
 def test_opsfleet_run_on_embedded_defaults(tmp_path, api_container, make_container, make_alertmanager, slack):

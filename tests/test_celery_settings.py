@@ -1,0 +1,50 @@
+"""The Celery settings each guard against a failure (worker/celery_factory.py says which):
+pinned here so a refactor cannot quietly drop one."""
+
+from __future__ import annotations
+
+from worker.celery_factory import QUEUES, ROUTES, create_celery
+from worker.config import parse_config
+
+
+def app_for(tmp_path, environ=None):
+    loaded = parse_config({"fleet": {"data_dir": str(tmp_path)}}, source="t", base_dir=tmp_path, environ=environ or {})
+    return loaded, create_celery(loaded)
+
+
+def test_production_settings(tmp_path):
+    loaded, app = app_for(tmp_path)
+    conf = app.conf
+    assert conf.task_acks_late is True  # a worker dying mid-task leaves it to be redelivered
+    assert conf.task_reject_on_worker_lost is True  # a SIGKILLed child requeues, not "failed"
+    assert conf.worker_prefetch_multiplier == 1  # no task sits reserved behind a long one
+    assert conf.worker_send_task_events is True and conf.task_send_sent_event is True
+    assert conf.task_serializer == "json" and list(conf.accept_content) == ["json"]
+    assert conf.task_ignore_result is True  # the ledger holds the results
+    worker = loaded.config.worker
+    assert (conf.task_soft_time_limit, conf.task_time_limit) == (
+        worker.step_soft_timeout_seconds,
+        worker.step_hard_timeout_seconds,
+    )
+    # Every task has its own soft and hard limit, soft below hard.
+    for name in ROUTES:
+        limits = conf.task_annotations[name]
+        assert 0 < limits["soft_time_limit"] < limits["time_limit"], name
+    # Named queues, every task routed to one of them.
+    assert {q.name for q in conf.task_queues} == set(QUEUES)
+    assert {route["queue"] for route in conf.task_routes.values()} <= set(QUEUES)
+    assert set(conf.task_routes) == set(ROUTES)
+
+
+def test_redis_visibility_timeout_is_above_the_longest_step_and_keys_are_prefixed(tmp_path):
+    loaded, app = app_for(tmp_path, {"REDIS_URL": "redis://127.0.0.1:6379/0"})
+    options = app.conf.broker_transport_options
+    assert options["visibility_timeout"] > loaded.config.worker.step_hard_timeout_seconds
+    assert options["visibility_timeout"] > loaded.config.backup.step_timeout_seconds
+    assert options["global_keyprefix"] == loaded.config.broker.key_prefix and options["global_keyprefix"]
+
+
+def test_embedded_defaults_need_no_server(tmp_path):
+    _, app = app_for(tmp_path)
+    assert app.conf.broker_url.startswith("filesystem://")
+    assert (tmp_path / "broker" / "queue").is_dir()
