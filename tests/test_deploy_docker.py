@@ -198,11 +198,19 @@ def test_a_signed_push_deploys_the_new_tag_and_health_passes(stack, dockerd):
     assert stack.ledger.get_lock("deploy:prod") is None
 
 
+def rollbacks(kind: str, outcome: str = "succeeded") -> float:
+    from worker.adapters import metrics
+
+    return metrics.ROLLBACKS.labels("prod", kind, outcome)._value.get()
+
+
 def test_a_tag_whose_health_fails_rolls_back_and_the_previous_version_serves(stack, dockerd):
     stack.start()
     assert deploy(stack, "a", 1000)["status"] == "succeeded"
+    before = rollbacks("automatic")
     run = deploy(stack, "c", 2000)
     assert run["status"] == "rolled_back", run
+    assert rollbacks("automatic") == before + 1
     assert "health gate failed" in run["reason"] and "rolled back" in run["reason"]
     assert image_of(dockerd, stack) == f"{REPO}:{TAG['a']}" and serving(stack) == "a"
     current = stack.ledger.current_release("prod")
@@ -674,6 +682,97 @@ def test_a_compose_file_that_cannot_be_applied_fails_validation_touching_nothing
     assert stack.ledger.get_lock("deploy:prod") is None
 
 
+def test_each_step_renews_the_environment_lock_and_a_lapsed_lock_stops_the_deploy(stack, dockerd):
+    from datetime import timedelta
+
+    from worker.tasks import deploy as deploy_steps
+    from worker.tasks.steps import StepContext, StepFailed
+
+    stack.start()
+    [run_id] = push(stack, "a", 1000).json["runs"]
+    stack.ledger.claim_run(run_id, "test-worker", 600)
+    ctx = StepContext(stack.app.opsfleet, stack.ledger.get_run(run_id))
+    assert stack.ledger.acquire_lock("deploy:prod", f"run:{run_id}", 30)  # about to lapse
+    deploy_steps.backup(ctx)
+    lock = stack.ledger.get_lock("deploy:prod")
+    config = stack.loaded.config
+    # Long enough for the longest step (a pre-deploy backup may outlast lock_ttl_seconds).
+    assert lock["expires_at"] - utcnow() > timedelta(seconds=config.backup.step_timeout_seconds)
+    # Lapsed and taken by another deploy: this one stops before touching anything.
+    stack.ledger.release_lock("deploy:prod", f"run:{run_id}")
+    assert stack.ledger.acquire_lock("deploy:prod", "run:999999", 600)
+    with pytest.raises(StepFailed, match=r"deploy:prod lapsed and is held by run:999999 now: .* before its pull step"):
+        deploy_steps.pull(ctx)
+    assert stack.ledger.get_lock("deploy:prod")["holder"] == "run:999999"  # not released by the loser
+
+
+def test_a_tag_that_names_a_branch_is_pulled_again_because_it_may_have_moved(tmp_path, dockerd, images, github):
+    """tag_template {branch}: the tag "master" is pushed again for every commit. The local copy
+    is stale after the next push; the deploy pulls it anyway and runs the new image."""
+    moving = f"{REPO}:master"
+    making = make_stack(tmp_path, dockerd, github, REPO, prune=False, environment={"tag_template": "{branch}"})
+    stack = next(making)
+    try:
+        stack.start()
+        for commit, at in (("a", 1000), ("b", 1001)):
+            dockerd.images.pull(REPO, TAG[commit], auth_config=REGISTRY.auth)
+            dockerd.images.get(f"{REPO}:{TAG[commit]}").tag(moving)
+            REGISTRY.push(dockerd, moving)  # CI pushed this commit as :master
+            if commit == "b":
+                dockerd.images.get(f"{REPO}:{TAG['a']}").tag(moving)  # here, :master is still a's
+            run = deploy(stack, commit, at)
+            assert run["status"] == "succeeded", run
+            assert "pulled: its tag may move" in {s["name"]: s["output"] for s in run["steps"]}["pull"]
+            assert serving(stack) == commit
+    finally:
+        making.close()
+        remove_images(dockerd, [moving])
+
+
+def test_what_a_dead_deploy_left_half_way_is_repaired_before_the_next_one(stack, dockerd):
+    """A worker killed inside recreate leaves the original stopped and renamed: the next
+    deploy's validate step puts it back (or removes it, when the new container was made)."""
+    original = stack.start()
+    original.stop(timeout=0)
+    original.rename(f"{stack.name}.opsfleet-run-7-deploy-app-old")
+    run = deploy(stack, "a", 1000)
+    assert run["status"] == "succeeded", run
+    assert "put back" in {s["name"]: s["output"] for s in run["steps"]}["validate"]
+    assert serving(stack) == "a" and dockerd.containers.list(all=True, filters={"name": f"{stack.name}."}) == []
+    # A leftover beside a live container (the new one was made before the worker died): removed.
+    stray = dockerd.containers.create(f"{REPO}:v1", ["true"], name=f"{stack.name}.opsfleet-run-8-deploy-app-old")
+    run = deploy(stack, "b", 1001)
+    assert run["status"] == "succeeded" and f"removed {stray.name}" in run["steps"][1]["output"], run
+    assert dockerd.containers.list(all=True, filters={"name": f"{stack.name}."}) == []
+
+
+def test_a_deploy_that_died_after_recreating_is_rolled_back_by_the_sweeper(stack, dockerd):
+    from worker.tasks import deploy as deploy_steps
+    from worker.tasks.steps import StepContext
+
+    stack.start()
+    assert deploy(stack, "a", 1000)["status"] == "succeeded"
+    [dead] = push(stack, "b", 1001).json["runs"]
+    stack.ledger.claim_run(dead, "test-worker", 600)
+    ctx = StepContext(stack.app.opsfleet, stack.ledger.get_run(dead))
+    for step in (deploy_steps.lock, deploy_steps.validate, deploy_steps.pull, deploy_steps.recreate):
+        step(ctx)
+    assert serving(stack) == "b"  # b runs, never gated: then the worker died
+    stack.ledger.finish_run(dead, "failed", "worker lost: the step lease expired before the step finished")
+
+    before = rollbacks("repair")
+    swept = stack.app.tasks["opsfleet.sweeper.sweep"].apply().result
+    [repair] = swept["repairs"]
+    assert stack.app.tasks["opsfleet.sweeper.sweep"].apply().result["repairs"] == []  # once
+    assert stack.ledger.release_of_run(dead)["status"] == "failed"
+    run = execute_inline(stack.app, repair)
+    assert run["status"] == "succeeded", run
+    assert run["triggered_by"] == f"opsfleet (repair of run {dead})" and rollbacks("repair") == before + 1
+    assert serving(stack) == "a" and stack.ledger.current_release("prod")["sha"] == SHA["a"]
+    # The repair is ordered as the release it put back: a newer push still deploys after it.
+    assert deploy(stack, "b", 1002)["status"] == "succeeded" and serving(stack) == "b"
+
+
 def test_registry_of_an_image_reference():
     from worker.tasks.deploy import registry_of
 
@@ -911,8 +1010,10 @@ def test_cli_deploy_releases_and_rollback(stack, dockerd, tmp_path):
     assert serving(stack) == "b"
     result = opsfleet("releases", "--env", "prod")
     assert result.exit_code == 0 and result.output.splitlines()[1].split()[1:5] == ["prod", SHA["b"][:7], "live", "*"]
+    before = rollbacks("manual")
     result = opsfleet("rollback", "--env", "prod")  # to a, the release live before b
     assert result.exit_code == 0, result.output
+    assert rollbacks("manual") == before + 1
     assert serving(stack) == "a" and stack.ledger.current_release("prod")["sha"] == SHA["a"]
     # Deliberate: the CLI may put an older commit live, which a webhook never does.
     assert opsfleet("deploy", "--env", "prod", "--ref", "nothex").exit_code == 2

@@ -171,3 +171,56 @@ def test_worker_killed_mid_deploy_fails_the_run_and_the_next_deploy_proceeds(tmp
     finally:
         for c in dockerd.containers.list(all=True, filters={"name": name}):
             c.remove(force=True)
+
+
+def test_worker_killed_after_recreating_leaves_no_half_deploy(tmp_path, dockerd, images, shared_pg_url):
+    """SIGKILL inside the health step: b's container runs, ungated. The sweeper fails the dead
+    run and records its repair, which puts a (the live release) back through the gate."""
+    hold_dir = tmp_path / "hold"
+    hold_dir.mkdir()
+    port = free_port()
+    name = f"opsfleet-e2e-deploy-{uuid.uuid4().hex[:8]}"
+    dockerd.containers.run(f"{REPO}:v1", httpd_command(port), name=name, detach=True, network_mode="host")
+    config = _config(name, port)
+    config["worker"] = {"step_soft_timeout_seconds": 10, "step_hard_timeout_seconds": 11, "queue_grace_seconds": 5}
+    config["deploy"]["lock_wait_seconds"] = 2
+    env = {
+        "REDIS_URL": "redis://127.0.0.1:6379/0",
+        "DATABASE_URL": shared_pg_url,
+        "DOCKER_HOST": TEST_DOCKER_HOST,
+        "GITHUB_WEBHOOK_SECRET": SECRET,
+        "OPSFLEET_TEST_HOLD_DIR": str(hold_dir),
+    }
+
+    def version() -> str:
+        return requests.get(f"http://127.0.0.1:{port}/version", timeout=5).text
+
+    def push(commit: str, at: int) -> int:
+        data, headers = signed_push(SECRET, commit, at)
+        return requests.post(f"{fleet.url}/hooks/github", data=data, headers=headers, timeout=10).json()["runs"][0]
+
+    try:
+        with Fleet(tmp_path, config, env).start() as fleet:
+            assert fleet.wait_run(push("a", 1000), ENDED, timeout=60)["status"] == "succeeded"
+            hold = hold_dir / "hold-deploy-health"
+            hold.touch()
+            dead = push("b", 1001)
+            fleet.wait(lambda: (hold_dir / f"held-{dead}-health").exists(), 30, "the worker to hold inside health")
+            assert version() == "b"  # recreated, not yet gated
+            fleet.stop("worker", sig=signal.SIGKILL)
+            hold.unlink()
+            fleet.start("worker")
+            assert fleet.wait_run(dead, statuses=("failed",), timeout=60)["status"] == "failed"
+
+            def repair():
+                found = [r for r in fleet.runs() if r["triggered_by"] == f"opsfleet (repair of run {dead})"]
+                return found[0] if found and found[0]["status"] in ENDED else None
+
+            run = fleet.wait(repair, 90, "the repair of the dead deploy")
+            assert run["status"] == "succeeded", run
+            assert version() == "a"
+            assert len([r for r in fleet.runs() if r["playbook"] == "deploy"]) == 3  # a, dead b, repair: once
+            assert fleet.wait_run(push("b", 1002), ENDED, timeout=60)["status"] == "succeeded" and version() == "b"
+    finally:
+        for c in dockerd.containers.list(all=True, filters={"name": name}):
+            c.remove(force=True)

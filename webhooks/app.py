@@ -85,6 +85,11 @@ def create_app(config_path: str | None = None, *, loaded: LoadedConfig | None = 
     app.extensions["opsfleet"] = state
     try:
         state.ensure_schema()
+        # What is live survives a restart of the metrics folder: read from the ledger.
+        for environment in loaded.config.deploy.environments:
+            live = state.ledger.current_release(environment)
+            if live is not None:
+                metrics.RELEASE_INFO.labels(environment, live["sha"]).set(1)
     except LedgerUnavailable as err:
         log.warning("ledger not reachable at start (%s); webhooks answer 503 until it is", err)
 

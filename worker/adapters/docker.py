@@ -308,15 +308,15 @@ class DockerAdapter:
         except DockerException as err:
             raise DockerError(f"image {reference}: cannot inspect: {err}") from None
 
-    def pull(self, reference: str, auth_config: dict | None = None) -> str:
+    def pull(self, reference: str, auth_config: dict | None = None, always: bool = False) -> str:
         """Make sure `reference` is here; returns its image id.
 
-        Present already → nothing pulled. Otherwise pulled, and the pull is
-        judged by its stream: the daemon answers 200 and reports a failure
-        (unknown tag, auth, registry down) inside it as an `error` message.
-        Then the image must really be here."""
+        Present already → nothing pulled, unless `always` (a tag that may have
+        moved). Otherwise pulled, and the pull is judged by its stream: the
+        daemon answers 200 and reports a failure (unknown tag, auth, registry
+        down) inside it as an `error` message. Then the image must really be here."""
         found = self.image_id(reference)
-        if found:
+        if found and not always:
             return found
         repository, _, tag = reference.rpartition(":")
         if not repository or "/" in tag:
@@ -360,6 +360,37 @@ class DockerAdapter:
         except OSError:
             return None
         return None
+
+    def repair_leftovers(self, name: str, marker_kinds: tuple[str, ...] = ("deploy", "rollback")) -> list[str]:
+        """Containers `<name>.opsfleet-run-N-<kind>-…-old` that a recreate which died half-way
+        left behind (the original, stopped and renamed). With no container under `name`, the
+        newest such original is renamed back and started; otherwise they are removed (the new
+        one was made). What was done, one line each."""
+        import re
+
+        pattern = re.compile(rf"^{re.escape(name)}\.opsfleet-run-(\d+)-(?:{'|'.join(marker_kinds)})-.+-old$")
+        try:
+            found = self.client.containers.list(all=True, filters={"name": f"{name}.opsfleet-run-"})
+        except DockerException as err:
+            raise DockerError(f"cannot list containers named {name}.opsfleet-run-*: {err}") from None
+        left = sorted(
+            (c for c in found if pattern.match(c.name)), key=lambda c: int(pattern.match(c.name)[1]), reverse=True
+        )
+        lines = []
+        live = self.find_by_name(name)
+        for old in left:
+            try:
+                if live is None:
+                    old.rename(name)
+                    old.start()
+                    live = old
+                    lines.append(f"{name}: the original, left stopped as {old.name} by a dead deploy, put back")
+                else:
+                    old.remove(force=True)
+                    lines.append(f"{name}: removed {old.name}, left by a dead deploy")
+            except DockerException as err:
+                raise DockerError(f"container {old.name}: cannot repair: {err}") from None
+        return lines
 
     def undo_recreate(self, name: str, marker: str):
         """After a recreate that failed half-way (the original stopped and renamed

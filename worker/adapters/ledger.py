@@ -681,6 +681,18 @@ class Ledger:
                 .values(status="live", current=True, live_at=utcnow())
             )
 
+    def releases_of_dead_deploys(self) -> list[dict[str, Any]]:
+        """Releases still `deploying` whose run has ended: their deploy died inside a step
+        (worker lost, ledger lost) after it began recreating, so the stack may be half on it."""
+        with self._tx() as conn:
+            rows = conn.execute(
+                sa.select(releases)
+                .join(runs, runs.c.id == releases.c.run_id)
+                .where(releases.c.status == "deploying", runs.c.status.in_(sorted(FINAL_STATUSES)))
+                .order_by(releases.c.id)
+            ).all()
+            return [_release_dict(r) for r in rows]
+
     def set_release_status(self, run_id: int, status: str) -> None:
         with self._tx() as conn:
             conn.execute(releases.update().where(releases.c.run_id == run_id).values(status=status))

@@ -63,6 +63,13 @@ DEPLOYS = Counter(
     "Deploy runs ended, by environment and outcome (succeeded, rolled_back, rollback_failed, superseded, failed).",
     ["environment", "outcome"],
 )
+ROLLBACKS = Counter(
+    "opsfleet_rollbacks_total",
+    "Rollbacks ended, by environment, kind (automatic: a deploy's own after a failed step; manual: "
+    "opsfleet rollback or POST /api/rollbacks; repair: of a deploy whose worker died) and outcome "
+    "(succeeded, failed).",
+    ["environment", "kind", "outcome"],
+)
 DEPLOY_DURATION = Histogram(
     "opsfleet_deploy_duration_seconds",
     "From the deploy's lock to its release recorded.",
@@ -239,6 +246,9 @@ def zero_deploy_outcomes(environments) -> None:
     for environment in environments:
         for outcome in DEPLOY_OUTCOMES:
             DEPLOYS.labels(environment, outcome)
+        for kind in ("automatic", "manual", "repair"):
+            for outcome in ("succeeded", "failed"):
+                ROLLBACKS.labels(environment, kind, outcome)
 
 
 ALERT_OUTCOMES = ("act", "dry_run", "skip", "escalate", "ignore", "repeat")
@@ -272,6 +282,7 @@ __all__ = [
     "CLEANUP_RECLAIMED_BYTES",
     "DEPLOYS",
     "DEPLOY_DURATION",
+    "ROLLBACKS",
     "DEPLOY_OUTCOMES",
     "GITHUB_DELIVERIES",
     "RELEASE_INFO",

@@ -71,16 +71,50 @@ def _release_lock(ctx: StepContext) -> None:
     ctx.runtime.ledger.release_lock(lock_name(ctx.run["target"]), _holder(ctx))
 
 
+def _step_hard_limit(config, name: str) -> int:
+    if name == "backup":
+        return config.backup.step_timeout_seconds
+    if name == "health":
+        return _health_timeout(config) + 30
+    return config.worker.step_hard_timeout_seconds
+
+
+def _renew_lock(ctx: StepContext, step_name: str) -> None:
+    """Each step after `lock` extends the environment lock to cover itself (a pre-deploy
+    backup may outlast deploy.lock_ttl_seconds); a lock that lapsed and went to another
+    deploy stops this one here."""
+    ledger = ctx.runtime.ledger
+    name = lock_name(ctx.run["target"])
+    ttl = ctx.config.deploy.lock_ttl_seconds + _step_hard_limit(ctx.config, step_name)
+    if not ledger.acquire_lock(name, _holder(ctx), ttl):
+        holder = (ledger.get_lock(name) or {}).get("holder", "someone")
+        raise StepFailed(f"{name} lapsed and is held by {holder} now: this deploy stops before its {step_name} step")
+
+
+def _rollback_kind(ctx: StepContext) -> str | None:
+    """A deploy run that is itself a rollback: asked for (manual), or a dead deploy's repair."""
+    if ctx.params.get("repair_of"):
+        return "repair"
+    if ctx.params.get("rollback_to"):
+        return "manual"
+    return None
+
+
 def _frees_lock_on_failure(fn):
-    """Every way out of a step but success releases the environment lock."""
+    """Every way out of a step but success releases the environment lock; every step but
+    `lock` renews it first."""
 
     @functools.wraps(fn)
     def step(ctx: StepContext) -> str:
         try:
+            if fn.__name__ != "lock":
+                _renew_lock(ctx, fn.__name__)
             return fn(ctx)
         except BaseException as err:
-            if not isinstance(err, StepEnded):  # those count themselves
+            if not isinstance(err, StepEnded | StepRequeued):  # those count themselves, or are not an end
                 metrics.DEPLOYS.labels(ctx.run["target"] or "", "failed").inc()
+                if _rollback_kind(ctx):
+                    metrics.ROLLBACKS.labels(ctx.run["target"] or "", _rollback_kind(ctx), "failed").inc()
             try:
                 _release_lock(ctx)
             except Exception as err:  # the TTL frees it
@@ -195,6 +229,19 @@ def validate(ctx: StepContext) -> str:
         raise StepFailed(f"{root} has {free} bytes free, below min_free_bytes ({env.min_free_bytes})")
     else:
         lines.append(f"{root}: {free // (1 << 20)} MiB free (floor {env.min_free_bytes // (1 << 20)} MiB)")
+    # What a deploy that died half-way through a recreate left: the original put back or removed.
+    for service in env.services:
+        spec = ctx.config.services.get(service)
+        name = spec.container if spec is not None else None
+        if name is None and spec is not None:
+            found = _find(ctx, service)
+            left = _LEFT_BY_RECREATE.match(found.name) if found is not None else None
+            name = left["name"] if left else None
+        if name:
+            try:
+                lines += docker.repair_leftovers(name)
+            except DockerError as err:
+                raise StepFailed(str(err)) from None
     definitions = _definitions(ctx, ctx.params["images"])  # a compose file that cannot be used fails here
     for service in env.services:
         if definitions is None:
@@ -222,16 +269,27 @@ def _registry_auth(ctx: StepContext, reference: str) -> dict | None:
     return {"username": auth.username, "password": auth.password} if auth else None
 
 
+def tags_are_immutable(tag_template: str) -> bool:
+    """A tag naming the commit ({sha}, {short_sha}) is taken to be pushed once; one naming a
+    branch or a git tag alone may be pushed again, so a copy here may be stale."""
+    return "{sha}" in tag_template or "{short_sha}" in tag_template
+
+
 @_frees_lock_on_failure
 def pull(ctx: StepContext) -> str:
     docker = ctx.runtime.docker
+    _, env = _env(ctx)
+    always = not tags_are_immutable(env.tag_template)
     lines = []
     for service, reference in ctx.params["images"].items():
+        if not reference:
+            lines.append(f"{service}: had no container before; nothing to pull")
+            continue
         try:
-            image_id = docker.pull(reference, auth_config=_registry_auth(ctx, reference))
+            image_id = docker.pull(reference, auth_config=_registry_auth(ctx, reference), always=always)
         except DockerError as err:
             raise StepFailed(f"{service}: {err}; nothing was stopped") from None
-        lines.append(f"{service}: {reference} is {image_id[:19]}")
+        lines.append(f"{service}: {reference} is {image_id[:19]}" + (" (pulled: its tag may move)" if always else ""))
     return "\n".join(lines)
 
 
@@ -392,7 +450,9 @@ def _put(ctx: StepContext, images: dict[str, str], what: str, stop_timeout: int)
             lines.append(f"{service}: {fresh.name} ({fresh.id[:12]}) created on {reference} from the compose file")
             continue
         same = definition is None or (container.labels or {}).get(COMPOSE_CONFIG_HASH) == definition.config_hash
-        if _running_image(container) == reference and container.status == "running" and same:
+        # The same reference is not enough: a moving tag may name a newer image now.
+        on_it = _running_image(container) == reference and container.attrs.get("Image") == docker.image_id(reference)
+        if on_it and container.status == "running" and same:
             lines.append(f"{service}: already runs {reference}")
             continue
         fresh = docker.recreate(container, marker, stop_timeout, image=reference, definition=definition)
@@ -503,10 +563,12 @@ def _roll_back(ctx: StepContext, release: dict, why: str):
         )
         _release_lock(ctx)
         metrics.DEPLOYS.labels(environment, "rollback_failed").inc()
+        metrics.ROLLBACKS.labels(environment, "automatic", "failed").inc()
         raise StepEnded("rollback_failed", f"{why}; rollback failed: {err}") from None
     ledger.set_release_status(ctx.run["id"], "rolled_back")
     _release_lock(ctx)
     metrics.DEPLOYS.labels(environment, "rolled_back").inc()
+    metrics.ROLLBACKS.labels(environment, "automatic", "succeeded").inc()
     back = ", ".join(f"{s} on {i}" if i else f"{s} removed" for s, i in previous.items())
     took = time.monotonic() - began
     raise StepEnded("rolled_back", f"{why}; rolled back in {took:.2f}s: {back}\n" + "\n".join(lines))
@@ -564,6 +626,8 @@ def record(ctx: StepContext) -> str:
     release = ledger.release_of_run(ctx.run["id"])
     _release_lock(ctx)
     metrics.DEPLOYS.labels(environment, "succeeded").inc()
+    if _rollback_kind(ctx):
+        metrics.ROLLBACKS.labels(environment, _rollback_kind(ctx), "succeeded").inc()
     if ctx.run.get("started_at") and release.get("live_at"):
         metrics.DEPLOY_DURATION.labels(environment).observe(
             (release["live_at"] - ctx.run["started_at"]).total_seconds()
@@ -571,6 +635,58 @@ def record(ctx: StepContext) -> str:
     return f"{environment} is on {ctx.params['sha'][:7]}: " + ", ".join(
         f"{s} {i}" for s, i in release["images"].items()
     )
+
+
+def repair_dead_deploys(app) -> list[int]:
+    """Deploys that died after they began recreating (the sweeper failed them: worker lost)
+    may have left the stack half on the new images. Each gets one repair: a deploy of what
+    ran before it (its release's previous images), recorded like a rollback, ordered as the
+    live release so newer pushes still win after it. Returns the repair runs recorded.
+    A dead first deploy (nothing live before) gets no repair: its release is marked failed
+    and the next deploy puts the stack right."""
+    ledger = app.opsfleet.ledger
+    repairs = []
+    for dead in ledger.releases_of_dead_deploys():
+        environment = dead["environment"]
+        live = ledger.current_release(environment)
+        ledger.set_release_status(dead["run_id"], "failed")
+        if live is None or environment not in app.opsfleet.config.deploy.environments:
+            log.warning("deploy run %s died mid-deploy; nothing live before it to put back", dead["run_id"])
+            continue
+        reason = f"run {dead['run_id']} died while deploying {dead['sha'][:7]}: putting back {live['sha'][:7]}"
+        recorded = ledger.record_event(
+            source="deploy",
+            summary=reason,
+            body="",
+            new_runs=[
+                NewRun(
+                    trigger="manual",
+                    triggered_by=f"opsfleet (repair of run {dead['run_id']})",
+                    playbook="deploy",
+                    target=environment,
+                    params={
+                        "environment": environment,
+                        "sha": live["sha"],
+                        "ref": live["ref"],
+                        "tag": "",
+                        "images": dead["previous_images"],
+                        "order": [live["pushed_at"], live["committed_at"]],
+                        "repair_of": dead["run_id"],
+                    },
+                    summary=reason,
+                    dedup_key=f"repair:deploy:{dead['run_id']}",
+                )
+            ],
+        )
+        created = [r.id for r in recorded.runs if r.created]
+        repairs += created
+        try:
+            from worker.tasks.runs import enqueue_runs
+
+            enqueue_runs(app, ledger, created)
+        except Exception as err:
+            log.warning("repair of run %s recorded, not enqueued (the sweeper sends it): %s", dead["run_id"], err)
+    return repairs
 
 
 def protected_release_images(ctx: StepContext) -> set[str]:

@@ -4,6 +4,8 @@
   message) are enqueued again; `start` is idempotent, so a duplicate is harmless.
 - Runs whose step lease ran out (the worker died) are failed, so nothing
   stays "running" forever.
+- A deploy that died after it began recreating gets a repair run that puts
+  back what ran before it (worker.tasks.deploy.repair_dead_deploys).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from celery import shared_task
 
 from worker.adapters import metrics
 from worker.adapters.ledger import utcnow
+from worker.tasks.deploy import repair_dead_deploys
 from worker.tasks.runs import enqueue_runs, request_report
 
 log = logging.getLogger("opsfleet.sweeper")
@@ -29,10 +32,13 @@ def sweep(self) -> dict:
         log.warning("run %s failed: its worker stopped answering (lease expired)", run_id)
         metrics.SWEEPER_ACTIONS.labels("expired").inc()
         request_report(self.app, run_id)
+    repairs = repair_dead_deploys(self.app)
+    if repairs:
+        metrics.SWEEPER_ACTIONS.labels("repaired").inc(len(repairs))
     stale = utcnow() - timedelta(seconds=runtime.config.sweeper.requeue_after_seconds)
     pending = ledger.runs_to_enqueue(stale)
     sent = enqueue_runs(self.app, ledger, pending)
     if sent:
         log.info("re-enqueued runs %s from the ledger", sent)
         metrics.SWEEPER_ACTIONS.labels("requeued").inc(len(sent))
-    return {"expired": expired, "requeued": sent}
+    return {"expired": expired, "requeued": sent, "repairs": repairs}
