@@ -253,3 +253,15 @@ def test_load_project_reads_dotenv_env_files_and_names_the_project(tmp_path):
     (folder / "docker-compose.yml").write_text("services:\n  api:\n    env_file: missing.env\n")
     with pytest.raises(ComposeError, match="services.api.env_file: .*missing.env does not exist"):
         load_project(folder / "docker-compose.yml", {})
+
+
+def test_the_project_name_follows_composes_precedence(tmp_path):
+    folder = tmp_path / "shop"
+    folder.mkdir()
+    (folder / "docker-compose.yml").write_text("name: from-file\nservices:\n  api: {}\n")
+    path = folder / "docker-compose.yml"
+    assert load_project(path, {}).name == "from-file"
+    (folder / ".env").write_text("COMPOSE_PROJECT_NAME=from-dotenv\n")
+    assert load_project(path, {}).name == "from-dotenv"
+    assert load_project(path, {"COMPOSE_PROJECT_NAME": "from-env"}).name == "from-env"
+    assert load_project(path, {"COMPOSE_PROJECT_NAME": "from-env"}, project_name="given").name == "given"

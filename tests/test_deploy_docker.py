@@ -483,7 +483,7 @@ class ComposeStack:
         self.tmp_path, self.dockerd = tmp_path, dockerd
         self.ports = {"app": free_port(), "db": free_port()}
         self.project = f"opsfleet-compose-{uuid.uuid4().hex[:6]}"
-        folder = tmp_path / "stack"
+        folder = tmp_path / self.project  # compose's default project name: plain `docker-compose -f FILE` finds it
         (folder / "conf").mkdir(parents=True)
         (folder / "conf" / "app.ini").write_text("mode=prod\n")
         (folder / ".env").write_text(f"APP_IMAGE={REPO}\n")  # compose's own variables file
@@ -565,7 +565,7 @@ class ComposeStack:
 
     def compose(self, *args) -> str:
         done = self._run(
-            ["docker-compose", "-p", self.project, "-f", str(self.file), *args],
+            ["docker-compose", "-f", str(self.file), *args],
             capture_output=True,
             text=True,
             timeout=120,

@@ -161,7 +161,9 @@ def load_project(path: Path, environ: dict[str, str], project_name: str | None =
     variables.update(environ)
     done = interpolate(data, variables)
     data = done.value
-    name = project_name or (data.get("name") if isinstance(data.get("name"), str) else None)
+    # compose's precedence: -p (the services' compose_project here), COMPOSE_PROJECT_NAME, name:, the folder.
+    name = project_name or variables.get("COMPOSE_PROJECT_NAME")
+    name = name or (data.get("name") if isinstance(data.get("name"), str) else None)
     name = name or default_project_name(path.parent)
     env_files: dict[str, dict[str, str]] = {}
     for service_name, service in data["services"].items():
