@@ -987,6 +987,22 @@ def test_the_report_task_retries_a_502(stack, github):
     assert len(github.deployments) == 1
 
 
+@pytest.mark.parametrize("status", [403, 429])
+def test_githubs_rate_limit_is_waited_out_and_the_report_converges(stack, github, status):
+    from worker.adapters.github import GitHubAdapter, GitHubError
+    from worker.tasks.report_github import report_deploy
+
+    stack.start()
+    run = deploy(stack, "a", 1000)
+    github.rate_limit_next = [(status, 30)]
+    adapter = GitHubAdapter(github.token, github.base_url, 5)
+    with pytest.raises(GitHubError) as err:
+        report_deploy(stack.app.opsfleet, adapter, run["id"])
+    assert err.value.retryable and 28 <= err.value.retry_after <= 31  # what GitHub asked, not our backoff
+    assert report(stack, run["id"]) == ["queued", "in_progress", "success"]  # the task, retried
+    assert len(github.deployments) == 1
+
+
 def test_cli_deploy_releases_and_rollback(stack, dockerd, tmp_path):
     import yaml
     from click.testing import CliRunner

@@ -5,7 +5,10 @@ Answers as GitHub documents: POST /repos/{owner}/{repo}/deployments → 201 with
 the deployment (`id`, `sha`, `environment`, ...); POST
 /repos/{owner}/{repo}/deployments/{id}/statuses → 201 with the status; a
 missing or wrong bearer token → 401; an unknown deployment → 404; a state
-GitHub does not know, or a description over 140 characters → 422.
+GitHub does not know, or a description over 140 characters → 422. On demand
+(`rate_limit_next`), the primary rate limit as GitHub answers it: 403 with
+`x-ratelimit-remaining: 0` and `x-ratelimit-reset` (epoch seconds), or 429 with
+`retry-after`.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -34,6 +38,7 @@ class GitHubRecorder:
         self.calls: list[Call] = []
         self.deployments: dict[int, dict] = {}
         self.fail_next: list[int] = []  # statuses to answer the next requests with (e.g. [502])
+        self.rate_limit_next: list[tuple[int, int]] = []  # (403 or 429, seconds to wait) for the next requests
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self._server.daemon_threads = True
@@ -54,15 +59,24 @@ class GitHubRecorder:
     def states(self, deployment_id: int) -> list[str]:
         return [s["state"] for s in self.deployments[deployment_id]["statuses"]]
 
-    def answer(self, path: str, headers, body: dict) -> tuple[int, dict]:
+    def answer(self, path: str, headers, body: dict) -> tuple[int, dict, dict]:
+        """(status, body, extra response headers)."""
         with self._lock:
+            if self.rate_limit_next:
+                status, wait = self.rate_limit_next.pop(0)
+                self.calls.append(Call(path, body, status))
+                if status == 429:
+                    return status, {"message": "API rate limit exceeded"}, {"retry-after": str(wait)}
+                reset = str(int(time.time()) + wait)
+                limited = {"x-ratelimit-limit": "5000", "x-ratelimit-remaining": "0", "x-ratelimit-reset": reset}
+                return status, {"message": "API rate limit exceeded for user ID 1."}, limited
             if self.fail_next:
                 status = self.fail_next.pop(0)
                 self.calls.append(Call(path, body, status))
-                return status, {"message": "Server Error"}
+                return status, {"message": "Server Error"}, {}
             status, answer = self._answer(path, headers, body)
             self.calls.append(Call(path, body, status))
-            return status, answer
+            return status, answer, {}
 
     def _answer(self, path: str, headers, body: dict) -> tuple[int, dict]:
         if headers.get("Authorization") != f"Bearer {self.token}":
@@ -104,9 +118,11 @@ def _handler_for(recorder: GitHubRecorder):
                 body = json.loads(self.rfile.read(length) or b"{}")
             except ValueError:
                 body = {}
-            status, answer = recorder.answer(self.path, self.headers, body)
+            status, answer, extra = recorder.answer(self.path, self.headers, body)
             data = json.dumps(answer).encode()
             self.send_response(status)
+            for name, value in extra.items():
+                self.send_header(name, value)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()

@@ -17,11 +17,30 @@ DEFAULT_API_URL = "https://api.github.com"
 
 
 class GitHubError(Exception):
-    """A call failed; `retryable` for 5xx, 429, timeouts and refused connections."""
+    """A call failed; `retryable` for 5xx, rate limits, timeouts and refused connections.
+    `retry_after`: seconds GitHub asked us to wait (a rate limit), when it said."""
 
-    def __init__(self, message: str, retryable: bool):
+    def __init__(self, message: str, retryable: bool, retry_after: float | None = None):
         super().__init__(message)
         self.retryable = retryable
+        self.retry_after = retry_after
+
+
+def rate_limit_wait(status: int, headers, body: str, now: float) -> float | None:
+    """How long a rate-limited answer asks us to wait, as GitHub documents it: a 403 or 429
+    with `retry-after` (seconds), or with `x-ratelimit-remaining: 0` (until `x-ratelimit-reset`,
+    epoch seconds), or a secondary-rate-limit message (at least a minute). None: not a rate limit."""
+    if status not in (403, 429):
+        return None
+    retry_after = headers.get("retry-after")
+    if retry_after and retry_after.strip().isdigit():
+        return float(retry_after)
+    if headers.get("x-ratelimit-remaining") == "0":
+        reset = headers.get("x-ratelimit-reset", "")
+        return max(1.0, float(reset) - now) if reset.strip().isdigit() else 60.0
+    if status == 429 or "secondary rate limit" in body.lower():
+        return 60.0
+    return None
 
 
 @dataclass
@@ -47,8 +66,11 @@ class GitHubAdapter:
         except requests.RequestException as err:
             raise GitHubError(f"POST {path}: {err.__class__.__name__}", retryable=True) from None
         if answer.status_code != 201:
-            retryable = answer.status_code >= 500 or answer.status_code == 429
-            raise GitHubError(f"POST {path}: HTTP {answer.status_code} {answer.text[:200]}", retryable)
+            import time
+
+            wait = rate_limit_wait(answer.status_code, answer.headers, answer.text, time.time())
+            retryable = answer.status_code >= 500 or wait is not None
+            raise GitHubError(f"POST {path}: HTTP {answer.status_code} {answer.text[:200]}", retryable, wait)
         try:
             return answer.json()
         except ValueError:

@@ -128,7 +128,10 @@ def report_github(self, run_id: int) -> list[str]:
         retryable = getattr(err, "retryable", True)
         if retryable and self.request.retries < MAX_RETRIES:
             metrics.REPORTS.labels("github", "retry").inc()
-            raise self.retry(countdown=min(5 * 2**self.request.retries, 300), exc=err) from None
+            backoff = min(5 * 2**self.request.retries, 300)
+            # A rate limit says how long to wait: not sooner (GitHub may ban a client that hammers).
+            countdown = max(backoff, getattr(err, "retry_after", None) or 0)
+            raise self.retry(countdown=countdown, exc=err) from None
         metrics.REPORTS.labels("github", "failed").inc()
         log.warning("run %s: GitHub report given up: %s", run_id, err)
         return []
