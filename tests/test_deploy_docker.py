@@ -388,6 +388,100 @@ def test_a_live_release_prunes_its_environments_images_beyond_the_rollback_targe
         remove_images(dockerd, built)
 
 
+def test_cleanup_after_several_deploys_keeps_every_environments_current_and_rollback_images(
+    tmp_path, dockerd, images, github, slack
+):
+    """Two environments (prod, staging), each its own repository and service, one push
+    deploying both; keep_releases 1. After a, b, then c (rolled back) and the nightly image
+    cleanup with keep 0: each keeps its current release (b), its rollback target (a) and the
+    images b replaced; v1, c and e go. The rolled-back deploy's Slack thread says so."""
+    # In the registry: what a deploy's own prune removes, the next deploy pulls again.
+    repos = {env: f"{REGISTRY.host}/shop/{env}-{uuid.uuid4().hex[:6]}" for env in ("prod", "staging")}
+    built = {env: build_images(dockerd, repo) for env, repo in repos.items()}
+    for refs in built.values():
+        for reference in refs:
+            REGISTRY.push(dockerd, reference)
+    registries, registry_environ = registry_credentials()
+    ports = {env: free_port() for env in repos}
+    names = {env: f"opsfleet-prune-{env}-{uuid.uuid4().hex[:6]}" for env in repos}
+    raw = {
+        "fleet": {"data_dir": str(tmp_path / "data"), "public_url": "http://opsfleet.test"},
+        "slack": {"channel": "#deploys"},
+        "services": {
+            f"app-{env}": {"container": names[env], "health_url": f"http://127.0.0.1:{ports[env]}/health"}
+            for env in repos
+        },
+        "deploy": {
+            "lock_wait_seconds": 2,
+            "registries": registries,
+            "environments": {
+                env: {
+                    "branch": "master",
+                    "services": [f"app-{env}"],
+                    "image": repo,
+                    "tag_template": "main-{short_sha}",
+                    "health": {"passes": 2, "interval_seconds": 0.2, "timeout_seconds": 3},
+                    "stop_timeout_seconds": 1,
+                    "min_free_bytes": 1024,
+                    "keep_releases": 1,
+                    "prune_images": True,
+                }
+                for env, repo in repos.items()
+            },
+        },
+    }
+    environ = {
+        "ALERTMANAGER_TOKEN": "t",
+        "GITHUB_WEBHOOK_SECRET": SECRET,
+        "DOCKER_HOST": TEST_DOCKER_HOST,
+        "SLACK_BOT_TOKEN": slack.token,
+        "SLACK_API_URL": slack.base_url,
+        **registry_environ,
+    }
+    loaded = parse_config(raw, source="test", base_dir=tmp_path, environ=environ)
+    client, app = create_app(loaded=loaded).test_client(), create_celery(loaded)
+
+    def deploy_both(commit: str, at: int) -> dict:
+        data, headers = signed_push(SECRET, commit, at)
+        answer = client.post("/hooks/github", data=data, headers=headers)
+        assert answer.status_code == 202, answer.json
+        return {app.opsfleet.ledger.get_run(r)["target"]: execute_inline(app, r) for r in answer.json["runs"]}
+
+    try:
+        for env, repo in repos.items():
+            dockerd.containers.run(
+                f"{repo}:v1", httpd_command(ports[env]), name=names[env], detach=True, network_mode="host"
+            )
+        for commit, at, status in (("a", 1000, "succeeded"), ("b", 1001, "succeeded"), ("c", 1002, "rolled_back")):
+            ran = deploy_both(commit, at)
+            ended = {env: run["status"] for env, run in ran.items()}
+            assert ended == {"prod": status, "staging": status}, [(r["status"], r["reason"]) for r in ran.values()]
+        rolled_back = ran["prod"]["id"]
+        from worker.tasks import cleanup
+        from worker.tasks.steps import StepContext
+
+        output = cleanup.remove_old_images(
+            StepContext(app.opsfleet, {"id": 0, "params": {}, "trigger": "manual"}), list(repos.values()), keep=0
+        )
+        for env, repo in repos.items():
+            tags = {t for i in dockerd.images.list(name=repo) for t in i.tags if t.startswith(f"{repo}:")}
+            assert tags == {f"{repo}:{TAG['a']}", f"{repo}:{TAG['b']}"}, (env, tags, output)
+            assert requests.get(f"http://127.0.0.1:{ports[env]}/version", timeout=5).text == "b"
+
+        app.tasks["opsfleet.report.slack"].apply(args=(rolled_back,))
+        [thread] = [
+            t for t in slack.threads().values() if t["parent"] and f"Deploy #{rolled_back} " in t["parent"]["text"]
+        ]
+        shown = (thread["updates"] or [thread["parent"]])[-1]["text"]
+        assert "*rolled_back*" in shown and "rolled back in" in shown, shown
+    finally:
+        for name in names.values():
+            for c in dockerd.containers.list(all=True, filters={"name": name}):
+                c.remove(force=True)
+        for refs in built.values():
+            remove_images(dockerd, refs)
+
+
 def test_images_of_a_deploy_still_running_are_protected(stack):
     from worker.adapters.ledger import NewRun
     from worker.tasks.cleanup import protected_images
