@@ -81,3 +81,16 @@ def test_a_compose_file_that_cannot_order_the_environment_is_a_config_error(tmp_
     assert "deploy.environments.prod.compose_file: depends_on has a cycle: api → api" in str(err.value)
     (tmp_path / "stack.yml").write_text("services:\n  api: {}\n")
     assert parse_config(raw, source="t", base_dir=tmp_path, environ={}).deploy_order("prod") == ["api"]
+
+
+def test_which_dependencies_a_deploy_waits_to_be_healthy():
+    from worker.compose import waits_for_healthy
+
+    services = {
+        "app": {"depends_on": {"db": {"condition": "service_healthy"}, "cache": {"condition": "service_started"}}},
+        "worker": {"depends_on": ["db"]},
+        "db": {},
+        "cache": {},
+    }
+    assert waits_for_healthy(compose(**services), ["app", "db", "cache", "worker"]) == {"db"}
+    assert waits_for_healthy(compose(**services), ["app", "cache"]) == set()  # db is not deployed here

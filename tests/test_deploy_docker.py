@@ -603,7 +603,7 @@ class ComposeStack:
                             "labels": {"team": "shop"},
                             "restart": "unless-stopped",
                             "healthcheck": healthcheck(self.ports["app"]),
-                            "depends_on": ["db"],
+                            "depends_on": {"db": {"condition": "service_healthy"}},
                         },
                         "db": {
                             "image": "${APP_IMAGE}:v1",
@@ -700,7 +700,7 @@ def test_a_stack_docker_compose_started_is_recreated_from_its_compose_file_depen
     run = deploy(stack, "a", 1000)
     assert run["status"] == "succeeded", run
     recreated = {s["name"]: s["output"] for s in run["steps"]}["recreate"].splitlines()
-    assert [line.split(":")[0] for line in recreated] == ["db", "app"]
+    assert [line.split(":")[0] for line in recreated] == ["db", "db", "app"]  # db, db healthy, then app
     assert stack.serving() == {"app": "a", "db": "a"}
     containers = stack.containers()
     for name, container in containers.items():
@@ -740,7 +740,8 @@ def test_a_fresh_stack_is_created_from_the_compose_file_and_a_failed_first_deplo
         assert run["status"] == "succeeded", run
         steps = {s["name"]: s["output"] for s in run["steps"]}
         assert "no container yet; created as" in steps["validate"]
-        assert [line.split(":")[0] for line in steps["recreate"].splitlines()] == ["db", "app"]
+        assert [line.split(":")[0] for line in steps["recreate"].splitlines()] == ["db", "db", "app"]
+        assert "db: healthy (its dependents wait for it)" in steps["recreate"]  # condition: service_healthy
         assert "created on" in steps["recreate"] and stack.serving() == {"app": "a", "db": "a"}
         assert stack.ledger.release_of_run(run["id"])["previous_images"] == {"app": "", "db": ""}
         assert stack.compose("ps").count(" Up ") == 2
@@ -755,8 +756,10 @@ def test_a_fresh_stack_is_created_from_the_compose_file_and_a_failed_first_deplo
     try:
         run = deploy(stack, "c", 1000)
         assert run["status"] == "rolled_back", run
+        # db (c) never became healthy, so app, which waits for it, was never made.
+        assert "db is unhealthy after 8s; its dependents (depends_on: service_healthy)" in run["reason"], run
         assert run["reason"].endswith("app removed, db removed"), run["reason"]
-        assert "nothing to gate" in {s["name"]: s["output"] for s in run["steps"]}["health"]
+        assert "nothing to gate" in run["steps"][-1]["output"]
         assert stack.containers() == {} and stack.compose("ps", "-q").split() == []
         assert stack.ledger.current_release("prod") is None
     finally:

@@ -230,6 +230,20 @@ def depends_on(service: Any) -> list[str]:
     raise ComposeError(f"depends_on must be a list or a mapping, not {type(found).__name__}")
 
 
+def waits_for_healthy(compose: dict[str, Any], wanted: list[str]) -> set[str]:
+    """Services among `wanted` that another of `wanted` depends on with
+    `condition: service_healthy`: a deploy waits for each to be healthy before going on."""
+    found = set()
+    for name in wanted:
+        service = compose["services"].get(name)
+        value = service.get("depends_on") if isinstance(service, dict) else None
+        if isinstance(value, dict):
+            for dependency, options in value.items():
+                if isinstance(options, dict) and options.get("condition") == "service_healthy" and dependency in wanted:
+                    found.add(str(dependency))
+    return found
+
+
 def dependency_order(wanted: list[str], compose: dict[str, Any]) -> list[str]:
     """`wanted` (compose service names) ordered dependencies first, following depends_on
     through services outside `wanted` too; otherwise in the order given. A name the file

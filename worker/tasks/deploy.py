@@ -422,6 +422,7 @@ def _put(ctx: StepContext, images: dict[str, str], what: str, stop_timeout: int)
     one the deploy made."""
     docker = ctx.runtime.docker
     definitions = _definitions(ctx, images)
+    awaited = _awaited(ctx, images)
     lines = []
     for service, reference in _in_deploy_order(ctx, images):
         marker = _marker(ctx, service, what)
@@ -448,6 +449,8 @@ def _put(ctx: StepContext, images: dict[str, str], what: str, stop_timeout: int)
         if container is None:
             fresh = docker.create(definition, marker)
             lines.append(f"{service}: {fresh.name} ({fresh.id[:12]}) created on {reference} from the compose file")
+            if service in awaited:
+                lines.append(_wait_healthy(ctx, service, fresh))
             continue
         same = definition is None or (container.labels or {}).get(COMPOSE_CONFIG_HASH) == definition.config_hash
         # The same reference is not enough: a moving tag may name a newer image now.
@@ -457,7 +460,44 @@ def _put(ctx: StepContext, images: dict[str, str], what: str, stop_timeout: int)
             continue
         fresh = docker.recreate(container, marker, stop_timeout, image=reference, definition=definition)
         lines.append(f"{service}: {container.id[:12]} → {fresh.id[:12]} on {reference}")
+        if service in awaited:
+            lines.append(_wait_healthy(ctx, service, fresh))
     return lines
+
+
+def _awaited(ctx: StepContext, images: dict[str, str]) -> set[str]:
+    """Services another one of this deploy depends on with `condition: service_healthy`."""
+    environment, env = _env(ctx)
+    if not env.compose_file:
+        return set()
+    from worker.compose import read_compose, waits_for_healthy
+
+    names = ctx.runtime.loaded.compose_names(environment)
+    try:
+        compose = read_compose(ctx.runtime.loaded.compose_path(environment))
+    except ComposeError as err:
+        raise StepFailed(f"deploy.environments.{environment}.compose_file: {err}") from None
+    healthy = waits_for_healthy(compose, [names[s] for s in images if s in names])
+    return {s for s in images if names.get(s) in healthy}
+
+
+def _wait_healthy(ctx: StepContext, service: str, container) -> str:
+    """As compose's `condition: service_healthy`: the dependency's Docker health check passes
+    before its dependents are recreated (within the health gate's timeout)."""
+    _, env = _env(ctx)
+    deadline = time.monotonic() + env.health.timeout_seconds
+    while True:
+        state = ctx.runtime.docker.state(container)
+        if state.health == "healthy":
+            return f"{service}: healthy (its dependents wait for it)"
+        if state.health is None:
+            return f"{service}: no health check to wait for (depends_on asks for service_healthy)"
+        if not state.running or time.monotonic() > deadline:
+            raise StepFailed(
+                f"{service} is {state.health if state.running else state.status} after "
+                f"{env.health.timeout_seconds}s; its dependents (depends_on: service_healthy) were not recreated"
+            )
+        time.sleep(min(env.health.interval_seconds, 1))
 
 
 @_frees_lock_on_failure
