@@ -440,6 +440,13 @@ def _engine(ctx: click.Context):
     """The Celery app (for its tasks, run here in-process) and its ledger, migrated."""
     import logging
 
+    from worker.adapters.metrics_multiproc import use_multiprocess_dir
+
+    loaded = _load(ctx)
+    # Jobs run here count in the fleet's metrics folder, as a worker's do: a backup taken by
+    # hand clears OpsfleetBackupTooOld on the web's /metrics (set before metrics are imported).
+    use_multiprocess_dir(loaded.data_dir / "metrics")
+
     from worker.adapters.ledger import LedgerUnavailable
     from worker.celery_factory import create_celery
 
@@ -447,7 +454,6 @@ def _engine(ctx: click.Context):
     # would interleave with the progress this command prints.
     logging.getLogger("celery.app.trace").setLevel(logging.WARNING)
 
-    loaded = _load(ctx)
     app = create_celery(loaded)
     try:
         app.opsfleet.ledger.migrate()

@@ -134,9 +134,15 @@ def test_restore_drill_restores_into_scratch_and_records_its_time(site):
     assert "match the manifest" in out and "drill passed in" in out and "21 files extracted" in out
     with psycopg.connect(SHARED_POSTGRES_URL) as admin:
         assert not admin.execute("SELECT 1 FROM pg_database WHERE datname LIKE 'opsfleet_drill_%'").fetchall()
-    from worker.adapters.metrics import scrape
+    from tests.support.fleet import metric_value
+    from worker.adapters import metrics
 
-    assert b"opsfleet_restore_drill_seconds" in scrape()
+    metrics.RESTORE_DRILL_SECONDS.set(0)
+    metrics.RESTORE_DRILL_RESULT.set(0)
+    opsfleet(site, "backup", "drill")  # again, the gauges reset: this drill sets them
+    text = metrics.scrape().decode()
+    assert metric_value(text, "opsfleet_restore_drill_seconds") > 0
+    assert metric_value(text, "opsfleet_restore_drill_success") == 1
 
 
 def test_restore_refuses_without_a_set_and_a_missing_set(site):
@@ -259,3 +265,77 @@ def test_cleanup_applies_backup_retention_through_the_backup_jobs_prune(tmp_path
     run = {"id": 0, "target": "all", "params": {"dry_run": True}}
     out = backups(StepContext(app.opsfleet, run))
     assert out.startswith("backup retention:") and "keep   documents" in out and "newest verified" in out
+
+
+def test_prune_deletes_what_retention_forgets_and_says_how_much_came_back(site):
+    """Four daily documents backups on four days, retention daily: 2, min_count 1: the two
+    oldest go (their set directories with them), the two newest stay and are listed."""
+    import json as jsonlib
+    from datetime import timedelta
+
+    from worker.adapters.backupstore import MANIFEST, list_sets
+    from worker.adapters.ledger import utcnow
+
+    root = site["tmp"] / "backups"
+    for days in (3, 2, 1, 0):  # each backup dated on its own day, oldest first (default retention keeps all)
+        opsfleet(site, "backup", "run", "--kind", "documents")
+        newest = max(list_sets(root), key=lambda s: s.id)
+        manifest = jsonlib.loads((newest.path / MANIFEST).read_text())
+        taken = (utcnow() - timedelta(days=days)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        manifest["taken_at"] = taken
+        for item in manifest["items"].values():
+            item["taken_at"] = taken
+        (newest.path / MANIFEST).write_text(jsonlib.dumps(manifest))
+    sets = list_sets(root)  # newest first
+    assert len(sets) == 4
+    site["config"]["backup"]["retention"] = {"daily": 2, "weekly": 0, "monthly": 0, "min_count": 1}
+    site["path"].write_text(yaml.safe_dump(site["config"]))
+    oldest = [s.path for s in sets[2:]]
+    size = sum(s.size() for s in sets[2:])
+
+    dry = opsfleet(site, "backup", "prune", "--dry-run").output
+    assert dry.count("would forget") == 2 and f"would free {size} B" in dry
+    assert all(p.exists() for p in oldest)
+    out = opsfleet(site, "backup", "prune", "--yes").output
+    assert "deleted 2 backup items" in out
+    assert not any(p.exists() for p in oldest)
+    assert [s.path for s in list_sets(root)] == [s.path for s in sets[:2]]
+    listed = jsonlib.loads(opsfleet(site, "backup", "list", "--json").output)
+    assert sorted(str(entry["id"]) for entry in listed) == sorted(s.id for s in sets[:2]), listed
+
+
+def test_a_backup_taken_by_hand_counts_in_the_fleets_metrics_and_survives_a_metrics_restart(site):
+    """`opsfleet backup run` in its own process writes to <data_dir>/metrics like a worker, so
+    the web's /metrics sees it; and the backup gauges are read back from the sets on disk when
+    the web starts with an empty metrics folder."""
+    import os
+    import subprocess
+    import sys
+
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    from tests.support.fleet import REPO, metric_value
+    from worker.adapters import metrics
+    from worker.config import load_config
+    from worker.tasks.backup import export_backup_state
+
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    env["PYTHONPATH"] = str(REPO)
+    done = subprocess.run(
+        [sys.executable, "-m", "opsfleet.cli", "--config", str(site["path"]), "backup", "run", "--kind", "documents"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(site["tmp"] / "data" / "metrics"))
+    text = generate_latest(registry).decode()
+    taken = metric_value(text, "opsfleet_backup_last_success_timestamp_seconds", kind="documents", series="documents")
+    assert taken > 0, text
+
+    metrics.BACKUP_LAST_SUCCESS.labels("documents", "documents").set(0)  # as if forgotten
+    export_backup_state(load_config(str(site["path"])))
+    assert abs(metrics.BACKUP_LAST_SUCCESS.labels("documents", "documents")._value.get() - taken) < 5

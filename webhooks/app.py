@@ -92,6 +92,12 @@ def create_app(config_path: str | None = None, *, loaded: LoadedConfig | None = 
                 metrics.RELEASE_INFO.labels(environment, live["sha"]).set(1)
     except LedgerUnavailable as err:
         log.warning("ledger not reachable at start (%s); webhooks answer 503 until it is", err)
+    try:
+        from worker.tasks.backup import export_backup_state
+
+        export_backup_state(loaded)
+    except OSError as err:  # the backup root is another host's, or unreadable here
+        log.warning("backup state not exported at start: %s", err)
 
     register_error_handlers(app)
     app.register_blueprint(alertmanager.bp)

@@ -65,6 +65,8 @@ from worker.adapters.backupstore import (
     forget_item,
     iso,
     list_sets,
+    newest_holding,
+    parse_iso,
     partial_sets,
     read_manifest,
     retention_inputs,
@@ -342,6 +344,24 @@ def commit(ctx: StepContext) -> str:
     return f"committed {final} ({total / 1e6:.2f} MB, {len(manifest['items'])} series)"
 
 
+def export_backup_state(loaded) -> None:
+    """Each series' newest verified backup (time, size, allowed age) into the backup gauges,
+    read from the sets on disk: what a restart of the metrics folder (opsfleet run, a new
+    container) forgot, so OpsfleetBackupTooOld judges the real age, not an absent series."""
+    root = loaded.backup_root
+    if not root.is_dir():
+        return
+    sets = list_sets(root)
+    for series, spec in loaded.config.backup.series.items():
+        newest = newest_holding(sets, series, verified_only=True)
+        if newest is None:
+            continue
+        finished = parse_iso(newest.manifest.get("finished_at") or newest.manifest["taken_at"])
+        metrics.BACKUP_LAST_SUCCESS.labels(spec.kind, series).set(finished.timestamp())
+        metrics.BACKUP_SIZE.labels(spec.kind, series).set(newest.size(series))
+        metrics.BACKUP_MAX_AGE.labels(spec.kind, series).set(MAX_AGE_HOURS[spec.cadence] * 3600)
+
+
 def retention(ctx: StepContext) -> str:
     """Forget what the retention decision says, for the series this run backed up."""
     root = backup_root(ctx)
@@ -365,12 +385,20 @@ def prune(
     by_id = {s.id: s for s in sets}
     backups = [b for b in retention_inputs(sets) if series is None or b.series in series]
     decisions = decide_all(backups, policies(config), policy_for(config, ""), now)
-    lines = []
+    lines, freed, forgotten = [], 0, 0
     for d in decisions:
         lines.append(("would " if dry_run and not d.keep else "") + d.describe(config.backup.timezone))
-        if not d.keep and not dry_run:
-            forget_item(by_id[d.backup.set_id], d.backup.series, "; ".join(d.reasons), now)
-            metrics.BACKUP_PRUNED.labels(d.backup.series).inc()
+        if not d.keep:
+            forgotten += 1
+            freed += by_id[d.backup.set_id].size(d.backup.series)
+            if not dry_run:
+                forget_item(by_id[d.backup.set_id], d.backup.series, "; ".join(d.reasons), now)
+                metrics.BACKUP_PRUNED.labels(d.backup.series).inc()
+    if forgotten:
+        verb = "would free" if dry_run else "freed"
+        lines.append(
+            f"{forgotten} backup items {'would go' if dry_run else 'gone'}: {verb} {freed} B ({freed / 2**20:.1f} MiB)"
+        )
     return lines
 
 
