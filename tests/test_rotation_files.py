@@ -292,3 +292,32 @@ def test_rotation_counts_in_metrics(tmp_path):
     assert sample("opsfleet_log_rotations_total", mode="rename", set="metered") == before + 1
     assert sample("opsfleet_log_rotated_bytes_total", set="metered") >= 1000
     assert sample("opsfleet_log_rotated_lines_total", set="metered") >= 500
+
+
+def test_rename_and_a_reopen_command_loses_no_line(tmp_path):
+    """reopen.command: an argv run without a shell (here `kill -HUP <pid>`, as a team's
+    `nginx -s reopen` would be); a command that fails is reported and loses nothing."""
+    log = tmp_path / "app.log"
+    rate, seconds = 2000, 3
+    writer = subprocess.Popen(
+        [sys.executable, WRITER, str(log), "--rate", str(rate), "--seconds", str(seconds), "--reopen-on-hup"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    wait_for(lambda: log.exists() and log.stat().st_size > 10_000, 10, what="writer wrote")
+    spec = {
+        "paths": [str(log)],
+        "max_size": "1G",
+        "compress": "none",
+        "reopen": {"command": ["kill", "-HUP", str(writer.pid)]},
+    }
+    done = _cli(tmp_path, {"rotation": {"sets": {"app": spec}}}, "rotate-logs", "--force")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "ran kill to reopen" in done.stdout
+    spec["reopen"] = {"command": ["false"]}
+    failed = _cli(tmp_path, {"rotation": {"sets": {"app": spec}}}, "rotate-logs", "--force")
+    assert "could not tell the writer to reopen (exited 1" in failed.stdout + failed.stderr
+    assert int(writer.communicate(timeout=60)[0]) == rate * seconds
+    assert rotated(tmp_path) == [f"app.log.{TODAY}-0001", f"app.log.{TODAY}-0002"]
+    result = audit(log, rate * seconds)
+    assert result.clean, (result.missing[:10], result.duplicated[:10], result.nul_bytes, result.garbled)
