@@ -321,3 +321,14 @@ def test_rename_and_a_reopen_command_loses_no_line(tmp_path):
     assert rotated(tmp_path) == [f"app.log.{TODAY}-0001", f"app.log.{TODAY}-0002"]
     result = audit(log, rate * seconds)
     assert result.clean, (result.missing[:10], result.duplicated[:10], result.nul_bytes, result.garbled)
+
+
+def test_copytruncate_with_no_holder_says_nothing_was_paused_and_how_to_pause(tmp_path):
+    log = tmp_path / "legacy.log"
+    log.write_text("".join(f"line {i}\n" for i in range(1000)))  # its writer opens and closes per line
+    spec = {"paths": [str(log)], "mode": "copytruncate", "writer_appends": True, "max_size": "1G", "compress": "none"}
+    done = _cli(tmp_path, {"rotation": {"sets": {"legacy": spec}}}, "rotate-logs", "--force")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "no process holds it, so nothing was paused" in done.stdout
+    assert "rotation.sets.legacy.pause_service" in done.stdout
+    assert (tmp_path / f"legacy.log.{TODAY}-0001").read_text().count("\n") == 1000 and log.read_text() == ""

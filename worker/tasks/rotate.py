@@ -230,7 +230,15 @@ class LogSet:
             service = self.spec.pause_service
             container = docker.find_container(service, self.ctx.config.services[service])
             return {"container": container.id, "container_name": container.name}
-        return {"pids": sorted({h.pid for h in held if h.pid != os.getpid()})}
+        pids = sorted({h.pid for h in held if h.pid != os.getpid()})
+        if not pids:
+            # A writer that opens the file for each line is not seen holding it: nothing can be paused,
+            # and a line it writes between the last copy and the truncate would be lost.
+            self.out.append(
+                f"{live}: no process holds it, so nothing was paused; if its writer opens the file for each "
+                f"line, set rotation.sets.{self.name}.pause_service to freeze its container during the truncate"
+            )
+        return {"pids": pids}
 
     def _freeze(self, paused: dict) -> None:
         if paused.get("container"):
