@@ -141,7 +141,7 @@ def _children(loaded: LoadedConfig, host: str, port: int) -> dict[str, list[str]
             *celery,
             "worker",
             "--loglevel",
-            "INFO",
+            _log_level("INFO"),
             "--concurrency",
             concurrency,
             "--queues",
@@ -153,8 +153,13 @@ def _children(loaded: LoadedConfig, host: str, port: int) -> dict[str, list[str]
         ],
         # Beat at WARNING: its "sending due task" lines every few seconds would
         # bury what the worker says.
-        "beat": [*celery, "beat", "--loglevel", "WARNING"],
+        "beat": [*celery, "beat", "--loglevel", _log_level("WARNING")],
     }
+
+
+def _log_level(default: str) -> str:
+    """LOG_LEVEL when set (it rules every process), else the process's own default."""
+    return os.environ.get("LOG_LEVEL", "").upper() or default
 
 
 @cli.command("run")
@@ -278,7 +283,7 @@ def worker_command(ctx: click.Context, host: str | None, concurrency: int | None
         "worker.celery_app",
         "worker",
         "--loglevel",
-        "INFO",
+        _log_level("INFO"),
         "--queues",
         queues,
         "--concurrency",

@@ -66,10 +66,12 @@ def test_every_request_gets_one_structured_line(tmp_path):
         headers={"Authorization": "Bearer wrong"},
         environ_base={"REMOTE_ADDR": "10.9.8.7"},
     )
+    client.post("/hooks/github", data=b"{}", headers={"X-GitHub-Delivery": "delivery-77", "X-GitHub-Event": "push"})
     for handler in logging.getLogger().handlers:
         handler.flush()
     lines = [e for e in events(tmp_path / "logs", "opsfleet.jsonl") if "http" in e]
-    ok, refused = lines[-2], lines[-1]
+    ok, refused, unsigned = lines[-3], lines[-2], lines[-1]
+    assert unsigned["http"]["key"] == "delivery-77" and unsigned["http"]["status"] == 401  # the delivery, to grep for
     assert ok["level"] == "INFO" and ok["role"] == "web"
     assert ok["http"] == {
         "method": "GET",
@@ -103,3 +105,31 @@ def test_an_uncaught_exception_in_the_web_lands_in_the_errors_file_with_its_stac
     assert len(errors) == 1 and errors[0]["role"] == "web" and errors[0]["level"] == "ERROR"
     assert "RuntimeError: kaboom in a view" in errors[0]["exc"] and "def boom" not in errors[0]["msg"]
     assert "in boom" in errors[0]["exc"]  # the stack, not just the message
+
+
+def test_a_task_that_fails_in_the_worker_is_logged_with_its_stack_and_log_level_is_obeyed(tmp_path):
+    """A real worker process: a task that raises is in opsfleet-errors.jsonl with its stack
+    (role worker); with LOG_LEVEL=WARNING its console has no INFO lines."""
+    from tests.support.fleet import Fleet
+    from tests.support.servers import wait_for
+    from worker.celery_factory import create_celery
+    from worker.config import load_config
+
+    fleet = Fleet(tmp_path, {}, {"LOG_LEVEL": "WARNING"})
+    with fleet.start("worker@edge", wait_ready=False):  # `opsfleet worker --host edge`, as a team runs it
+        app = create_celery(load_config(str(fleet.config_path)), include_tasks=False)
+        # A missing argument: raises inside the worker.
+        app.send_task("opsfleet.runs.start", args=(), queue="opsfleet.host.edge")
+        errors_file = tmp_path / "data" / "logs" / "opsfleet-errors.jsonl"
+
+        def failed():
+            if not errors_file.exists():
+                return None
+            found = [e for e in events(errors_file.parent, errors_file.name) if "TypeError" in (e.get("exc") or "")]
+            return found or None
+
+        [error] = wait_for(failed, 60, what="the failed task in the errors file")
+        assert error["role"] == "worker" and error["level"] == "ERROR"
+        assert "Traceback" in error["exc"] and "opsfleet.runs.start" in error["msg"]
+    console = fleet.log("worker@edge").read_text()
+    assert " INFO " not in console and "opsfleet.runs.start" in console

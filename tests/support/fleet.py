@@ -87,7 +87,9 @@ class Fleet:
     def log(self, name: str) -> Path:
         return self.folder / f"{name}.log"
 
-    def start(self, *names: str) -> Fleet:
+    def start(self, *names: str, wait_ready: bool = True) -> Fleet:
+        """Start processes (default web, worker, beat); wait for web's /healthz and each worker's
+        "ready." line (an INFO line: pass wait_ready=False under LOG_LEVEL=WARNING)."""
         for name in names or ("web", "worker", "beat"):
             handle = open(self.log(name), "ab")
             self.procs[name] = subprocess.Popen(
@@ -101,7 +103,7 @@ class Fleet:
             handle.close()
         if "web" in self.procs and (not names or "web" in names):
             self.wait(lambda: requests.get(f"{self.url}/healthz", timeout=2).ok, 30, "web /healthz")
-        for name in [n for n in self.procs if n.startswith("worker") and (not names or n in names)]:
+        for name in [n for n in self.procs if wait_ready and n.startswith("worker") and (not names or n in names)]:
             self.wait(lambda n=name: b"ready." in self.log(n).read_bytes(), 60, f"{name} ready")
         return self
 
