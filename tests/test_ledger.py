@@ -173,3 +173,40 @@ def test_prune_runs_keeps_a_count_and_never_touches_unfinished_runs(ledger):
     ledger.finish_run(old[2].id, "failed", "x")
     assert ledger.prune_runs(utcnow() + timedelta(seconds=1)) == PruneResult(1, 0, 1)  # and now its event goes
     assert ledger.prune_runs(utcnow() + timedelta(seconds=1)) == PruneResult(0, 0, 0)
+
+
+def test_an_older_ledger_is_upgraded_once_in_order(ledger, monkeypatch):
+    """The upgrade path a schema change after release takes: a ledger at version 1 gets each
+    later upgrade once, in order, recorded; a second start changes nothing."""
+    import sqlalchemy as sa
+
+    from worker.adapters import ledger as ledger_module
+
+    assert ledger.migrate() == ledger_module.SCHEMA_VERSION == 1
+    applied = []
+
+    def add_note_column(conn, dialect):
+        applied.append(2)
+        conn.execute(sa.text("ALTER TABLE runs ADD COLUMN upgrade_note VARCHAR(20) DEFAULT 'v2'"))
+
+    def fill_it(conn, dialect):
+        applied.append(3)
+        conn.execute(sa.text("UPDATE runs SET upgrade_note = 'v3'"))
+
+    run_id = ledger.record_event(source="t", summary="", body="", new_runs=[new_run()]).runs[0].id
+    monkeypatch.setattr(ledger_module, "SCHEMA_VERSION", 3)
+    monkeypatch.setattr(ledger_module, "UPGRADES", [(3, fill_it), (2, add_note_column)])
+    try:
+        assert ledger.migrate() == 3 and applied == [2, 3]
+        assert ledger.migrate() == 3 and applied == [2, 3]  # once
+        with ledger._tx() as conn:
+            assert conn.execute(sa.text("SELECT upgrade_note FROM runs WHERE id = :i"), {"i": run_id}).scalar() == "v3"
+            versions = conn.execute(sa.text("SELECT version FROM opsfleet_schema ORDER BY version")).scalars().all()
+        assert versions == [1, 2, 3]
+        monkeypatch.setattr(ledger_module, "SCHEMA_VERSION", 2)
+        with pytest.raises(LedgerUnavailable, match="newer than this opsfleet"):
+            ledger.migrate()  # an older opsfleet refuses a newer ledger
+    finally:
+        with ledger._tx() as conn:
+            conn.execute(sa.text("ALTER TABLE runs DROP COLUMN upgrade_note"))
+            conn.execute(sa.text("DELETE FROM opsfleet_schema WHERE version > 1"))

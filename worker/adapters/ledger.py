@@ -24,6 +24,11 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 SCHEMA_VERSION = 1
+# Upgrades from one schema version to the next, in order: (version it brings the ledger to,
+# function(connection, dialect)). Version 1 is the first released schema (every table and
+# column below); a change to it after release adds an entry here and bumps SCHEMA_VERSION.
+# New tables need no entry (create_all makes them); new columns and data changes do.
+UPGRADES: list[tuple[int, Any]] = []
 OUTPUT_EXCERPT_CHARS = 4000
 
 RUN_STATUSES = (
@@ -363,7 +368,13 @@ class Ledger:
                         raise LedgerUnavailable(
                             f"ledger schema is version {current}, newer than this opsfleet ({SCHEMA_VERSION}): upgrade opsfleet"
                         )
-                    # Later schema versions add their upgrade steps here, in order.
+                    # In this one transaction (PostgreSQL DDL is transactional; SQLite's BEGIN
+                    # IMMEDIATE admits one writer), each upgrade runs once, in order.
+                    for version, upgrade in sorted(UPGRADES, key=lambda u: u[0]):
+                        if current < version <= SCHEMA_VERSION:
+                            upgrade(conn, self.dialect)
+                            conn.execute(schema_version.insert().values(version=version, applied_at=utcnow()))
+                            current = version
                     return current
             except IntegrityError:
                 # Another process created the same objects between our check and create.
