@@ -64,6 +64,44 @@ def test_rate_limit_is_waited_out(reporting, slack):
     assert len(slack.threads()) == 1
 
 
+def test_a_429_holds_no_worker_the_retry_waits_its_retry_after_and_a_500_is_retried_at_once(reporting, slack):
+    import time
+
+    from worker.adapters.slack import SlackError
+
+    app, ledger, run_id, report = reporting
+    slack.fail_next("chat.postMessage", times=1, status=429, retry_after=20)
+    began = time.monotonic()
+    with pytest.raises(SlackError) as err:
+        app.opsfleet.slack.post("#ops-test", "x")
+    assert time.monotonic() - began < 5 and err.value.retry_after == 20  # raised, not slept through
+
+    # The task asks Celery to retry no sooner than Slack said (a retry waits in the broker).
+    asked = []
+    real_retry = report.retry
+
+    def retry(*args, **kwargs):
+        asked.append(kwargs.get("countdown"))
+        return real_retry(*args, **kwargs)
+
+    report.retry = retry
+    try:
+        slack.fail_next("chat.postMessage", times=1, status=429, retry_after=20)
+        assert report.apply(args=(run_id,)).get() == "delivered"
+    finally:
+        del report.retry
+    assert asked and asked[0] >= 20
+
+    slack.fail_next("chat.update", times=1, status=500)
+    with ledger._tx() as conn:  # make the parent need an update
+        from worker.adapters.ledger import runs
+
+        conn.execute(runs.update().where(runs.c.id == run_id).values(reported_status="running"))
+    assert report.apply(args=(run_id,)).get() == "delivered"
+    updates = [c.status for c in slack.calls if c.method == "chat.update"]
+    assert updates[-2:] == [500, 200]  # slack-sdk's one quick retry
+
+
 def test_slack_refusing_is_retried_then_recorded_undelivered(reporting, slack):
     app, ledger, run_id, report = reporting
     slack.fail_next("chat.postMessage", times=100, error="channel_not_found")

@@ -11,15 +11,15 @@ from dataclasses import dataclass
 
 from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError, SlackClientError
-from slack_sdk.http_retry.builtin_handlers import (
-    ConnectionErrorRetryHandler,
-    RateLimitErrorRetryHandler,
-    ServerErrorRetryHandler,
-)
+from slack_sdk.http_retry.builtin_handlers import ConnectionErrorRetryHandler, ServerErrorRetryHandler
 
 
 class SlackError(Exception):
-    """Slack refused or could not be reached after slack-sdk's own retries."""
+    """Slack refused or could not be reached. `retry_after`: the seconds a 429 asked for."""
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 def escape(text: str) -> str:
@@ -34,16 +34,17 @@ class PostedMessage:
 
 
 class SlackAdapter:
-    def __init__(self, token: str, base_url: str | None, timeout_seconds: int, max_retries: int = 3):
+    def __init__(self, token: str, base_url: str | None, timeout_seconds: int, max_retries: int = 1):
         kwargs = {}
         if base_url:
             kwargs["base_url"] = base_url if base_url.endswith("/") else base_url + "/"
         self.client = WebClient(
             token=token,
             timeout=timeout_seconds,
-            # 429 waits Retry-After; 5xx and dropped connections retry with backoff.
+            # One quick retry of a 5xx or a dropped connection. A 429 is not waited out here:
+            # it raises SlackError with its Retry-After, and the report task retries later, so a
+            # rate-limited or black-holed Slack never holds a worker process (runs need them).
             retry_handlers=[
-                RateLimitErrorRetryHandler(max_retry_count=max_retries),
                 ServerErrorRetryHandler(max_retry_count=max_retries),
                 ConnectionErrorRetryHandler(max_retry_count=max_retries),
             ],
@@ -54,7 +55,15 @@ class SlackAdapter:
         try:
             return fn(**kwargs).data
         except SlackApiError as err:
-            raise SlackError(f"Slack {what} failed: {err.response.get('error', err.response.status_code)}") from None
+            retry_after = None
+            if err.response.status_code == 429:
+                value = (err.response.headers or {}).get("Retry-After") or (err.response.headers or {}).get(
+                    "retry-after"
+                )
+                retry_after = float(value) if value and str(value).strip().isdigit() else 30.0
+            raise SlackError(
+                f"Slack {what} failed: {err.response.get('error', err.response.status_code)}", retry_after
+            ) from None
         except (SlackClientError, OSError) as err:
             raise SlackError(f"Slack {what} failed: {err}") from None
 

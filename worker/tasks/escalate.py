@@ -103,9 +103,19 @@ def page_slack(ctx: StepContext) -> str:
     if link:
         lines.append(f"<{link}|escalation run #{ctx.run['id']}>")
     try:
-        posted = slack.post(ctx.config.slack.channel, "\n".join(lines))
+        try:
+            posted = slack.post(ctx.config.slack.channel, "\n".join(lines))
+        except SlackError as err:
+            if not err.retry_after or err.retry_after > 30:
+                raise
+            time.sleep(err.retry_after)  # a page is worth a short wait for Slack's rate limit
+            posted = slack.post(ctx.config.slack.channel, "\n".join(lines))
     except SlackError as err:
-        raise StepFailed(str(err)) from None
+        if settings.alertmanager_url:
+            # The step before posted the page to Alertmanager (or the run would have stopped there):
+            # a person is paged; the Slack copy is what failed.
+            return f"Slack page failed ({err}); the page reached Alertmanager, whose route pages on-call"
+        raise StepFailed(f"{err}; nobody was paged") from None
     return f"paged {settings.slack_mention} in {posted.channel} (ts {posted.ts})"
 
 

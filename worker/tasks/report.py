@@ -167,14 +167,16 @@ def report_slack(self, run_id: int) -> str:
         metrics.REPORTS.labels("slack", "delivered").inc()
         return "delivered"
     except SlackError as err:
-        # slack-sdk already retried 429s and 5xx; try again later, then give up
-        # with the failure recorded in metrics and the log.
+        # Try again later (never sooner than a 429's Retry-After), then give up with the
+        # failure recorded in metrics and the log. The retry waits in the broker, not in a
+        # worker process. What was posted stays posted: the next try adds only what is missing.
         if self.request.retries >= self.max_retries:
             metrics.REPORTS.labels("slack", "undelivered").inc()
             log.error("run %s: Slack report undelivered: %s", run_id, err)
             return "undelivered"
         metrics.REPORTS.labels("slack", "retry").inc()
-        raise self.retry(countdown=min(5 * 2**self.request.retries, 300), exc=err) from None
+        countdown = max(min(5 * 2**self.request.retries, 300), err.retry_after or 0)
+        raise self.retry(countdown=countdown, exc=err) from None
     finally:
         try:
             ledger.unlock_report(run_id)
