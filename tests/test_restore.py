@@ -339,3 +339,42 @@ def test_a_backup_taken_by_hand_counts_in_the_fleets_metrics_and_survives_a_metr
     metrics.BACKUP_LAST_SUCCESS.labels("documents", "documents").set(0)  # as if forgotten
     export_backup_state(load_config(str(site["path"])))
     assert abs(metrics.BACKUP_LAST_SUCCESS.labels("documents", "documents")._value.get() - taken) < 5
+
+
+def test_a_restore_swapped_into_place_keeps_the_owners_of_the_database_and_its_tables(site):
+    """The live database and its tables belong to the application's role: the restored one,
+    swapped in, must too (a restore owned by the restoring superuser locks the app out)."""
+    import uuid
+
+    role = f"opsfleet_app_{uuid.uuid4().hex[:8]}"
+    live = site["live"]
+    with psycopg.connect(SHARED_POSTGRES_URL, autocommit=True) as admin:
+        admin.execute(f'CREATE ROLE "{role}"')
+    try:
+        with psycopg.connect(site["url"], autocommit=True) as conn:
+            for table in ("orders", "customers"):
+                conn.execute(f'ALTER TABLE {table} OWNER TO "{role}"')
+        with psycopg.connect(SHARED_POSTGRES_URL, autocommit=True) as admin:
+            admin.execute(f'ALTER DATABASE "{live}" OWNER TO "{role}"')
+        opsfleet(site, "backup", "run", "--kind", "database")
+        out = opsfleet(site, "restore", "--latest", "--database", "--yes").output
+        assert "is now " + live in out
+        with psycopg.connect(SHARED_POSTGRES_URL) as admin:
+            owner = admin.execute(
+                "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = %s", (live,)
+            ).fetchone()[0]
+        with psycopg.connect(site["url"]) as conn:
+            owners = dict(
+                conn.execute("SELECT tablename, tableowner FROM pg_tables WHERE schemaname = 'public'").fetchall()
+            )
+        assert owner == role
+        assert owners["orders"] == role and owners["customers"] == role, owners
+    finally:
+        with psycopg.connect(SHARED_POSTGRES_URL, autocommit=True) as admin:
+            for (name,) in admin.execute(
+                "SELECT datname FROM pg_database WHERE datname LIKE %s", (live + "%",)
+            ).fetchall():
+                admin.execute(f'ALTER DATABASE "{name}" OWNER TO postgres')
+                with psycopg.connect(site["url"].rsplit("/", 1)[0] + "/" + name, autocommit=True) as conn:
+                    conn.execute(f'REASSIGN OWNED BY "{role}" TO postgres')
+            admin.execute(f'DROP ROLE IF EXISTS "{role}"')

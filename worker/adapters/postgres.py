@@ -163,11 +163,21 @@ class Postgres:
         with self.admin() as conn:
             return conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is not None
 
-    def create_database(self, name: str) -> None:
+    def database_owner(self, name: str) -> str | None:
+        with self.admin() as conn:
+            row = conn.execute(
+                "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = %s", (check_db_name(name),)
+            ).fetchone()
+            return row[0] if row else None
+
+    def create_database(self, name: str, owner: str | None = None) -> None:
         check_db_name(name)
+        statement = sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(name))
+        if owner:
+            statement = statement + sql.SQL(" OWNER {}").format(sql.Identifier(owner))
         with self.admin() as conn:
             try:
-                conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(name)))
+                conn.execute(statement)
             except psycopg.Error as err:
                 raise PostgresError(f"cannot create database {name}: {_first_line(err)}") from None
 
@@ -208,14 +218,18 @@ class Postgres:
 
     # -- restore --------------------------------------------------------------------
 
-    def restore(self, dump: Path, dbname: str, jobs: int, timeout: float, roles: Path | None = None) -> None:
-        """pg_restore a custom-format file into an existing empty database, in parallel."""
+    def restore(
+        self, dump: Path, dbname: str, jobs: int, timeout: float, roles: Path | None = None, keep_owners: bool = False
+    ) -> None:
+        """pg_restore a custom-format file into an existing empty database, in parallel.
+        Owners are kept when the server has the roles (`roles` applied first, or `keep_owners`:
+        the dump's own server); otherwise objects belong to the restoring user."""
         if roles is not None and roles.exists():
             # Roles first, so ownership and grants resolve; existing roles are errors psql reports and skips.
             run(["psql", "--no-password", "--quiet", "--file", str(roles)], timeout=60, env=self.env("postgres"))
         argv = ["pg_restore", "--no-password", f"--dbname={dbname}", f"--jobs={jobs}", "--exit-on-error"]
-        if roles is None:
-            argv.append("--no-owner")  # no roles restored: objects belong to the restoring user
+        if roles is None and not keep_owners:
+            argv.append("--no-owner")
         argv.append(str(dump))
         try:
             run(argv, timeout=timeout, env=self.env(dbname))
@@ -368,8 +382,16 @@ class ContainerPostgres:
         check_db_name(name)
         return bool(self._psql(f"SELECT 1 FROM pg_database WHERE datname = '{name}';\n", "postgres"))
 
-    def create_database(self, name: str) -> None:
-        self._psql(f'CREATE DATABASE "{check_db_name(name)}" TEMPLATE template0;\n', "postgres")
+    def database_owner(self, name: str) -> str | None:
+        check_db_name(name)
+        rows = self._psql(f"SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = '{name}';\n", "postgres")
+        return rows[0][0] if rows else None
+
+    def create_database(self, name: str, owner: str | None = None) -> None:
+        if owner is not None and not re.fullmatch(r"[A-Za-z0-9_.-]{1,63}", owner):
+            raise PostgresError(f"role name {owner!r} is not one opsfleet quotes safely here")
+        suffix = f' OWNER "{owner}"' if owner else ""
+        self._psql(f'CREATE DATABASE "{check_db_name(name)}" TEMPLATE template0{suffix};\n', "postgres")
 
     def drop_database(self, name: str) -> None:
         self._psql(f'DROP DATABASE IF EXISTS "{check_db_name(name)}" WITH (FORCE);\n', "postgres")
@@ -390,11 +412,13 @@ class ContainerPostgres:
             "postgres",
         )
 
-    def restore(self, dump: Path, dbname: str, jobs: int, timeout: float, roles: Path | None = None) -> None:
+    def restore(
+        self, dump: Path, dbname: str, jobs: int, timeout: float, roles: Path | None = None, keep_owners: bool = False
+    ) -> None:
         if roles is not None and roles.exists():
             self._psql(roles.read_text(), "postgres")
         argv = ["pg_restore", "--no-password", f"--dbname={dbname}", "--exit-on-error"]
-        if roles is None:
+        if roles is None and not keep_owners:
             argv.append("--no-owner")
         proc = self._exec(argv, dbname, stdin=True)
         try:

@@ -143,9 +143,19 @@ def count_files(folder: Path) -> int:
 
 
 def restore_database_into(
-    ctx: StepContext, series: str, spec: SeriesSpec, found: BackupSet, pg: Postgres, dbname: str, with_roles: bool
+    ctx: StepContext,
+    series: str,
+    spec: SeriesSpec,
+    found: BackupSet,
+    pg: Postgres,
+    dbname: str,
+    with_roles: bool,
+    owner_like: str | None = None,
 ) -> str:
-    """Fresh database `dbname` from the set's dump, row counts checked; dropped again on failure."""
+    """Fresh database `dbname` from the set's dump, row counts checked; dropped again on failure.
+    `owner_like`: a database on the same server whose owner the fresh one gets, objects
+    keeping their owners from the dump (the server has the roles): a restore swapped into
+    place must be the live database again, privileges and all, not one owned by opsfleet."""
     item = found.items[series]
     compression = found.manifest.get("compression", "zstd")
     roles_file = next((f for f in item["files"] if f["name"].endswith(".roles.sql")), None)
@@ -167,10 +177,11 @@ def restore_database_into(
     t_unpacked = time.monotonic()
     if pg.database_exists(dbname):
         raise StepFailed(f"database {dbname} exists already on {pg.where()}: restores go into a fresh database")
-    pg.create_database(dbname)
+    owner = pg.database_owner(owner_like) if owner_like and pg.database_exists(owner_like) else None
+    pg.create_database(dbname, owner=owner)
     try:
         roles = found.path / roles_file["name"] if (with_roles and roles_file) else None
-        pg.restore(plain, dbname, spec.jobs, spec.timeout_seconds, roles=roles)
+        pg.restore(plain, dbname, spec.jobs, spec.timeout_seconds, roles=roles, keep_owners=owner is not None)
         t_restored = time.monotonic()
         counts = pg.row_counts(dbname)
         expected = item.get("row_counts", {})
@@ -258,7 +269,7 @@ def database(ctx: StepContext) -> str:
         live = check_db_name(pg.dbname)
         fresh = check_db_name(target_db or f"{live}_restore_{ctx.run['id']}")
         try:
-            lines.append(restore_database_into(ctx, series, spec, found, pg, fresh, with_roles=False))
+            lines.append(restore_database_into(ctx, series, spec, found, pg, fresh, with_roles=False, owner_like=live))
             if not swap:
                 continue
             keep_as = check_db_name(f"{live}_before_{ctx.run['id']}")
