@@ -2,8 +2,8 @@
 
 The jobs themselves live in worker/tasks/; each entry names a task and its
 cadence from the configuration. Playbook runs go through
-`opsfleet.schedule.trigger` (playbook, target, params, slot_seconds): one run
-per slot, however many beats send it.
+`opsfleet.schedule.trigger` (playbook, target, params, slot_seconds or slot_tz):
+one run per slot, however many beats send it (jobs at a local time: one per local day).
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def build_schedule(config: Config) -> dict[str, dict]:
             "task": "opsfleet.schedule.trigger",
             "schedule": LocalCrontab(backup.timezone, minute=minute, hour=hour),
             "args": ("backup_set", "all", host),
-            "kwargs": {"slot_seconds": 3600},
+            "kwargs": {"slot_tz": backup.timezone},
             "options": {"expires": 3000},
         }
         hour, minute = _hm(backup.schedule.summary_at)
@@ -77,7 +77,7 @@ def build_schedule(config: Config) -> dict[str, dict]:
             "task": "opsfleet.schedule.trigger",
             "schedule": LocalCrontab(backup.timezone, minute=minute, hour=hour),
             "args": ("backup_summary", "all"),
-            "kwargs": {"slot_seconds": 3600},
+            "kwargs": {"slot_tz": backup.timezone},
             "options": {"expires": 3000},
         }
     if backup.series and backup.drill.enabled:
@@ -88,7 +88,7 @@ def build_schedule(config: Config) -> dict[str, dict]:
                 backup.timezone, minute=minute, hour=hour, day_of_week=_DAYS[backup.drill.weekday]
             ),
             "args": ("restore_drill", "newest", host),
-            "kwargs": {"slot_seconds": 3600},
+            "kwargs": {"slot_tz": backup.timezone},
             "options": {"expires": 3000},
         }
     if config.rotation.sets or config.logging.files:

@@ -207,6 +207,31 @@ def test_two_beats_in_one_slot_make_one_backup_run(stack):
     assert a["created"] and not b["created"] and a["run_id"] == b["run_id"]
 
 
+@pytest.mark.parametrize(
+    "moments",
+    [
+        # The night clocks go back in Berlin (2026-10-25): 02:30 happens at 00:30 and at 01:30 UTC.
+        ("2026-10-25T00:30:00+00:00", "2026-10-25T01:30:00+00:00"),
+        # A trigger delivered late, into the next hour (its message may wait up to 50 minutes).
+        ("2026-12-03T01:30:00+00:00", "2026-12-03T02:19:00+00:00"),
+    ],
+)
+def test_a_daily_job_is_one_run_per_local_day(stack, monkeypatch, moments):
+    from datetime import datetime
+
+    import worker.tasks.schedule as schedule
+
+    _, app, _ = stack
+    trigger = app.tasks["opsfleet.schedule.trigger"]
+    got = []
+    for moment in moments:
+        monkeypatch.setattr(schedule, "utcnow", lambda m=moment: datetime.fromisoformat(m))
+        got.append(trigger.apply(args=("backup_set", "all"), kwargs={"slot_tz": "Europe/Berlin"}).get())
+    assert got[0]["created"] and not got[1]["created"] and got[0]["run_id"] == got[1]["run_id"]
+    monkeypatch.setattr(schedule, "utcnow", lambda: datetime.fromisoformat(moments[0]).replace(day=26))
+    assert trigger.apply(args=("backup_set", "all"), kwargs={"slot_tz": "Europe/Berlin"}).get()["created"]  # next day
+
+
 def test_files_changing_during_the_archive_are_reported_not_fatal(tmp_path):
     from worker.adapters.archive import tar_problems
 

@@ -33,7 +33,7 @@ def test_entries_trigger_one_run_per_slot():
     backup, drill = entries["backup-sets"], entries["restore-drill"]
     assert backup["task"] == drill["task"] == "opsfleet.schedule.trigger"
     assert backup["args"] == ("backup_set", "all", {}) and drill["args"] == ("restore_drill", "newest", {})
-    assert backup["kwargs"] == {"slot_seconds": 3600}
+    assert backup["kwargs"] == drill["kwargs"] == {"slot_tz": "Europe/Berlin"}  # one run per local day
     assert "backup-sets" not in build_schedule(config(series={}))
 
 

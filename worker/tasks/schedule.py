@@ -3,13 +3,17 @@ records one run per (playbook, target, slot) and enqueues it.
 
 The slot is the scheduled time floored to `slot_seconds`, and it is part of
 the run's dedup key: two beats (or a beat restarted mid-slot) sending the
-same job make one run, not two.
+same job make one run, not two. Daily and weekly jobs at a local time
+(backups, the summary, the drill) take the local date in `slot_tz` as their
+slot instead: a trigger delivered late into the next hour, or 02:30 happening
+twice on the night clocks go back, is still that day's one run.
 """
 
 from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
+from zoneinfo import ZoneInfo
 
 from celery import shared_task
 
@@ -24,7 +28,9 @@ def slot_of(moment: datetime, slot_seconds: int) -> datetime:
 
 
 @shared_task(name="opsfleet.schedule.trigger", bind=True, acks_late=True)
-def trigger(self, playbook: str, target: str, params: dict | None = None, slot_seconds: int = 60) -> dict:
+def trigger(
+    self, playbook: str, target: str, params: dict | None = None, slot_seconds: int = 60, slot_tz: str | None = None
+) -> dict:
     if playbook not in PLAYBOOKS:
         raise ValueError(f'beat_schedule names unknown playbook "{playbook}"')
     runtime = self.app.opsfleet
@@ -32,14 +38,20 @@ def trigger(self, playbook: str, target: str, params: dict | None = None, slot_s
     idle = gate(runtime, target, params or {}) if gate else None
     if idle:
         return {"run_id": None, "created": False, "enqueued": False, "idle": idle}
-    slot = slot_of(utcnow(), slot_seconds)
+    now = utcnow()
+    if slot_tz:
+        day = now.astimezone(ZoneInfo(slot_tz)).date()
+        summary, key = f"scheduled {playbook} {target} for {day} ({slot_tz})", f"{day:%Y%m%d}@{slot_tz}"
+    else:
+        slot = slot_of(now, slot_seconds)
+        summary, key = f"scheduled {playbook} {target} for {slot:%Y-%m-%d %H:%M} UTC", f"{slot:%Y%m%dT%H%M%S}"
     new = NewRun(
         trigger="schedule",
         playbook=playbook,
         target=target,
         params=params or {},
-        summary=f"scheduled {playbook} {target} for {slot:%Y-%m-%d %H:%M} UTC",
-        dedup_key=f"schedule:{playbook}:{target}:{slot:%Y%m%dT%H%M%S}",
+        summary=summary,
+        dedup_key=f"schedule:{playbook}:{target}:{key}",
     )
     recorded = runtime.ledger.record_event(
         source="schedule",
