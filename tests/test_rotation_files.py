@@ -332,3 +332,21 @@ def test_copytruncate_with_no_holder_says_nothing_was_paused_and_how_to_pause(tm
     assert "no process holds it, so nothing was paused" in done.stdout
     assert "rotation.sets.legacy.pause_service" in done.stdout
     assert (tmp_path / f"legacy.log.{TODAY}-0001").read_text().count("\n") == 1000 and log.read_text() == ""
+
+
+def test_a_descriptor_repointed_between_stat_and_fdinfo_is_not_taken_for_a_non_appending_writer(tmp_path):
+    """A shell's `printf >&3` points fd 1 at the log and back all the time: the flags read must
+    be of the file that was stat'ed (fdinfo's own ino), or an appending writer reads as unsafe."""
+    log, pipe_like = tmp_path / "app.log", tmp_path / "stdout"
+    appending = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    other = os.open(pipe_like, os.O_WRONLY | os.O_CREAT)  # no O_APPEND: what fd 1 points at in between
+    try:
+        pid, log_ino = os.getpid(), os.stat(log).st_ino
+        assert logfiles._fd_appends(pid, str(appending), log_ino) is True
+        assert logfiles._fd_appends(pid, str(other), os.stat(pipe_like).st_ino) is False
+        # fd `other` stat'ed as the log a moment ago, now another file: not an answer about the log.
+        assert logfiles._fd_appends(pid, str(other), log_ino) is None
+        assert [h.appends for h in logfiles.holders([log])[log]] == [True]
+    finally:
+        os.close(appending)
+        os.close(other)

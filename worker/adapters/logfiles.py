@@ -70,7 +70,7 @@ def holders(paths: list[Path]) -> dict[Path, list[Holder]]:
             path = wanted.get(key)
             if path is None:
                 continue
-            appends = _fd_appends(pid, fd)
+            appends = _fd_appends(pid, fd, st.st_ino)
             try:
                 # The descriptor may have been closed or re-pointed (dup2) between
                 # the stat and the fdinfo read: only a stable answer counts.
@@ -82,19 +82,25 @@ def holders(paths: list[Path]) -> dict[Path, list[Holder]]:
     return found
 
 
-def _fd_appends(pid: int, fd: str) -> bool | None:
-    """Whether a writing descriptor appends; None for a read-only one (or gone)."""
+def _fd_appends(pid: int, fd: str, ino: int | None = None) -> bool | None:
+    """Whether a writing descriptor appends; None for a read-only one (or gone). With `ino`,
+    also None when the descriptor names another file by the time its fdinfo is read: a shell
+    that runs `printf ... >&3` points fd 1 at the log and back many times a second, and flags
+    read from the wrong file (its stdout pipe) would say "no O_APPEND" of an appending writer.
+    fdinfo's flags and ino come from one read, so they describe one file."""
     try:
         with open(f"/proc/{pid}/fdinfo/{fd}") as info:
-            for line in info:
-                if line.startswith("flags:"):
-                    flags = int(line.split()[1], 8)
-                    if flags & os.O_ACCMODE == os.O_RDONLY:
-                        return None
-                    return bool(flags & O_APPEND)
+            fields = dict(line.split(":", 1) for line in info.read().splitlines() if ":" in line)
     except OSError:
         return None
-    return None
+    if "flags" not in fields:
+        return None
+    if ino is not None and "ino" in fields and int(fields["ino"]) != ino:
+        return None
+    flags = int(fields["flags"].split()[0], 8)
+    if flags & os.O_ACCMODE == os.O_RDONLY:
+        return None
+    return bool(flags & O_APPEND)
 
 
 def wait_released(path: Path, timeout: float) -> tuple[bool, float]:
