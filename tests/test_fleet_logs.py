@@ -131,5 +131,20 @@ def test_a_task_that_fails_in_the_worker_is_logged_with_its_stack_and_log_level_
         [error] = wait_for(failed, 60, what="the failed task in the errors file")
         assert error["role"] == "worker" and error["level"] == "ERROR"
         assert "Traceback" in error["exc"] and "opsfleet.runs.start" in error["msg"]
+        # ...and counted as celery-exporter counts it, in the metrics folder the web scrapes.
+        from prometheus_client import CollectorRegistry
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=str(tmp_path / "metrics"))
+        failures = [
+            (s.labels, s.value)
+            for family in registry.collect()
+            for s in family.samples
+            if s.name == "celery_task_failed_total" and s.labels.get("name") == "opsfleet.runs.start"
+        ]
+        assert [(labels["exception"], labels["queue_name"], value) for labels, value in failures] == [
+            ("TypeError", "opsfleet.host.edge", 1.0)
+        ], failures
     console = fleet.log("worker@edge").read_text()
     assert " INFO " not in console and "opsfleet.runs.start" in console

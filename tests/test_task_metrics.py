@@ -245,9 +245,35 @@ def test_a_worker_serves_its_own_metrics_endpoint(tmp_path):
 
         text = fleet.wait(served, 30, "the worker's own endpoint to count a sweep")
         assert value(text, "celery_task_received_total", hostname=hostname) >= 1
-        fleet.stop("worker")
-        with pytest.raises(requests.ConnectionError):  # gone with its worker: Prometheus' `up` says 0
-            requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
+
+        # The shipped prometheus.yml finds it from a file dropped in its discovery folder.
+        from pathlib import Path
+
+        import yaml
+
+        from tests.support.prometheus import Prometheus
+
+        shipped = yaml.safe_load((Path(__file__).parent.parent / "compose" / "prometheus.yml").read_text())
+        [job] = [j for j in shipped["scrape_configs"] if j["job_name"] == "opsfleet-workers"]
+        prometheus = Prometheus({}, [])
+        folder = prometheus.dir / "opsfleet-workers"
+        folder.mkdir()
+        (folder / "edge-1.json").write_text(json.dumps([{"targets": [f"127.0.0.1:{port}"]}]))
+        job["file_sd_configs"][0]["files"] = [str(folder / Path(job["file_sd_configs"][0]["files"][0]).name)]
+        config = yaml.safe_load(prometheus.config_file.read_text())
+        config["scrape_configs"] = [job]
+        prometheus.config_file.write_text(yaml.safe_dump(config))
+        with prometheus:
+
+            def up(want: float):
+                found = prometheus.query('up{job="opsfleet-workers"}')
+                return found if found and float(found[0]["value"][1]) == want else None
+
+            fleet.wait(lambda: up(1), 30, "Prometheus to scrape the worker it discovered")
+            fleet.stop("worker")
+            with pytest.raises(requests.ConnectionError):  # gone with its worker: Prometheus' `up` says 0
+                requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
+            fleet.wait(lambda: up(0), 30, "Prometheus to see the worker gone")
 
 
 @pytest.mark.parametrize(
