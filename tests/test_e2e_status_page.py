@@ -29,6 +29,8 @@ pytestmark = pytest.mark.slow
 ARTIFACTS = REPO / "test-artifacts" / "status-page"
 HOSTILE = '<img src=x onerror="document.title=1">&<!channel>'
 PHONE = (390, 844)
+# A shell that exits on SIGTERM, so a restart takes milliseconds, not the stop timeout.
+SERVICE_COMMAND = ("sh", "-c", "trap 'exit 0' TERM; while true; do sleep 1; done")
 SECRET = "status-page-github-secret"
 IMAGES = new_repository()
 
@@ -113,14 +115,19 @@ def fits_a_phone(browser) -> bool:
     return browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth + 1")
 
 
-def test_a_person_reads_runs_steps_backups_deploys_and_rules_in_chromium(tmp_path, browser, slack, app_container):
+def test_a_person_reads_runs_steps_backups_deploys_and_rules_in_chromium(
+    tmp_path, browser, slack, app_container, make_container
+):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
+    # api: a real container the alert's restart acts on; ghost: one that is not there (a failed run).
+    api = make_container(f"e2e-status-api-{uuid.uuid4().hex[:8]}", command=SERVICE_COMMAND)
     config = {
         "sweeper": {"interval_seconds": 1},
         "services": {
-            "api": {"container": "e2e-status-no-such-container"},
+            "api": {"container": api.name},
+            "ghost": {"container": "e2e-status-no-such-container"},
             "app": {"container": app_container[0], "health_url": f"http://127.0.0.1:{app_container[1]}/health"},
         },
         "deploy": {
@@ -168,28 +175,35 @@ def test_a_person_reads_runs_steps_backups_deploys_and_rules_in_chromium(tmp_pat
         fleet.config_path.write_text(yaml.safe_dump(written))
         fleet.start("web", "worker")
         assert fleet.post_alerts(alert("00000000000000a1", "api")).status_code == 202
+        assert fleet.post_alerts(alert("00000000000000a3", "ghost")).status_code == 202
         assert fleet.post_alerts(alert("00000000000000a2", HOSTILE)).status_code == 202
         app = create_celery(load_config(fleet.config_path, environ=fleet.env))
         app.send_task("opsfleet.schedule.trigger", args=("backup_set", "all"), kwargs={"slot_seconds": 3600})
         data, headers = signed_push(SECRET, "a", 1000)
         assert requests.post(f"{fleet.url}/hooks/github", data=data, headers=headers, timeout=10).status_code == 202
-        fleet.wait(lambda: len(fleet.runs()) == 4 or None, 30, "four runs")
-        runs = {r["playbook"]: r for r in fleet.runs() if r["status"] != "skipped"}
+        fleet.wait(lambda: len(fleet.runs()) == 5 or None, 30, "five runs")
+        runs = {(r["playbook"], r["target"]): r for r in fleet.runs() if r["status"] != "skipped"}
         for run in fleet.runs():
             fleet.wait_run(run["id"], timeout=90)
-        restart = fleet.api(f"/runs/{runs['restart_service']['id']}")
+        acted = fleet.api(f"/runs/{runs['restart_service', 'api']['id']}")
+        restart = fleet.api(f"/runs/{runs['restart_service', 'ghost']['id']}")
+        runs = {playbook: run for (playbook, _), run in runs.items()}
         backup = fleet.api(f"/runs/{runs['backup_set']['id']}")
         deploy = fleet.api(f"/runs/{runs['deploy']['id']}")
         assert restart["status"] == "failed" and backup["status"] == "succeeded", (restart, backup)
+        assert acted["status"] == "succeeded", acted  # the real container was restarted
+        assert [s["name"] for s in acted["steps"]] == ["locate", "restart", "verify"]
         assert deploy["status"] == "succeeded", deploy
 
-        # The runs list: four rows, newest first, each with its status as a person reads it.
+        # The runs list: five rows, newest first, each with its status as a person reads it.
         browser.get(f"{fleet.url}/")
         assert browser.title == "Runs · opsfleet"
         rows = browser.find_elements(By.CSS_SELECTOR, "#runs tbody tr")
-        assert len(rows) == 4
+        assert len(rows) == 5
         seen = {row.find_element(By.CSS_SELECTOR, "td:nth-child(3)").text.splitlines()[0]: row.text for row in rows}
-        assert "failed" in seen["restart_service"] and "succeeded" in seen["backup_set"]
+        assert "succeeded" in seen["backup_set"]
+        restarts = [row.text for row in rows if "restart_service" in row.text and "skipped" not in row.text]
+        assert sorted("succeeded" if "succeeded" in r else "failed" for r in restarts) == ["failed", "succeeded"]
         assert "succeeded" in seen["deploy"] and "prod" in seen["deploy"]
         skipped_row = next(row.text for row in rows if "skipped" in row.text)
         # The hostile label (in the alert's summary) is shown as the text it is, and made no element.
@@ -242,13 +256,14 @@ def test_a_person_reads_runs_steps_backups_deploys_and_rules_in_chromium(tmp_pat
         # The same runs in /metrics: runs by outcome, the backup's gauges, the deploy, the worker's tasks.
         text = fleet.metrics()
         assert metric_value(text, "opsfleet_runs_total", playbook="restart_service", status="failed") == 1
+        assert metric_value(text, "opsfleet_runs_total", playbook="restart_service", status="succeeded") == 1
         assert metric_value(text, "opsfleet_runs_total", playbook="restart_service", status="skipped") == 1
         assert metric_value(text, "opsfleet_runs_total", playbook="backup_set", status="succeeded") == 1
         assert metric_value(text, "opsfleet_alerts_held_back_total", outcome="skip", reason="unknown_target") == 1
-        for outcome in ("failed", "skipped"):
+        for outcome in ("succeeded", "failed", "skipped"):
             assert metric_value(text, "opsfleet_remediations_total", rule="service-down", outcome=outcome) == 1
         assert metric_value(text, "opsfleet_backup_max_age_seconds", series="documents") == 26 * 3600
-        assert metric_value(text, "opsfleet_run_start_latency_seconds_count", trigger="alert") == 1
+        assert metric_value(text, "opsfleet_run_start_latency_seconds_count", trigger="alert") == 2
         assert metric_value(text, "celery_task_succeeded_total") >= 7  # start, 5 steps, finish, reports
         assert metric_value(text, "opsfleet_deploys_total", environment="prod", outcome="succeeded") == 1
         assert metric_value(text, "opsfleet_deploys_total", environment="prod", outcome="rolled_back") == 0
@@ -256,22 +271,30 @@ def test_a_person_reads_runs_steps_backups_deploys_and_rules_in_chromium(tmp_pat
         assert metric_value(text, "celery_worker_up") == 1
 
         # ...and in Slack: a thread per acted run (the skipped one is not posted), each parent's
-        # button opening the run's page in the browser.
-        def three_threads():
+        # button opening the run's page in the browser, each step a reply in its thread.
+        every = (acted, restart, backup, deploy)
+
+        def four_threads():
             threads = [t for t in slack.threads().values() if t["parent"]]
             finished = [
                 t
                 for t in threads
                 if t["updates"] and any(w in t["updates"][-1]["text"] for w in ("*failed*", "*succeeded*"))
             ]
-            return threads if len(threads) == 3 and len(finished) == 3 else None
+            replied = [t for t in threads if len(t["replies"]) >= 1]
+            return threads if len(threads) == 4 and len(finished) == 4 and len(replied) == 4 else None
 
-        threads = fleet.wait(three_threads, 30, "three Slack threads with their final status")
+        threads = fleet.wait(four_threads, 30, "four Slack threads with their final status and steps")
         assert HOSTILE not in json.dumps([t["parent"] for t in threads])
         buttons = {
             b["elements"][0]["url"] for t in threads for b in t["updates"][-1]["blocks"] if b["type"] == "actions"
         }
-        assert buttons == {f"{fleet.url}/runs/{run['id']}" for run in (restart, backup, deploy)}
+        assert buttons == {f"{fleet.url}/runs/{run['id']}" for run in every}
+        by_run = {next(run["id"] for run in every if f"#{run['id']} " in t["parent"]["text"]): t for t in threads}
+        for run in every:  # one reply per finished step, in order
+            replies = [r["text"] for r in by_run[run["id"]]["replies"]]
+            assert len(replies) == len(run["steps"]), (run["id"], replies)
+            assert all(f"step `{s['name']}`" in r for s, r in zip(run["steps"], replies, strict=True))
         browser.get(f"{fleet.url}/runs/{restart['id']}")
         assert browser.find_element(By.TAG_NAME, "h1").text.startswith(f"Run #{restart['id']}")
 
