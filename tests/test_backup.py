@@ -139,6 +139,9 @@ def test_a_server_stopped_mid_run_fails_cleanly_and_keeps_older_sets(tmp_path, p
     from tests.support.servers import wait_for
 
     wait_for(lambda: (hold_dir / f"held-{run_id}-dump").exists(), 60, what="the dump step to be held")
+    from worker.adapters import metrics
+
+    failures_before = metrics.BACKUP_FAILURES.labels("dump")._value.get()
     private_postgres.stop()
     (hold_dir / "hold-backup_set-dump").unlink()
     worker.join(120)
@@ -147,6 +150,8 @@ def test_a_server_stopped_mid_run_fails_cleanly_and_keeps_older_sets(tmp_path, p
     assert [s["name"] for s in result["steps"]] == ["prepare", "dump"]  # no retention after a failure
     assert sets_in(tmp_path / "backups") == older  # partial removed, older set intact
     assert app.opsfleet.ledger.get_lock("backup:db") is None
+    assert b'opsfleet_backup_failures_total{step="dump"}' in metrics.scrape()
+    assert metrics.BACKUP_FAILURES.labels("dump")._value.get() == failures_before + 1
 
 
 def test_a_filling_disk_fails_cleanly_with_older_backups_intact(tmp_path, source_db):

@@ -76,10 +76,21 @@ def test_cleanup_keeps_current_and_rollback_images_and_removes_the_rest(
         assert f"would remove dangling {dangling[:19]}" in cleanup.dangling_images(dry)
         assert {t for i in dockerd.images.list(repo) for t in i.tags} >= {f"{repo}:v{n}" for n in range(1, 7)}
 
+        from tests.support.fleet import metric_value
+        from worker.adapters import metrics
+
+        def counted(name: str, kind: str) -> float:
+            return metric_value(metrics.scrape().decode(), name, kind=kind)
+
+        before = {k: counted("opsfleet_cleanup_removed_total", k) for k in ("image", "dangling_image")}
+        reclaimed_before = counted("opsfleet_cleanup_reclaimed_bytes_total", "image")
         ctx = _ctx(tmp_path, config)
         outputs = {step.name: step.fn(ctx) for step in PLAYBOOKS["cleanup"]}
     finally:
         current.remove(force=True)
+    assert counted("opsfleet_cleanup_removed_total", "image") == before["image"] + 2
+    assert counted("opsfleet_cleanup_removed_total", "dangling_image") >= before["dangling_image"] + 1
+    assert counted("opsfleet_cleanup_reclaimed_bytes_total", "image") >= reclaimed_before + 2 * 64 * 1024
 
     left = {t for i in dockerd.images.list(repo) for t in i.tags}
     assert left == {f"{repo}:v2", f"{repo}:v4", f"{repo}:v5", f"{repo}:v6"}

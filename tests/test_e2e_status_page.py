@@ -269,6 +269,23 @@ def test_a_person_reads_runs_steps_backups_deploys_and_rules_in_chromium(
         assert metric_value(text, "opsfleet_deploys_total", environment="prod", outcome="rolled_back") == 0
         assert metric_value(text, "opsfleet_release_info", environment="prod", sha=SHA["a"]) == 1
         assert metric_value(text, "celery_worker_up") == 1
+        # Every domain metric this day touched, by its exported name.
+        assert metric_value(text, "opsfleet_alerts_received_total", status="firing") == 3
+        assert metric_value(text, "opsfleet_backup_size_bytes", kind="documents", series="documents") > 0
+        assert metric_value(text, "opsfleet_backup_duration_seconds_count", kind="documents") == 1
+        assert metric_value(text, "opsfleet_deploy_duration_seconds_count", environment="prod") == 1
+        assert metric_value(text, "opsfleet_run_duration_seconds_count", playbook="deploy") == 1
+        assert (
+            metric_value(text, "opsfleet_steps_total", playbook="restart_service", step="restart", status="succeeded")
+            == 1
+        )
+        assert (
+            metric_value(text, "opsfleet_steps_total", playbook="restart_service", step="locate", status="failed") == 1
+        )
+        assert (
+            metric_value(text, "opsfleet_rollbacks_total", environment="prod", kind="automatic", outcome="succeeded")
+            == 0
+        )
 
         # ...and in Slack: a thread per acted run (the skipped one is not posted), each parent's
         # button opening the run's page in the browser, each step a reply in its thread.
@@ -285,6 +302,7 @@ def test_a_person_reads_runs_steps_backups_deploys_and_rules_in_chromium(
             return threads if len(threads) == 4 and len(finished) == 4 and len(replied) == 4 else None
 
         threads = fleet.wait(four_threads, 30, "four Slack threads with their final status and steps")
+        assert metric_value(fleet.metrics(), "opsfleet_reports_total", service="slack", outcome="delivered") >= 4
         assert HOSTILE not in json.dumps([t["parent"] for t in threads])
         buttons = {
             b["elements"][0]["url"] for t in threads for b in t["updates"][-1]["blocks"] if b["type"] == "actions"

@@ -296,8 +296,12 @@ def test_prune_deletes_what_retention_forgets_and_says_how_much_came_back(site):
     dry = opsfleet(site, "backup", "prune", "--dry-run").output
     assert dry.count("would forget") == 2 and f"would free {size} B" in dry
     assert all(p.exists() for p in oldest)
+    from worker.adapters import metrics
+
+    pruned_before = metrics.BACKUP_PRUNED.labels("documents")._value.get()
     out = opsfleet(site, "backup", "prune", "--yes").output
     assert "deleted 2 backup items" in out
+    assert metrics.BACKUP_PRUNED.labels("documents")._value.get() == pruned_before + 2
     assert not any(p.exists() for p in oldest)
     assert [s.path for s in list_sets(root)] == [s.path for s in sets[:2]]
     listed = jsonlib.loads(opsfleet(site, "backup", "list", "--json").output)
