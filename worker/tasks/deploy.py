@@ -380,13 +380,7 @@ _LEFT_BY_RECREATE = re.compile(r"^(?P<name>.+)\.opsfleet-run-\d+-[a-z]+-.+-old$"
 
 def _find(ctx: StepContext, service: str):
     """The service's container, or None when it has none yet (a compose environment's fresh stack)."""
-    spec = ctx.config.services.get(service)
-    if spec is None:
-        raise StepFailed(f'service "{service}" is no longer configured')
-    try:
-        return ctx.runtime.docker.find_service_container(service, spec)
-    except DockerError as err:
-        raise StepFailed(str(err)) from None
+    return _container(ctx, service, missing_ok=True)
 
 
 def _definitions(ctx: StepContext, images: dict[str, str]) -> dict[str, ContainerDefinition] | None:
@@ -614,33 +608,34 @@ def _roll_back(ctx: StepContext, release: dict, why: str):
     raise StepEnded("rolled_back", f"{why}; rolled back in {took:.2f}s: {back}\n" + "\n".join(lines))
 
 
-def _escalate(ctx: StepContext, environment: str, reason: str) -> None:
-    """An escalate run; the sweeper sends it if the broker cannot take it now."""
-    ledger = ctx.runtime.ledger
-    recorded = ledger.record_event(
-        source="deploy",
-        summary=reason,
-        body="",
-        new_runs=[
-            NewRun(
-                trigger=ctx.run["trigger"],
-                playbook="escalate",
-                target=None,
-                rule=f"deploy:{environment}",
-                params={"reason": reason, "alert": f"deploy run #{ctx.run['id']}"},
-                summary=f"escalation: {reason}",
-                dedup_key=f"escalate:deploy:{ctx.run['id']}",
-            )
-        ],
-    )
+def _record_and_send(app, ledger, reason: str, new: NewRun) -> list[int]:
+    """A run this job starts (an escalation, a repair): recorded under `reason`, then enqueued;
+    when the broker cannot take it now, the sweeper sends it. The ids of runs newly recorded."""
+    recorded = ledger.record_event(source="deploy", summary=reason, body="", new_runs=[new])
+    created = [r.id for r in recorded.runs if r.created]
     try:
-        from celery import current_app
-
         from worker.tasks.runs import enqueue_runs
 
-        enqueue_runs(current_app, ledger, [r.id for r in recorded.runs if r.created])
+        enqueue_runs(app, ledger, created)
     except Exception as err:
-        log.warning("run %s: escalation recorded, not enqueued (the sweeper sends it): %s", ctx.run["id"], err)
+        log.warning("%s: recorded, not enqueued (the sweeper sends it): %s", new.summary, err)
+    return created
+
+
+def _escalate(ctx: StepContext, environment: str, reason: str) -> None:
+    """An escalate run about this deploy."""
+    from celery import current_app
+
+    new = NewRun(
+        trigger=ctx.run["trigger"],
+        playbook="escalate",
+        target=None,
+        rule=f"deploy:{environment}",
+        params={"reason": reason, "alert": f"deploy run #{ctx.run['id']}"},
+        summary=f"escalation: {reason}",
+        dedup_key=f"escalate:deploy:{ctx.run['id']}",
+    )
+    _record_and_send(current_app, ctx.runtime.ledger, reason, new)
 
 
 @_frees_lock_on_failure
@@ -694,38 +689,24 @@ def repair_dead_deploys(app) -> list[int]:
             log.warning("deploy run %s died mid-deploy; nothing live before it to put back", dead["run_id"])
             continue
         reason = f"run {dead['run_id']} died while deploying {dead['sha'][:7]}: putting back {live['sha'][:7]}"
-        recorded = ledger.record_event(
-            source="deploy",
+        new = NewRun(
+            trigger="manual",
+            triggered_by=f"opsfleet (repair of run {dead['run_id']})",
+            playbook="deploy",
+            target=environment,
+            params={
+                "environment": environment,
+                "sha": live["sha"],
+                "ref": live["ref"],
+                "tag": "",
+                "images": dead["previous_images"],
+                "order": [live["pushed_at"], live["committed_at"]],
+                "repair_of": dead["run_id"],
+            },
             summary=reason,
-            body="",
-            new_runs=[
-                NewRun(
-                    trigger="manual",
-                    triggered_by=f"opsfleet (repair of run {dead['run_id']})",
-                    playbook="deploy",
-                    target=environment,
-                    params={
-                        "environment": environment,
-                        "sha": live["sha"],
-                        "ref": live["ref"],
-                        "tag": "",
-                        "images": dead["previous_images"],
-                        "order": [live["pushed_at"], live["committed_at"]],
-                        "repair_of": dead["run_id"],
-                    },
-                    summary=reason,
-                    dedup_key=f"repair:deploy:{dead['run_id']}",
-                )
-            ],
+            dedup_key=f"repair:deploy:{dead['run_id']}",
         )
-        created = [r.id for r in recorded.runs if r.created]
-        repairs += created
-        try:
-            from worker.tasks.runs import enqueue_runs
-
-            enqueue_runs(app, ledger, created)
-        except Exception as err:
-            log.warning("repair of run %s recorded, not enqueued (the sweeper sends it): %s", dead["run_id"], err)
+        repairs += _record_and_send(app, ledger, reason, new)
     return repairs
 
 

@@ -16,15 +16,17 @@ from worker.tasks import backup, cleanup, rotate
 from worker.tasks.steps import Step, StepContext, StepFailed
 
 
-def _container(ctx: StepContext, service: str | None = None):
-    """The container of `service` (default: the run's target)."""
+def _container(ctx: StepContext, service: str | None = None, missing_ok: bool = False):
+    """The container of `service` (default: the run's target); with `missing_ok`, None when
+    the service has no container (yet)."""
     name = service or ctx.run["target"] or ""
     spec = ctx.config.services.get(name)
     if spec is None:
         # The configuration changed since the run was accepted.
         raise StepFailed(f'service "{name}" is no longer configured')
+    docker = ctx.runtime.docker
     try:
-        return ctx.runtime.docker.find_container(name, spec)
+        return docker.find_service_container(name, spec) if missing_ok else docker.find_container(name, spec)
     except DockerError as err:
         raise StepFailed(str(err)) from None
 
