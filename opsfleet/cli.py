@@ -117,6 +117,18 @@ def _opsfleet_command() -> str:
     return "opsfleet" if found and Path(found).resolve() == own.resolve() else str(own)
 
 
+def _config_flag(loaded: LoadedConfig) -> str:
+    """` --config FILE` when this run's configuration came from a file the command would not find
+    by itself (not $OPSFLEET_CONFIG, not ./opsfleet.yaml), so a printed command reads the same ledger."""
+    import shlex
+
+    if loaded.source == "embedded defaults" or os.environ.get(CONFIG_ENV):
+        return ""
+    if Path(loaded.source).resolve() == (Path.cwd() / "opsfleet.yaml").resolve():
+        return ""
+    return f" --config {shlex.quote(str(Path(loaded.source).resolve()))}"
+
+
 def _children(loaded: LoadedConfig, host: str, port: int) -> dict[str, list[str]]:
     python = sys.executable
     celery = [python, "-m", "celery", "-A", "worker.celery_app"]
@@ -222,7 +234,7 @@ def run(ctx: click.Context, port: int | None, host: str | None) -> None:
             else ""
         )
         + f"  status page: {base}/\n"
-        f"  runs:    {_opsfleet_command()} runs   or   GET {base}/api/runs\n"
+        f"  runs:    {_opsfleet_command()}{_config_flag(loaded)} runs   or   GET {base}/api/runs\n"
         f"  health:  {base}/healthz  {base}/readyz   metrics: {base}/metrics\n"
         f"Ctrl-C stops web, worker and beat."
     )
@@ -615,6 +627,9 @@ def backup_list(ctx, kind, as_json) -> None:
     loaded = _load(ctx)
     sets = list_sets(loaded.backup_root)
     if kind:
+        kinds = ("database", "documents", "config", "models", "inventory")
+        if kind not in kinds:
+            raise click.BadParameter(f"unknown kind {kind!r} (use one of {', '.join(kinds)})", param_hint="--kind")
         sets = [s for s in sets if any(i["kind"] == kind for i in s.items.values())]
     if as_json:
         click.echo(json.dumps([s.manifest for s in sets], indent=2))
@@ -760,7 +775,7 @@ def _kinds(database, documents, config, models, default):
 @click.option("--latest", is_flag=True, help="For each item asked for, the newest verified set holding it.")
 @click.option("--database", is_flag=True, help="Restore database series.")
 @click.option("--documents", is_flag=True, help="Restore documents series.")
-@click.option("--config", "config_files", is_flag=True, help="Restore config series.")
+@click.option("--config-files", "config_files", is_flag=True, help="Restore config series (files and folders).")
 @click.option("--models", is_flag=True, help="Restore models series.")
 @click.option(
     "--target-db",
@@ -808,7 +823,7 @@ def restore(ctx, set_id, latest, database, documents, config_files, models, targ
 @cli.command("recover")
 @click.argument("set_id", required=False)
 @click.option("--latest", is_flag=True, help="For each item, the newest verified set holding it.")
-@click.option("--config", "config_files", is_flag=True, help="Restore config series too.")
+@click.option("--config-files", "config_files", is_flag=True, help="Restore config series (files and folders) too.")
 @click.option("--models", is_flag=True, help="Restore models series too.")
 @click.option("--dry-run", is_flag=True, help="Show the plan; change nothing.")
 @click.option("--yes", is_flag=True, help="Do not ask.")

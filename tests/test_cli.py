@@ -37,3 +37,25 @@ def test_runs_table_and_run_detail_escape_control_characters(tmp_path):
         assert "\u2028" not in result.output
         assert "\\x1b]0;pwned\\x07\\x0d\\x0aFAKE LINE" in result.output
         assert not any(line.startswith("FAKE LINE") for line in result.output.splitlines())
+
+
+def test_the_banners_commands_name_the_configuration_file_they_need(tmp_path, monkeypatch):
+    from opsfleet.cli import _config_flag
+    from worker.config import load_config, parse_config
+
+    monkeypatch.delenv("OPSFLEET_CONFIG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    elsewhere = tmp_path / "conf" / "my fleet.yaml"
+    elsewhere.parent.mkdir()
+    elsewhere.write_text("{}\n")
+    assert _config_flag(load_config(str(elsewhere))) == f" --config '{elsewhere}'"  # quoted for a shell
+    (tmp_path / "opsfleet.yaml").write_text("{}\n")
+    assert _config_flag(load_config(str(tmp_path / "opsfleet.yaml"))) == ""  # found by itself
+    assert _config_flag(parse_config({}, source="embedded defaults", base_dir=tmp_path, environ={})) == ""
+
+
+def test_backup_list_refuses_an_unknown_kind(tmp_path):
+    path = tmp_path / "opsfleet.yaml"
+    path.write_text(yaml.safe_dump({"fleet": {"data_dir": str(tmp_path)}}))
+    result = CliRunner().invoke(cli, ["--config", str(path), "backup", "list", "--kind", "photos"])
+    assert result.exit_code == 2 and "unknown kind 'photos'" in result.output

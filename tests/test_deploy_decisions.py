@@ -82,7 +82,6 @@ def push(ref, after=SHA, repo="acme/shop", deleted=False, pushed_at=100, ts="202
         (push("refs/heads/main", after="0" * 40, deleted=True), {}, "ref deleted: refs/heads/main"),
         (push("refs/heads/main", after="0" * 40), {}, "ref deleted: refs/heads/main"),
         (push("refs/heads/main", after="abc"), {}, "after is not a commit sha: 'abc'"),
-        ({"ref": 1, "after": SHA}, {}, "not a push payload: ref and after must be strings"),
         (
             push("refs/heads/feature/x"),
             {},
@@ -285,7 +284,6 @@ DEPLOYMENTS = CONFIG.model_copy(
         (deployment_event(repo="evil/fork"), {}, "staging: repository evil/fork is not acme/shop"),
         (deployment_event(sha="HEAD"), {}, "deployment sha is not a commit sha: 'HEAD'"),
         (deployment_event(action="deleted"), {}, "deployment 'deleted': only created deployments deploy"),
-        ({"action": "created"}, {}, "not a deployment payload: no deployment object"),
     ],
 )
 def test_decide_deployment(payload, deploys, ignored):
@@ -359,3 +357,21 @@ def test_decide_workflow_run(payload, deploys, ignored):
 def test_a_push_to_a_branch_that_waits_for_ci_deploys_nothing():
     decision = decide_push(push("refs/heads/main"), WORKFLOW)
     assert decision.deploys == () and decision.ignored == "production: waits for workflow CI to pass on main"
+
+
+@pytest.mark.parametrize(
+    "decide,payload,message",
+    [
+        ("decide_push", {"ref": 1, "after": SHA}, "ref and after must be strings"),
+        ("decide_push", {}, "ref and after must be strings"),
+        ("decide_deployment", {"action": "created"}, "deployment must be an object"),
+        ("decide_deployment", {"deployment": "x"}, "deployment must be an object"),
+        ("decide_workflow_run", {"workflow_run": [1]}, "workflow_run must be an object"),
+    ],
+)
+def test_a_payload_that_is_not_its_events_shape_is_malformed(decide, payload, message):
+    """Signed, but not what GitHub sends for the event: 400 at the edge, not an ignored 202."""
+    import worker.deploys as deploys
+
+    with pytest.raises(deploys.MalformedPayload, match=message):
+        getattr(deploys, decide)(payload, DEPLOYMENTS)

@@ -140,7 +140,7 @@ BAD = [
         AUTH,
         fixture("firing-single.json").replace(b'"version":"4"', b'"version":4'),
         400,
-        'version 4: opsfleet reads \\"4\\"',
+        'version must be the string \\"4\\"',
     ),
     (
         AUTH,

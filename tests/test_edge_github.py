@@ -230,7 +230,7 @@ def test_without_a_configured_secret_every_delivery_is_401(edge):
         ("no delivery id", None, {"X-GitHub-Delivery": ""}, 400, "X-GitHub-Delivery"),
         ("delivery id with spaces", None, {"X-GitHub-Delivery": "a b"}, 400, "X-GitHub-Delivery"),
         ("no event", None, {"X-GitHub-Event": ""}, 400, "X-GitHub-Event"),
-        ("push without ref", b'{"after": "x"}', {}, 202, "not a push payload"),
+        ("push without ref", b'{"after": "x"}', {}, 400, "malformed push payload: ref and after must be strings"),
         ("push with a non-sha after", b'{"ref": "refs/heads/master", "after": "HEAD"}', {}, 202, "not a commit sha"),
     ],
 )

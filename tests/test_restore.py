@@ -111,7 +111,7 @@ def test_documents_restore_moves_the_current_tree_aside_and_config_comes_back_06
     (docs / "new.txt").write_text("after the backup\n")
     env.write_text("DB_PASSWORD=changed\n")
 
-    out = opsfleet(site, "restore", "--latest", "--documents", "--config", "--yes").output
+    out = opsfleet(site, "restore", "--latest", "--documents", "--config-files", "--yes").output
     assert "21 files restored" in out
     assert (docs / "readme.md").read_text() == "documents\n" and not (docs / "new.txt").exists()
     aside = [p for p in docs.parent.iterdir() if p.name.startswith("documents.before-restore-")]

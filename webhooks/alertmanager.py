@@ -123,9 +123,10 @@ def receive():
     if problem:
         return error(400, problem)
     if isinstance(data, dict) and "version" in data and data["version"] != "4":
-        return error(
-            400, f'unsupported Alertmanager payload version {json.dumps(data["version"])[:20]}: opsfleet reads "4"'
-        )
+        got = json.dumps(data["version"])[:20]
+        if not isinstance(data["version"], str):
+            return error(400, f'version must be the string "4" (Alertmanager\'s webhook payload version), not {got}')
+        return error(400, f'unsupported Alertmanager payload version {got}: opsfleet reads "4"')
     try:
         payload = AlertmanagerPayload.model_validate(data)
     except ValidationError as err:

@@ -104,7 +104,7 @@ def decide_push(payload: dict, config: Config) -> PushDecision:
     ref = payload.get("ref")
     after = payload.get("after")
     if not isinstance(ref, str) or not isinstance(after, str):
-        return PushDecision((), "not a push payload: ref and after must be strings")
+        raise MalformedPayload("ref and after must be strings (a push payload has both)")
     if payload.get("deleted") or after == ZERO_SHA:
         return PushDecision((), f"ref deleted: {ref}")
     if not (len(after) == 40 and all(c in "0123456789abcdef" for c in after)):
@@ -147,7 +147,7 @@ def decide_deployment(payload: dict, config: Config) -> PushDecision:
         return PushDecision((), f"deployment {payload.get('action')!r}: only created deployments deploy")
     deployment = payload.get("deployment")
     if not isinstance(deployment, dict):
-        return PushDecision((), "not a deployment payload: no deployment object")
+        raise MalformedPayload("deployment must be an object (a deployment payload has one)")
     name, sha, ref = deployment.get("environment"), deployment.get("sha"), deployment.get("ref") or ""
     extra = deployment.get("payload")
     if isinstance(extra, dict) and "opsfleet_run" in extra:
@@ -178,7 +178,7 @@ def decide_workflow_run(payload: dict, config: Config) -> PushDecision:
     environment's branch deploys its head commit ("deploy after CI passed")."""
     run = payload.get("workflow_run")
     if not isinstance(run, dict):
-        return PushDecision((), "not a workflow_run payload: no workflow_run object")
+        raise MalformedPayload("workflow_run must be an object (a workflow_run payload has one)")
     if payload.get("action") != "completed" or run.get("conclusion") != "success":
         return PushDecision(
             (),
