@@ -824,10 +824,7 @@ class LoadedConfig:
         return path if path.is_absolute() else (self.base_dir / path).resolve()
 
     def compose_path(self, environment: str) -> Path | None:
-        env = self.config.deploy.environments[environment]
-        if not env.compose_file:
-            return None
-        return env.compose_file if env.compose_file.is_absolute() else (self.base_dir / env.compose_file).resolve()
+        return _compose_path(self.config.deploy.environments[environment], self.base_dir)
 
     def compose_names(self, environment: str) -> dict[str, str]:
         """The environment's services → their compose service names."""
@@ -838,10 +835,10 @@ class LoadedConfig:
         process's, and the .env beside it). Raises ComposeError when it cannot be used."""
         return _compose_project(self.config, self.base_dir, environment, os.environ if environ is None else environ)
 
-    def deploy_order(self, environment: str) -> list[str]:
+    def deploy_order(self, environment: str, project=None) -> list[str]:
         """The environment's services in the order a deploy recreates them: dependencies first
-        by its compose file's depends_on when it names one, else as `services` lists them.
-        Raises ComposeError when the compose file cannot be used."""
+        by its compose file's depends_on when it names one (`project`: that file, read already),
+        else as `services` lists them. Raises ComposeError when the compose file cannot be used."""
         from worker.compose import dependency_order, read_compose
 
         env = self.config.deploy.environments[environment]
@@ -849,9 +846,16 @@ class LoadedConfig:
         if path is None:
             return list(env.services)
         names = self.compose_names(environment)
-        ordered = dependency_order(list(names.values()), read_compose(path))
+        compose = {"services": project.services} if project is not None else read_compose(path)
+        ordered = dependency_order(list(names.values()), compose)
         by_compose = {compose: service for service, compose in names.items()}
         return [by_compose[name] for name in ordered]
+
+
+def _compose_path(env: DeployEnvironment, base_dir: Path) -> Path | None:
+    if not env.compose_file:
+        return None
+    return env.compose_file if env.compose_file.is_absolute() else (base_dir / env.compose_file).resolve()
 
 
 def _compose_names(config: Config, env: DeployEnvironment) -> dict[str, str]:
@@ -862,7 +866,7 @@ def _compose_project(config: Config, base_dir: Path, environment: str, environ):
     from worker.compose import ComposeError, load_project
 
     env = config.deploy.environments[environment]
-    path = env.compose_file if env.compose_file.is_absolute() else (base_dir / env.compose_file).resolve()
+    path = _compose_path(env, base_dir)
     projects = {config.services[s].compose_project for s in env.services if s in config.services} - {None}
     if len(projects) > 1:
         raise ComposeError(f"the environment's services name different compose projects: {', '.join(sorted(projects))}")

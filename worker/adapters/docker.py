@@ -63,7 +63,8 @@ class DockerAdapter:
         except DockerException as err:
             raise DockerError(f"Docker at {self.base_url or 'the default socket'} does not answer: {err}") from None
 
-    def find_container(self, service_name: str, spec: ServiceSpec):
+    def find_container(self, service_name: str, spec: ServiceSpec, missing_ok: bool = False):
+        """The service's container; with `missing_ok`, None when it has none (yet)."""
         try:
             if spec.container:
                 return self.client.containers.get(spec.container)
@@ -72,12 +73,16 @@ class DockerAdapter:
                 labels.append(f"{COMPOSE_PROJECT}={spec.compose_project}")
             found = self.client.containers.list(all=True, filters={"label": labels})
         except NotFound:
+            if missing_ok:
+                return None
             raise DockerError(
                 f'service "{service_name}": no container named "{spec.container}" (check services.{service_name}.container)'
             ) from None
         except DockerException as err:
             raise DockerError(f'service "{service_name}": Docker error while looking it up: {err}') from None
         if not found:
+            if missing_ok:
+                return None
             raise DockerError(
                 f'service "{service_name}": no container has labels {", ".join(labels)} '
                 f"(check services.{service_name}.compose_project / compose_service)"
@@ -273,15 +278,6 @@ class DockerAdapter:
                 return
             except DockerException as err:
                 raise DockerError(f"container {container.name}: cannot remove: {err}") from None
-
-    def find_service_container(self, service_name: str, spec: ServiceSpec):
-        """find_container, or None when the service has no container yet."""
-        try:
-            return self.find_container(service_name, spec)
-        except DockerError as err:
-            if "no container" in str(err):
-                return None
-            raise
 
     def finish_recreate(self, name: str, marker: str):
         """After a crash mid-recreate: the new container if it exists, else None;

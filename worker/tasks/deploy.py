@@ -41,7 +41,13 @@ import requests
 from worker.adapters import metrics
 from worker.adapters.docker import DockerError
 from worker.adapters.ledger import FINAL_STATUSES, NewRun, utcnow
-from worker.compose import COMPOSE_CONFIG_HASH, ComposeError, ContainerDefinition, container_definition
+from worker.compose import (
+    COMPOSE_CONFIG_HASH,
+    ComposeError,
+    ContainerDefinition,
+    container_definition,
+    waits_for_healthy,
+)
 from worker.deploys import judge_deploy
 from worker.tasks import backup as backups
 from worker.tasks import cleanup, restore
@@ -71,21 +77,14 @@ def _release_lock(ctx: StepContext) -> None:
     ctx.runtime.ledger.release_lock(lock_name(ctx.run["target"]), _holder(ctx))
 
 
-def _step_hard_limit(config, name: str) -> int:
-    if name == "backup":
-        return config.backup.step_timeout_seconds
-    if name == "health":
-        return _health_timeout(config) + 30
-    return config.worker.step_hard_timeout_seconds
-
-
 def _renew_lock(ctx: StepContext, step_name: str) -> None:
     """Each step after `lock` extends the environment lock to cover itself (a pre-deploy
     backup may outlast deploy.lock_ttl_seconds); a lock that lapsed and went to another
     deploy stops this one here."""
     ledger = ctx.runtime.ledger
     name = lock_name(ctx.run["target"])
-    ttl = ctx.config.deploy.lock_ttl_seconds + _step_hard_limit(ctx.config, step_name)
+    [step] = [s for s in PLAYBOOKS["deploy"] if s.name == step_name]
+    ttl = ctx.config.deploy.lock_ttl_seconds + step.hard_limit(ctx.config)
     if not ledger.acquire_lock(name, _holder(ctx), ttl):
         holder = (ledger.get_lock(name) or {}).get("holder", "someone")
         raise StepFailed(f"{name} lapsed and is held by {holder} now: this deploy stops before its {step_name} step")
@@ -231,25 +230,20 @@ def validate(ctx: StepContext) -> str:
         lines.append(f"{root}: {free // (1 << 20)} MiB free (floor {env.min_free_bytes // (1 << 20)} MiB)")
     # What a deploy that died half-way through a recreate left: the original put back or removed.
     for service in env.services:
-        spec = ctx.config.services.get(service)
-        name = spec.container if spec is not None else None
-        if name is None and spec is not None:
-            found = _find(ctx, service)
-            left = _LEFT_BY_RECREATE.match(found.name) if found is not None else None
-            name = left["name"] if left else None
+        name = _container_name(ctx, service)
         if name:
             try:
                 lines += docker.repair_leftovers(name)
             except DockerError as err:
                 raise StepFailed(str(err)) from None
-    definitions = _definitions(ctx, ctx.params["images"])  # a compose file that cannot be used fails here
+    # A compose file that cannot be used fails here, before anything is stopped.
+    definitions = _definitions(ctx, ctx.params["images"], _compose(ctx))
     for service in env.services:
-        if definitions is None:
-            container = _container(ctx, service)
-        else:
-            container = _find(ctx, service)
-        if container is None:
+        container = _container(ctx, service, missing_ok=definitions is not None)
+        if container is None and service in definitions:
             lines.append(f"{service}: no container yet; created as {definitions[service].name} from the compose file")
+        elif container is None:
+            lines.append(f"{service}: no container, and none to create (there was none before)")
         else:
             lines.append(f"{service}: container {container.name} ({container.status})")
     return "\n".join(lines)
@@ -363,11 +357,24 @@ def _running_image(container) -> str:
     return (container.attrs.get("Config") or {}).get("Image") or container.attrs.get("Image", "")
 
 
-def _in_deploy_order(ctx: StepContext, images: dict[str, str]) -> list[tuple[str, str]]:
+def _compose(ctx: StepContext):
+    """(the environment's compose file, read now; its services' compose names), or None
+    for an environment without one."""
+    environment, env = _env(ctx)
+    if not env.compose_file:
+        return None
+    loaded = ctx.runtime.loaded
+    try:
+        return loaded.compose_project(environment), loaded.compose_names(environment)
+    except ComposeError as err:
+        raise StepFailed(f"deploy.environments.{environment}.compose_file: {err}") from None
+
+
+def _in_deploy_order(ctx: StepContext, images: dict[str, str], compose) -> list[tuple[str, str]]:
     """(service, image) dependencies first (the compose file's depends_on), else in `services` order."""
     environment, _ = _env(ctx)
     try:
-        order = ctx.runtime.loaded.deploy_order(environment)
+        order = ctx.runtime.loaded.deploy_order(environment, compose[0] if compose else None)
     except ComposeError as err:
         raise StepFailed(f"deploy.environments.{environment}.compose_file: {err}") from None
     rank = {service: i for i, service in enumerate(order)}
@@ -378,35 +385,36 @@ def _in_deploy_order(ctx: StepContext, images: dict[str, str]) -> list[tuple[str
 _LEFT_BY_RECREATE = re.compile(r"^(?P<name>.+)\.opsfleet-run-\d+-[a-z]+-.+-old$")
 
 
-def _find(ctx: StepContext, service: str):
-    """The service's container, or None when it has none yet (a compose environment's fresh stack)."""
-    return _container(ctx, service, missing_ok=True)
+def _container_name(ctx: StepContext, service: str) -> str | None:
+    """The name the service's container goes by: the configured one, else its container's now
+    (without the suffix a half-done recreate left on it); None when it has no container yet."""
+    spec = ctx.config.services.get(service)
+    if spec is not None and spec.container:
+        return spec.container
+    current = _container(ctx, service, missing_ok=True)
+    if current is None:
+        return None
+    left = _LEFT_BY_RECREATE.match(current.name)
+    return left["name"] if left else current.name
 
 
-def _definitions(ctx: StepContext, images: dict[str, str]) -> dict[str, ContainerDefinition] | None:
+def _definitions(ctx: StepContext, images: dict[str, str], compose) -> dict[str, ContainerDefinition] | None:
     """For an environment with a compose file: each service's container as the file defines it,
     on its image from `images` (services without an image are left out), named as its container
     is now (or as compose names a new one). None for an environment without a compose file."""
-    environment, env = _env(ctx)
-    if not env.compose_file:
+    if compose is None:
         return None
-    loaded = ctx.runtime.loaded
+    project, names = compose
     try:
-        project = loaded.compose_project(environment)
-        names = loaded.compose_names(environment)
-        definitions = {}
-        for service, reference in images.items():
-            if not reference:
-                continue
-            spec = ctx.config.services[service]
-            name = spec.container
-            if name is None and (current := _find(ctx, service)) is not None:
-                left = _LEFT_BY_RECREATE.match(current.name)
-                name = left["name"] if left else current.name
-            definitions[service] = container_definition(project, names[service], reference, dict(os.environ), name)
+        return {
+            service: container_definition(
+                project, names[service], reference, dict(os.environ), _container_name(ctx, service)
+            )
+            for service, reference in images.items()
+            if reference
+        }
     except ComposeError as err:
-        raise StepFailed(f"deploy.environments.{environment}.compose_file: {err}") from None
-    return definitions
+        raise StepFailed(f"deploy.environments.{_env(ctx)[0]}.compose_file: {err}") from None
 
 
 def _put(ctx: StepContext, images: dict[str, str], what: str, stop_timeout: int) -> list[str]:
@@ -415,16 +423,17 @@ def _put(ctx: StepContext, images: dict[str, str], what: str, stop_timeout: int)
     service whose image is "" had no container before this deploy: its rollback removes the
     one the deploy made."""
     docker = ctx.runtime.docker
-    definitions = _definitions(ctx, images)
-    awaited = _awaited(ctx, images)
+    compose = _compose(ctx)  # read once for the whole step
+    definitions = _definitions(ctx, images, compose)
+    awaited = _awaited(images, compose)
     lines = []
-    for service, reference in _in_deploy_order(ctx, images):
+    for service, reference in _in_deploy_order(ctx, images, compose):
         marker = _marker(ctx, service, what)
         spec = ctx.config.services[service]
         definition = (definitions or {}).get(service)
         name = spec.container or (definition.name if definition else None)
         if not reference:
-            made = _find(ctx, service)
+            made = _container(ctx, service, missing_ok=True)
             if made is not None and (made.labels or {}).get("opsfleet.recreated-by") == _marker(ctx, service, "deploy"):
                 docker.remove(made, stop_timeout)
                 lines.append(f"{service}: {made.name} removed (there was none before this deploy)")
@@ -439,7 +448,7 @@ def _put(ctx: StepContext, images: dict[str, str], what: str, stop_timeout: int)
         if name and docker.finish_recreate(name, marker) is not None:
             lines.append(f"{service}: already on {reference}")
             continue
-        container = _container(ctx, service) if definition is None else _find(ctx, service)
+        container = _container(ctx, service, missing_ok=definition is not None)
         if container is None:
             fresh = docker.create(definition, marker)
             lines.append(f"{service}: {fresh.name} ({fresh.id[:12]}) created on {reference} from the compose file")
@@ -459,19 +468,12 @@ def _put(ctx: StepContext, images: dict[str, str], what: str, stop_timeout: int)
     return lines
 
 
-def _awaited(ctx: StepContext, images: dict[str, str]) -> set[str]:
+def _awaited(images: dict[str, str], compose) -> set[str]:
     """Services another one of this deploy depends on with `condition: service_healthy`."""
-    environment, env = _env(ctx)
-    if not env.compose_file:
+    if compose is None:
         return set()
-    from worker.compose import read_compose, waits_for_healthy
-
-    names = ctx.runtime.loaded.compose_names(environment)
-    try:
-        compose = read_compose(ctx.runtime.loaded.compose_path(environment))
-    except ComposeError as err:
-        raise StepFailed(f"deploy.environments.{environment}.compose_file: {err}") from None
-    healthy = waits_for_healthy(compose, [names[s] for s in images if s in names])
+    project, names = compose
+    healthy = waits_for_healthy({"services": project.services}, [names[s] for s in images if s in names])
     return {s for s in images if names.get(s) in healthy}
 
 
@@ -501,11 +503,8 @@ def recreate(ctx: StepContext) -> str:
     release = ledger.release_of_run(ctx.run["id"])
     if release is None:
         # The rollback target: what each service runs now ("" for one a compose file creates afresh).
-        if env.compose_file:
-            found = {service: _find(ctx, service) for service in env.services}
-            previous = {service: _running_image(c) if c is not None else "" for service, c in found.items()}
-        else:
-            previous = {service: _running_image(_container(ctx, service)) for service in env.services}
+        found = {s: _container(ctx, s, missing_ok=bool(env.compose_file)) for s in env.services}
+        previous = {service: _running_image(c) if c is not None else "" for service, c in found.items()}
         release = ledger.start_release(
             environment=environment,
             sha=ctx.params["sha"],

@@ -24,9 +24,8 @@ def _container(ctx: StepContext, service: str | None = None, missing_ok: bool = 
     if spec is None:
         # The configuration changed since the run was accepted.
         raise StepFailed(f'service "{name}" is no longer configured')
-    docker = ctx.runtime.docker
     try:
-        return docker.find_service_container(name, spec) if missing_ok else docker.find_container(name, spec)
+        return ctx.runtime.docker.find_container(name, spec, missing_ok=missing_ok)
     except DockerError as err:
         raise StepFailed(str(err)) from None
 
