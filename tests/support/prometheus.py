@@ -10,7 +10,7 @@ from pathlib import Path
 import requests
 import yaml
 
-from .servers import GaveUp, ServerProcess, exited, free_port, log_tail, stop_process, wait_for
+from .servers import ServerProcess, free_port, log_tail, stop_process
 
 BINARY = "prometheus"
 
@@ -53,19 +53,12 @@ class Prometheus(ServerProcess):
             f"--storage.tsdb.path={self.dir / 'data'}",
             f"--web.listen-address=127.0.0.1:{self.port}",
         ]
-        with open(self._log, "ab") as log:
-            self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-
-        def ready() -> bool:
-            exited(self._proc, BINARY)
-            return requests.get(f"{self.url}/-/ready", timeout=2).status_code == 200
-
-        try:
-            wait_for(ready, self.start_timeout, what=f"Prometheus at {self.url}/-/ready")
-        except (TimeoutError, GaveUp) as e:
-            self.stop()
-            raise RuntimeError(f"{e}\n{BINARY} log:\n{log_tail(self._log)}") from e
-        return self
+        return self._launch(
+            cmd,
+            BINARY,
+            lambda: requests.get(f"{self.url}/-/ready", timeout=2).status_code == 200,
+            f"Prometheus at {self.url}/-/ready",
+        )
 
     def stop(self) -> None:
         stop_process(self._proc)

@@ -15,7 +15,7 @@ from pathlib import Path
 import requests
 import yaml
 
-from .servers import GaveUp, ServerProcess, exited, free_port, log_tail, stop_process, wait_for
+from .servers import ServerProcess, free_port, stop_process
 
 BINARY = "docker-registry"
 
@@ -56,20 +56,13 @@ class Registry(ServerProcess):
         }
         config_file = self.dir / "config.yml"
         config_file.write_text(yaml.safe_dump(config))
-        with open(self._log, "ab") as log:
-            self._proc = subprocess.Popen([BINARY, "serve", str(config_file)], stdout=log, stderr=subprocess.STDOUT)
-
-        def ready() -> bool:
-            exited(self._proc, BINARY)
-            # Unauthenticated: 401 with the challenge is the answer of a registry that is up.
-            return requests.get(f"{self.url}/v2/", timeout=2).status_code == 401
-
-        try:
-            wait_for(ready, self.start_timeout, what=f"docker-registry at {self.url}/v2/")
-        except (TimeoutError, GaveUp) as e:
-            self.stop()
-            raise RuntimeError(f"{e}\n{BINARY} log:\n{log_tail(self._log)}") from e
-        return self
+        # Unauthenticated: 401 with the challenge is the answer of a registry that is up.
+        return self._launch(
+            [BINARY, "serve", str(config_file)],
+            BINARY,
+            lambda: requests.get(f"{self.url}/v2/", timeout=2).status_code == 401,
+            f"docker-registry at {self.url}/v2/",
+        )
 
     def stop(self) -> None:
         stop_process(self._proc)

@@ -159,6 +159,23 @@ class ServerProcess:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
 
+    def _launch(self, cmd: list[str], binary: str, probe, what: str, interval: float = 0.1, **popen):
+        """Start `cmd` (output to self._log) and wait until `probe()` answers truthy while the
+        process stays up; on a timeout or an early exit, stop it and raise with its log's tail."""
+        with open(self._log, "ab") as log:
+            self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, **popen)
+
+        def ready():
+            exited(self._proc, binary)
+            return probe()
+
+        try:
+            wait_for(ready, self.start_timeout, interval=interval, what=what)
+        except (TimeoutError, GaveUp) as e:
+            self.stop()
+            raise RuntimeError(f"{e}\n{binary} log:\n{log_tail(self._log)}") from e
+        return self
+
     def __enter__(self):
         try:
             return self.start()
@@ -192,23 +209,12 @@ class PrivateRedis(ServerProcess):
             "redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
             "--save", "", "--appendonly", "yes" if self.appendonly else "no", "--daemonize", "no",
         ]  # fmt: skip
-        with open(self._log, "ab") as log:
-            self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         # No client retries: wait_for does the retrying, and must see a dead server promptly.
         client = redis.Redis(port=self.port, socket_timeout=1, socket_connect_timeout=1, retry=Retry(NoBackoff(), 0))
-
-        def ready() -> bool:
-            exited(self._proc, "redis-server")
-            return client.ping()
-
         try:
-            wait_for(ready, self.start_timeout, what=f"private Redis on port {self.port}")
-        except (TimeoutError, GaveUp) as e:
-            self.stop()
-            raise RuntimeError(f"{e}\nredis-server log:\n{log_tail(self._log)}") from e
+            return self._launch(cmd, "redis-server", client.ping, f"private Redis on port {self.port}")
         finally:
             client.close()
-        return self
 
     def stop(self) -> None:
         # SIGTERM makes redis flush the AOF before exiting.
@@ -262,20 +268,12 @@ class PrivatePostgres(ServerProcess):
             _postgres_bin("postgres"), "-D", str(self.data), "-p", str(self.port), "-k", str(self.dir),
             "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off",
         ]  # fmt: skip
-        with open(self._log, "ab") as log:
-            self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, **self._as)
 
-        def ready() -> bool:
-            exited(self._proc, "postgres")
+        def accepts() -> bool:
             with psycopg.connect(self.url, connect_timeout=2):
                 return True
 
-        try:
-            wait_for(ready, self.start_timeout, interval=0.2, what=f"private PostgreSQL on port {self.port}")
-        except (TimeoutError, GaveUp) as e:
-            self.stop()
-            raise RuntimeError(f"{e}\npostgres log:\n{log_tail(self._log)}") from e
-        return self
+        return self._launch(cmd, "postgres", accepts, f"private PostgreSQL on port {self.port}", 0.2, **self._as)
 
     def stop(self) -> None:
         # SIGINT is PostgreSQL's "fast" shutdown: it does not wait for clients to disconnect.
