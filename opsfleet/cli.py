@@ -627,7 +627,11 @@ def backup_list(ctx, kind, as_json) -> None:
     loaded = _load(ctx)
     sets = list_sets(loaded.backup_root)
     if kind:
-        kinds = ("database", "documents", "config", "models", "inventory")
+        from typing import get_args
+
+        from worker.config import BackupKind
+
+        kinds = get_args(BackupKind)
         if kind not in kinds:
             raise click.BadParameter(f"unknown kind {kind!r} (use one of {', '.join(kinds)})", param_hint="--kind")
         sets = [s for s in sets if any(i["kind"] == kind for i in s.items.values())]

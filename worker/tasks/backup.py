@@ -336,12 +336,16 @@ def commit(ctx: StepContext) -> str:
     for series, item in manifest["items"].items():
         size = sum(f["size"] for f in item["files"])
         total += size
-        metrics.BACKUP_LAST_SUCCESS.labels(item["kind"], series).set(now)
-        metrics.BACKUP_SIZE.labels(item["kind"], series).set(size)
-        spec = ctx.config.backup.series.get(series)
-        if spec is not None:  # the age the OpsfleetBackupTooOld alert allows this series
-            metrics.BACKUP_MAX_AGE.labels(item["kind"], series).set(MAX_AGE_HOURS[spec.cadence] * 3600)
+        _export_series(item["kind"], series, now, size, ctx.config.backup.series.get(series))
     return f"committed {final} ({total / 1e6:.2f} MB, {len(manifest['items'])} series)"
+
+
+def _export_series(kind: str, series: str, finished: float, size: int, spec: SeriesSpec | None) -> None:
+    """A series' last success and size, and the age the OpsfleetBackupTooOld alert allows it."""
+    metrics.BACKUP_LAST_SUCCESS.labels(kind, series).set(finished)
+    metrics.BACKUP_SIZE.labels(kind, series).set(size)
+    if spec is not None:
+        metrics.BACKUP_MAX_AGE.labels(kind, series).set(MAX_AGE_HOURS[spec.cadence] * 3600)
 
 
 def export_backup_state(loaded) -> None:
@@ -357,9 +361,7 @@ def export_backup_state(loaded) -> None:
         if newest is None:
             continue
         finished = parse_iso(newest.manifest.get("finished_at") or newest.manifest["taken_at"])
-        metrics.BACKUP_LAST_SUCCESS.labels(spec.kind, series).set(finished.timestamp())
-        metrics.BACKUP_SIZE.labels(spec.kind, series).set(newest.size(series))
-        metrics.BACKUP_MAX_AGE.labels(spec.kind, series).set(MAX_AGE_HOURS[spec.cadence] * 3600)
+        _export_series(spec.kind, series, finished.timestamp(), newest.size(series), spec)
 
 
 def retention(ctx: StepContext) -> str:
