@@ -168,7 +168,7 @@ def load_project(path: Path, environ: dict[str, str], project_name: str | None =
     env_files: dict[str, dict[str, str]] = {}
     for service_name, service in data["services"].items():
         for file_path, required in _env_file_paths(service_name, service):
-            full = str((path.parent / file_path).resolve()) if not os.path.isabs(file_path) else file_path
+            full = _beside(path.parent, file_path)
             if full in env_files:
                 continue
             try:
@@ -196,6 +196,11 @@ def _mapping(value: Any, where: str) -> dict[str, dict]:
     if not isinstance(value, dict):
         raise ComposeError(f"{where}: must be a mapping")
     return {str(k): (v or {}) for k, v in value.items()}
+
+
+def _beside(directory: Path, file_path: str) -> str:
+    """A path the compose file names, relative to the file's folder unless absolute."""
+    return file_path if os.path.isabs(file_path) else str((directory / file_path).resolve())
 
 
 def _env_file_paths(name: str, service: Any) -> list[tuple[str, bool]]:
@@ -397,8 +402,7 @@ def _environment(project: ComposeProject, name: str, service: dict, environ: dic
     where = f"services.{name}.environment"
     merged: dict[str, str] = {}
     for file_path, _ in _env_file_paths(name, service):
-        full = str((project.directory / file_path).resolve()) if not os.path.isabs(file_path) else file_path
-        merged.update(project.env_files.get(full, {}))
+        merged.update(project.env_files.get(_beside(project.directory, file_path), {}))
     for key, value in _pairs(service.get("environment"), where).items():
         if value is None:
             # A bare name takes the value from opsfleet's own environment (as compose's shell), or is left out.
@@ -409,16 +413,21 @@ def _environment(project: ComposeProject, name: str, service: dict, environ: dic
     return [f"{k}={v}" for k, v in merged.items()]
 
 
-def _volume_name(project: ComposeProject, key: str) -> tuple[str, bool]:
-    if key not in project.volumes:
-        raise ComposeError(f'volume "{key}" is not declared under the top-level volumes')
-    spec = project.volumes[key] or {}
+def _docker_name(project: ComposeProject, spec: dict, key: str) -> tuple[str, bool]:
+    """(the Docker name of a top-level volume or network, whether it is external): its `name`,
+    else `<project>_<key>`; an external one is `name` or the key itself."""
     external = spec.get("external")
     if isinstance(external, dict):  # compose v1's external: {name: ...}
         return str(external.get("name") or key), True
     if external:
         return str(spec.get("name") or key), True
     return str(spec.get("name") or f"{project.name}_{key}"), False
+
+
+def _volume_name(project: ComposeProject, key: str) -> tuple[str, bool]:
+    if key not in project.volumes:
+        raise ComposeError(f'volume "{key}" is not declared under the top-level volumes')
+    return _docker_name(project, project.volumes[key] or {}, key)
 
 
 def _volumes(project: ComposeProject, name: str, service: dict):
@@ -569,14 +578,7 @@ def _networks(project: ComposeProject, name: str, service: dict) -> tuple[str | 
             aliases += [str(a) for a in options["aliases"]]
         if key not in project.networks and key != "default":
             raise ComposeError(f'services.{name}.networks: "{key}" is not declared under the top-level networks')
-        spec = project.networks.get(key) or {}
-        external = spec.get("external")
-        if isinstance(external, dict):
-            network, is_external = str(external.get("name") or key), True
-        elif external:
-            network, is_external = str(spec.get("name") or key), True
-        else:
-            network, is_external = str(spec.get("name") or f"{project.name}_{key}"), False
+        network, is_external = _docker_name(project, project.networks.get(key) or {}, key)
         found.append((network, tuple(aliases), is_external))
     return None, found
 
