@@ -8,6 +8,7 @@ in_progress, success, failure, error, inactive. `description` is at most
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import requests
@@ -66,8 +67,6 @@ class GitHubAdapter:
         except requests.RequestException as err:
             raise GitHubError(f"POST {path}: {err.__class__.__name__}", retryable=True) from None
         if answer.status_code != 201:
-            import time
-
             wait = rate_limit_wait(answer.status_code, answer.headers, answer.text, time.time())
             retryable = answer.status_code >= 500 or wait is not None
             raise GitHubError(f"POST {path}: HTTP {answer.status_code} {answer.text[:200]}", retryable, wait)

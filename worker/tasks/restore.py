@@ -177,7 +177,7 @@ def restore_database_into(
     t_unpacked = time.monotonic()
     if pg.database_exists(dbname):
         raise StepFailed(f"database {dbname} exists already on {pg.where()}: restores go into a fresh database")
-    owner = pg.database_owner(owner_like) if owner_like and pg.database_exists(owner_like) else None
+    owner = pg.database_owner(owner_like) if owner_like else None  # None: no such database
     pg.create_database(dbname, owner=owner)
     try:
         roles = found.path / roles_file["name"] if (with_roles and roles_file) else None
