@@ -4,14 +4,13 @@ to several web processes, and steps pinned to a host's worker."""
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.support.fleet import Fleet
+from tests.support.fleet import Fleet, service_down
 from tests.support.servers import TEST_DOCKER_HOST
 
 pytestmark = pytest.mark.slow
@@ -87,45 +86,18 @@ def test_ha_pair_delivering_twice_gives_one_action(tmp_path, api_container, pg_e
         assert len(fleet.runs()) == 1
 
 
-def _payload(fingerprint: str, service: str = "api") -> bytes:
-    return json.dumps(
-        {
-            "version": "4",
-            "status": "firing",
-            "receiver": "fleet",
-            "groupKey": "{}:{}",
-            "truncatedAlerts": 0,
-            "groupLabels": {},
-            "commonLabels": {},
-            "commonAnnotations": {},
-            "externalURL": "",
-            "alerts": [
-                {
-                    "status": "firing",
-                    "labels": {"alertname": "ServiceDown", "service": service},
-                    "annotations": {},
-                    "startsAt": "2026-12-03T11:00:00Z",
-                    "endsAt": "0001-01-01T00:00:00Z",
-                    "generatorURL": "",
-                    "fingerprint": fingerprint,
-                }
-            ],
-        }
-    ).encode()
-
-
 def test_concurrent_posts_to_several_web_processes_decide_once(tmp_path, api_container, pg_env):
     # Two gunicorn workers, no Celery worker: runs stay queued, so every
     # decision after the first sees the target busy.
     with Fleet(tmp_path, config(api_container.name), pg_env).start("web") as fleet:
         with ThreadPoolExecutor(16) as pool:
-            same = list(pool.map(lambda _: fleet.post_alerts(_payload("00000000000000aa")), range(16)))
+            same = list(pool.map(lambda _: fleet.post_alerts(service_down("00000000000000aa")), range(16)))
         assert {a.status_code for a in same} == {202}
         assert len({a.json()["runs"][0] for a in same}) == 1
         assert sorted(a.json()["alerts"][0]["outcome"] for a in same) == ["act"] + ["repeat"] * 15
 
         with ThreadPoolExecutor(10) as pool:
-            distinct = list(pool.map(lambda i: fleet.post_alerts(_payload(f"{i + 1:016x}")), range(10)))
+            distinct = list(pool.map(lambda i: fleet.post_alerts(service_down(f"{i + 1:016x}")), range(10)))
         outcomes = sorted(a.json()["alerts"][0]["outcome"] for a in distinct)
         assert outcomes == ["skip"] * 10  # the first alert's run still holds the target
         assert len([r for r in fleet.runs() if r["status"] == "queued"]) == 1
@@ -140,7 +112,7 @@ def test_a_storm_posted_concurrently_to_several_web_processes_trips_the_breaker_
     storm["remediation"]["defaults"]["storm"] = {"max_targets": 3, "window_seconds": 300}
     with Fleet(tmp_path, storm, pg_env).start("web") as fleet:
         with ThreadPoolExecutor(12) as pool:
-            answers = list(pool.map(lambda i: fleet.post_alerts(_payload(f"{i + 1:016x}", f"svc{i}")), range(12)))
+            answers = list(pool.map(lambda i: fleet.post_alerts(service_down(f"{i + 1:016x}", f"svc{i}")), range(12)))
         assert {a.status_code for a in answers} == {202}
         outcomes = sorted(a.json()["alerts"][0]["outcome"] for a in answers)
         assert outcomes.count("act") == 3 and outcomes.count("escalate") == 1, outcomes
@@ -153,7 +125,7 @@ def test_steps_of_a_pinned_service_run_on_its_hosts_worker(tmp_path, api_contain
     before = started_at(api_container)
     with Fleet(tmp_path, config(api_container.name, host="edge-1"), pg_env) as fleet:
         fleet.start("web", "worker", "worker@edge-1")
-        [run_id] = fleet.post_alerts(_payload("00000000000000bb")).json()["runs"]
+        [run_id] = fleet.post_alerts(service_down("00000000000000bb")).json()["runs"]
         assert fleet.wait_run(run_id)["status"] == "succeeded"
         assert started_at(api_container) != before
         host_log = fleet.log("worker@edge-1").read_text()
@@ -180,7 +152,7 @@ def test_chunked_body_over_the_limit_is_413_under_gunicorn(tmp_path, api_contain
         assert answer.status_code == 413 and "too large" in answer.json()["error"]
         small = requests.post(
             f"{fleet.url}/hooks/alertmanager",
-            data=iter([_payload("00000000000000cc")]),
+            data=iter([service_down("00000000000000cc")]),
             timeout=10,
             headers={"Authorization": f"Bearer {fleet.token}"},
         )

@@ -20,7 +20,7 @@ import yaml
 
 from tests.backup_support import make_documents
 from tests.support.deploy import SHA, TAG, build_images, httpd_command, new_repository, remove_images, signed_push
-from tests.support.fleet import REPO, Fleet, metric_value
+from tests.support.fleet import REPO, Fleet, metric_value, service_down
 from tests.support.servers import TEST_DOCKER_HOST, free_port
 from worker.celery_factory import create_celery
 from worker.config import load_config
@@ -45,33 +45,6 @@ def app_container(dockerd):
     for container in dockerd.containers.list(all=True, filters={"name": name}):
         container.remove(force=True)
     remove_images(dockerd, built)
-
-
-def alert(fingerprint: str, service: str) -> bytes:
-    return json.dumps(
-        {
-            "version": "4",
-            "status": "firing",
-            "receiver": "fleet",
-            "groupKey": "{}:{}",
-            "truncatedAlerts": 0,
-            "groupLabels": {},
-            "commonLabels": {},
-            "commonAnnotations": {},
-            "externalURL": "",
-            "alerts": [
-                {
-                    "status": "firing",
-                    "labels": {"alertname": "ServiceDown", "service": service},
-                    "annotations": {},
-                    "startsAt": "2026-12-03T11:00:00Z",
-                    "endsAt": "0001-01-01T00:00:00Z",
-                    "generatorURL": "",
-                    "fingerprint": fingerprint,
-                }
-            ],
-        }
-    ).encode()
 
 
 @pytest.fixture
@@ -174,9 +147,9 @@ def test_a_person_reads_runs_steps_backups_deploys_and_rules_in_chromium(
         written["fleet"]["public_url"] = fleet.url
         fleet.config_path.write_text(yaml.safe_dump(written))
         fleet.start("web", "worker")
-        assert fleet.post_alerts(alert("00000000000000a1", "api")).status_code == 202
-        assert fleet.post_alerts(alert("00000000000000a3", "ghost")).status_code == 202
-        assert fleet.post_alerts(alert("00000000000000a2", HOSTILE)).status_code == 202
+        assert fleet.post_alerts(service_down("00000000000000a1", "api")).status_code == 202
+        assert fleet.post_alerts(service_down("00000000000000a3", "ghost")).status_code == 202
+        assert fleet.post_alerts(service_down("00000000000000a2", HOSTILE)).status_code == 202
         app = create_celery(load_config(fleet.config_path, environ=fleet.env))
         app.send_task("opsfleet.schedule.trigger", args=("backup_set", "all"), kwargs={"slot_seconds": 3600})
         data, headers = signed_push(SECRET, "a", 1000)

@@ -17,7 +17,7 @@ import pytest
 import redis
 import requests
 
-from tests.support.fleet import REPO, Fleet
+from tests.support.fleet import REPO, Fleet, service_down
 from worker.adapters.fleet_collector import FleetCollector
 from worker.adapters.ledger import utcnow
 from worker.adapters.metrics import scrape
@@ -316,29 +316,8 @@ def test_alerts_held_back_are_counted_by_reason(tmp_path):
     loaded = parse_config(config, source="t", base_dir=tmp_path, environ={"ALERTMANAGER_TOKEN": "am"})
     client = create_app(loaded=loaded).test_client()
     before = value(scrape().decode(), "opsfleet_alerts_held_back_total", outcome="skip", reason="unknown_target")
-    body = {
-        "version": "4",
-        "status": "firing",
-        "receiver": "fleet",
-        "groupKey": "{}:{}",
-        "truncatedAlerts": 0,
-        "groupLabels": {},
-        "commonLabels": {},
-        "commonAnnotations": {},
-        "externalURL": "",
-        "alerts": [
-            {
-                "status": "firing",
-                "labels": {"alertname": "ServiceDown", "service": "nope"},
-                "annotations": {},
-                "startsAt": "2026-12-03T11:00:00Z",
-                "endsAt": "0001-01-01T00:00:00Z",
-                "generatorURL": "",
-                "fingerprint": "00000000000000f1",
-            }
-        ],
-    }
-    answer = client.post("/hooks/alertmanager", json=body, headers={"Authorization": "Bearer am"})
+    body = service_down("00000000000000f1", "nope")
+    answer = client.post("/hooks/alertmanager", data=body, headers={"Authorization": "Bearer am"})
     assert answer.status_code == 202, answer.json
     after = value(scrape().decode(), "opsfleet_alerts_held_back_total", outcome="skip", reason="unknown_target")
     assert after == before + 1

@@ -176,3 +176,31 @@ def metric_value(text: str, name: str, **labels: str) -> float:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 total += sample.value
     return total
+
+
+def service_down(fingerprint: str, service: str = "api") -> bytes:
+    """One firing ServiceDown alert for `service`, as Alertmanager's v4 webhook body."""
+    return json.dumps(
+        {
+            "version": "4",
+            "status": "firing",
+            "receiver": "fleet",
+            "groupKey": "{}:{}",
+            "truncatedAlerts": 0,
+            "groupLabels": {},
+            "commonLabels": {},
+            "commonAnnotations": {},
+            "externalURL": "",
+            "alerts": [
+                {
+                    "status": "firing",
+                    "labels": {"alertname": "ServiceDown", "service": service},
+                    "annotations": {},
+                    "startsAt": "2026-12-03T11:00:00Z",
+                    "endsAt": "0001-01-01T00:00:00Z",
+                    "generatorURL": "",
+                    "fingerprint": fingerprint,
+                }
+            ],
+        }
+    ).encode()
