@@ -2,18 +2,22 @@
 
 Lazily, because Celery forks its children after importing the app: a
 database connection or Docker socket opened in the parent would be shared
-by every child.
+by every child. The Docker and Slack adapters are imported lazily too: a
+command that needs neither starts without their SDKs.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+from typing import TYPE_CHECKING
 
-from worker.adapters.docker import DockerAdapter
 from worker.adapters.ledger import Ledger, ledger_url
-from worker.adapters.slack import SlackAdapter
 from worker.config import LoadedConfig
+
+if TYPE_CHECKING:
+    from worker.adapters.docker import DockerAdapter
+    from worker.adapters.slack import SlackAdapter
 
 
 class Runtime:
@@ -41,6 +45,8 @@ class Runtime:
 
     @property
     def docker(self) -> DockerAdapter:
+        from worker.adapters.docker import DockerAdapter
+
         return self._handle(
             "docker", lambda: DockerAdapter(self.secrets.get("DOCKER_HOST"), self.config.docker.timeout_seconds)
         )
@@ -51,6 +57,8 @@ class Runtime:
         token = self.secrets.get("SLACK_BOT_TOKEN")
         if not token:
             return None
+        from worker.adapters.slack import SlackAdapter
+
         return self._handle(
             "slack", lambda: SlackAdapter(token, self.secrets.get("SLACK_API_URL"), self.config.slack.timeout_seconds)
         )

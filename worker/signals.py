@@ -55,8 +55,11 @@ def connect_worker_signals(app: Celery) -> None:
 
     @worker_init.connect(weak=False)
     def _migrate_on_worker_start(**_kwargs) -> None:
+        from worker.tasks.playbooks import load_all
+
         # Fail at start, with the reason, rather than on the first task.
         app.opsfleet.ledger.migrate()
+        load_all()  # in the parent, once: the forked children share it
 
     @beat_init.connect(weak=False)
     def _migrate_on_beat_start(**_kwargs) -> None:

@@ -18,7 +18,7 @@ from zoneinfo import ZoneInfo
 from celery import shared_task
 
 from worker.adapters.ledger import NewRun, utcnow
-from worker.tasks.playbooks import GATES, PLAYBOOKS
+from worker.tasks.playbooks import PLAYBOOKS, gate
 from worker.tasks.runs import enqueue_runs
 
 
@@ -34,8 +34,8 @@ def trigger(
     if playbook not in PLAYBOOKS:
         raise ValueError(f'beat_schedule names unknown playbook "{playbook}"')
     runtime = self.app.opsfleet
-    gate = GATES.get(playbook)
-    idle = gate(runtime, target, params or {}) if gate else None
+    worth_a_run = gate(playbook)
+    idle = worth_a_run(runtime, target, params or {}) if worth_a_run else None
     if idle:
         return {"run_id": None, "created": False, "enqueued": False, "idle": idle}
     now = utcnow()

@@ -17,7 +17,6 @@ from celery import shared_task
 
 from worker.adapters import metrics
 from worker.adapters.ledger import utcnow
-from worker.tasks.deploy import repair_dead_deploys
 from worker.tasks.runs import enqueue_runs, request_report
 
 log = logging.getLogger("opsfleet.sweeper")
@@ -25,6 +24,10 @@ log = logging.getLogger("opsfleet.sweeper")
 
 @shared_task(name="opsfleet.sweeper.sweep", bind=True, acks_late=True)
 def sweep(self) -> dict:
+    # Here, not at the top: `opsfleet rotate-logs` registers this task but never sweeps,
+    # and should not load the deploy engine and the Docker SDK to start.
+    from worker.tasks.deploy import repair_dead_deploys
+
     runtime = self.app.opsfleet
     ledger = runtime.ledger
     expired = ledger.expire_leases()
