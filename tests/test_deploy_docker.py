@@ -923,7 +923,6 @@ def test_a_migrating_deploy_backs_up_first_and_its_rollback_restores_the_databas
 
     from worker.adapters.backupstore import list_sets
     from worker.tasks import deploy as deploy_tasks
-    from worker.tasks.playbooks import PLAYBOOKS
     from worker.tasks.steps import Step
 
     with psycopg.connect(shared_pg_url, autocommit=True) as conn:
@@ -954,8 +953,9 @@ def test_a_migrating_deploy_backs_up_first_and_its_rollback_restores_the_databas
             conn.execute("DELETE FROM orders WHERE id = 1")
         return output
 
-    steps = tuple(Step(s.name, recreate_and_migrate) if s.name == "recreate" else s for s in PLAYBOOKS["deploy"])
-    monkeypatch.setitem(PLAYBOOKS, "deploy", steps)
+    own = deploy_tasks.PLAYBOOKS  # the registry reads the module's own table at each lookup
+    steps = tuple(Step(s.name, recreate_and_migrate) if s.name == "recreate" else s for s in own["deploy"])
+    monkeypatch.setitem(own, "deploy", steps)
     try:
         stack.start()
         run = deploy(stack, "c", 1000)  # c never gets healthy: rolled back
