@@ -172,18 +172,64 @@ def test_backup_run_refuses_unknown_series_and_kinds_up_front(site):
     assert "backup_set" not in opsfleet(site, "runs", "--json").output
 
 
-def test_recover_latest_brings_busybox_services_back_through_the_health_gate(site, make_container, monkeypatch):
-    api = make_container("opsfleet-bk-api")
-    worker = make_container("opsfleet-bk-worker")
-    before = {c.name: c.attrs["State"]["StartedAt"] for c in (api, worker)}
+class HealthEndpoint:
+    """A local HTTP endpoint answering `status` and `body` (changed by the test)."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        endpoint = self
+        self.status, self.body, self.hits = 200, b"ok", 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                endpoint.hits += 1
+                self.send_response(endpoint.status)
+                self.send_header("Content-Length", str(len(endpoint.body)))
+                self.end_headers()
+                self.wfile.write(endpoint.body)
+
+            def log_message(self, *_args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/health"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def health():
+    endpoint = HealthEndpoint()
+    yield endpoint
+    endpoint.close()
+
+
+def recover_site(site, monkeypatch, health_url=None, environment=None):
     config = site["config"]
-    config["services"] = {"api": {"container": "opsfleet-bk-api"}, "worker": {"container": "opsfleet-bk-worker"}}
+    config["services"] = {
+        "api": {"container": "opsfleet-bk-api", **({"health_url": health_url} if health_url else {})},
+        "worker": {"container": "opsfleet-bk-worker"},
+    }
     config["backup"]["recover_stop_order"] = ["api", "worker"]
     config["backup"]["health_timeout_seconds"] = 30
     config["backup"]["stop_timeout_seconds"] = 1  # busybox sleep as PID 1 ignores SIGTERM
     config["backup"]["series"]["db"]["stop_services"] = ["api", "worker"]
+    if environment:
+        config["deploy"] = {"environments": {"prod": environment}}
     site["path"].write_text(yaml.safe_dump(config))
     monkeypatch.setenv("DOCKER_HOST", TEST_DOCKER_HOST)
+
+
+def test_recover_latest_brings_busybox_services_back_through_the_health_gate(site, make_container, monkeypatch):
+    api = make_container("opsfleet-bk-api")
+    worker = make_container("opsfleet-bk-worker")
+    before = {c.name: c.attrs["State"]["StartedAt"] for c in (api, worker)}
+    recover_site(site, monkeypatch)
 
     opsfleet(site, "backup", "run")
     with psycopg.connect(site["url"], autocommit=True) as conn:
@@ -191,11 +237,54 @@ def test_recover_latest_brings_busybox_services_back_through_the_health_gate(sit
     out = opsfleet(site, "recover", "--latest", "--yes").output
     assert "stopped api" in out and "stopped worker" in out
     assert out.index("started worker") < out.index("started api")  # reverse order
-    assert "2 services running and healthy" in out
+    assert "api, worker healthy 3 times in a row" in out  # the deploy gate's default passes
     assert counts(site["url"]) == ROWS
     for c in (api, worker):
         c.reload()
         assert c.status == "running" and c.attrs["State"]["StartedAt"] != before[c.name]
+
+
+def test_recover_passes_the_deploy_gate_of_the_services_environment(site, make_container, monkeypatch, health):
+    # The same gate as a deploy: the environment's passes and its business checks, after
+    # the services this recovery started are healthy.
+    make_container("opsfleet-bk-api")
+    make_container("opsfleet-bk-worker")
+    recover_site(site, monkeypatch, health_url=health.url, environment={
+        "branch": "main", "services": ["api", "worker"], "image": "registry.local/shop",
+        "health": {"passes": 4, "interval_seconds": 0.2, "timeout_seconds": 5},
+        "checks": [{"name": "orders", "url": health.url, "expect_text": "ok"}],
+    })  # fmt: skip
+    opsfleet(site, "backup", "run")
+    out = opsfleet(site, "recover", "--latest", "--yes").output
+    assert "api, worker healthy 4 times in a row" in out and "check orders: 200, has 'ok'" in out
+    assert health.hits >= 5  # four passes through api's health_url, then the check
+
+
+@pytest.mark.parametrize(
+    "status, body, says",
+    [
+        (503, b"ok", "health gate failed after 3s: api: {url} answered 503"),
+        (200, b"maintenance", "health gate failed after 3s: check orders: {url} answered without 'ok'"),
+    ],
+)
+def test_recover_fails_when_the_gate_does_not_pass_and_says_why(
+    site, make_container, monkeypatch, health, status, body, says
+):
+    make_container("opsfleet-bk-api")
+    make_container("opsfleet-bk-worker")
+    recover_site(site, monkeypatch, health_url=health.url, environment={
+        "branch": "main", "services": ["api"], "image": "registry.local/shop",
+        "health": {"passes": 2, "interval_seconds": 0.2, "timeout_seconds": 5},
+        "checks": [{"name": "orders", "url": health.url, "expect_text": "ok"}],
+    })  # fmt: skip
+    site["config"]["backup"]["health_timeout_seconds"] = 3
+    site["path"].write_text(yaml.safe_dump(site["config"]))
+    opsfleet(site, "backup", "run")
+    health.status, health.body = status, body
+    result = opsfleet(site, "recover", "--latest", "--yes", ok=False)
+    assert result.exit_code == 1
+    assert says.format(url=health.url) in result.output
+    assert "run " in result.output and " failed in " in result.output
 
 
 def test_database_in_a_container_is_backed_up_and_restored_through_docker_exec(tmp_path, dockerd, monkeypatch):

@@ -36,8 +36,6 @@ import re
 import shutil
 import time
 
-import requests
-
 from worker.adapters import metrics
 from worker.adapters.docker import DockerError
 from worker.adapters.ledger import FINAL_STATUSES, NewRun, utcnow
@@ -51,7 +49,8 @@ from worker.compose import (
 from worker.deploys import judge_deploy
 from worker.tasks import backup as backups
 from worker.tasks import cleanup, restore
-from worker.tasks.remediate import _container, _health_problem
+from worker.tasks.gate import pass_gate, running_image
+from worker.tasks.remediate import _container
 from worker.tasks.steps import Step, StepContext, StepEnded, StepFailed, StepRequeued, StepSkipped
 
 log = logging.getLogger("opsfleet.deploy")
@@ -353,10 +352,6 @@ def _marker(ctx: StepContext, service: str, what: str = "deploy") -> str:
     return f"opsfleet-run-{ctx.run['id']}-{what}-{service}"
 
 
-def _running_image(container) -> str:
-    return (container.attrs.get("Config") or {}).get("Image") or container.attrs.get("Image", "")
-
-
 def _compose(ctx: StepContext):
     """(the environment's compose file, read now; its services' compose names), or None
     for an environment without one."""
@@ -457,7 +452,7 @@ def _put(ctx: StepContext, images: dict[str, str], what: str, stop_timeout: int)
             continue
         same = definition is None or (container.labels or {}).get(COMPOSE_CONFIG_HASH) == definition.config_hash
         # The same reference is not enough: a moving tag may name a newer image now.
-        on_it = _running_image(container) == reference and container.attrs.get("Image") == docker.image_id(reference)
+        on_it = running_image(container) == reference and container.attrs.get("Image") == docker.image_id(reference)
         if on_it and container.status == "running" and same:
             lines.append(f"{service}: already runs {reference}")
             continue
@@ -504,7 +499,7 @@ def recreate(ctx: StepContext) -> str:
     if release is None:
         # The rollback target: what each service runs now ("" for one a compose file creates afresh).
         found = {s: _container(ctx, s, missing_ok=bool(env.compose_file)) for s in env.services}
-        previous = {service: _running_image(c) if c is not None else "" for service, c in found.items()}
+        previous = {service: running_image(c) if c is not None else "" for service, c in found.items()}
         release = ledger.start_release(
             environment=environment,
             sha=ctx.params["sha"],
@@ -521,59 +516,11 @@ def recreate(ctx: StepContext) -> str:
     return "\n".join(lines)
 
 
-def _business_checks(checks) -> tuple[str, list[str]]:
-    """("", what passed) when every check passes, else (the first failure, [])."""
-    passed = []
-    for check in checks:
-        try:
-            answer = requests.get(check.url, timeout=check.timeout_seconds, allow_redirects=False)
-        except requests.RequestException as err:
-            return f"check {check.name}: {check.url} did not answer ({err.__class__.__name__})", []
-        if answer.status_code != check.expect_status:
-            return f"check {check.name}: {check.url} answered {answer.status_code}, expected {check.expect_status}", []
-        if check.expect_text is not None and check.expect_text not in answer.text:
-            return f"check {check.name}: {check.url} answered without {check.expect_text!r}", []
-        passed.append(
-            f"{check.name}: {answer.status_code}" + (f", has {check.expect_text!r}" if check.expect_text else "")
-        )
-    return "", passed
-
-
 def _gate(ctx: StepContext, images: dict[str, str]) -> str:
     """Every service on its image, running, healthy: `passes` times in a row, before the timeout."""
     _, env = _env(ctx)
-    gate = env.health
-    deadline = time.monotonic() + gate.timeout_seconds
-    streak, problem, failed_check = 0, "", ""
     images = {service: reference for service, reference in images.items() if reference}
-    while True:
-        problem = ""
-        for service, reference in images.items():
-            try:
-                container = _container(ctx, service)
-                if _running_image(container) != reference:
-                    problem = f"{service} runs {_running_image(container)}, not {reference}"
-                else:
-                    problem, _ = _health_problem(ctx, None, service)
-            except StepFailed as err:
-                problem = str(err)
-            if problem:
-                problem = problem if problem.startswith(service) else f"{service}: {problem}"
-                break
-        streak = 0 if problem else streak + 1
-        if streak >= gate.passes:
-            failed_check, passed = _business_checks(env.checks)
-            if not failed_check:
-                return f"{', '.join(images)} healthy {gate.passes} times in a row" + "".join(
-                    f"\ncheck {line}" for line in passed
-                )
-            streak = 0  # a check that fails sends the services back through the gate
-        if time.monotonic() + gate.interval_seconds > deadline:
-            raise StepFailed(
-                f"health gate failed after {gate.timeout_seconds}s: "
-                f"{problem or failed_check or f'only {streak} passes in a row'}"
-            )
-        time.sleep(gate.interval_seconds)
+    return pass_gate(ctx, list(images), env.health, env.checks, images=images)
 
 
 def _roll_back(ctx: StepContext, release: dict, why: str):

@@ -32,8 +32,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import requests
-
 from worker.adapters import metrics
 from worker.adapters.archive import ArchiveError, Watchdog, free_bytes, iter_decompressed, tail
 from worker.adapters.backupstore import BackupSet, get_set, list_sets, newest_holding
@@ -41,6 +39,7 @@ from worker.adapters.docker import DockerError
 from worker.adapters.postgres import Postgres, PostgresError, check_db_name
 from worker.config import SeriesSpec
 from worker.tasks.backup import backup_root, is_secret, postgres_for, verify_item
+from worker.tasks.gate import pass_gate, recovery_gate
 from worker.tasks.steps import Step, StepContext, StepFailed
 
 FILE_KINDS = ("documents", "models", "config")
@@ -418,31 +417,16 @@ def start_all(ctx: StepContext) -> str:
 
 
 def health_gate(ctx: StepContext) -> str:
-    """Every service running (since this run), healthy if it has a Docker health check,
-    its health_url answering 2xx, within params.health_timeout_seconds."""
-    deadline = time.monotonic() + float(ctx.params.get("health_timeout_seconds", 60))
-    names = ctx.params.get("services", [])
-    while True:
-        problems = []
-        for name, container in _services(ctx, names):
-            state = ctx.runtime.docker.state(container)
-            spec = ctx.config.services[name]
-            if not state.running:
-                problems.append(f"{name}: {state.status}")
-            elif state.health not in (None, "healthy"):
-                problems.append(f"{name}: health {state.health}")
-            elif spec.health_url:
-                try:
-                    answer = requests.get(spec.health_url, timeout=5)
-                    if not answer.ok:
-                        problems.append(f"{name}: {spec.health_url} answered {answer.status_code}")
-                except requests.RequestException as err:
-                    problems.append(f"{name}: {spec.health_url} did not answer ({err.__class__.__name__})")
-        if not problems:
-            return f"{len(names)} services running and healthy: {', '.join(names)}"
-        if time.monotonic() >= deadline:
-            raise StepFailed("health gate failed: " + "; ".join(problems))
-        time.sleep(1)
+    """The deploy health gate (worker.tasks.gate) for the services this recovery started:
+    each started by this run, running, healthy (Docker health check, health_url) the
+    deploy gate's `passes` times in a row, then the business checks of their environments,
+    within params.health_timeout_seconds (backup.health_timeout_seconds)."""
+    names = list(ctx.params.get("services", []))
+    if not names:
+        return "no services to check (backup.recover_stop_order is empty)"
+    timeout = int(ctx.params.get("health_timeout_seconds", ctx.config.backup.health_timeout_seconds))
+    gate_spec, checks = recovery_gate(ctx.config, names, timeout)
+    return pass_gate(ctx, names, gate_spec, checks, since=ctx.run.get("started_at"))
 
 
 def _long(config) -> int:
