@@ -835,8 +835,8 @@ def restore(ctx, set_id, latest, database, documents, config_files, models, targ
 def recover(ctx, set_id, latest, config_files, models, dry_run, yes) -> None:
     """Full recovery: stop the services (backup.recover_stop_order), restore
     database and documents (config and models when asked), start the services
-    in reverse order, pass the health gate. On a failure the services stay
-    stopped and the report says where it stopped."""
+    in reverse order, pass the deploy health gate (their environment's passes
+    and business checks). On a failure the report says which step and why."""
     loaded = _load(ctx)
     kinds = ["database", "documents"] + (["config"] if config_files else []) + (["models"] if models else [])
     services = list(loaded.config.backup.recover_stop_order)

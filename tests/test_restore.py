@@ -121,6 +121,74 @@ def test_documents_restore_moves_the_current_tree_aside_and_config_comes_back_06
     assert list(env.parent.glob(".env.before-restore-*"))
 
 
+def test_models_series_backs_up_weekly_and_restores_its_tree_on_demand(site):
+    models = site["tmp"] / "models"
+    (models / "llm").mkdir(parents=True)
+    (models / "llm" / "weights.bin").write_bytes(bytes(range(256)) * 4096)
+    (models / "llm" / "config.json").write_text('{"layers": 2}\n')
+    site["config"]["backup"]["series"]["models"] = {"kind": "models", "path": str(models)}
+    site["path"].write_text(yaml.safe_dump(site["config"]))
+
+    opsfleet(site, "backup", "run", "--kind", "models")
+    listing = opsfleet(site, "backup", "list", "--kind", "models").output
+    assert "models" in listing and "NO" not in listing
+    (models / "llm" / "weights.bin").write_bytes(b"corrupted by a bad download")
+    (models / "llm" / "extra.bin").write_text("new\n")
+
+    plain = opsfleet(site, "restore", "--latest", "--yes", "--dry-run", ok=False)  # models only by name
+    assert plain.exit_code == 1 and "hold no verified item of kind database, documents" in plain.output
+    out = opsfleet(site, "restore", "--latest", "--models", "--yes").output
+    assert "2 files restored" in out, out
+    assert (models / "llm" / "weights.bin").read_bytes() == bytes(range(256)) * 4096
+    assert not (models / "llm" / "extra.bin").exists()
+    (aside,) = [p for p in models.parent.iterdir() if p.name.startswith("models.before-restore-")]
+    assert (aside / "llm" / "extra.bin").exists()
+
+
+def test_restore_without_yes_shows_the_manifest_and_asks_and_no_changes_nothing(site):
+    opsfleet(site, "backup", "run")
+    with psycopg.connect(site["url"], autocommit=True) as conn:
+        conn.execute("DELETE FROM orders WHERE id > 10")
+    drifted = counts(site["url"])
+    (site["docs"] / "new.txt").write_text("after the backup\n")
+    set_id = opsfleet(site, "backup", "list").output.splitlines()[1].split()[0]
+
+    for answer in ("n\n", "\n"):  # no, and the default (no)
+        result = CliRunner().invoke(
+            cli, ["--config", str(site["path"]), "restore", "--latest"], input=answer, catch_exceptions=False
+        )
+        assert result.exit_code == 1
+        plan = result.output
+        assert f"db (database) from set {set_id}" in plan and "3 tables, 427 rows" in plan
+        assert "documents (documents) from set" in plan and "21 files" in plan
+        assert "restore now? [y/N]" in plan
+    assert counts(site["url"]) == drifted and (site["docs"] / "new.txt").exists()
+    assert '"playbook": "restore"' not in opsfleet(site, "runs", "--json").output
+
+    result = CliRunner().invoke(
+        cli, ["--config", str(site["path"]), "restore", "--latest"], input="y\n", catch_exceptions=False
+    )
+    assert result.exit_code == 0, result.output
+    assert counts(site["url"]) == ROWS and not (site["docs"] / "new.txt").exists()
+
+
+def test_recover_without_yes_asks_before_it_stops_anything(site, make_container, monkeypatch):
+    api = make_container("opsfleet-bk-api")
+    make_container("opsfleet-bk-worker")
+    recover_site(site, monkeypatch)
+    opsfleet(site, "backup", "run")  # stops and starts them (the db series' stop_services)
+    api.reload()
+    started = api.attrs["State"]["StartedAt"]
+    result = CliRunner().invoke(
+        cli, ["--config", str(site["path"]), "recover", "--latest"], input="n\n", catch_exceptions=False
+    )
+    assert result.exit_code == 1
+    assert "services stopped in this order: api, worker" in result.output
+    assert "stop the services and recover now? [y/N]" in result.output
+    api.reload()
+    assert api.status == "running" and api.attrs["State"]["StartedAt"] == started
+
+
 def test_prune_dry_run_says_why_each_stays_and_deletes_nothing(site):
     opsfleet(site, "backup", "run", "--kind", "documents")
     out = opsfleet(site, "backup", "prune", "--dry-run").output
