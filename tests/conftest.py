@@ -23,6 +23,7 @@ import pytest  # noqa: E402
 
 from tests.support.fixtures import (  # noqa: E402,F401  (fixtures, used by name)
     dockerd,
+    health,
     make_alertmanager,
     make_container,
     private_postgres,

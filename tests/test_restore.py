@@ -240,43 +240,6 @@ def test_backup_run_refuses_unknown_series_and_kinds_up_front(site):
     assert "backup_set" not in opsfleet(site, "runs", "--json").output
 
 
-class HealthEndpoint:
-    """A local HTTP endpoint answering `status` and `body` (changed by the test)."""
-
-    def __init__(self):
-        import http.server
-        import threading
-
-        endpoint = self
-        self.status, self.body, self.hits = 200, b"ok", 0
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                endpoint.hits += 1
-                self.send_response(endpoint.status)
-                self.send_header("Content-Length", str(len(endpoint.body)))
-                self.end_headers()
-                self.wfile.write(endpoint.body)
-
-            def log_message(self, *_args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/health"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture
-def health():
-    endpoint = HealthEndpoint()
-    yield endpoint
-    endpoint.close()
-
-
 def recover_site(site, monkeypatch, health_url=None, environment=None):
     config = site["config"]
     config["services"] = {

@@ -11,6 +11,7 @@ import contextlib
 import pytest
 
 from .alertmanager import Alertmanager
+from .health import HealthEndpoint
 from .servers import (
     PrivatePostgres,
     PrivateRedis,
@@ -45,6 +46,14 @@ def make_container(dockerd):
     for container in started:
         with contextlib.suppress(Exception):  # a test may have removed it already
             container.remove(force=True)
+
+
+@pytest.fixture
+def health():
+    """A local health endpoint (HealthEndpoint): set .status and .body; .url to point at."""
+    endpoint = HealthEndpoint()
+    yield endpoint
+    endpoint.close()
 
 
 @pytest.fixture
