@@ -121,6 +121,57 @@ def test_a_storm_posted_concurrently_to_several_web_processes_trips_the_breaker_
         assert len(escalations) == 1, escalations
 
 
+def test_one_group_of_forty_targets_through_web_and_worker_is_one_slack_summary_and_one_page(
+    tmp_path, api_container, pg_env, slack, make_alertmanager
+):
+    """Must-show 6 with the real processes: a monitoring glitch sends 40 services down in one
+    notification. No container is touched, Slack gets the escalation's summary and its page
+    and nothing else, Alertmanager gets exactly one OpsfleetEscalation."""
+    import json
+
+    import requests
+
+    am = make_alertmanager("http://127.0.0.1:9/unused")
+    storm = config(api_container.name)
+    storm["services"] = {f"svc{i}": {"container": f"{api_container.name}-{i}"} for i in range(40)}
+    storm["services"]["api"] = {"container": api_container.name}
+    storm["remediation"]["defaults"]["storm"] = {"max_targets": 10, "window_seconds": 300}
+    storm["escalation"] = {"alertmanager_url": am.url}
+    env = {**pg_env, "SLACK_BOT_TOKEN": slack.token, "SLACK_API_URL": slack.base_url}
+    body = json.loads(service_down("0000000000000001"))
+    first = body["alerts"][0]
+    body["alerts"] = [
+        {**first, "labels": {**first["labels"], "service": f"svc{i}"}, "fingerprint": f"{i + 1:016x}"}
+        for i in range(40)
+    ]
+    before = started_at(api_container)
+    with Fleet(tmp_path, storm, env).start("web", "worker") as fleet:
+        answer = fleet.post_alerts(body)
+        assert answer.status_code == 202, answer.text
+        outcomes = [a["outcome"] for a in answer.json()["alerts"]]
+        assert outcomes.count("escalate") == 1 and outcomes.count("skip") == 39 and "act" not in outcomes
+        (escalation,) = [r for r in fleet.runs() if r["playbook"] == "escalate"]
+        assert fleet.wait_run(escalation["id"])["status"] == "succeeded"
+        fleet.wait(lambda: slack.threads(), 30, "the storm summary in Slack")
+        time.sleep(3)  # the worker had time to post anything else it would have
+        # Slack: the escalation run's thread (the summary: the storm, its targets) and the page
+        # itself; nothing for the 39 alerts skipped, no action run.
+        parents = sorted((t["parent"]["text"] for t in slack.threads().values()), key=lambda t: ":gear:" in t)
+        assert len(parents) == 2, parents
+        page, summary = parents
+        assert ":rotating_light: opsfleet needs a person" in page and "storm" in page
+        assert summary.startswith(f":gear: Run #{escalation['id']} escalate") and "40 targets" in summary
+        assert "svc0" in page  # the page names the targets
+        pages = [
+            a
+            for a in requests.get(f"{am.url}/api/v2/alerts", timeout=5).json()
+            if a["labels"].get("alertname") == "OpsfleetEscalation"
+        ]
+        assert len(pages) == 1, pages
+        assert all(r["status"] == "skipped" for r in fleet.runs() if r["playbook"] != "escalate")
+    assert started_at(api_container) == before
+
+
 def test_steps_of_a_pinned_service_run_on_its_hosts_worker(tmp_path, api_container, pg_env):
     before = started_at(api_container)
     with Fleet(tmp_path, config(api_container.name, host="edge-1"), pg_env) as fleet:
