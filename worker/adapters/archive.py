@@ -8,6 +8,8 @@ under a `Watchdog` that kills it at its deadline.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import gzip
 import hashlib
 import os
@@ -250,6 +252,13 @@ def tar_problems(stderr: str) -> tuple[list[str], list[str]]:
     return reported, fatal
 
 
+def widen_pipe(pipe) -> None:
+    """Let the producer run ahead by a chunk while the consumer compresses: Linux's default
+    64 KiB pipe stalls tar or pg_dump on every chunk (F_SETPIPE_SZ, up to pipe-max-size)."""
+    with contextlib.suppress(OSError, AttributeError):
+        fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, CHUNK)
+
+
 def stream_into(
     source: subprocess.Popen, writer: CompressedWriter, check: subprocess.Popen | None, watchdog: Watchdog
 ) -> str:
@@ -257,6 +266,7 @@ def stream_into(
     reading the same bytes as they stream). Returns "" or the verifier's
     complaint about its stdin closing early."""
     problem = ""
+    widen_pipe(source.stdout)
     try:
         while chunk := source.stdout.read(CHUNK):
             writer.write(chunk)

@@ -9,9 +9,11 @@ runs under a deadline (see archive.Watchdog / archive.run).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -57,7 +59,7 @@ class PostgresError(Exception):
 @dataclass(frozen=True)
 class Snapshot:
     id: str
-    row_counts: dict[str, int]
+    row_counts: dict[str, int]  # complete once the snapshot's `with` block has ended
     server_version: str
 
 
@@ -132,15 +134,39 @@ class Postgres:
     def snapshot(self) -> Iterator[Snapshot]:
         """A REPEATABLE READ transaction held open while the caller dumps:
         its snapshot is exported for `pg_dump --snapshot`, and the row counts
-        are taken inside it, so they describe exactly the dumped data."""
+        are taken inside it, so they describe exactly the dumped data. They are
+        counted while the caller dumps (a thread on this transaction's own
+        connection; counting a large table takes as long as a second of dump)
+        and are in the Snapshot when the `with` block ends."""
         conn = self.connect(autocommit=False)
+        counted: dict[str, int] = {}
+        failed: list[psycopg.Error] = []
+
+        def count() -> None:
+            try:
+                counted.update(_count_rows(conn))
+            except psycopg.Error as err:
+                failed.append(err)
+
         try:
             conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
             with conn.transaction():
                 snap = conn.execute("SELECT pg_export_snapshot()").fetchone()[0]
                 version = conn.execute("SHOW server_version").fetchone()[0]
-                counts = _count_rows(conn)
-                yield Snapshot(snap, counts, version)
+                counter = threading.Thread(target=count, name="row-counts", daemon=True)
+                counts: dict[str, int] = {}
+                counter.start()
+                try:
+                    yield Snapshot(snap, counts, version)
+                except BaseException:
+                    with contextlib.suppress(psycopg.Error):  # the server may be what failed
+                        conn.cancel_safe(timeout=5)  # the dump failed: stop counting now
+                    counter.join()
+                    raise
+                counter.join()
+                if failed:
+                    raise failed[0]
+                counts.update(counted)
         except psycopg.Error as err:
             raise PostgresError(f"PostgreSQL at {self.where()}: {_first_line(err)}") from None
         finally:
