@@ -172,6 +172,30 @@ def test_one_group_of_forty_targets_through_web_and_worker_is_one_slack_summary_
     assert started_at(api_container) == before
 
 
+def test_cooldown_survives_a_restart_of_the_web_and_worker_processes(tmp_path, api_container, pg_env):
+    """Must-show 7 with the real processes: the restart's cooldown lives in the ledger, so a
+    fresh gunicorn and Celery worker still refuse to act on the next alert for the target."""
+    import json
+
+    cooled = config(api_container.name)
+    cooled["remediation"]["defaults"]["cooldown_seconds"] = 600
+    fleet = Fleet(tmp_path, cooled, pg_env)
+    with fleet.start("web", "worker"):
+        first = fleet.post_alerts(service_down("00000000000000c1"))
+        assert first.json()["alerts"][0]["outcome"] == "act"
+        assert fleet.wait_run(first.json()["alerts"][0]["run_id"])["status"] == "succeeded"
+        restarted = started_at(api_container)
+        fleet.stop("web", "worker")
+        fleet.start("web", "worker")
+        again = json.loads(service_down("00000000000000c1"))
+        again["alerts"][0]["startsAt"] = "2026-12-03T11:20:00Z"  # it came back after the fix
+        answer = fleet.post_alerts(again).json()["alerts"][0]
+        assert answer["outcome"] == "skip" and answer["reason"].startswith("cooldown: acted "), answer
+        time.sleep(3)  # a worker that wrongly acted would have restarted it by now
+        assert started_at(api_container) == restarted
+        assert [r["status"] for r in fleet.runs() if r["playbook"] == "restart_service"].count("succeeded") == 1
+
+
 def test_steps_of_a_pinned_service_run_on_its_hosts_worker(tmp_path, api_container, pg_env):
     before = started_at(api_container)
     with Fleet(tmp_path, config(api_container.name, host="edge-1"), pg_env) as fleet:
