@@ -502,3 +502,69 @@ def test_a_restore_swapped_into_place_keeps_the_owners_of_the_database_and_its_t
                 with psycopg.connect(site["url"].rsplit("/", 1)[0] + "/" + name, autocommit=True) as conn:
                     conn.execute(f'REASSIGN OWNED BY "{role}" TO postgres')
             admin.execute(f'DROP ROLE IF EXISTS "{role}"')
+
+
+LISTING = """;
+; Archive created at 2026-12-04 02:19:01 UTC
+;     dbname: shop
+;
+218; 1259 17858 TABLE public notes postgres
+216; 1259 17842 TABLE public pgbench_accounts postgres
+3364; 0 17858 TABLE DATA public notes postgres
+3362; 0 17842 TABLE DATA public pgbench_accounts postgres
+3363; 0 17845 TABLE DATA public pgbench_branches postgres
+3360; 0 17836 TABLE DATA public pgbench_history postgres
+3370; 0 0 SEQUENCE SET public pgbench_history_id_seq postgres
+3215; 2606 17857 CONSTRAINT public pgbench_accounts pgbench_accounts_pkey postgres
+"""
+SIZES = {"public.notes": 300, "public.pgbench_accounts": 900, "public.pgbench_branches": 1, "public.pgbench_history": 0}
+
+
+@pytest.mark.parametrize(
+    "jobs, weights, expected",
+    [
+        # the largest table alone; the rest (and every non-data entry) beside it
+        (2, SIZES, [["pgbench_accounts"], ["notes", "pgbench_branches", "pgbench_history"]]),
+        (3, SIZES, [["pgbench_accounts"], ["notes"], ["pgbench_branches", "pgbench_history"]]),
+        # rows as weights when a manifest has no sizes: the same largest-first order
+        (
+            2,
+            {"public.notes": 307_200, "public.pgbench_accounts": 7_000_000},
+            [["pgbench_accounts"], ["notes", "pgbench_branches", "pgbench_history"]],
+        ),
+    ],
+)
+def test_table_data_is_shared_out_largest_first(jobs, weights, expected):
+    from worker.adapters.postgres import split_table_data
+
+    lists = split_table_data(LISTING, weights, jobs)
+    data = [[line.split()[6] for line in one if " TABLE DATA " in line] for one in lists]
+    assert [sorted(d) for d in data] == [sorted(e) for e in expected]
+    others = [line for line in lists[0] if " TABLE DATA " not in line]
+    assert [line.split()[3] for line in others] == ["TABLE", "TABLE", "SEQUENCE", "CONSTRAINT"]
+    assert all(" TABLE DATA " in line for one in lists[1:] for line in one)
+
+
+def test_a_single_table_is_not_shared_out():
+    from worker.adapters.postgres import split_table_data
+
+    one = "\n".join(
+        line
+        for line in LISTING.splitlines()
+        if "notes" not in line and "branches" not in line and "history" not in line
+    )
+    assert split_table_data(one, SIZES, 2) is None
+
+
+def test_a_restore_loads_each_table_once_with_the_manifests_sizes(site):
+    # The site's database restored through the shared-out path (jobs 2, sizes in the manifest).
+    opsfleet(site, "backup", "run", "--kind", "database")
+    set_id = opsfleet(site, "backup", "list").output.splitlines()[1].split()[0]
+    from worker.adapters.backupstore import get_set
+
+    item = get_set(site["tmp"] / "backups", set_id).items["db"]
+    assert set(item["table_bytes"]) == set(item["row_counts"]) and all(v > 0 for v in item["table_bytes"].values())
+    out = opsfleet(site, "restore", set_id, "--target-db", f"{site['live']}_side", "--yes").output
+    assert "match the manifest" in out
+    base = site["url"].rsplit("/", 1)[0]
+    assert counts(f"{base}/{site['live']}_side") == ROWS

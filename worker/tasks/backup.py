@@ -531,6 +531,7 @@ def dump_database(ctx: StepContext, series: str, spec: SeriesSpec, folder: Path)
         "format": "custom",
         "server_version": snap.server_version,
         "row_counts": snap.row_counts,
+        **({"table_bytes": snap.table_bytes} if snap.table_bytes else {}),
         "files": files,
         "problems": problems,
         "streaming_check": "pg_restore read the whole dump to /dev/null as it streamed",

@@ -180,7 +180,10 @@ def restore_database_into(
     pg.create_database(dbname, owner=owner)
     try:
         roles = found.path / roles_file["name"] if (with_roles and roles_file) else None
-        pg.restore(plain, dbname, spec.jobs, spec.timeout_seconds, roles=roles, keep_owners=owner is not None)
+        pg.restore(
+            plain, dbname, spec.jobs, spec.timeout_seconds, roles=roles, keep_owners=owner is not None,
+            weights=None if item.get("format") == "directory" else item.get("table_bytes") or item.get("row_counts"),
+        )  # fmt: skip
         t_restored = time.monotonic()
         counts = pg.row_counts(dbname)
         expected = item.get("row_counts", {})
