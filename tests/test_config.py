@@ -194,6 +194,17 @@ def test_more_holes_are_closed(raw, expected):
     assert any(p.startswith(expected) for p in found), found
 
 
+def test_a_database_url_that_is_no_connection_is_a_config_error_that_quotes_no_part_of_it():
+    raw = {"backup": {"series": {"db": {"kind": "database", "database_url": "${SHOP_DB}"}}}}
+    with pytest.raises(ConfigError) as err:
+        parse_config(raw, source="t", base_dir=".", environ={"SHOP_DB": "not a url s3cretpw"})
+    text = str(err.value)
+    assert "backup.series.db: database_url is not a PostgreSQL connection" in text
+    assert "s3cretpw" not in text and "not a url" not in text
+    ok = parse_config(raw, source="t", base_dir=".", environ={"SHOP_DB": "postgresql://app:pw@db:5432/shop"})
+    assert ok.config.backup.series["db"].database_url.endswith("/shop")
+
+
 def test_redis_password_without_user_is_masked():
     environ = {"REDIS_URL": "redis://:redispw@127.0.0.1:6379/0"}
     assert "redispw" not in str(redacted_view(parse_config({}, source="t", base_dir=".", environ=environ)))

@@ -515,6 +515,17 @@ class SeriesSpec(_Strict):
         if self.kind == "database":
             if not self.database_url:
                 raise ValueError("a database series needs database_url (credentials as ${VAR})")
+            from psycopg import ProgrammingError
+            from psycopg.conninfo import conninfo_to_dict
+
+            try:
+                conninfo_to_dict(self.database_url)
+            except ProgrammingError:
+                # Not psycopg's message: it quotes the string, which may hold a password.
+                raise ValueError(
+                    "database_url is not a PostgreSQL connection: use postgresql://USER@HOST:PORT/DBNAME "
+                    "(or host=... dbname=...), credentials as ${VAR}"
+                ) from None
         elif self.kind in ("documents", "models"):
             if self.path is None:
                 raise ValueError(f"a {self.kind} series needs path")
