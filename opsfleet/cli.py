@@ -813,6 +813,7 @@ def restore(ctx, set_id, latest, database, documents, config_files, models, targ
     plan = _restore_plan(ctx, loaded, set_id, latest, kinds)
     if target_db:
         click.echo(f"  databases go into {target_db} (no swap)")
+        _refuse_existing_target(ctx, loaded, plan, target_db)
     else:
         click.echo("  databases: restored into a fresh database, checked, then swapped in by rename")
     if dry_run:
@@ -822,6 +823,29 @@ def restore(ctx, set_id, latest, database, documents, config_files, models, targ
         ctx.exit(1)
     app = _engine(ctx)
     _execute(ctx, app, "restore", {"plan": plan, "target_db": target_db, "swap": not target_db}, "restore")
+
+
+def _refuse_existing_target(ctx: click.Context, loaded: LoadedConfig, plan: dict, target_db: str) -> None:
+    """A restore goes into a fresh database: say so now, dry run or not, not after the prompt."""
+    from worker.adapters.postgres import Postgres, PostgresError
+
+    for series in plan:
+        spec = loaded.config.backup.series.get(series)
+        if spec is None or spec.kind != "database" or spec.service:
+            continue
+        pg = Postgres(spec.database_url, connect_timeout=5)
+        try:
+            exists = pg.database_exists(target_db)
+        except PostgresError as err:
+            click.echo(f"  (could not check whether {target_db} exists: {err})")
+            continue
+        if exists:
+            click.echo(
+                f"opsfleet: database {target_db} exists already on {pg.where()}: a restore goes into a fresh "
+                "database; name another --target-db, or drop that one first",
+                err=True,
+            )
+            ctx.exit(1)
 
 
 @cli.command("recover")

@@ -230,6 +230,19 @@ def test_restore_to_a_side_database_leaves_everything_live_alone_and_names_are_c
     assert (docs / "added-after.txt").exists()
 
 
+def test_a_side_restore_into_a_database_that_exists_is_refused_at_the_plan_dry_run_or_not(site):
+    opsfleet(site, "backup", "run", "--kind", "database")
+    for extra in (["--dry-run"], ["--yes"]):
+        result = opsfleet(site, "restore", "--latest", "--target-db", site["live"], *extra, ok=False)
+        assert result.exit_code == 1, result.output
+        assert (
+            f"database {site['live']} exists already on" in result.output
+            and "name another --target-db" in result.output
+        )
+        assert "dry run: nothing changed" not in result.output
+    assert '"playbook": "restore"' not in opsfleet(site, "runs", "--json").output
+
+
 def test_backup_run_refuses_unknown_series_and_kinds_up_front(site):
     for args, says in (
         (("--series", "nope"), "--series nope: no such series"),
