@@ -151,6 +151,13 @@ BAD = [
         "not a real time",
     ),
     (AUTH, b"[1, 2]", 400, "not an Alertmanager version 4 payload"),
+    (
+        AUTH,
+        fixture("firing-single.json").replace(b'"truncatedAlerts":0', b'"truncatedAlerts":NaN'),
+        400,
+        "NaN is not a JSON number",
+    ),
+    (AUTH, b'{"version": "4", "x": -Infinity}', 400, "-Infinity is not a JSON number"),
     (AUTH, b'{"version": "4", "alerts": "x"}', 400, "not an Alertmanager version 4 payload"),
     (AUTH, fixture("firing-single.json").replace(b'"version":"4"', b'"version":"3"'), 400, "unsupported"),
     (AUTH, fixture("firing-single.json").replace(b'"severity":"warning"', b'"severity":5'), 400, "labels"),

@@ -89,6 +89,11 @@ def text_problem(data) -> str | None:
     return None
 
 
+def _no_constant(name: str):
+    # Python's json reads NaN and Infinity; JSON (RFC 8259) has no such numbers.
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def parse_json_body(body: bytes):
     """(data, None) or (None, reason): UTF-8 JSON that a ledger can store."""
     try:
@@ -96,7 +101,7 @@ def parse_json_body(body: bytes):
     except UnicodeDecodeError as err:
         return None, f"body is not UTF-8 (byte {err.start})"
     try:
-        data = json.loads(text)
+        data = json.loads(text, parse_constant=_no_constant)
     except ValueError as err:
         return None, f"body is not JSON: {err}"
     except RecursionError:
