@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -262,14 +263,57 @@ def run(ctx: click.Context, port: int | None, host: str | None) -> None:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + 30
-    for proc in procs.values():
+    for name, proc in procs.items():
         try:
             proc.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            proc.kill()
+            pids = [proc.pid, *_descendants(proc.pid)]
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             proc.wait(timeout=5)
+            click.echo(f"opsfleet: {name} did not stop within 30 s: killed", err=True)
+            if name == "worker":
+                _fail_runs_of_killed(loaded, pids)
     click.echo("opsfleet stopped")
     ctx.exit(exit_code)
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes under pid (a Celery worker's pool children), from /proc."""
+    parent_of = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                # The field after the parenthesised command name is the state, then the ppid.
+                parent_of[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found, frontier = [], [pid]
+    while frontier:
+        current = frontier.pop()
+        children = [p for p, ppid in parent_of.items() if ppid == current]
+        found += children
+        frontier += children
+    return found
+
+
+def _fail_runs_of_killed(loaded: LoadedConfig, pids: list[int]) -> None:
+    """Runs a killed worker was in the middle of: failed now, saying so, so their targets are
+    not held until the lease runs out (the sweeper's way for a worker that vanished)."""
+    from worker.adapters.ledger import LedgerUnavailable
+    from worker.runtime import Runtime
+
+    host = socket.gethostname()
+    try:
+        failed = Runtime(loaded).ledger.fail_runs_of_workers(
+            [f"{host}:{pid}" for pid in pids], "stopped: opsfleet run was stopped while this step ran (worker killed)"
+        )
+    except LedgerUnavailable as err:
+        click.echo(f"opsfleet: could not record the runs it stopped ({err}); their leases will expire", err=True)
+        return
+    for run_id in failed:
+        click.echo(f"opsfleet: run {run_id} was in a step: failed (see `opsfleet runs {run_id}`)", err=True)
 
 
 @cli.command("worker")

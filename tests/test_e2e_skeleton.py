@@ -384,3 +384,57 @@ def test_opsfleet_run_killed_takes_web_worker_and_beat_with_it(tmp_path):
         for child in children:  # a failed run of this test leaves nothing behind
             with contextlib.suppress(psutil.Error):
                 child.kill()
+
+
+def test_ctrl_c_while_a_step_runs_fails_that_run_and_frees_its_target(tmp_path, api_container):
+    """`opsfleet run` stopped while a worker is inside a step (held there by the test hook):
+    after its 30 s grace it kills the worker, and the run it was in is failed at once, saying
+    why, instead of holding its target as `running` until the lease runs out."""
+    import os
+
+    import yaml
+
+    port = free_port()
+    hold_dir = tmp_path / "hold"
+    hold_dir.mkdir()
+    (hold_dir / "hold-restart_service-verify").touch()
+    config = {**fleet_config(api_container.name), "fleet": {"data_dir": str(tmp_path / "data")}}
+    (tmp_path / "opsfleet.yaml").write_text(yaml.safe_dump(config))
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("REDIS_URL", "DATABASE_URL", "PROMETHEUS_MULTIPROC_DIR", "OPSFLEET_CONFIG", "SLACK_BOT_TOKEN")
+    }
+    env.update(
+        DOCKER_HOST=TEST_DOCKER_HOST, PYTHONPATH=str(REPO), OPSFLEET_TEST_HOLD_DIR=str(hold_dir), ALERTMANAGER_TOKEN="t"
+    )
+    log = tmp_path / "opsfleet-run.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "opsfleet.cli", "run", "--port", str(port)],
+            cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: requests.get(f"{base}/readyz", timeout=2).ok, 60, what=f"opsfleet run ready\n{log_tail(log)}")
+        answer = requests.post(
+            f"{base}/hooks/alertmanager", json=_alert("00000000000000cc", "2026-12-03T10:00:00Z"),
+            headers={"Authorization": "Bearer t"}, timeout=10,
+        )  # fmt: skip
+        [run_id] = answer.json()["runs"]
+        wait_for(lambda: (hold_dir / f"held-{run_id}-verify").exists(), 60, what=f"the step held\n{log_tail(log)}")
+        proc.send_signal(signal.SIGINT)
+        proc.wait(60)
+        text = log.read_text()
+        assert "worker did not stop within 30 s: killed" in text, log_tail(log)
+        assert f"run {run_id} was in a step: failed" in text, log_tail(log)
+        done = subprocess.run(
+            [sys.executable, "-m", "opsfleet.cli", "runs", "--json", str(run_id)],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        run = json.loads(done.stdout)
+        assert run["status"] == "failed" and run["reason"].startswith("stopped: opsfleet run was stopped")
+        assert [s["status"] for s in run["steps"]][-1] == "failed"
+    finally:
+        (hold_dir / "hold-restart_service-verify").unlink(missing_ok=True)
+        stop_process(proc, signal.SIGKILL)

@@ -561,6 +561,29 @@ class Ledger:
                 )
             return expired
 
+    def fail_runs_of_workers(self, workers: list[str], reason: str, now: datetime | None = None) -> list[int]:
+        """Fail the running runs (and their open steps) these workers ("host:pid") held: their
+        processes were killed, so the lease need not run out first."""
+        if not workers:
+            return []
+        now = now or utcnow()
+        with self._tx() as conn:
+            failed = list(
+                conn.execute(
+                    runs.update()
+                    .where(runs.c.status == "running", runs.c.worker.in_(workers))
+                    .values(status="failed", reason=reason, finished_at=now, lease_until=None)
+                    .returning(runs.c.id)
+                ).scalars()
+            )
+            if failed:
+                conn.execute(
+                    steps.update()
+                    .where(steps.c.run_id.in_(failed), steps.c.status == "running")
+                    .values(status="failed", finished_at=now, output=reason)
+                )
+            return failed
+
     # -- locks --------------------------------------------------------------------
 
     def acquire_lock(self, name: str, holder: str, ttl_seconds: float, now: datetime | None = None) -> bool:
