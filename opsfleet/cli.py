@@ -502,8 +502,11 @@ def _engine(ctx: click.Context):
     import logging
 
     from worker.adapters.metrics_multiproc import use_multiprocess_dir
+    from worker.logs import configure_logging
 
     loaded = _load(ctx)
+    # The fleet's log files get this command's events too (a failed step's stack among them).
+    configure_logging(loaded.data_dir if loaded.config.logging.files else None, role="cli")
     # Jobs run here count in the fleet's metrics folder, as a worker's do: a backup taken by
     # hand clears OpsfleetBackupTooOld on the web's /metrics (set before metrics are imported).
     use_multiprocess_dir(loaded.data_dir / "metrics")
