@@ -437,15 +437,22 @@ def _run_now(ctx: click.Context, playbook: str, target: str, params: dict, dry_r
             "playbook": playbook,
             "trigger": "manual",
         }
+        failed = []
         for step in PLAYBOOKS[playbook]:
             try:
                 output = step.fn(StepContext(runtime, run))
             except StepFailed as err:
+                # Say what every other step would do too: one unreachable Docker daemon
+                # should not hide what the log and backup steps would remove.
                 click.echo(f"{step.name}: would fail: {err}", err=True)
-                ctx.exit(1)
+                failed.append(step.name)
+                continue
             click.echo(f"{step.name} (dry run):")
             for line in output.splitlines():
                 click.echo(f"  {line}")
+        if failed:
+            click.echo(f"dry run: {', '.join(failed)} would fail (a real run stops at the first)", err=True)
+            ctx.exit(1)
         return
     _execute(ctx, _engine(ctx), playbook, params, target)
 

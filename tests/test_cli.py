@@ -59,3 +59,18 @@ def test_backup_list_refuses_an_unknown_kind(tmp_path):
     path.write_text(yaml.safe_dump({"fleet": {"data_dir": str(tmp_path)}}))
     result = CliRunner().invoke(cli, ["--config", str(path), "backup", "list", "--kind", "photos"])
     assert result.exit_code == 2 and "unknown kind 'photos'" in result.output
+
+
+def test_a_dry_run_says_what_every_step_would_do_even_when_one_would_fail(tmp_path):
+    # No Docker daemon: the image steps would fail; the log, run and backup steps still say
+    # what they would remove, and the exit status says something would fail.
+    data = tmp_path / "data"
+    config = tmp_path / "opsfleet.yaml"
+    config.write_text(yaml.safe_dump({"fleet": {"data_dir": str(data)}}))
+    env = {"DATABASE_URL": "", "REDIS_URL": "", "DOCKER_HOST": "unix:///nonexistent/docker.sock"}
+    result = CliRunner().invoke(cli, ["--config", str(config), "cleanup", "--dry-run"], env=env, catch_exceptions=False)
+    assert result.exit_code == 1, result.output
+    assert "dangling_images: would fail" in result.output
+    for step in ("old_logs", "old_runs", "backups"):
+        assert f"{step} (dry run):" in result.output, result.output
+    assert "would fail (a real run stops at the first)" in result.output
