@@ -790,7 +790,7 @@ def backup_drill(ctx) -> None:
     _execute(ctx, app, "restore_drill", {}, "newest")
 
 
-def _restore_plan(ctx, loaded, set_id, latest, kinds):
+def _restore_plan(ctx, loaded, set_id, latest, kinds, swap=True):
     from worker.adapters.backupstore import list_sets
     from worker.tasks.restore import plan_restore
 
@@ -818,6 +818,13 @@ def _restore_plan(ctx, loaded, set_id, latest, kinds):
             f"  {series} ({item['kind']}) from set {sid}, taken {_local(s.item_taken_at(series), tz)}, "
             f"{s.size(series) / 1e6:.2f} MB, {facts}, source {item.get('source')}"
         )
+        spec = loaded.config.backup.series.get(series)
+        if spec is not None and spec.kind in ("documents", "models") and spec.path:
+            click.echo(f"    the current tree is moved aside to {spec.path}.before-restore-<run>, kept")
+        elif spec is not None and spec.kind == "database" and spec.stop_services and swap:
+            click.echo(f"    {', '.join(spec.stop_services)} stopped for the swap, started again after it")
+    if len(set(plan.values())) > 1:
+        click.echo("  note: these items come from different sets, taken at different times")
     return plan
 
 
@@ -864,7 +871,7 @@ def restore(ctx, set_id, latest, database, documents, config_files, models, targ
     # A restore to the side (--target-db) touches nothing live unless asked to.
     kinds = _kinds(database, documents, config_files, models, ["database"] if target_db else ["database", "documents"])
     click.echo("restore plan:")
-    plan = _restore_plan(ctx, loaded, set_id, latest, kinds)
+    plan = _restore_plan(ctx, loaded, set_id, latest, kinds, swap=not target_db)
     if target_db:
         click.echo(f"  databases go into {target_db} (no swap)")
         _refuse_existing_target(ctx, loaded, plan, target_db)

@@ -162,6 +162,8 @@ def test_restore_without_yes_shows_the_manifest_and_asks_and_no_changes_nothing(
         assert f"db (database) from set {set_id}" in plan and "3 tables, 427 rows" in plan
         assert "documents (documents) from set" in plan and "21 files" in plan
         assert "restore now? [y/N]" in plan
+        assert f"the current tree is moved aside to {site['docs']}.before-restore-<run>, kept" in plan
+        assert "different sets" not in plan  # one set holds both
     assert counts(site["url"]) == drifted and (site["docs"] / "new.txt").exists()
     assert '"playbook": "restore"' not in opsfleet(site, "runs", "--json").output
 
@@ -187,6 +189,13 @@ def test_recover_without_yes_asks_before_it_stops_anything(site, make_container,
     assert "stop the services and recover now? [y/N]" in result.output
     api.reload()
     assert api.status == "running" and api.attrs["State"]["StartedAt"] == started
+
+
+def test_a_plan_from_several_sets_says_so(site):
+    opsfleet(site, "backup", "run", "--kind", "database")
+    opsfleet(site, "backup", "run", "--kind", "documents")
+    plan = opsfleet(site, "restore", "--latest", "--dry-run").output
+    assert "note: these items come from different sets, taken at different times" in plan
 
 
 def test_prune_dry_run_says_why_each_stays_and_deletes_nothing(site):
