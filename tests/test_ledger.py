@@ -40,6 +40,18 @@ def test_claim_is_exclusive(ledger):
     assert ledger.claim_run(run_id, "w2", 60) is None
 
 
+def test_the_worker_running_a_step_holds_the_run_and_is_what_a_kill_fails(ledger):
+    run_id = ledger.record_event(source="a", summary="", body="", new_runs=[new_run()]).runs[0].id
+    ledger.claim_run(run_id, "host:100", 60)  # the pool child that ran `start`
+    assert ledger.begin_step(run_id, 0, "locate", 60, "host:200") == "start"  # another child runs the step
+    assert ledger.get_run(run_id)["worker"] == "host:200"
+    assert ledger.fail_runs_of_workers(["host:100"], "killed") == []  # not the holder any more
+    assert ledger.fail_runs_of_workers(["host:200"], "stopped: killed") == [run_id]
+    run = ledger.get_run(run_id)
+    assert (run["status"], run["reason"], run["steps"][0]["status"]) == ("failed", "stopped: killed", "failed")
+    assert ledger.fail_runs_of_workers(["host:200"], "again") == []  # once
+
+
 def test_step_redelivery_verdicts(ledger):
     run_id = ledger.record_event(source="a", summary="", body="", new_runs=[new_run()]).runs[0].id
     assert ledger.begin_step(run_id, 0, "locate", 60) == "not_running"  # not claimed yet

@@ -483,8 +483,9 @@ class Ledger:
                 conn.execute(steps.delete().where(steps.c.run_id == run_id))
             return bool(done)
 
-    def begin_step(self, run_id: int, seq: int, name: str, lease_seconds: float) -> str:
-        """Record that a step starts. Returns what the caller must do:
+    def begin_step(self, run_id: int, seq: int, name: str, lease_seconds: float, worker: str | None = None) -> str:
+        """Record that a step starts (`worker`, "host:pid", now holds the run's lease). Returns
+        what the caller must do:
 
         "start": run it. "done": it already ran (a redelivery), continue.
         "interrupted": an earlier attempt died inside it; never run it twice.
@@ -504,9 +505,8 @@ class Ledger:
                 if existing is not None:
                     return "done"
                 conn.execute(steps.insert().values(run_id=run_id, seq=seq, name=name, status="running", started_at=now))
-                conn.execute(
-                    runs.update().where(runs.c.id == run_id).values(lease_until=now + timedelta(seconds=lease_seconds))
-                )
+                held = {"lease_until": now + timedelta(seconds=lease_seconds), **({"worker": worker} if worker else {})}
+                conn.execute(runs.update().where(runs.c.id == run_id).values(**held))
                 return "start"
         except IntegrityError:
             return "interrupted"

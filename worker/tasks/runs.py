@@ -140,7 +140,7 @@ def run_step(self, run_id: int, seq: int) -> None:
         if run is None:
             raise Ignore()
         step = PLAYBOOKS[run["playbook"]][seq]
-        verdict = ledger.begin_step(run_id, seq, step.name, _step_lease(self.app, step))
+        verdict = ledger.begin_step(run_id, seq, step.name, _step_lease(self.app, step), runtime.worker_name)
     except LedgerUnavailable as err:
         raise self.retry(countdown=5, exc=err) from None
     if verdict == "not_running":
