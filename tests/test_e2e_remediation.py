@@ -232,3 +232,55 @@ def test_chunked_body_over_the_limit_is_413_under_gunicorn(tmp_path, api_contain
             headers={"Authorization": f"Bearer {fleet.token}"},
         )
         assert small.status_code == 202
+
+
+def test_the_ledger_stopped_mid_run_is_503_at_the_edge_and_the_run_finishes_once_when_it_returns(
+    tmp_path, api_container, private_postgres
+):
+    """Issue 8, fault 2, with a private PostgreSQL cluster as the ledger: stopped while a
+    worker is inside a step (held there by the test hook), the edge answers 503 (Alertmanager
+    retries), the step's ledger write waits for the server, and once it is back the run
+    finishes exactly once; the retried alert is then recorded once."""
+    import json
+    from datetime import UTC, datetime, timedelta
+
+    hold_dir = tmp_path / "hold"
+    hold_dir.mkdir()
+    (hold_dir / "hold-restart_service-verify").touch()
+    env = {
+        "REDIS_URL": "redis://127.0.0.1:6379/0",
+        "DATABASE_URL": private_postgres.url,
+        "DOCKER_HOST": TEST_DOCKER_HOST,
+        "OPSFLEET_TEST_HOLD_DIR": str(hold_dir),
+    }
+    before = started_at(api_container)
+    with Fleet(tmp_path, config(api_container.name), env).start("web", "worker") as fleet:
+        first = fleet.post_alerts(service_down("00000000000000d1")).json()["alerts"][0]
+        assert first["outcome"] == "act"
+        fleet.wait(lambda: (hold_dir / f"held-{first['run_id']}-verify").exists(), 60, "the verify step held")
+
+        private_postgres.stop()
+        second = json.loads(service_down("00000000000000d2"))
+        second["alerts"][0]["startsAt"] = "2026-12-03T11:30:00Z"
+        refused = fleet.post_alerts(second)
+        assert refused.status_code == 503, refused.text  # not recorded: Alertmanager sends it again
+        (hold_dir / "hold-restart_service-verify").unlink()  # the step ends; its write finds no server
+        time.sleep(3)
+        private_postgres.start()
+        back = datetime.now(UTC)
+
+        run = fleet.wait_run(first["run_id"], timeout=90)
+        assert run["status"] == "succeeded", run
+        assert [s["name"] for s in run["steps"]] == ["locate", "restart", "verify"]
+        assert all(s["status"] == "succeeded" for s in run["steps"])
+        # Its end was written once the server was back: the write waited, it was not lost.
+        assert datetime.fromisoformat(run["steps"][2]["finished_at"]) >= back - timedelta(seconds=1)
+        assert started_at(api_container) != before
+
+        again = fleet.post_alerts(second)  # Alertmanager's retry
+        assert again.status_code == 202, again.text
+        retried = again.json()["alerts"][0]
+        assert retried["outcome"] == "act", retried
+        assert fleet.wait_run(retried["run_id"], timeout=90)["status"] == "succeeded"
+        runs = fleet.runs()
+        assert sorted(r["id"] for r in runs) == sorted({first["run_id"], retried["run_id"]}), runs
