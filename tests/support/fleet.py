@@ -64,7 +64,7 @@ class Fleet:
                 "2",
                 "webhooks:create_app()",
             ]
-        if name == "worker":
+        if name == "worker" or (name.startswith("worker") and name[6:].isdigit()):  # worker, worker2, ...
             return [
                 *celery,
                 "worker",
@@ -80,8 +80,8 @@ class Fleet:
         if name.startswith("worker@"):  # a host's worker: opsfleet worker --host NAME
             host = name.split("@", 1)[1]
             return [sys.executable, "-m", "opsfleet.cli", "worker", "--host", host, "--concurrency", "1"]
-        if name == "beat":
-            return [*celery, "beat", "--loglevel", "INFO", "--schedule", str(self.folder / "beat-schedule")]
+        if name == "beat" or (name.startswith("beat") and name[4:].isdigit()):  # beat, beat2, ...
+            return [*celery, "beat", "--loglevel", "INFO", "--schedule", str(self.folder / f"{name}-schedule")]
         raise ValueError(name)
 
     def log(self, name: str) -> Path:
