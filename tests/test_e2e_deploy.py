@@ -134,8 +134,13 @@ def test_worker_killed_mid_deploy_fails_the_run_and_the_next_deploy_proceeds(tmp
     name = f"opsfleet-e2e-deploy-{uuid.uuid4().hex[:8]}"
     before = dockerd.containers.run(f"{REPO}:v1", httpd_command(port), name=name, detach=True, network_mode="host")
     config = _config(name, port)
-    # Lease = hard limit + queue grace = 16 s: the sweeper notices the dead worker quickly.
-    config["worker"] = {"step_soft_timeout_seconds": 10, "step_hard_timeout_seconds": 11, "queue_grace_seconds": 5}
+    # A 3 s lease, renewed while a step runs: the sweeper notices the dead worker quickly.
+    config["worker"] = {
+        "step_soft_timeout_seconds": 10,
+        "step_hard_timeout_seconds": 11,
+        "queue_grace_seconds": 5,
+        "lease_seconds": 3,
+    }
     config["deploy"]["lock_wait_seconds"] = 2
     env = {
         "REDIS_URL": "redis://127.0.0.1:6379/0",
@@ -182,7 +187,12 @@ def test_worker_killed_after_recreating_leaves_no_half_deploy(tmp_path, dockerd,
     name = f"opsfleet-e2e-deploy-{uuid.uuid4().hex[:8]}"
     dockerd.containers.run(f"{REPO}:v1", httpd_command(port), name=name, detach=True, network_mode="host")
     config = _config(name, port)
-    config["worker"] = {"step_soft_timeout_seconds": 10, "step_hard_timeout_seconds": 11, "queue_grace_seconds": 5}
+    config["worker"] = {
+        "step_soft_timeout_seconds": 10,
+        "step_hard_timeout_seconds": 11,
+        "queue_grace_seconds": 5,
+        "lease_seconds": 3,
+    }
     config["deploy"]["lock_wait_seconds"] = 2
     env = {
         "REDIS_URL": "redis://127.0.0.1:6379/0",

@@ -316,8 +316,13 @@ def test_worker_killed_inside_a_step_fails_the_run_once_and_frees_the_target(tmp
     hold = hold_dir / "hold-restart_service-restart"
     hold.touch()
     config = fleet_config(api_container.name)
-    # Lease = hard limit + queue grace = 12 s: the sweeper notices the dead worker quickly.
-    config["worker"] = {"step_soft_timeout_seconds": 6, "step_hard_timeout_seconds": 7, "queue_grace_seconds": 5}
+    # A 3 s lease, renewed while a step runs: the sweeper notices the dead worker quickly.
+    config["worker"] = {
+        "step_soft_timeout_seconds": 6,
+        "step_hard_timeout_seconds": 7,
+        "queue_grace_seconds": 5,
+        "lease_seconds": 3,
+    }
     config["remediation"]["rules"][0]["params"] = {"stop_timeout_seconds": 2, "verify_timeout_seconds": 5}
     env = {
         "REDIS_URL": "redis://127.0.0.1:6379/0",

@@ -112,6 +112,10 @@ class WorkerSettings(_Strict):
     # How long a run may sit between steps (waiting in the queue) before the
     # sweeper decides its worker is gone.
     queue_grace_seconds: int = Field(default=300, ge=5)
+    # While a step runs, its worker renews the run's lease every third of this: a worker that
+    # dies inside a step (SIGKILL, OOM, its host) is found out within this, however long the
+    # step may run (a backup's limit is an hour).
+    lease_seconds: int = Field(default=60, ge=3, le=3600)
     # Each worker writes a heartbeat row to the ledger this often; the web's
     # /metrics calls a worker down (celery_worker_up 0) after 3 missed beats,
     # so a SIGKILLed worker is seen without asking the workers anything.

@@ -511,6 +511,16 @@ class Ledger:
         except IntegrityError:
             return "interrupted"
 
+    def renew_lease(self, run_id: int, worker: str, seconds: float) -> bool:
+        """The worker running the run's step still has it; False when it no longer holds it."""
+        with self._tx() as conn:
+            done = conn.execute(
+                runs.update()
+                .where(runs.c.id == run_id, runs.c.status == "running", runs.c.worker == worker)
+                .values(lease_until=utcnow() + timedelta(seconds=seconds))
+            )
+            return done.rowcount == 1
+
     def end_step(self, run_id: int, seq: int, status: str, output: str, lease_seconds: float) -> None:
         now = utcnow()
         with self._tx() as conn:

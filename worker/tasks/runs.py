@@ -12,6 +12,7 @@ A failed step ends the run and stops the chain (Ignore), so nothing after it run
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 from celery import chain, shared_task
@@ -70,10 +71,39 @@ def queue_for_run(config, run: dict) -> str | None:
     return host_queue(host) if host else None
 
 
-def _step_lease(app, step=None) -> float:
+def _step_lease(app) -> float:
+    """A run's lease between its steps, while the next one waits in the queue (nobody renews
+    it then): a step's hard limit plus the queue's grace. Inside a step, LeaseKeeper renews it."""
     config = app.opsfleet.config
-    hard = step.hard_limit(config) if step is not None else config.worker.step_hard_timeout_seconds
-    return max(hard, config.worker.step_hard_timeout_seconds) + config.worker.queue_grace_seconds
+    return config.worker.step_hard_timeout_seconds + config.worker.queue_grace_seconds
+
+
+class LeaseKeeper:
+    """While a step runs, renew its run's lease every third of `seconds`, from a thread: a
+    live worker keeps a long step (a backup) for as long as it runs, a dead one (SIGKILL,
+    OOM, its host gone; the thread dies with it) loses the run within `seconds` and the
+    sweeper fails it. A ledger that does not answer is tried again at the next beat."""
+
+    def __init__(self, ledger, run_id: int, worker: str, seconds: float):
+        self.ledger, self.run_id, self.worker, self.seconds = ledger, run_id, worker, seconds
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"lease-{run_id}", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.seconds / 3):
+            try:
+                if not self.ledger.renew_lease(self.run_id, self.worker, self.seconds):
+                    return  # the run ended or another worker holds it: nothing to keep
+            except LedgerUnavailable:
+                continue
+
+    def __enter__(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
 
 
 def request_report(app, run_id: int, playbook: str | None = None) -> None:
@@ -140,7 +170,8 @@ def run_step(self, run_id: int, seq: int) -> None:
         if run is None:
             raise Ignore()
         step = PLAYBOOKS[run["playbook"]][seq]
-        verdict = ledger.begin_step(run_id, seq, step.name, _step_lease(self.app, step), runtime.worker_name)
+        lease = runtime.config.worker.lease_seconds
+        verdict = ledger.begin_step(run_id, seq, step.name, lease, runtime.worker_name)
     except LedgerUnavailable as err:
         raise self.retry(countdown=5, exc=err) from None
     if verdict == "not_running":
@@ -154,7 +185,7 @@ def run_step(self, run_id: int, seq: int) -> None:
     began = time.monotonic()
     status, output, ended = "succeeded", "", None
     try:
-        with run_context(run_id):  # every line the step logs carries the run id
+        with run_context(run_id), LeaseKeeper(ledger, run_id, runtime.worker_name, lease):
             hold_if_asked(run["playbook"], step.name, run_id)
             output = step.fn(StepContext(runtime, run))
     except StepFailed as err:
