@@ -496,7 +496,7 @@ def _print_run(run: dict) -> None:
         if run.get(key) not in (None, ""):
             click.echo(f"  {key}: {_tty(run[key])}")
     for step in run["steps"]:
-        click.echo(f"  step {step['seq']} {step['name']}: {step['status']}")
+        click.echo(f"  step {step['seq'] + 1} {step['name']}: {step['status']}")  # numbered as progress is
         for line in step["output"].split("\n")[:20]:
             click.echo(f"      {_tty(line)}")
 
@@ -798,6 +798,12 @@ def _restore_plan(ctx, loaded, set_id, latest, kinds, swap=True):
         click.echo("opsfleet: name a backup set ID or --latest (one of them)", err=True)
         ctx.exit(2)
     sets = list_sets(loaded.backup_root)
+    if set_id and not any(s.id == set_id for s in sets):
+        click.echo(
+            f"opsfleet: no backup set {set_id} in {loaded.backup_root} (`opsfleet backup list` shows the sets)",
+            err=True,
+        )
+        ctx.exit(1)
     plan = plan_restore(sets, loaded.config.backup.series, kinds, None if latest else set_id)
     if not plan:
         where = "the newest verified sets" if latest else f"set {set_id}"

@@ -74,3 +74,29 @@ def test_a_dry_run_says_what_every_step_would_do_even_when_one_would_fail(tmp_pa
     for step in ("old_logs", "old_runs", "backups"):
         assert f"{step} (dry run):" in result.output, result.output
     assert "would fail (a real run stops at the first)" in result.output
+
+
+def test_a_runs_steps_are_numbered_from_one_as_the_live_progress_numbers_them(tmp_path):
+    data = tmp_path / "data"
+    config = tmp_path / "opsfleet.yaml"
+    config.write_text(yaml.safe_dump({"fleet": {"data_dir": str(data)}}))
+    ledger = Ledger(ledger_url(None, data))
+    ledger.migrate()
+    run_id = (
+        ledger.record_event(
+            source="t",
+            summary="",
+            body="",
+            new_runs=[NewRun(trigger="manual", playbook="restart_service", target="api")],
+        )
+        .runs[0]
+        .id
+    )
+    ledger.claim_run(run_id, "w", 60)
+    assert ledger.begin_step(run_id, 0, "locate", 60) == "start"
+    ledger.end_step(run_id, 0, "succeeded", "found it", 60)
+    ledger.dispose()
+    env = {"DATABASE_URL": "", "REDIS_URL": ""}
+    result = CliRunner().invoke(cli, ["--config", str(config), "runs", str(run_id)], env=env, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "  step 1 locate: succeeded" in result.output and "step 0" not in result.output

@@ -225,7 +225,13 @@ def test_restore_drill_restores_into_scratch_and_records_its_time(site):
 def test_restore_refuses_without_a_set_and_a_missing_set(site):
     assert opsfleet(site, "restore", "--database", "--yes", ok=False).exit_code == 2
     result = opsfleet(site, "restore", "20990101T000000Z", "--yes", ok=False)
-    assert result.exit_code == 1 and "hold no verified item" in result.output
+    assert result.exit_code == 1 and "no backup set 20990101T000000Z in" in result.output
+    assert "`opsfleet backup list` shows the sets" in result.output
+    # A set that exists but holds nothing of the kinds asked for says that instead.
+    opsfleet(site, "backup", "run", "--kind", "documents")
+    set_id = opsfleet(site, "backup", "list").output.splitlines()[1].split()[0]
+    result = opsfleet(site, "restore", set_id, "--database", "--yes", ok=False)
+    assert result.exit_code == 1 and f"set {set_id} in" in result.output and "hold no verified item" in result.output
 
 
 def test_restore_to_a_side_database_leaves_everything_live_alone_and_names_are_checked_first(site):
