@@ -549,39 +549,27 @@ class Ledger:
     def expire_leases(self, now: datetime | None = None) -> list[int]:
         """Fail runs whose lease ran out (their worker died), and their open steps."""
         now = now or utcnow()
-        with self._tx() as conn:
-            expired = list(
-                conn.execute(
-                    runs.update()
-                    .where(runs.c.status == "running", runs.c.lease_until < now)
-                    .values(
-                        status="failed",
-                        reason="worker lost: the step lease expired before the step finished",
-                        finished_at=now,
-                        lease_until=None,
-                    )
-                    .returning(runs.c.id)
-                ).scalars()
-            )
-            if expired:
-                conn.execute(
-                    steps.update()
-                    .where(steps.c.run_id.in_(expired), steps.c.status == "running")
-                    .values(status="failed", finished_at=now, output="worker lost during this step")
-                )
-            return expired
+        return self._fail_running(
+            runs.c.lease_until < now,
+            "worker lost: the step lease expired before the step finished",
+            "worker lost during this step",
+            now,
+        )
 
     def fail_runs_of_workers(self, workers: list[str], reason: str, now: datetime | None = None) -> list[int]:
         """Fail the running runs (and their open steps) these workers ("host:pid") held: their
         processes were killed, so the lease need not run out first."""
         if not workers:
             return []
-        now = now or utcnow()
+        return self._fail_running(runs.c.worker.in_(workers), reason, reason, now or utcnow())
+
+    def _fail_running(self, which, reason: str, step_output: str, now: datetime) -> list[int]:
+        """Fail the running runs `which` selects, and their open steps; their ids."""
         with self._tx() as conn:
             failed = list(
                 conn.execute(
                     runs.update()
-                    .where(runs.c.status == "running", runs.c.worker.in_(workers))
+                    .where(runs.c.status == "running", which)
                     .values(status="failed", reason=reason, finished_at=now, lease_until=None)
                     .returning(runs.c.id)
                 ).scalars()
@@ -590,7 +578,7 @@ class Ledger:
                 conn.execute(
                     steps.update()
                     .where(steps.c.run_id.in_(failed), steps.c.status == "running")
-                    .values(status="failed", finished_at=now, output=reason)
+                    .values(status="failed", finished_at=now, output=step_output)
                 )
             return failed
 
