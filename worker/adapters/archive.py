@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -73,6 +74,30 @@ def run(argv: list[str], timeout: float, env: dict[str, str] | None = None, stdi
     if done.returncode != 0:
         raise ArchiveError(f"{Path(argv[0]).name} exited {done.returncode}: {tail(done.stderr)}")
     return done.stdout.decode(errors="replace")
+
+
+def run_together(argvs: list[list[str]], timeout: float, env: dict[str, str]) -> None:
+    """Run tools side by side; ArchiveError (the others stopped) when one fails or time runs out."""
+    deadline = time.monotonic() + timeout
+    with contextlib.ExitStack() as stack:
+        procs = []
+        for argv in argvs:
+            err = stack.enter_context(tempfile.TemporaryFile())
+            procs.append((subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, env=env), err, argv))
+        try:
+            for proc, err, argv in procs:
+                try:
+                    proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    raise ArchiveError(f"{argv[0]} did not finish within {timeout:.0f}s") from None
+                if proc.returncode != 0:
+                    err.seek(0)
+                    raise ArchiveError(f"{Path(argv[0]).name} exited {proc.returncode}: {tail(err.read())}")
+        finally:
+            for proc, _, _ in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait(timeout=10)
 
 
 def tail(data: bytes | str, lines: int = 6) -> str:

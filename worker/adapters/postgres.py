@@ -15,9 +15,9 @@ import re
 import shutil
 import subprocess
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +26,7 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from worker.adapters.archive import ArchiveError, run, tail
+from worker.adapters.archive import ArchiveError, run, run_together
 
 _ENV_OF = {
     "host": "PGHOST",
@@ -143,39 +143,26 @@ class Postgres:
         connection; counting a large table takes as long as a second of dump)
         and are in the Snapshot when the `with` block ends."""
         conn = self.connect(autocommit=False)
-        counted: dict[str, int] = {}
-        failed: list[psycopg.Error] = []
-
-        sizes: dict[str, int] = {}
-
-        def count() -> None:
-            try:
-                sizes.update(_table_bytes(conn))
-                counted.update(_count_rows(conn))
-            except psycopg.Error as err:
-                failed.append(err)
-
         try:
             conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
-            with conn.transaction():
+            with conn.transaction(), ThreadPoolExecutor(1, thread_name_prefix="row-counts") as counter:
                 snap = conn.execute("SELECT pg_export_snapshot()").fetchone()[0]
                 version = conn.execute("SHOW server_version").fetchone()[0]
-                counter = threading.Thread(target=count, name="row-counts", daemon=True)
                 counts: dict[str, int] = {}
                 table_bytes: dict[str, int] = {}
-                counter.start()
+
+                def count() -> None:
+                    table_bytes.update(_table_bytes(conn))
+                    counts.update(_count_rows(conn))
+
+                counting = counter.submit(count)
                 try:
                     yield Snapshot(snap, counts, version, table_bytes)
                 except BaseException:
                     with contextlib.suppress(psycopg.Error):  # the server may be what failed
                         conn.cancel_safe(timeout=5)  # the dump failed: stop counting now
-                    counter.join()
-                    raise
-                counter.join()
-                if failed:
-                    raise failed[0]
-                counts.update(counted)
-                table_bytes.update(sizes)
+                    raise  # leaving the executor waits for the counting thread
+                counting.result()  # raises what the counting raised
         except psycopg.Error as err:
             raise PostgresError(f"PostgreSQL at {self.where()}: {_first_line(err)}") from None
         finally:
@@ -327,30 +314,6 @@ def split_table_data(listing: str, weights: dict[str, int], jobs: int) -> list[l
     shared = {line for _, line in entries}
     bins[0] += [line for line in listing.splitlines() if line and not line.startswith(";") and line not in shared]
     return bins
-
-
-def run_together(argvs: list[list[str]], timeout: float, env: dict[str, str]) -> None:
-    """Run tools side by side; ArchiveError (the others stopped) when one fails or time runs out."""
-    deadline = time.monotonic() + timeout
-    with contextlib.ExitStack() as stack:
-        procs = []
-        for argv in argvs:
-            err = stack.enter_context(tempfile.TemporaryFile())
-            procs.append((subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, env=env), err, argv))
-        try:
-            for proc, err, argv in procs:
-                try:
-                    proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    raise ArchiveError(f"{argv[0]} did not finish within {timeout:.0f}s") from None
-                if proc.returncode != 0:
-                    err.seek(0)
-                    raise ArchiveError(f"{Path(argv[0]).name} exited {proc.returncode}: {tail(err.read())}")
-        finally:
-            for proc, _, _ in procs:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait(timeout=10)
 
 
 def verify_process(stderr: Path, source: Path | None = None) -> subprocess.Popen:
