@@ -185,6 +185,7 @@ def run_step(self, run_id: int, seq: int) -> None:
     began = time.monotonic()
     status, output, ended = "succeeded", "", None
     try:
+        # Every line the step logs carries the run id; the run stays this worker's while it runs.
         with run_context(run_id), LeaseKeeper(ledger, run_id, runtime.worker_name, lease):
             hold_if_asked(run["playbook"], step.name, run_id)
             output = step.fn(StepContext(runtime, run))
