@@ -10,14 +10,21 @@ from opsfleet.cli import cli
 from worker.adapters.ledger import Ledger, NewRun, ledger_url
 
 HOSTILE = "api\x1b]0;pwned\x07\r\nFAKE LINE\x1b[2J\u2028x"
+ENV = {"DATABASE_URL": "", "REDIS_URL": ""}  # the embedded ledger in the data dir
 
 
-def test_runs_table_and_run_detail_escape_control_characters(tmp_path):
+def embedded_site(tmp_path):
+    """(a configuration file naming a data dir, the migrated SQLite ledger in it)."""
     data = tmp_path / "data"
     config = tmp_path / "opsfleet.yaml"
     config.write_text(yaml.safe_dump({"fleet": {"data_dir": str(data)}}))
     ledger = Ledger(ledger_url(None, data))
     ledger.migrate()
+    return config, ledger
+
+
+def test_runs_table_and_run_detail_escape_control_characters(tmp_path):
+    config, ledger = embedded_site(tmp_path)
     recorded = ledger.record_event(
         source="t",
         summary="",
@@ -29,7 +36,7 @@ def test_runs_table_and_run_detail_escape_control_characters(tmp_path):
     run_id = recorded.runs[0].id
     ledger.dispose()
     runner = CliRunner()
-    env = {"DATABASE_URL": "", "REDIS_URL": ""}
+    env = ENV
     for args in (["runs"], ["runs", str(run_id)]):
         result = runner.invoke(cli, ["--config", str(config), *args], env=env, catch_exceptions=False)
         assert result.exit_code == 0, result.output
@@ -67,7 +74,7 @@ def test_a_dry_run_says_what_every_step_would_do_even_when_one_would_fail(tmp_pa
     data = tmp_path / "data"
     config = tmp_path / "opsfleet.yaml"
     config.write_text(yaml.safe_dump({"fleet": {"data_dir": str(data)}}))
-    env = {"DATABASE_URL": "", "REDIS_URL": "", "DOCKER_HOST": "unix:///nonexistent/docker.sock"}
+    env = {**ENV, "DOCKER_HOST": "unix:///nonexistent/docker.sock"}
     result = CliRunner().invoke(cli, ["--config", str(config), "cleanup", "--dry-run"], env=env, catch_exceptions=False)
     assert result.exit_code == 1, result.output
     assert "dangling_images: would fail" in result.output
@@ -77,11 +84,7 @@ def test_a_dry_run_says_what_every_step_would_do_even_when_one_would_fail(tmp_pa
 
 
 def test_a_runs_steps_are_numbered_from_one_as_the_live_progress_numbers_them(tmp_path):
-    data = tmp_path / "data"
-    config = tmp_path / "opsfleet.yaml"
-    config.write_text(yaml.safe_dump({"fleet": {"data_dir": str(data)}}))
-    ledger = Ledger(ledger_url(None, data))
-    ledger.migrate()
+    config, ledger = embedded_site(tmp_path)
     run_id = (
         ledger.record_event(
             source="t",
@@ -96,7 +99,7 @@ def test_a_runs_steps_are_numbered_from_one_as_the_live_progress_numbers_them(tm
     assert ledger.begin_step(run_id, 0, "locate", 60) == "start"
     ledger.end_step(run_id, 0, "succeeded", "found it", 60)
     ledger.dispose()
-    env = {"DATABASE_URL": "", "REDIS_URL": ""}
+    env = ENV
     result = CliRunner().invoke(cli, ["--config", str(config), "runs", str(run_id)], env=env, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "  step 1 locate: succeeded" in result.output and "step 0" not in result.output

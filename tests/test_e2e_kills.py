@@ -8,9 +8,11 @@ from __future__ import annotations
 import signal
 
 import pytest
+import yaml
 
 from tests.support.fleet import Fleet
 from tests.support.servers import TEST_DOCKER_HOST
+from worker.adapters.archive import iter_decompressed
 from worker.adapters.backupstore import list_sets
 from worker.adapters.ledger import NewRun
 from worker.celery_factory import create_celery
@@ -23,8 +25,6 @@ SERVICE_COMMAND = ("sh", "-c", "trap 'exit 0' TERM; while true; do sleep 1; done
 
 def producer(fleet: Fleet, env: dict):
     """The test's own handle on the fleet's ledger and broker, to record and send runs."""
-    import yaml
-
     raw = yaml.safe_load(fleet.config_path.read_text())
     app = create_celery(parse_config(raw, source="t", base_dir=fleet.folder, environ={**fleet.env, **env}))
     return app
@@ -118,8 +118,6 @@ def test_a_worker_killed_inside_a_step_ends_its_run_once_and_holds_nothing(
         if playbook == "rotate_logs":
             lines = []
             for path in sorted(tmp_path.glob("app.out*")):
-                from worker.adapters.archive import iter_decompressed
-
                 raw = b"".join(iter_decompressed(path, "zstd")) if path.suffix == ".zst" else path.read_bytes()
                 lines += raw.decode().splitlines()
             assert sorted(lines) == [f"{n:06d} line" for n in range(5000)]  # none lost, none doubled

@@ -175,7 +175,6 @@ def test_one_group_of_forty_targets_through_web_and_worker_is_one_slack_summary_
 def test_cooldown_survives_a_restart_of_the_web_and_worker_processes(tmp_path, api_container, pg_env):
     """Must-show 7 with the real processes: the restart's cooldown lives in the ledger, so a
     fresh gunicorn and Celery worker still refuse to act on the next alert for the target."""
-    import json
 
     cooled = config(api_container.name)
     cooled["remediation"]["defaults"]["cooldown_seconds"] = 600
@@ -187,8 +186,7 @@ def test_cooldown_survives_a_restart_of_the_web_and_worker_processes(tmp_path, a
         restarted = started_at(api_container)
         fleet.stop("web", "worker")
         fleet.start("web", "worker")
-        again = json.loads(service_down("00000000000000c1"))
-        again["alerts"][0]["startsAt"] = "2026-12-03T11:20:00Z"  # it came back after the fix
+        again = service_down("00000000000000c1", starts_at="2026-12-03T11:20:00Z")  # it came back after the fix
         answer = fleet.post_alerts(again).json()["alerts"][0]
         assert answer["outcome"] == "skip" and answer["reason"].startswith("cooldown: acted "), answer
         time.sleep(3)  # a worker that wrongly acted would have restarted it by now
@@ -241,7 +239,6 @@ def test_the_ledger_stopped_mid_run_is_503_at_the_edge_and_the_run_finishes_once
     worker is inside a step (held there by the test hook), the edge answers 503 (Alertmanager
     retries), the step's ledger write waits for the server, and once it is back the run
     finishes exactly once; the retried alert is then recorded once."""
-    import json
     from datetime import UTC, datetime, timedelta
 
     hold_dir = tmp_path / "hold"
@@ -260,8 +257,7 @@ def test_the_ledger_stopped_mid_run_is_503_at_the_edge_and_the_run_finishes_once
         fleet.wait(lambda: (hold_dir / f"held-{first['run_id']}-verify").exists(), 60, "the verify step held")
 
         private_postgres.stop()
-        second = json.loads(service_down("00000000000000d2"))
-        second["alerts"][0]["startsAt"] = "2026-12-03T11:30:00Z"
+        second = service_down("00000000000000d2", starts_at="2026-12-03T11:30:00Z")
         refused = fleet.post_alerts(second)
         assert refused.status_code == 503, refused.text  # not recorded: Alertmanager sends it again
         (hold_dir / "hold-restart_service-verify").unlink()  # the step ends; its write finds no server

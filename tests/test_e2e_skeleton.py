@@ -19,7 +19,7 @@ import uuid
 import pytest
 import requests
 
-from tests.support.fleet import REPO, Fleet, metric_value
+from tests.support.fleet import REPO, Fleet, metric_value, service_down
 from tests.support.servers import TEST_DOCKER_HOST, free_port, log_tail, stop_process, wait_for
 
 # A body a real Alertmanager sent (tests/fixtures/alertmanager/README.md).
@@ -245,28 +245,7 @@ def test_sweeper_enqueues_what_was_committed_while_redis_was_down(
     env = {"REDIS_URL": private_redis.url, "DATABASE_URL": shared_pg_url, "DOCKER_HOST": TEST_DOCKER_HOST}
     with Fleet(tmp_path, fleet_config(api_container.name), env).start() as fleet:
         private_redis.stop()
-        alert = {
-            "version": "4",
-            "status": "firing",
-            "receiver": "fleet",
-            "groupKey": '{}:{alertname="ServiceDown"}',
-            "truncatedAlerts": 0,
-            "groupLabels": {},
-            "commonLabels": {},
-            "commonAnnotations": {},
-            "externalURL": "",
-            "alerts": [
-                {
-                    "status": "firing",
-                    "labels": {"alertname": "ServiceDown", "service": "api"},
-                    "annotations": {},
-                    "startsAt": "2026-12-03T18:44:29.678702744Z",
-                    "endsAt": "0001-01-01T00:00:00Z",
-                    "generatorURL": "",
-                    "fingerprint": "0123456789abcdef",
-                }
-            ],
-        }
+        alert = service_down("0123456789abcdef", starts_at="2026-12-03T18:44:29.678702744Z")
         began = time.monotonic()
         answer = fleet.post_alerts(alert)
         assert answer.status_code == 202, answer.text
@@ -283,31 +262,6 @@ def test_sweeper_enqueues_what_was_committed_while_redis_was_down(
         assert len(fleet.runs()) == 1
         assert len(fleet.api(f"/runs/{run_id}")["steps"]) == 3
         assert metric_value(fleet.metrics(), "opsfleet_sweeper_actions_total", action="requeued") >= 1
-
-
-def _alert(fingerprint: str, starts_at: str) -> dict:
-    return {
-        "version": "4",
-        "status": "firing",
-        "receiver": "fleet",
-        "groupKey": '{}:{alertname="ServiceDown"}',
-        "truncatedAlerts": 0,
-        "groupLabels": {},
-        "commonLabels": {},
-        "commonAnnotations": {},
-        "externalURL": "",
-        "alerts": [
-            {
-                "status": "firing",
-                "labels": {"alertname": "ServiceDown", "service": "api"},
-                "annotations": {},
-                "startsAt": starts_at,
-                "endsAt": "0001-01-01T00:00:00Z",
-                "generatorURL": "",
-                "fingerprint": fingerprint,
-            }
-        ],
-    }
 
 
 def test_worker_killed_inside_a_step_fails_the_run_once_and_frees_the_target(tmp_path, api_container, shared_pg_url):
@@ -332,7 +286,7 @@ def test_worker_killed_inside_a_step_fails_the_run_once_and_frees_the_target(tmp
     }
     before = started_at(api_container)
     with Fleet(tmp_path, config, env).start() as fleet:
-        [run_id] = fleet.post_alerts(_alert("00000000000000aa", "2026-12-03T10:00:00Z")).json()["runs"]
+        [run_id] = fleet.post_alerts(service_down("00000000000000aa", starts_at="2026-12-03T10:00:00Z")).json()["runs"]
         fleet.wait(lambda: (hold_dir / f"held-{run_id}-restart").exists(), 30, "the worker to hold inside restart")
         fleet.stop("worker", sig=signal.SIGKILL)
         hold.unlink()
@@ -343,7 +297,7 @@ def test_worker_killed_inside_a_step_fails_the_run_once_and_frees_the_target(tmp
         assert [s["status"] for s in run["steps"]] == ["succeeded", "failed"]
         assert started_at(api_container) == before, "the held restart must not have happened"
 
-        [next_id] = fleet.post_alerts(_alert("00000000000000aa", "2026-12-03T10:05:00Z")).json()["runs"]
+        [next_id] = fleet.post_alerts(service_down("00000000000000aa", starts_at="2026-12-03T10:05:00Z")).json()["runs"]
         assert next_id != run_id
         assert fleet.wait_run(next_id)["status"] == "succeeded"
         assert started_at(api_container) != before
@@ -423,8 +377,8 @@ def test_ctrl_c_while_a_step_runs_fails_that_run_and_frees_its_target(tmp_path, 
     try:
         wait_for(lambda: requests.get(f"{base}/readyz", timeout=2).ok, 60, what=f"opsfleet run ready\n{log_tail(log)}")
         answer = requests.post(
-            f"{base}/hooks/alertmanager", json=_alert("00000000000000cc", "2026-12-03T10:00:00Z"),
-            headers={"Authorization": "Bearer t"}, timeout=10,
+            f"{base}/hooks/alertmanager", data=service_down("00000000000000cc", starts_at="2026-12-03T10:00:00Z"),
+            headers={"Authorization": "Bearer t", "Content-Type": "application/json"}, timeout=10,
         )  # fmt: skip
         [run_id] = answer.json()["runs"]
         wait_for(lambda: (hold_dir / f"held-{run_id}-verify").exists(), 60, what=f"the step held\n{log_tail(log)}")

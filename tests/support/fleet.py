@@ -178,7 +178,7 @@ def metric_value(text: str, name: str, **labels: str) -> float:
     return total
 
 
-def service_down(fingerprint: str, service: str = "api") -> bytes:
+def service_down(fingerprint: str, service: str = "api", starts_at: str = "2026-12-03T11:00:00Z") -> bytes:
     """One firing ServiceDown alert for `service`, as Alertmanager's v4 webhook body."""
     return json.dumps(
         {
@@ -196,7 +196,7 @@ def service_down(fingerprint: str, service: str = "api") -> bytes:
                     "status": "firing",
                     "labels": {"alertname": "ServiceDown", "service": service},
                     "annotations": {},
-                    "startsAt": "2026-12-03T11:00:00Z",
+                    "startsAt": starts_at,
                     "endsAt": "0001-01-01T00:00:00Z",
                     "generatorURL": "",
                     "fingerprint": fingerprint,
