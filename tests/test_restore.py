@@ -571,6 +571,9 @@ def test_table_data_is_shared_out_largest_first(jobs, weights, expected):
     others = [line for line in lists[0] if " TABLE DATA " not in line]
     assert [line.split()[3] for line in others] == ["TABLE", "TABLE", "SEQUENCE", "CONSTRAINT"]
     assert all(" TABLE DATA " in line for one in lists[1:] for line in one)
+    # each list in the dump's own order: a pg_restore reading the stream cannot go back
+    order = LISTING.splitlines()
+    assert all([order.index(line) for line in one] == sorted(order.index(line) for line in one) for one in lists)
 
 
 def test_a_single_table_is_not_shared_out():
@@ -596,3 +599,37 @@ def test_a_restore_loads_each_table_once_with_the_manifests_sizes(site):
     assert "match the manifest" in out
     base = site["url"].rsplit("/", 1)[0]
     assert counts(f"{base}/{site['live']}_side") == ROWS
+
+
+@pytest.mark.parametrize("damage", ["none", "truncated", "other sha256"])
+def test_a_dump_is_loaded_while_it_unpacks_and_a_damaged_one_fails_with_why(site, damage):
+    """pg_restore reads the dump as it is decompressed; a dump that turns out truncated or
+    not the manifest's fails the restore with that reason, not with pg_restore's."""
+    from worker.adapters.archive import Unpacking, iter_decompressed
+    from worker.adapters.backupstore import get_set
+    from worker.adapters.postgres import PostgresError
+
+    opsfleet(site, "backup", "run", "--kind", "database")
+    set_id = opsfleet(site, "backup", "list").output.splitlines()[1].split()[0]
+    found = get_set(site["tmp"] / "backups", set_id)
+    item = found.items["db"]
+    [dump] = [f for f in item["files"] if ".dump" in f["name"]]
+    source, sha = found.path / dump["name"], dump["sha256"]
+    if damage == "truncated":
+        source = site["tmp"] / "half.dump.zst"
+        source.write_bytes((found.path / dump["name"]).read_bytes()[: dump["size"] // 2])
+    if damage == "other sha256":
+        sha = "0" * 64
+    plain = site["tmp"] / "db.dump"
+    with shared_postgres_database("opsfleet_rs_unpack") as url:
+        pg = Postgres(url)
+        with Unpacking(source, "zstd", plain, expect_sha256=sha) as unpacking:
+            restoring = lambda: pg.restore(  # noqa: E731
+                plain, pg.dbname, jobs=2, timeout=120, weights=item["table_bytes"], unpacking=unpacking
+            )
+            if damage == "none":
+                assert restoring() == item["row_counts"] == pg.row_counts()
+                assert plain.read_bytes() == b"".join(iter_decompressed(found.path / dump["name"], "zstd"))
+            else:
+                with pytest.raises(PostgresError, match="truncated" if damage == "truncated" else "sha256 differs"):
+                    restoring()

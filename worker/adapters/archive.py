@@ -19,7 +19,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -76,14 +76,42 @@ def run(argv: list[str], timeout: float, env: dict[str, str] | None = None, stdi
     return done.stdout.decode(errors="replace")
 
 
-def run_together(argvs: list[list[str]], timeout: float, env: dict[str, str]) -> None:
-    """Run tools side by side; ArchiveError (the others stopped) when one fails or time runs out."""
+def run_together(
+    argvs: list[list[str]],
+    timeout: float,
+    env: dict[str, str],
+    feeders: list[Callable[[BinaryIO], None]] | None = None,
+) -> list[str]:
+    """Run tools side by side, each one's stdin written by its `feeders` entry when given;
+    their stdouts, or ArchiveError (the others stopped) when one fails, its feeder fails,
+    or time runs out."""
     deadline = time.monotonic() + timeout
+    failures: list[ArchiveError] = []  # a feeder's: the real cause when its tool then fails
+
+    def pump(feeder: Callable[[BinaryIO], None], proc: subprocess.Popen) -> None:
+        try:
+            feeder(proc.stdin)
+        except BrokenPipeError:
+            pass  # the tool has read what it needs (or died: its exit status says)
+        except ArchiveError as err:
+            failures.append(err)
+            proc.kill()
+        finally:
+            with contextlib.suppress(BrokenPipeError):
+                proc.stdin.close()
+
     with contextlib.ExitStack() as stack:
-        procs = []
-        for argv in argvs:
+        procs, pumps, outs = [], [], []
+        for n, argv in enumerate(argvs):
             err = stack.enter_context(tempfile.TemporaryFile())
-            procs.append((subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, env=env), err, argv))
+            outs.append(stack.enter_context(tempfile.TemporaryFile()))
+            feeder = feeders[n] if feeders else None
+            stdin = subprocess.PIPE if feeder is not None else None
+            proc = subprocess.Popen(argv, stdin=stdin, stdout=outs[-1], stderr=err, env=env)
+            procs.append((proc, err, argv))
+            if feeder is not None:
+                pumps.append(threading.Thread(target=pump, args=(feeder, proc), daemon=True))
+                pumps[-1].start()
         try:
             for proc, err, argv in procs:
                 try:
@@ -91,6 +119,8 @@ def run_together(argvs: list[list[str]], timeout: float, env: dict[str, str]) ->
                 except subprocess.TimeoutExpired:
                     raise ArchiveError(f"{argv[0]} did not finish within {timeout:.0f}s") from None
                 if proc.returncode != 0:
+                    if failures:
+                        raise failures[0]
                     err.seek(0)
                     raise ArchiveError(f"{Path(argv[0]).name} exited {proc.returncode}: {tail(err.read())}")
         finally:
@@ -98,6 +128,11 @@ def run_together(argvs: list[list[str]], timeout: float, env: dict[str, str]) ->
                 if proc.poll() is None:
                     proc.kill()
                     proc.wait(timeout=10)
+            for thread in pumps:
+                thread.join(timeout=10)
+        for out in outs:
+            out.seek(0)
+        return [out.read().decode(errors="replace") for out in outs]
 
 
 def tail(data: bytes | str, lines: int = 6) -> str:
@@ -222,6 +257,86 @@ class _Tee:
         if self.hasher is not None:
             self.hasher.update(data)
         return data
+
+
+class Unpacking:
+    """`src` decompressed into `dest` on a thread, its sha256 checked, while readers
+    follow `dest` as it grows: a restore starts loading the first table while the
+    last is still being unpacked, and still gets a seekable file for what needs one.
+
+    `with Unpacking(...) as unpacking:` starts it; `feed(out)` writes the file from the
+    start into `out` as it grows; `wait()` returns once `dest` is whole, or raises why it is not. Leaving
+    the block stops the thread."""
+
+    def __init__(self, src: Path, compression: str, dest: Path, expect_sha256: str | None = None):
+        self.src, self.compression, self.dest, self.expect_sha256 = src, compression, dest, expect_sha256
+        self.written = 0
+        self.error: ArchiveError | None = None
+        self._done = False
+        self._stop = False
+        self._grown = threading.Condition()
+        self._thread = threading.Thread(target=self._unpack, name=f"unpack {src.name}", daemon=True)
+
+    def __enter__(self) -> Unpacking:
+        fd = os.open(self.dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        self._out = os.fdopen(fd, "wb", buffering=0)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with self._grown:
+            self._stop = True
+            self._grown.notify_all()
+        self._thread.join()
+
+    def _unpack(self) -> None:
+        digest = hashlib.sha256()
+        try:
+            with self._out:
+                for chunk in iter_decompressed(self.src, self.compression, digest):
+                    self._out.write(chunk)
+                    with self._grown:
+                        if self._stop:
+                            raise ArchiveError(f"{self.src.name}: unpacking stopped")
+                        self.written += len(chunk)
+                        self._grown.notify_all()
+            if self.expect_sha256 and digest.hexdigest() != self.expect_sha256:
+                raise ArchiveError(f"{self.src.name}: sha256 differs from the manifest's")
+        except ArchiveError as err:
+            self.error = err
+        except OSError as err:
+            self.error = ArchiveError(f"unpacking {self.src.name} into {self.dest}: {err.strerror}")
+        finally:
+            with self._grown:
+                self._done = True
+                self._grown.notify_all()
+
+    def _available(self, offset: int) -> int:
+        """Bytes readable at `offset`: waits for more; 0 once the file is whole."""
+        with self._grown:
+            while self.written <= offset and not self._done and not self._stop:
+                self._grown.wait()
+            if self.error is not None or self._stop:
+                raise self.error or ArchiveError(f"{self.src.name}: unpacking stopped")
+            return self.written - offset
+
+    def feed(self, out) -> None:
+        """Write the file's bytes from the start into `out` (a tool's stdin) as they are
+        written: with sendfile where `out` is a pipe, so the bytes do not pass through
+        Python; chunk by chunk into anything else with write() (a `docker exec` stdin)."""
+        pipe = out.fileno() if hasattr(out, "fileno") else None
+        with open(self.dest, "rb") as handle:
+            offset = 0
+            while available := self._available(offset):
+                if pipe is not None:
+                    offset += os.sendfile(pipe, handle.fileno(), offset, min(available, 1 << 24))
+                else:
+                    chunk = os.pread(handle.fileno(), min(available, CHUNK), offset)
+                    out.write(chunk)
+                    offset += len(chunk)
+
+    def wait(self) -> None:
+        self._available(1 << 62)
 
 
 def sha256_file(path: Path) -> str:

@@ -26,7 +26,7 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from worker.adapters.archive import ArchiveError, run, run_together
+from worker.adapters.archive import ArchiveError, Unpacking, iter_file, run, run_together
 
 _ENV_OF = {
     "host": "PGHOST",
@@ -249,16 +249,23 @@ class Postgres:
         roles: Path | None = None,
         keep_owners: bool = False,
         weights: dict[str, int] | None = None,
-    ) -> None:
-        """pg_restore a custom-format file into an existing empty database, in parallel.
-        Owners are kept when the server has the roles (`roles` applied first, or `keep_owners`:
-        the dump's own server); otherwise objects belong to the restoring user.
+        unpacking: Unpacking | None = None,
+    ) -> dict[str, int]:
+        """pg_restore a custom-format dump into an existing empty database, in parallel;
+        returns the restored tables' row counts. Owners are kept when the server has the
+        roles (`roles` applied first, or `keep_owners`: the dump's own server); otherwise
+        objects belong to the restoring user.
+
+        `unpacking`: `dump` is still being decompressed into. The pre-data section and the
+        tables' data are read from it as it grows (a custom-format dump is read front to
+        back), so loading starts with the first table; the post-data section waits for the
+        whole file, since `-j` needs to seek.
 
         `weights` (bytes or rows per "schema.table", from the manifest): the tables' data
-        is loaded by `jobs` pg_restore processes, largest tables first, each its share
-        (see split_table_data). A dump streamed through a pipe, as ours are, carries no
-        data offsets, so pg_restore -j can neither seek to a table nor start the largest
-        first; this does that scheduling here: 9.6 s instead of 11.8 s for a 1.5 GB dump."""
+        is loaded by `jobs` pg_restore processes, each its share, largest tables shared out
+        first (see split_table_data). A dump streamed through a pipe, as ours are, carries
+        no data offsets, so pg_restore -j could neither seek to a table nor start the
+        largest first. The rows are counted while post-data builds the indexes."""
         if roles is not None and roles.exists():
             # Roles first, so ownership and grants resolve; existing roles are errors psql reports and skips.
             run(["psql", "--no-password", "--quiet", "--file", str(roles)], timeout=60, env=self.env("postgres"))
@@ -266,28 +273,44 @@ class Postgres:
         if roles is None and not keep_owners:
             base.append("--no-owner")
         deadline = time.monotonic() + timeout
+        env = self.env(dbname)
+
+        def left() -> float:
+            return max(1.0, deadline - time.monotonic())
+
+        def reading(argv: list[str]) -> str:
+            """One pg_restore reading the dump front to back: from the file once it is whole."""
+            if unpacking is None:
+                return run([*argv, str(dump)], timeout=left(), env=env)
+            return run_together([argv], left(), env, feeders=[unpacking.feed])[0]
+
         try:
             lists = None
             if jobs > 1 and weights:
-                lists = split_table_data(run(["pg_restore", "--list", str(dump)], timeout=timeout), weights, jobs)
+                lists = split_table_data(reading(["pg_restore", "--list"]), weights, jobs)
             if not lists:
-                run([*base, f"--jobs={jobs}", str(dump)], timeout=timeout, env=self.env(dbname))
-                return
-            run([*base, "--section=pre-data", str(dump)], timeout=timeout, env=self.env(dbname))
+                if unpacking is not None:
+                    unpacking.wait()
+                run([*base, f"--jobs={jobs}", str(dump)], timeout=left(), env=env)
+                return self.row_counts(dbname)
+            reading([*base, "--section=pre-data"])
             folder = Path(tempfile.mkdtemp(prefix="opsfleet-restore-lists-"))
             try:
                 argvs = []
                 for n, lines in enumerate(lists):
                     (folder / f"{n}.list").write_text("\n".join(lines) + "\n")
-                    argvs.append([*base, "--section=data", f"--use-list={folder / f'{n}.list'}", str(dump)])
-                run_together(argvs, deadline - time.monotonic(), env=self.env(dbname))
+                    argvs.append([*base, "--section=data", f"--use-list={folder / f'{n}.list'}"])
+                if unpacking is None:
+                    run_together([[*argv, str(dump)] for argv in argvs], left(), env=env)
+                else:
+                    run_together(argvs, left(), env, feeders=[unpacking.feed] * len(argvs))
+                    unpacking.wait()
             finally:
                 shutil.rmtree(folder, ignore_errors=True)
-            run(
-                [*base, "--section=post-data", f"--jobs={jobs}", str(dump)],
-                timeout=max(1.0, deadline - time.monotonic()),
-                env=self.env(dbname),
-            )
+            with ThreadPoolExecutor(1, thread_name_prefix="count rows") as counting:
+                counts = counting.submit(self.row_counts, dbname)
+                run([*base, "--section=post-data", f"--jobs={jobs}", str(dump)], timeout=left(), env=env)
+                return counts.result()
         except ArchiveError as err:
             raise PostgresError(f"pg_restore into {dbname} failed: {err}") from None
 
@@ -296,24 +319,27 @@ def split_table_data(listing: str, weights: dict[str, int], jobs: int) -> list[l
     """`pg_restore --list` split into `jobs` lists for --section=data runs side by side:
     each TABLE DATA entry goes, largest first (by `weights`, "schema.table"), to the list
     carrying the least so far; the first list also keeps every other entry (sequence
-    values, large objects: --section=data picks the data ones). None when fewer than two
-    tables have data (nothing to share out)."""
+    values, large objects: --section=data picks the data ones). Each list keeps the
+    listing's order, the order of the dump's bytes: pg_restore reading a stream cannot
+    go back for an entry listed out of order. None when fewer than two tables have data
+    (nothing to share out)."""
+    lines = [line for line in listing.splitlines() if line and not line.startswith(";")]
     entries = []
-    for line in listing.splitlines():
+    for position, line in enumerate(lines):
         parts = line.split(";", 1)[-1].split()
-        if not line.startswith(";") and len(parts) >= 6 and parts[2:4] == ["TABLE", "DATA"]:
-            entries.append((weights.get(f"{parts[4]}.{parts[5]}", 0), line))
+        if len(parts) >= 6 and parts[2:4] == ["TABLE", "DATA"]:
+            entries.append((weights.get(f"{parts[4]}.{parts[5]}", 0), position))
     if len(entries) < 2:
         return None
-    bins: list[list[str]] = [[] for _ in range(min(jobs, len(entries)))]
+    bins: list[list[int]] = [[] for _ in range(min(jobs, len(entries)))]
     loads = [0] * len(bins)
-    for weight, line in sorted(entries, key=lambda e: -e[0]):
+    for weight, position in sorted(entries, key=lambda e: -e[0]):
         n = loads.index(min(loads))
-        bins[n].append(line)
+        bins[n].append(position)
         loads[n] += max(weight, 1)
-    shared = {line for _, line in entries}
-    bins[0] += [line for line in listing.splitlines() if line and not line.startswith(";") and line not in shared]
-    return bins
+    shared = {position for _, position in entries}
+    bins[0] += [position for position in range(len(lines)) if position not in shared]
+    return [[lines[position] for position in sorted(positions)] for positions in bins]
 
 
 def verify_process(stderr: Path, source: Path | None = None) -> subprocess.Popen:
@@ -505,7 +531,8 @@ class ContainerPostgres:
         roles: Path | None = None,
         keep_owners: bool = False,
         weights: dict[str, int] | None = None,  # one stream through stdin: nothing to share out
-    ) -> None:
+        unpacking: Unpacking | None = None,
+    ) -> dict[str, int]:
         if roles is not None and roles.exists():
             self._psql(roles.read_text(), "postgres")
         argv = ["pg_restore", "--no-password", f"--dbname={dbname}", "--exit-on-error"]
@@ -513,14 +540,20 @@ class ContainerPostgres:
             argv.append("--no-owner")
         proc = self._exec(argv, dbname, stdin=True)
         try:
-            with open(dump, "rb") as handle:
-                while chunk := handle.read(1 << 20):
+            if unpacking is not None:
+                unpacking.feed(proc.stdin)
+            else:
+                for chunk in iter_file(dump):
                     proc.stdin.write(chunk)
         except OSError as err:
             proc.kill()
             raise PostgresError(f"pg_restore in {self.container.name} stopped reading: {err}") from None
+        except ArchiveError as err:
+            proc.kill()
+            raise PostgresError(f"pg_restore into {dbname} in {self.container.name} failed: {err}") from None
         proc.stdin.close()
         if proc.wait(timeout) != 0:
             raise PostgresError(
                 f"pg_restore into {dbname} in {self.container.name} failed: {proc.stderr.decode(errors='replace').strip()[-500:]}"
             )
+        return self.row_counts(dbname)
