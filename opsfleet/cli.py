@@ -730,7 +730,8 @@ def backup_run(ctx, kinds, names) -> None:
             click.echo(f"opsfleet: --series {name}: no such series (series: {', '.join(sorted(series))})", err=True)
             ctx.exit(2)
     wanted = list(kinds) + list(names) or list(series)
-    _execute(ctx, app, "backup_set", {"series": wanted}, "all")
+    # The run's target says what was asked for, as `opsfleet runs` lists it.
+    _execute(ctx, app, "backup_set", {"series": wanted}, ",".join([*kinds, *names]) or "all")
 
 
 @backup_group.command("verify")

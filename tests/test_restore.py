@@ -5,6 +5,7 @@ restore drill, and recover --latest bringing busybox services back through the h
 
 from __future__ import annotations
 
+import json
 import stat
 
 import psycopg
@@ -119,6 +120,8 @@ def test_documents_restore_moves_the_current_tree_aside_and_config_comes_back_06
     assert env.read_text() == "DB_PASSWORD=s3cret\n"
     assert stat.S_IMODE(env.stat().st_mode) == 0o600
     assert list(env.parent.glob(".env.before-restore-*"))
+    backups = [r for r in json.loads(opsfleet(site, "runs", "--json").output) if r["playbook"] == "backup_set"]
+    assert [r["target"] for r in backups] == ["documents,config"]  # what was asked for, not "all"
 
 
 def test_models_series_backs_up_weekly_and_restores_its_tree_on_demand(site):
