@@ -232,6 +232,14 @@ def test_without_a_configured_secret_every_delivery_is_401(edge):
         ("no event", None, {"X-GitHub-Event": ""}, 400, "X-GitHub-Event"),
         ("push without ref", b'{"after": "x"}', {}, 400, "malformed push payload: ref and after must be strings"),
         ("push with a non-sha after", b'{"ref": "refs/heads/master", "after": "HEAD"}', {}, 202, "not a commit sha"),
+        # GitHub's other content type: its webhook settings offer it; say which to choose
+        (
+            "form-encoded",
+            b"payload=%7B%22ref%22%3A%22refs%2Fheads%2Fmaster%22%7D",
+            {"Content-Type": "application/x-www-form-urlencoded"},
+            415,
+            "set its Content type to application/json",
+        ),
     ],
 )
 def test_bad_input_table(edge, case, data, extra, status, message):

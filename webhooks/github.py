@@ -92,6 +92,8 @@ def receive():
         return error(400, "X-GitHub-Event missing or malformed")
     if not _DELIVERY.match(delivery):
         return error(400, "X-GitHub-Delivery missing or malformed")
+    if request.mimetype == "application/x-www-form-urlencoded":
+        return error(415, "the webhook sends form data: set its Content type to application/json in GitHub's settings")
     data, problem = parse_json_body(body)
     if problem:
         return error(400, problem)
