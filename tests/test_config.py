@@ -83,6 +83,21 @@ def test_missing_variable_names_key_and_variable():
     assert problems(raw) == ["services.api.container: environment variable NOPE is not set"]
 
 
+def test_an_unset_variable_and_other_mistakes_are_reported_together():
+    raw = {
+        **GOOD,
+        "services": {"api": {"container": "shop-api", "health_url": "${NOPE}"}},
+        "worker": {"concurency": 2},
+        "backup": {"series": {"db": {"kind": "database", "database_url": "${ALSO_UNSET}", "jobs": 0}}},
+    }
+    assert sorted(problems(raw)) == sorted([
+        "services.api.health_url: environment variable NOPE is not set",
+        "backup.series.db.database_url: environment variable ALSO_UNSET is not set",
+        "worker.concurency: unknown key",
+        "backup.series.db.jobs: Input should be greater than or equal to 1",
+    ])  # fmt: skip
+
+
 def test_environment_secrets_are_never_shown():
     environ = {
         "SLACK_BOT_TOKEN": "xoxb-secret-1",

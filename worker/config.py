@@ -1091,12 +1091,18 @@ def parse_config(raw: Any, *, source: str, base_dir: Path, environ: dict[str, st
     problems: list[str] = []
     found: dict[tuple, str] = {}
     raw = _interpolate(raw, (), environ, found, problems)
-    if problems:
-        raise ConfigError(problems, source)
     try:
         config = Config.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(err), source) from None
+        # All in one round: what an unset ${VAR} leaves behind is not reported again.
+        unset = {problem.split(": ", 1)[0] for problem in problems}
+        invalid = [
+            p for p in _format_validation_error(err)
+            if not any(p.split(": ", 1)[0] == key or p.startswith((f"{key}.", f"{key}[")) for key in unset)
+        ]  # fmt: skip
+        raise ConfigError(problems + invalid, source) from None
+    if problems:
+        raise ConfigError(problems, source)
     config, problems = _read_compose_files(config, base_dir, environ)
     problems += _cross_check(config)
     for host in config.deploy.registries:
