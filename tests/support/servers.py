@@ -295,3 +295,82 @@ def shared_postgres_database(prefix: str = "opsfleet_test") -> Iterator[str]:
         finally:
             # FORCE: a test that leaked a connection must not leave the database behind.
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+# --- A dockerd of the test's own -------------------------------------------------------------------
+
+BUILD_TEST_IMAGE = Path(__file__).resolve().parents[2] / "scripts" / "build-test-image.sh"
+
+
+class PrivateDockerd(ServerProcess):
+    """A dockerd of the test's own (its data root, exec root and socket in one short temp folder),
+    for tests that stop Docker: never the shared test dockerd, which other tests use.
+
+    stop() is one SIGTERM, as a host's dockerd is stopped: containers without live-restore are
+    stopped with it, those with a restart policy come back at start(). The data root stays
+    across stop()/start(), so images and containers survive a restart. `client` is a
+    DockerClient for the running daemon (a new one after each start); `url` is its DOCKER_HOST.
+    The test image (TEST_IMAGE) is imported at each start when missing.
+    """
+
+    def __init__(self, start_timeout: float = 60):
+        if shutil.which("dockerd") is None:
+            raise RuntimeError("dockerd not found on PATH: the private dockerd needs it (apt-get install docker.io)")
+        # Unix socket paths are limited to 108 bytes: a short folder under /tmp.
+        self.dir = Path(tempfile.mkdtemp(prefix="ofd-", dir="/tmp"))
+        self.socket = self.dir / "docker.sock"
+        self.url = f"unix://{self.socket}"
+        self.start_timeout = start_timeout
+        self._log = self.dir / "dockerd.log"
+        self._proc: subprocess.Popen | None = None
+        self._client: docker.DockerClient | None = None
+
+    @property
+    def client(self) -> docker.DockerClient:
+        if self._client is None:
+            raise RuntimeError(f"the private dockerd at {self.url} is not running (start() it)")
+        return self._client
+
+    def start(self) -> PrivateDockerd:
+        if self._proc is not None and self._proc.poll() is None:
+            return self
+        cmd = [
+            "dockerd", "--data-root", str(self.dir / "root"), "--exec-root", str(self.dir / "exec"),
+            "-H", self.url, "--pidfile", str(self.dir / "dockerd.pid"), "--iptables=false", "--bridge=none",
+        ]  # fmt: skip
+
+        def answers() -> bool:
+            client = docker.DockerClient(base_url=self.url, timeout=5)
+            try:
+                return bool(client.ping())
+            finally:
+                client.close()
+
+        self._launch(cmd, "dockerd", answers, f"private dockerd at {self.url}", 0.2)
+        self._client = docker.DockerClient(base_url=self.url, timeout=60)
+        done = subprocess.run(
+            ["bash", str(BUILD_TEST_IMAGE)], env={**os.environ, "OPSFLEET_TEST_DOCKER_HOST": self.url},
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        if done.returncode != 0:
+            self.stop()
+            raise RuntimeError(f"importing {TEST_IMAGE} into {self.url} failed:\n{done.stdout}\n{done.stderr}")
+        return self
+
+    def stop(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        # One SIGTERM: dockerd stops its containers (each within its stop timeout) and containerd.
+        stop_process(self._proc, timeout=60)
+
+    def close(self) -> None:
+        self.stop()
+        # dockerd leaves an nsfs mount at <exec root>/netns/default (and, killed, maybe more):
+        # unmounted, deepest first, before the folder can go.
+        prefix = f"{self.dir}/"
+        with open("/proc/self/mounts") as mounts:
+            points = [line.split()[1] for line in mounts if line.split()[1].startswith(prefix)]
+        for point in sorted(points, key=len, reverse=True):
+            subprocess.run(["umount", "-l", point], capture_output=True, timeout=30)
+        shutil.rmtree(self.dir, ignore_errors=True)
