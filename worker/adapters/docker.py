@@ -8,9 +8,12 @@ socket timeout, plus the stop timeout given to the daemon for restarts.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 from dataclasses import dataclass
 
 import docker
+import requests
 from docker.errors import DockerException, NotFound
 
 from worker.config import ServiceSpec
@@ -34,6 +37,30 @@ class ContainerState:
     health: str | None
 
 
+def _unreachable_is_a_docker_error(cls):
+    """The SDK raises DockerException for what the daemon answers, but requests' own errors
+    (ConnectionError, ReadTimeout) when it cannot be reached at all: its socket gone (dockerd
+    stopped), the connection refused or dropped, no answer within the timeout. Each public
+    method turns those into a DockerError saying so: the tasks handle DockerError (a deploy's
+    gate fails and rolls back), where a stray ConnectionError was a crash of the step."""
+
+    def reachable(method):
+        @functools.wraps(method)
+        def call(self, *args, **kwargs):
+            try:
+                return method(self, *args, **kwargs)
+            except requests.exceptions.RequestException as err:
+                raise DockerError(f"Docker at {self.base_url or 'the default socket'} does not answer: {err}") from None
+
+        return call
+
+    for name, method in list(vars(cls).items()):
+        if not name.startswith("_") and inspect.isfunction(method):
+            setattr(cls, name, reachable(method))
+    return cls
+
+
+@_unreachable_is_a_docker_error
 class DockerAdapter:
     def __init__(self, base_url: str | None, timeout_seconds: int):
         self.base_url = base_url

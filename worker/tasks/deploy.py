@@ -498,7 +498,10 @@ def recreate(ctx: StepContext) -> str:
     release = ledger.release_of_run(ctx.run["id"])
     if release is None:
         # The rollback target: what each service runs now ("" for one a compose file creates afresh).
-        found = {s: _container(ctx, s, missing_ok=bool(env.compose_file)) for s in env.services}
+        try:
+            found = {s: _container(ctx, s, missing_ok=bool(env.compose_file)) for s in env.services}
+        except StepFailed as err:
+            raise StepFailed(f"{err}; nothing was stopped") from None
         previous = {service: running_image(c) if c is not None else "" for service, c in found.items()}
         release = ledger.start_release(
             environment=environment,
@@ -528,6 +531,7 @@ def _roll_back(ctx: StepContext, release: dict, why: str):
     environment, env = _env(ctx)
     ledger = ctx.runtime.ledger
     previous = release["previous_images"]
+    back = ", ".join(f"{s} on {i}" if i else f"{s} removed" for s, i in previous.items())
     began = time.monotonic()
     try:
         lines = _restore_database(ctx, env) if env.migrating else []
@@ -537,19 +541,18 @@ def _roll_back(ctx: StepContext, release: dict, why: str):
         else:
             lines.append("nothing ran before this deploy: the stack is back to no containers, nothing to gate")
     except (DockerError, StepFailed) as err:
+        # The person paged needs what ran before: the rollback target, to put back by hand.
+        failed = f"{why}; rollback failed: {err} (rollback target: {back})"
         ledger.set_release_status(ctx.run["id"], "failed")
-        _escalate(
-            ctx, environment, f"deploy of {ctx.params['sha'][:7]} to {environment}: {why}; rollback failed: {err}"
-        )
+        _escalate(ctx, environment, f"deploy of {ctx.params['sha'][:7]} to {environment}: {failed}")
         _release_lock(ctx)
         metrics.DEPLOYS.labels(environment, "rollback_failed").inc()
         metrics.ROLLBACKS.labels(environment, "automatic", "failed").inc()
-        raise StepEnded("rollback_failed", f"{why}; rollback failed: {err}") from None
+        raise StepEnded("rollback_failed", failed) from None
     ledger.set_release_status(ctx.run["id"], "rolled_back")
     _release_lock(ctx)
     metrics.DEPLOYS.labels(environment, "rolled_back").inc()
     metrics.ROLLBACKS.labels(environment, "automatic", "succeeded").inc()
-    back = ", ".join(f"{s} on {i}" if i else f"{s} removed" for s, i in previous.items())
     took = time.monotonic() - began
     raise StepEnded("rolled_back", f"{why}; rolled back in {took:.2f}s: {back}\n" + "\n".join(lines))
 
