@@ -12,7 +12,7 @@ from flask import Flask, current_app, g, request
 from worker.adapters.ledger import Ledger, LedgerUnavailable
 from worker.adapters.metrics_multiproc import use_multiprocess_dir
 from worker.config import ConfigError, LoadedConfig, load_config
-from worker.logs import configure_logging
+from worker.logs import configure_logging, printable
 
 log = logging.getLogger("opsfleet.web")
 
@@ -131,8 +131,8 @@ def create_app(config_path: str | None = None, *, loaded: LoadedConfig | None = 
         log.log(
             logging.WARNING if response.status_code >= 400 else logging.INFO,
             "%s %s %s %.1fms %s",
-            request.method,
-            request.path,
+            printable(request.method),
+            printable(request.path),  # %0A in a URL is a newline here: no forged log lines
             response.status_code,
             duration_ms,
             request.remote_addr,

@@ -21,6 +21,7 @@ import contextvars
 import json
 import logging
 import os
+import re
 import sys
 import threading
 import traceback
@@ -31,6 +32,27 @@ from pathlib import Path
 FORMAT = "%(asctime)s %(levelname)s %(name)s [%(process)d]%(run)s %(message)s"
 LOG_FILE = "opsfleet.jsonl"
 ERROR_FILE = "opsfleet-errors.jsonl"
+
+# json.dumps escapes C0 controls, but with ensure_ascii=False leaves these raw: C1 controls
+# (NEL ends a line for Unicode-aware readers), LINE and PARAGRAPH SEPARATOR, and the bidi
+# overrides and isolates (which reorder how a line reads). From a payload (an alert's
+# groupKey, a header) they could forge or disguise a log line; written as \uXXXX they
+# are the same JSON value.
+_UNSAFE = re.compile("[\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def _escape_unsafe(text: str) -> str:
+    return _UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """Outside text (a request's path) for a console line: controls, line separators and bidi
+    characters as \\n, \\xNN, \\uXXXX, so it cannot end the line and forge the next."""
+    return _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
 
 current_run: contextvars.ContextVar[int | None] = contextvars.ContextVar("opsfleet_run_id", default=None)
 _role = "opsfleet"
@@ -74,7 +96,7 @@ class JsonFormatter(logging.Formatter):
             event["exc"] = "".join(traceback.format_exception(*record.exc_info)).rstrip()
         elif record.stack_info:
             event["stack"] = record.stack_info
-        return json.dumps(event, default=str, ensure_ascii=False)
+        return _escape_unsafe(json.dumps(event, default=str, ensure_ascii=False))
 
 
 class AppendLineHandler(logging.Handler):
