@@ -232,6 +232,13 @@ def test_without_a_configured_secret_every_delivery_is_401(edge):
         ("no event", None, {"X-GitHub-Event": ""}, 400, "X-GitHub-Event"),
         ("push without ref", b'{"after": "x"}', {}, 400, "malformed push payload: ref and after must be strings"),
         ("push with a non-sha after", b'{"ref": "refs/heads/master", "after": "HEAD"}', {}, 202, "not a commit sha"),
+        (
+            "repository not owner/name",
+            body("push.with-new-branch.json").replace(b'"Codertocat/Hello-World"', b'"Codertocat/../../orgs/x"'),
+            {},
+            400,
+            "is not owner/name",
+        ),
         # GitHub's other content type: its webhook settings offer it; say which to choose
         (
             "form-encoded",

@@ -23,3 +23,22 @@ def test_githubs_rate_limit_answers(status, headers, body, wait):
     from worker.adapters.github import rate_limit_wait
 
     assert rate_limit_wait(status, headers, body, now=1_000_000.0) == wait
+
+
+@pytest.mark.parametrize("repository", ["octo/../../orgs/x", "../x", "octo/..", "octo/repo/extra", "octo/re po", ""])
+def test_a_repository_that_is_not_owner_name_is_never_put_in_a_url(repository):
+    from tests.support.github_recorder import GitHubRecorder
+    from worker.adapters.github import GitHubAdapter, GitHubError
+
+    with GitHubRecorder() as github:
+        adapter = GitHubAdapter(token=github.token, api_url=github.base_url, timeout_seconds=5)
+        with pytest.raises(GitHubError, match="not owner/name") as refused:
+            adapter.create_deployment(repository, ref="a" * 40, environment="prod", description="d", payload={})
+        assert not refused.value.retryable
+        with pytest.raises(GitHubError, match="not owner/name"):
+            adapter.create_status(repository, 1, state="success", description="d", log_url=None, environment="prod")
+        assert github.calls == []
+        adapter.create_deployment(
+            "Codertocat/Hello-World", ref="a" * 40, environment="prod", description="d", payload={}
+        )
+        assert [c.path for c in github.calls] == ["/repos/Codertocat/Hello-World/deployments"]

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from worker.adapters.github import REPOSITORY_NAME
 from worker.config import Config, DeployEnvironment
 
 ZERO_SHA = "0" * 40
@@ -47,7 +48,11 @@ def _text(parent: dict, key: str, where: str = "") -> str:
 
 
 def repository_name(payload: dict) -> str:
-    return _text(_object(payload, "repository"), "full_name", "repository.")
+    name = _text(_object(payload, "repository"), "full_name", "repository.")
+    if name and not REPOSITORY_NAME.fullmatch(name):
+        # It becomes part of GitHub API paths (deployments, statuses): owner/name only.
+        raise MalformedPayload(f"repository.full_name {name[:100]!r} is not owner/name")
+    return name
 
 
 def sender_name(payload: dict) -> str:

@@ -8,12 +8,16 @@ in_progress, success, failure, error, inactive. `description` is at most
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 
 import requests
 
 API_VERSION = "2022-11-28"
+# owner/name as GitHub allows them (a login: letters, digits, hyphens; a repository also
+# dots and underscores, never "." or ".."): the only repository text that goes into a URL path.
+REPOSITORY_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,38})/(?!\.\.?$)[A-Za-z0-9._-]{1,100}")
 DEFAULT_API_URL = "https://api.github.com"
 
 
@@ -77,6 +81,7 @@ class GitHubAdapter:
 
     def create_deployment(self, repository: str, *, ref: str, environment: str, description: str, payload: dict) -> int:
         """A deployment of `ref` (a sha): no auto-merge, no required contexts (opsfleet decided already)."""
+        _check_repository(repository)
         created = self._post(
             f"/repos/{repository}/deployments",
             {
@@ -106,4 +111,10 @@ class GitHubAdapter:
         body = {"state": state, "description": description[:140], "environment": environment, "auto_inactive": False}
         if log_url:
             body["log_url"] = log_url
+        _check_repository(repository)
         self._post(f"/repos/{repository}/deployments/{deployment_id}/statuses", body)
+
+
+def _check_repository(repository: str) -> None:
+    if not REPOSITORY_NAME.fullmatch(repository):
+        raise GitHubError(f"repository {repository[:100]!r} is not owner/name: nothing sent", retryable=False)
