@@ -13,6 +13,7 @@ from celery import Celery
 from kombu import Exchange, Queue
 
 import beat_schedule
+from worker.adapters import redis_broker
 from worker.config import LoadedConfig
 from worker.runtime import Runtime
 
@@ -110,6 +111,9 @@ def create_celery(loaded: LoadedConfig, *, include_tasks: bool = True) -> Celery
     exchange = Exchange("opsfleet", type="direct")
     app.conf.update(
         broker_url=broker_url,
+        # Redis: kombu's transport, fixed so a worker survives Redis going away while it
+        # runs a task (worker/adapters/redis_broker.py). Other schemes keep their own.
+        broker_transport=redis_broker.TRANSPORT if broker_url.startswith(("redis://", "rediss://")) else None,
         broker_transport_options=transport_options,
         # The ledger holds every result; a result backend would be a second truth.
         task_ignore_result=True,
