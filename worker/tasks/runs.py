@@ -15,9 +15,11 @@ import logging
 import threading
 import time
 
+import redis
 from celery import chain, shared_task
 from celery.canvas import Signature
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
+from kombu.exceptions import OperationalError
 
 from worker.adapters import metrics
 from worker.adapters.ledger import LedgerUnavailable
@@ -33,6 +35,18 @@ log = logging.getLogger("opsfleet.runs")
 # (the lease then expires and the sweeper records the failure).
 LEDGER_WRITE_TRIES = 6
 
+# What sending to a broker that is down raises (kombu wraps most in OperationalError).
+BROKER_ERRORS = (OperationalError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+
+# A run's next step (or `finish`) is sent by the worker that ran the step before. With the
+# broker down then (Redis restarting), that worker waits about 30 s for it to come back (a
+# minute at most where each try also waits out a connect timeout: inside the quick tasks'
+# 60 s soft limit), instead of giving up at once and leaving the run `running` until its
+# lease lapses and the sweeper fails it, the rest of its action never taken. A first step
+# the broker refuses sends the run back to the queue (start_run). The edge keeps its short
+# wait: what it could not send, the sweeper sends from the ledger.
+CHAIN_PUBLISH_RETRY = {"max_retries": 15, "interval_start": 1, "interval_step": 1, "interval_max": 2}
+
 
 def build_chain(app, run_id: int, playbook: str, queue: str | None = None) -> Signature:
     """The chain for a run: one task per step, then finish. Pure, so tests can inspect it.
@@ -41,7 +55,9 @@ def build_chain(app, run_id: int, playbook: str, queue: str | None = None) -> Si
     """
     steps = PLAYBOOKS[playbook]
     config = app.opsfleet.config
-    options = {"queue": queue, "routing_key": queue} if queue else {}
+    options = {"retry": True, "retry_policy": CHAIN_PUBLISH_RETRY}
+    if queue:
+        options |= {"queue": queue, "routing_key": queue}
 
     def one(seq: int, step) -> Signature:
         sig = app.signature("opsfleet.runs.step", args=(run_id, seq), immutable=True, **options)
@@ -53,7 +69,9 @@ def build_chain(app, run_id: int, playbook: str, queue: str | None = None) -> Si
     # ledger carries everything between steps.
     return chain(
         *(one(seq, step) for seq, step in enumerate(steps)),
-        app.signature("opsfleet.runs.finish", args=(run_id,), immutable=True),
+        app.signature(
+            "opsfleet.runs.finish", args=(run_id,), immutable=True, retry=True, retry_policy=CHAIN_PUBLISH_RETRY
+        ),
     )
 
 
@@ -158,7 +176,15 @@ def start_run(self, run_id: int) -> None:
         end_run(self.app, run, "failed", f'unknown playbook "{run["playbook"]}"')
         return
     request_report(self.app, run_id, run["playbook"])
-    build_chain(self.app, run_id, run["playbook"], queue_for_run(runtime.config, run)).apply_async()
+    try:
+        build_chain(self.app, run_id, run["playbook"], queue_for_run(runtime.config, run)).apply_async()
+    except BROKER_ERRORS as err:
+        # The broker went away between the claim and the first step's message: no step ran,
+        # so the run goes back to queued and the sweeper sends it again once the broker is
+        # back (left running, it would hold its target until the lease lapsed, then fail).
+        _ledger_write(runtime.ledger.requeue_run, run_id, f"broker unavailable at start: {err}")
+        log.warning("run %s back in the queue: the broker refused its first step: %s", run_id, err)
+        raise Ignore() from None
 
 
 @shared_task(name="opsfleet.runs.step", bind=True, acks_late=True, max_retries=None)
