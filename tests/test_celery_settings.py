@@ -48,3 +48,49 @@ def test_embedded_defaults_need_no_server(tmp_path):
     _, app = app_for(tmp_path)
     assert app.conf.broker_url.startswith("filesystem://")
     assert (tmp_path / "broker" / "queue").is_dir()
+
+
+def _drain(app, queue: str, want: int, timeout: float = 60) -> list[int]:
+    import time
+
+    got: list[int] = []
+    with app.connection_for_read() as conn, conn.SimpleQueue(queue) as q:
+        deadline = time.monotonic() + timeout
+        while len(got) < want and time.monotonic() < deadline:
+            try:
+                message = q.get(timeout=0.5)
+            except q.Empty:
+                continue
+            got.append(message.payload["n"])
+            message.ack()
+    return got
+
+
+def test_the_embedded_broker_never_shows_a_reader_half_a_message(tmp_path):
+    """kombu's filesystem transport creates a message's file, then writes it: a worker polling
+    meanwhile took the empty file and exited on the decode error. Written whole, then renamed."""
+    import threading
+
+    _, app = app_for(tmp_path)
+    count = 3000
+
+    def produce():
+        with app.connection_for_write() as conn, conn.SimpleQueue("t-race") as q:
+            for n in range(count):
+                q.put({"n": n, "pad": "x" * 2000})
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    got = _drain(app, "t-race", count)
+    producer.join()
+    assert sorted(got) == list(range(count))  # every message once, whole
+    assert not list((tmp_path / "broker" / "queue").iterdir())  # no partial file left behind
+
+
+def test_an_unreadable_message_file_is_dropped_and_the_next_one_delivered(tmp_path, caplog):
+    _, app = app_for(tmp_path)
+    (tmp_path / "broker" / "queue" / "1_00000000-0000-0000-0000-000000000000.t-bad.msg").write_bytes(b"")
+    with app.connection_for_write() as conn, conn.SimpleQueue("t-bad") as q:
+        q.put({"n": 7})
+    assert _drain(app, "t-bad", 1, timeout=20) == [7]
+    assert "dropped an unreadable message of queue t-bad" in caplog.text

@@ -13,7 +13,7 @@ from celery import Celery
 from kombu import Exchange, Queue
 
 import beat_schedule
-from worker.adapters import redis_broker
+from worker.adapters import file_broker, redis_broker
 from worker.config import LoadedConfig
 from worker.runtime import Runtime
 
@@ -111,9 +111,16 @@ def create_celery(loaded: LoadedConfig, *, include_tasks: bool = True) -> Celery
     exchange = Exchange("opsfleet", type="direct")
     app.conf.update(
         broker_url=broker_url,
-        # Redis: kombu's transport, fixed so a worker survives Redis going away while it
-        # runs a task (worker/adapters/redis_broker.py). Other schemes keep their own.
-        broker_transport=redis_broker.TRANSPORT if broker_url.startswith(("redis://", "rediss://")) else None,
+        # kombu's transports, fixed: a worker survives Redis going away while it runs a
+        # task (worker/adapters/redis_broker.py); the embedded broker's messages appear
+        # whole (worker/adapters/file_broker.py). Other schemes keep their own.
+        broker_transport=(
+            redis_broker.TRANSPORT
+            if broker_url.startswith(("redis://", "rediss://"))
+            else file_broker.TRANSPORT
+            if broker_url.startswith("filesystem://")
+            else None
+        ),  # fmt: skip
         broker_transport_options=transport_options,
         # The ledger holds every result; a result backend would be a second truth.
         task_ignore_result=True,

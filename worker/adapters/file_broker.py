@@ -1,0 +1,56 @@
+"""kombu's filesystem transport (the embedded broker) with messages that appear whole.
+
+kombu creates a message's file under its final name and then writes into it; a worker
+polling the folder in between moves the empty or half-written file away, cannot decode
+it, and exits (seen here: 72 of 3,000 messages lost, and the worker gone, so every later
+run waited in `queued`). Here a message is written under a hidden name and renamed into
+place, so a reader sees all of it or nothing. A file that still does not decode (a disk
+that filled up, an older opsfleet's leftover) is logged and dropped, not fatal: the
+ledger's sweeper re-sends its run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from queue import Empty
+from time import monotonic
+
+from kombu.exceptions import ChannelError
+from kombu.transport import filesystem as kombu_filesystem
+from kombu.utils.json import dumps
+
+log = logging.getLogger("opsfleet.broker")
+
+
+class Channel(kombu_filesystem.Channel):
+    def _put(self, queue, payload, **kwargs):
+        # The name kombu gives a message (its readers sort and filter on it).
+        name = f"{int(round(monotonic() * 1000))}_{uuid.uuid4()}.{queue}.msg"
+        final = os.path.join(self.data_folder_out, name)
+        partial = os.path.join(self.data_folder_out, f".{name}.partial")  # never matches `<queue>.msg`
+        try:
+            with open(partial, "wb") as handle:
+                handle.write(dumps(payload).encode())
+            os.replace(partial, final)
+        except OSError as exc:
+            try:
+                os.unlink(partial)
+            except OSError:
+                pass
+            raise ChannelError(f"Cannot add file {final!r} to directory") from exc
+
+    def _get(self, queue):
+        try:
+            return super()._get(queue)
+        except ValueError as err:  # the file is gone already: kombu moved and removed it
+            log.warning("dropped an unreadable message of queue %s (the sweeper re-sends its run): %s", queue, err)
+            raise Empty() from None
+
+
+class Transport(kombu_filesystem.Transport):
+    Channel = Channel
+
+
+TRANSPORT = f"{__name__}:Transport"
