@@ -1,6 +1,7 @@
 """Deploys end to end on a real fleet: gunicorn (2 workers) and a Celery worker and
 beat as processes, Redis broker, PostgreSQL ledger, the private dockerd, and GitHub's
-API as a local recorder. A signed push goes over HTTP; everything after is the fleet's."""
+API as a local recorder. A signed push goes over HTTP; everything after is the fleet's.
+Issue 8, fault 3 for deploys: a worker SIGKILLed in each step of a two-service deploy."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import requests
 from tests.support.deploy import SHA, TAG, build_images, httpd_command, new_repository, remove_images, signed_push
 from tests.support.fleet import Fleet
 from tests.support.github_recorder import GitHubRecorder
-from tests.support.servers import TEST_DOCKER_HOST, free_port
+from tests.support.servers import TEST_DOCKER_HOST, free_port, shared_postgres_database
+from worker.adapters.ledger import Ledger
+from worker.tasks.playbooks import PLAYBOOKS
 
 pytestmark = pytest.mark.slow
 SECRET = "e2e-github-secret"
@@ -125,112 +128,208 @@ def test_signed_pushes_deploy_roll_back_and_report_to_github(tmp_path, dockerd, 
                 c.remove(force=True)
 
 
-def test_worker_killed_mid_deploy_fails_the_run_and_the_next_deploy_proceeds(tmp_path, dockerd, images, shared_pg_url):
-    hold_dir = tmp_path / "hold"
-    hold_dir.mkdir()
-    hold = hold_dir / "hold-deploy-recreate"
-    hold.touch()
-    port = free_port()
-    name = f"opsfleet-e2e-deploy-{uuid.uuid4().hex[:8]}"
-    before = dockerd.containers.run(f"{REPO}:v1", httpd_command(port), name=name, detach=True, network_mode="host")
-    config = _config(name, port)
+# Where the worker is SIGKILLed (the hold file names a step, or `recreate.app1`: inside recreate,
+# app1 recreated and app2 not yet), then: what the two services serve at the kill, what both
+# serve once the dead run has ended, and whether the sweeper's repair run (a deploy of what ran
+# before) put them there. "live": the release live before; "new": the killed deploy's.
+DEPLOY_KILLS = {
+    # Before anything is stopped: the stack stays on live. From validate on, the dead run holds
+    # deploy:prod, and the next deploy takes it over (its holder's run has ended).
+    "lock": (["live", "live"], "live", False),
+    "validate": (["live", "live"], "live", False),
+    "backup": (["live", "live"], "live", False),
+    "pull": (["live", "live"], "live", False),
+    "recreate": (["live", "live"], "live", False),  # at its start: before its release row and any container
+    # After the release row (status deploying): the stack may be on new, partly or wholly, so the
+    # sweeper records a repair, which puts live back on both and gates it. Also after a passed
+    # health gate: new was never recorded live, so the live release is what must run.
+    "recreate.app1": (["new", "live"], "live", True),
+    "health": (["new", "new"], "live", True),
+    "record": (["new", "new"], "live", True),
+    # new is recorded live and the lock released; only the image cleanup was left. The run fails
+    # (every run whose worker died in a step does: no step runs twice), and GitHub is told so,
+    # but new is the live release and runs on both: nothing to repair.
+    "prune_images": (["new", "new"], "new", False),
+}
+BEFORE_DOCKER = ["lock", "validate", "backup", "pull", "recreate"]
+
+
+def test_every_deploy_step_has_its_kill():
+    assert {held.split(".")[0] for held in DEPLOY_KILLS} == {s.name for s in PLAYBOOKS["deploy"]}
+    assert set(BEFORE_DOCKER) == {held for held, (at_kill, _, _) in DEPLOY_KILLS.items() if at_kill == ["live"] * 2}
+
+
+def _two_services_config(names: list[str], ports: list[int]) -> dict:
+    """Two services of one image: a deploy that stopped between them would show two versions."""
+    config = _config(names[0], ports[0])
+    config["services"] = {
+        f"app{i}": {"container": name, "health_url": f"http://127.0.0.1:{port}/health"}
+        for i, (name, port) in enumerate(zip(names, ports, strict=True), start=1)
+    }
+    config["deploy"]["environments"]["prod"]["services"] = list(config["services"])
+    config["deploy"]["lock_wait_seconds"] = 2
     # A 3 s lease, renewed while a step runs: the sweeper notices the dead worker quickly.
+    # (A failed gate rolls back and gates again in one step: 2 × (3 s + 2 × 1 s) must fit.)
     config["worker"] = {
-        "step_soft_timeout_seconds": 10,
-        "step_hard_timeout_seconds": 11,
+        "step_soft_timeout_seconds": 15,
+        "step_hard_timeout_seconds": 16,
         "queue_grace_seconds": 5,
         "lease_seconds": 3,
     }
-    config["deploy"]["lock_wait_seconds"] = 2
-    env = {
-        "REDIS_URL": "redis://127.0.0.1:6379/0",
-        "DATABASE_URL": shared_pg_url,
-        "DOCKER_HOST": TEST_DOCKER_HOST,
-        "GITHUB_WEBHOOK_SECRET": SECRET,
-        "OPSFLEET_TEST_HOLD_DIR": str(hold_dir),
-    }
+    return config
+
+
+class KillStack:
+    """Two services on one image, a fleet deploying them (web, worker, beat; GitHub a recorder)
+    and the ledger read directly. Shared by the kill cases: each starts from whatever release
+    is live (a or b, both services on it: checked first) and leaves one live, both on it."""
+
+    def __init__(self, folder, dockerd, pg_url: str, github: GitHubRecorder):
+        self.dockerd, self.github = dockerd, github
+        self.prefix = f"opsfleet-e2e-kill-{uuid.uuid4().hex[:8]}"
+        self.names = [f"{self.prefix}-1", f"{self.prefix}-2"]
+        self.ports = [free_port()]
+        while len(self.ports) < 2:
+            self.ports += [p for p in [free_port()] if p not in self.ports]
+        self.hold_dir = folder / "hold"
+        self.hold_dir.mkdir()
+        self.pushed_at = 1000
+        env = {
+            "REDIS_URL": "redis://127.0.0.1:6379/0",
+            "DATABASE_URL": pg_url,
+            "DOCKER_HOST": TEST_DOCKER_HOST,
+            "GITHUB_WEBHOOK_SECRET": SECRET,
+            "GITHUB_TOKEN": github.token,
+            "GITHUB_API_URL": github.base_url,
+            "OPSFLEET_TEST_HOLD_DIR": str(self.hold_dir),
+        }
+        self.fleet = Fleet(folder, _two_services_config(self.names, self.ports), env)
+        self.ledger = Ledger(pg_url)
+
+    def versions(self) -> list[str]:
+        return [requests.get(f"http://127.0.0.1:{port}/version", timeout=5).text for port in self.ports]
+
+    def running_images(self) -> list[str]:
+        return [self.dockerd.containers.get(name).attrs["Config"]["Image"] for name in self.names]
+
+    def push(self, commit: str) -> int:
+        self.pushed_at += 1  # each push newer than the last: none is superseded by order
+        data, headers = signed_push(SECRET, commit, self.pushed_at)
+        answer = requests.post(f"{self.fleet.url}/hooks/github", data=data, headers=headers, timeout=10)
+        return answer.json()["runs"][0]
+
+    def deployment_states(self, run_id: int, final: str) -> list[str] | None:
+        """GitHub's statuses of the run's deployment once the last one is `final`."""
+        for deployment in list(self.github.deployments.values()):
+            states = self.github.states(deployment["id"])
+            if deployment["payload"].get("opsfleet_run") == run_id and states[-1:] == [final]:
+                return states
+        return None
+
+    def deploy_runs(self) -> int:
+        return len([r for r in self.fleet.runs() if r["playbook"] == "deploy"])
+
+
+@pytest.fixture(scope="module")
+def kill_stack(tmp_path_factory, dockerd, images):
+    with shared_postgres_database() as pg_url, GitHubRecorder() as github:
+        stack = KillStack(tmp_path_factory.mktemp("deploy-kills"), dockerd, pg_url, github)
+        try:
+            for name, port in zip(stack.names, stack.ports, strict=True):
+                dockerd.containers.run(f"{REPO}:v1", httpd_command(port), name=name, detach=True, network_mode="host")
+            stack.fleet.start()
+            assert stack.fleet.wait_run(stack.push("a"), ENDED, timeout=60)["status"] == "succeeded"
+            yield stack
+        finally:
+            stack.fleet.close()
+            stack.ledger.dispose()
+            for c in dockerd.containers.list(all=True, filters={"name": stack.prefix}):
+                c.remove(force=True)
+
+
+@pytest.mark.parametrize("held", BEFORE_DOCKER)
+def test_worker_killed_mid_deploy_fails_the_run_and_the_next_deploy_proceeds(kill_stack, held):
+    """SIGKILL in a step before any container is touched: the sweeper fails the run, both
+    services stay on the live release, and the next deploy takes over the lock the dead run
+    held (from validate on)."""
+    _kill_a_deploy(kill_stack, held)
+
+
+@pytest.mark.parametrize("held", [held for held in DEPLOY_KILLS if held not in BEFORE_DOCKER])
+def test_worker_killed_after_recreating_leaves_no_half_deploy(kill_stack, held):
+    """SIGKILL between the two services' recreations, in the health gate, or before recording a
+    gated release: the sweeper fails the dead run and records its repair, which puts the live
+    release back on both. In prune_images the new release is live already, on both. Never two
+    versions once the dead run has ended."""
+    _kill_a_deploy(kill_stack, held)
+
+
+def _kill_a_deploy(stack: KillStack, held: str) -> None:
+    fleet, ledger = stack.fleet, stack.ledger
+    step = held.split(".")[0]
+    at_kill, settles, repaired = DEPLOY_KILLS[held]
+    # The case's start: a release live (a or b), both services on it; the killed deploy is the other.
+    live = next(c for c in ("a", "b") if SHA[c] == ledger.current_release("prod")["sha"])
+    other = {"a": "b", "b": "a"}
+    commit = {"live": live, "new": other[live]}
+    at_kill, settles_on = [commit[v] for v in at_kill], commit[settles]
+    assert stack.versions() == [live, live]
+    before = [stack.dockerd.containers.get(name).id for name in stack.names]
+    runs_before = stack.deploy_runs()
+
+    hold = stack.hold_dir / f"hold-deploy-{held}"
+    hold.touch()
     try:
-        with Fleet(tmp_path, config, env).start() as fleet:
-            data, headers = signed_push(SECRET, "a", 1000)
-            [run_id] = requests.post(f"{fleet.url}/hooks/github", data=data, headers=headers, timeout=10).json()["runs"]
-            fleet.wait(
-                lambda: (hold_dir / f"held-{run_id}-recreate").exists(), 30, "the worker to hold inside recreate"
-            )
-            fleet.stop("worker", sig=signal.SIGKILL)
-            hold.unlink()
+        dead = stack.push(commit["new"])
+        fleet.wait(lambda: (stack.hold_dir / f"held-{dead}-{held}").exists(), 30, f"the worker to hold in {held}")
+        assert stack.versions() == at_kill  # where the kill lands (recreate.app1: two versions live)
+        fleet.stop("worker", sig=signal.SIGKILL)
+    finally:
+        hold.unlink()
+        if "worker" not in fleet.procs:
             fleet.start("worker")  # the sweeper is a task: a worker runs it
-            run = fleet.wait_run(run_id, statuses=("failed",), timeout=60)
-            assert "lease expired" in run["reason"] or "worker lost" in run["reason"]
-            assert dockerd.containers.get(name).id == before.id  # held before touching Docker
 
-            # The dead run still holds deploy:prod until its TTL; the next deploy takes it over.
-            data, headers = signed_push(SECRET, "b", 1001)
-            [next_id] = requests.post(f"{fleet.url}/hooks/github", data=data, headers=headers, timeout=10).json()[
-                "runs"
-            ]
-            ended = fleet.wait_run(next_id, ENDED, timeout=60)
-            assert ended["status"] == "succeeded", ended
-            assert f"taken over from run:{run_id}, which had ended" in ended["steps"][0]["output"]
-            assert requests.get(f"http://127.0.0.1:{port}/version", timeout=5).text == "b"
-            assert fleet.api(f"/runs/{run_id}")["status"] == "failed"
-    finally:
-        for c in dockerd.containers.list(all=True, filters={"name": name}):
-            c.remove(force=True)
+    run = fleet.wait_run(dead, statuses=("failed",), timeout=60)
+    assert "lease expired" in run["reason"] or "worker lost" in run["reason"], run["reason"]
+    steps = [s.name for s in PLAYBOOKS["deploy"]]
+    done = steps[: steps.index(step)]
+    assert [(s["name"], s["status"]) for s in run["steps"]] == [(n, "succeeded") for n in done] + [
+        (step, "failed")
+    ]  # nothing after the killed step, nothing twice
+    if repaired:
 
+        def repair():
+            found = [r for r in fleet.runs() if r["triggered_by"] == f"opsfleet (repair of run {dead})"]
+            return fleet.api(f"/runs/{found[0]['id']}") if found and found[0]["status"] in ENDED else None
 
-def test_worker_killed_after_recreating_leaves_no_half_deploy(tmp_path, dockerd, images, shared_pg_url):
-    """SIGKILL inside the health step: b's container runs, ungated. The sweeper fails the dead
-    run and records its repair, which puts a (the live release) back through the gate."""
-    hold_dir = tmp_path / "hold"
-    hold_dir.mkdir()
-    port = free_port()
-    name = f"opsfleet-e2e-deploy-{uuid.uuid4().hex[:8]}"
-    dockerd.containers.run(f"{REPO}:v1", httpd_command(port), name=name, detach=True, network_mode="host")
-    config = _config(name, port)
-    config["worker"] = {
-        "step_soft_timeout_seconds": 10,
-        "step_hard_timeout_seconds": 11,
-        "queue_grace_seconds": 5,
-        "lease_seconds": 3,
-    }
-    config["deploy"]["lock_wait_seconds"] = 2
-    env = {
-        "REDIS_URL": "redis://127.0.0.1:6379/0",
-        "DATABASE_URL": shared_pg_url,
-        "DOCKER_HOST": TEST_DOCKER_HOST,
-        "GITHUB_WEBHOOK_SECRET": SECRET,
-        "OPSFLEET_TEST_HOLD_DIR": str(hold_dir),
-    }
+        fixed = fleet.wait(repair, 90, "the repair of the dead deploy")
+        assert fixed["status"] == "succeeded", fixed
+        assert f"taken over from run:{dead}, which had ended" in fixed["steps"][0]["output"]
 
-    def version() -> str:
-        return requests.get(f"http://127.0.0.1:{port}/version", timeout=5).text
+    # One version on both services: the one the ledger has live; no original left renamed.
+    assert stack.versions() == [settles_on, settles_on]
+    assert stack.running_images() == [f"{REPO}:{TAG[settles_on]}"] * 2
+    assert ledger.current_release("prod")["sha"] == SHA[settles_on]
+    for name in stack.names:
+        assert stack.dockerd.containers.list(all=True, filters={"name": f"{name}."}) == []
+    if held in BEFORE_DOCKER:
+        assert [stack.dockerd.containers.get(name).id for name in stack.names] == before  # Docker untouched
+    # GitHub hears the dead run's end: a final state, not in_progress for ever.
+    told = fleet.wait(lambda: stack.deployment_states(dead, "failure"), 30, "GitHub told of the dead run")
+    assert told == ["queued", "in_progress", "failure"]
 
-    def push(commit: str, at: int) -> int:
-        data, headers = signed_push(SECRET, commit, at)
-        return requests.post(f"{fleet.url}/hooks/github", data=data, headers=headers, timeout=10).json()["runs"][0]
-
-    try:
-        with Fleet(tmp_path, config, env).start() as fleet:
-            assert fleet.wait_run(push("a", 1000), ENDED, timeout=60)["status"] == "succeeded"
-            hold = hold_dir / "hold-deploy-health"
-            hold.touch()
-            dead = push("b", 1001)
-            fleet.wait(lambda: (hold_dir / f"held-{dead}-health").exists(), 30, "the worker to hold inside health")
-            assert version() == "b"  # recreated, not yet gated
-            fleet.stop("worker", sig=signal.SIGKILL)
-            hold.unlink()
-            fleet.start("worker")
-            assert fleet.wait_run(dead, statuses=("failed",), timeout=60)["status"] == "failed"
-
-            def repair():
-                found = [r for r in fleet.runs() if r["triggered_by"] == f"opsfleet (repair of run {dead})"]
-                return found[0] if found and found[0]["status"] in ENDED else None
-
-            run = fleet.wait(repair, 90, "the repair of the dead deploy")
-            assert run["status"] == "succeeded", run
-            assert version() == "a"
-            assert len([r for r in fleet.runs() if r["playbook"] == "deploy"]) == 3  # a, dead b, repair: once
-            assert fleet.wait_run(push("b", 1002), ENDED, timeout=60)["status"] == "succeeded" and version() == "b"
-    finally:
-        for c in dockerd.containers.list(all=True, filters={"name": name}):
-            c.remove(force=True)
+    # Nothing held: the next deploy goes through, both services on it.
+    following = other[settles_on]
+    next_id = stack.push(following)
+    ended = fleet.wait_run(next_id, ENDED, timeout=60)
+    assert ended["status"] == "succeeded", ended
+    took_over = held in BEFORE_DOCKER[1:]  # the dead run's lock, with no repair to take it first
+    assert (f"taken over from run:{dead}, which had ended" in ended["steps"][0]["output"]) == took_over
+    assert stack.versions() == [following, following]
+    assert stack.running_images() == [f"{REPO}:{TAG[following]}"] * 2
+    assert ledger.current_release("prod")["sha"] == SHA[following]
+    assert ledger.get_lock("deploy:prod") is None
+    assert fleet.wait(lambda: stack.deployment_states(next_id, "success"), 30, "GitHub told of the next deploy")
+    # The dead one, its repair (once), the next one.
+    assert stack.deploy_runs() - runs_before == (3 if repaired else 2)
+    assert fleet.api(f"/runs/{dead}")["status"] == "failed"  # ended once, stays ended

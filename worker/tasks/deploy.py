@@ -51,7 +51,7 @@ from worker.tasks import backup as backups
 from worker.tasks import cleanup, restore
 from worker.tasks.gate import pass_gate, running_image
 from worker.tasks.remediate import _container
-from worker.tasks.steps import Step, StepContext, StepEnded, StepFailed, StepRequeued, StepSkipped
+from worker.tasks.steps import Step, StepContext, StepEnded, StepFailed, StepRequeued, StepSkipped, hold_if_asked
 
 log = logging.getLogger("opsfleet.deploy")
 
@@ -460,6 +460,8 @@ def _put(ctx: StepContext, images: dict[str, str], what: str, stop_timeout: int)
         lines.append(f"{service}: {container.id[:12]} → {fresh.id[:12]} on {reference}")
         if service in awaited:
             lines.append(_wait_healthy(ctx, service, fresh))
+        if what == "deploy":  # fault tests: a worker killed between two services' recreations
+            hold_if_asked(ctx.run["playbook"], f"recreate.{service}", ctx.run["id"])
     return lines
 
 

@@ -79,7 +79,8 @@ class Step:
 def hold_if_asked(playbook: str, step: str, run_id: int) -> None:
     """Fault tests only: while `<dir>/hold-<playbook>-<step>` exists, wait inside
     the step, having said so in `<dir>/held-<run_id>-<step>`, so a test can kill
-    the worker at a known point. Inert unless OPSFLEET_TEST_HOLD_DIR is set."""
+    the worker at a known point. Inert unless OPSFLEET_TEST_HOLD_DIR is set. Called at each
+    step's start; a deploy's recreate calls it again after each service (step `recreate.<service>`)."""
     folder = os.environ.get(HOLD_DIR_ENV)
     if not folder:
         return

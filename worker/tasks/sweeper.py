@@ -16,7 +16,7 @@ from datetime import timedelta
 from celery import shared_task
 
 from worker.adapters import metrics
-from worker.adapters.ledger import utcnow
+from worker.adapters.ledger import LedgerUnavailable, utcnow
 from worker.tasks.runs import enqueue_runs, request_report
 
 log = logging.getLogger("opsfleet.sweeper")
@@ -34,7 +34,12 @@ def sweep(self) -> dict:
     for run_id in expired:
         log.warning("run %s failed: its worker stopped answering (lease expired)", run_id)
         metrics.SWEEPER_ACTIONS.labels("expired").inc()
-        request_report(self.app, run_id)
+        # With its playbook: a deploy's GitHub deployment is told too (else it stays in_progress).
+        try:
+            playbook = (ledger.get_run(run_id) or {}).get("playbook")
+        except LedgerUnavailable:
+            playbook = "deploy"  # not known now: ask for both reports (GitHub's passes over other playbooks)
+        request_report(self.app, run_id, playbook)
     repairs = repair_dead_deploys(self.app)
     if repairs:
         metrics.SWEEPER_ACTIONS.labels("repaired").inc(len(repairs))
