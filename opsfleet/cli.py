@@ -305,15 +305,22 @@ def _fail_runs_of_killed(loaded: LoadedConfig, pids: list[int]) -> None:
     from worker.runtime import Runtime
 
     host = socket.gethostname()
+    runtime = Runtime(loaded)
     try:
-        failed = Runtime(loaded).ledger.fail_runs_of_workers(
+        failed = runtime.ledger.fail_runs_of_workers(
             [f"{host}:{pid}" for pid in pids], "stopped: opsfleet run was stopped while this step ran (worker killed)"
         )
     except LedgerUnavailable as err:
         click.echo(f"opsfleet: could not record the runs it stopped ({err}); their leases will expire", err=True)
         return
+    from worker.celery_factory import create_celery
+    from worker.tasks.runs import request_report
+
+    app = create_celery(loaded, include_tasks=False)
     for run_id in failed:
         click.echo(f"opsfleet: run {run_id} was in a step: failed (see `opsfleet runs {run_id}`)", err=True)
+        # Told like every ended run (Slack; GitHub for a deploy), by the next worker to start.
+        request_report(app, run_id, (runtime.ledger.get_run(run_id) or {}).get("playbook"))
 
 
 @cli.command("worker")

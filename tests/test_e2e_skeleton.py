@@ -394,6 +394,11 @@ def test_ctrl_c_while_a_step_runs_fails_that_run_and_frees_its_target(tmp_path, 
         run = json.loads(done.stdout)
         assert run["status"] == "failed" and run["reason"].startswith("stopped: opsfleet run was stopped")
         assert [s["status"] for s in run["steps"]][-1] == "failed"
+        # Its report waits in the embedded broker for the next worker, like every ended run's.
+        queued = [json.loads(p.read_text())["headers"] for p in (tmp_path / "data" / "broker" / "queue").glob("*.msg")]
+        assert {"task": "opsfleet.report.slack", "argsrepr": f"({run_id},)"} in [
+            {k: h[k] for k in ("task", "argsrepr")} for h in queued
+        ], queued
     finally:
         (hold_dir / "hold-restart_service-verify").unlink(missing_ok=True)
         stop_process(proc, signal.SIGKILL)

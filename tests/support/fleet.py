@@ -90,7 +90,9 @@ class Fleet:
     def start(self, *names: str, wait_ready: bool = True) -> Fleet:
         """Start processes (default web, worker, beat); wait for web's /healthz and each worker's
         "ready." line (an INFO line: pass wait_ready=False under LOG_LEVEL=WARNING)."""
+        began: dict[str, int] = {}  # each log's length before this start: "ready." must come after it
         for name in names or ("web", "worker", "beat"):
+            began[name] = self.log(name).stat().st_size if self.log(name).exists() else 0
             handle = open(self.log(name), "ab")
             self.procs[name] = subprocess.Popen(
                 self.argv(name),
@@ -104,7 +106,7 @@ class Fleet:
         if "web" in self.procs and (not names or "web" in names):
             self.wait(lambda: requests.get(f"{self.url}/healthz", timeout=2).ok, 30, "web /healthz")
         for name in [n for n in self.procs if wait_ready and n.startswith("worker") and (not names or n in names)]:
-            self.wait(lambda n=name: b"ready." in self.log(n).read_bytes(), 60, f"{name} ready")
+            self.wait(lambda n=name: b"ready." in self.log(n).read_bytes()[began.get(n, 0) :], 60, f"{name} ready")
         return self
 
     def stop(self, *names: str, sig: int = signal.SIGTERM) -> None:
