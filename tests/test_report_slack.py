@@ -156,3 +156,52 @@ def test_skipped_runs_are_not_posted(tmp_path, slack):
     )
     assert app.tasks["opsfleet.report.slack"].apply(args=(run_id,)).get() == "skipped runs are not posted"
     assert slack.calls == []
+
+
+def test_a_reporter_killed_holding_the_report_lock_is_reported_again_by_the_sweeper_once(reporting, slack, tmp_path):
+    """Found by bench/soak: a worker SIGKILLed while it reported a run took the report along (and
+    the retries of later reports, waiting in it for the lock): the run's Slack thread said
+    "running" long after it had ended. The dead reporter's lock lapses (it lasts the report task's
+    hard limit); the sweeper then asks for the report again, once."""
+    import json
+
+    app, ledger, run_id, report = reporting
+    sweep = app.tasks["opsfleet.sweeper.sweep"]
+    assert ledger.lock_report(run_id, seconds=-1)  # taken by a reporter that died: lapsed
+    busy = (
+        ledger.record_event(
+            source="t", summary="", body="", new_runs=[NewRun(trigger="manual", playbook="verify", target="api")]
+        )
+        .runs[0]
+        .id
+    )
+    assert ledger.lock_report(busy, seconds=150)  # a live reporter's: left alone
+
+    swept = sweep.apply().get()
+    queue = tmp_path / "broker" / "queue"
+    sent = [json.loads(p.read_text())["headers"] for p in queue.iterdir()]
+    assert [h["argsrepr"] for h in sent if h["task"] == "opsfleet.report.slack"] == [f"({run_id},)"]
+    assert swept["reports"] == [run_id]
+    assert sweep.apply().get()["reports"] == []  # once
+    assert not ledger.lock_report(busy, seconds=150)
+
+    assert report.apply(args=(run_id,)).get() == "delivered"
+    [thread] = slack.threads().values()
+    assert "*succeeded*" in thread["parent"]["text"]
+    assert ledger.get_run(run_id)["reported_status"] == "succeeded"
+
+
+def test_only_lapsed_report_locks_are_taken_and_each_once(ledger):
+    made = ledger.record_event(
+        source="t",
+        summary="",
+        body="",
+        new_runs=[NewRun(trigger="manual", playbook=p, target="api") for p in ("verify", "deploy", "verify")],
+    )
+    lapsed, live, free = (r.id for r in made.runs)
+    assert ledger.lock_report(lapsed, seconds=-1) and ledger.lock_report(live, seconds=150)
+    assert ledger.take_lapsed_report_locks() == [(lapsed, "verify")]
+    assert ledger.take_lapsed_report_locks() == []
+    assert ledger.lock_report(lapsed, seconds=150), "its lock was cleared"
+    assert not ledger.lock_report(live, seconds=150)
+    assert ledger.lock_report(free, seconds=150)

@@ -948,6 +948,21 @@ class Ledger:
         with self._tx() as conn:
             conn.execute(runs.update().where(runs.c.id == run_id).values(report_lock_until=None))
 
+    def take_lapsed_report_locks(self, now: datetime | None = None) -> list[tuple[int, str]]:
+        """(run id, playbook) of the runs whose report lock ran out, the locks cleared. A reporter
+        always unlocks, and is killed at the report task's hard limit, which the lock lasts: one
+        that lapsed was held by a reporter that died, whose report (and any retries waiting in
+        that worker) is lost until the broker's visibility timeout, and the run's thread behind."""
+        now = now or utcnow()
+        with self._tx() as conn:
+            taken = conn.execute(
+                runs.update()
+                .where(runs.c.report_lock_until < now)
+                .values(report_lock_until=None)
+                .returning(runs.c.id, runs.c.playbook)
+            ).all()
+        return sorted((row.id, row.playbook) for row in taken)
+
     def set_slack_thread(self, run_id: int, channel: str, ts: str) -> None:
         with self._tx() as conn:
             conn.execute(runs.update().where(runs.c.id == run_id).values(slack_channel=channel, slack_ts=ts))

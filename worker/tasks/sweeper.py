@@ -6,6 +6,9 @@
   stays "running" forever.
 - A deploy that died after it began recreating gets a repair run that puts
   back what ran before it (worker.tasks.deploy.repair_dead_deploys).
+- A run whose reporter died holding its report lock (the lock lapsed) is
+  reported again, once: the dead worker took the report and the retries
+  waiting in it along, so the Slack thread would show a state long gone.
 """
 
 from __future__ import annotations
@@ -43,10 +46,16 @@ def sweep(self) -> dict:
     repairs = repair_dead_deploys(self.app)
     if repairs:
         metrics.SWEEPER_ACTIONS.labels("repaired").inc(len(repairs))
+    reports = ledger.take_lapsed_report_locks()
+    for run_id, playbook in reports:
+        log.warning("run %s: its reporter died holding the report lock; reporting it again", run_id)
+        request_report(self.app, run_id, playbook)
+    if reports:
+        metrics.SWEEPER_ACTIONS.labels("reported").inc(len(reports))
     stale = utcnow() - timedelta(seconds=runtime.config.sweeper.requeue_after_seconds)
     pending = ledger.runs_to_enqueue(stale)
     sent = enqueue_runs(self.app, ledger, pending)
     if sent:
         log.info("re-enqueued runs %s from the ledger", sent)
         metrics.SWEEPER_ACTIONS.labels("requeued").inc(len(sent))
-    return {"expired": expired, "requeued": sent, "repairs": repairs}
+    return {"expired": expired, "requeued": sent, "repairs": repairs, "reports": [r for r, _ in reports]}
