@@ -870,6 +870,205 @@ def test_a_deploy_that_died_after_recreating_is_rolled_back_by_the_sweeper(stack
     assert deploy(stack, "b", 1002)["status"] == "succeeded" and serving(stack) == "b"
 
 
+def _dies_after_recreating(stack, commit: str, pushed_at: int) -> int:
+    """A pushed deploy run up to and through its recreate step here, then ended as the sweeper
+    ends a run whose worker died (its release still `deploying`)."""
+    from worker.tasks import deploy as deploy_steps
+    from worker.tasks.steps import StepContext
+
+    [dead] = push(stack, commit, pushed_at).json["runs"]
+    stack.ledger.claim_run(dead, "test-worker", 600)
+    ctx = StepContext(stack.app.opsfleet, stack.ledger.get_run(dead))
+    for step in (deploy_steps.lock, deploy_steps.validate, deploy_steps.pull, deploy_steps.recreate):
+        step(ctx)
+    stack.ledger.finish_run(dead, "failed", "worker lost: the step lease expired before the step finished")
+    return dead
+
+
+def _sweep(stack) -> dict:
+    return stack.app.tasks["opsfleet.sweeper.sweep"].apply().result
+
+
+def _escalations(stack) -> list[dict]:
+    return [r for r in stack.ledger.list_runs() if r["playbook"] == "escalate"]
+
+
+def test_a_first_deploy_that_died_after_recreating_is_put_back_on_what_ran_before_opsfleet(stack, dockerd):
+    stack.start()  # v1: what ran before opsfleet's first deploy
+    dead = _dies_after_recreating(stack, "b", 1000)
+    assert serving(stack) == "b" and stack.ledger.current_release("prod") is None
+
+    before = rollbacks("repair")
+    [repair] = _sweep(stack)["repairs"]
+    assert _sweep(stack)["repairs"] == []  # once
+    assert stack.ledger.release_of_run(dead)["status"] == "failed"
+    run = execute_inline(stack.app, repair)
+    assert run["status"] == "succeeded", run
+    assert run["triggered_by"] == f"opsfleet (repair of run {dead})" and rollbacks("repair") == before + 1
+    assert "what ran before it" in run["summary"] and "no release goes live" in run["summary"]
+    record = {s["name"]: s["output"] for s in run["steps"]}["record"]
+    assert record == f"prod is back on what ran before opsfleet's first deploy: app on {REPO}:v1; no release is current"
+    assert serving(stack) == "v1" and image_of(dockerd, stack) == f"{REPO}:v1"
+    # Nothing opsfleet deployed is live: no release current, none a rollback target; no page.
+    assert stack.ledger.current_release("prod") is None
+    assert stack.ledger.release_of_run(repair)["status"] == "restored"
+    assert [r["live_at"] for r in stack.ledger.list_releases("prod")] == [None, None]
+    assert _escalations(stack) == [] and stack.ledger.get_lock("deploy:prod") is None
+    assert dockerd.containers.list(all=True, filters={"name": f"{stack.name}."}) == []
+
+    # The next push deploys as a first deploy: its rollback target is v1 again.
+    run = deploy(stack, "b", 1001)
+    assert run["status"] == "succeeded" and serving(stack) == "b", run
+    assert stack.ledger.current_release("prod")["previous_images"] == {"app": f"{REPO}:v1"}
+
+
+def test_a_repair_overtaken_by_a_newer_release_is_superseded_touching_nothing(stack, dockerd):
+    stack.start()
+    dead = _dies_after_recreating(stack, "a", 1000)
+    [repair] = _sweep(stack)["repairs"]
+    # A newer push goes live before the repair runs (it took over the dead run's lock).
+    assert deploy(stack, "b", 1001)["status"] == "succeeded" and serving(stack) == "b"
+    container = dockerd.containers.get(stack.name).id
+    run = execute_inline(stack.app, repair)
+    assert run["status"] == "superseded", run
+    assert f"went live after run {dead} died; nothing left to repair" in run["reason"]
+    assert serving(stack) == "b" and dockerd.containers.get(stack.name).id == container
+    assert stack.ledger.current_release("prod")["sha"] == SHA["b"] and _escalations(stack) == []
+
+
+def test_a_repair_whose_image_is_gone_fails_and_pages(stack, dockerd):
+    """The image a first deploy's repair must put back is on no host and in no registry any
+    more: the repair cannot be done. It fails in pull, touching nothing, and pages."""
+    gone = f"{REPO}:pre-opsfleet-{uuid.uuid4().hex[:6]}"
+    dockerd.images.get(f"{REPO}:v1").tag(gone)
+    dockerd.containers.run(gone, httpd_command(stack.port), name=stack.name, detach=True, network_mode="host")
+    dead = _dies_after_recreating(stack, "a", 1000)
+    dockerd.api.remove_image(gone, noprune=True)  # the tag only (v1 has the same image)
+    [repair] = _sweep(stack)["repairs"]
+    run = execute_inline(stack.app, repair)
+    assert run["status"] == "failed" and run["steps"][-1]["name"] == "pull", run
+    assert serving(stack) == "a"  # the repair stopped nothing
+    [page] = _escalations(stack)
+    reason = page["params"]["reason"]
+    assert reason.startswith(f"repair of run {dead} in prod failed in pull: app: ") and gone in reason, reason
+    assert reason.endswith(f"may run two versions (to put back by hand: app on {gone})"), reason
+    assert stack.ledger.current_release("prod") is None and stack.ledger.get_lock("deploy:prod") is None
+    assert _sweep(stack)["repairs"] == []  # a failed repair is paged, not repaired again
+
+
+def test_a_repair_whose_health_gate_fails_is_not_rolled_back_to_the_half_done_stack_and_pages(stack, dockerd):
+    """What ran before a repair is the dead deploy's half-done stack: a repair that fails its
+    gate stays on what it put back (one version) and pages, with both sets of images."""
+    stack.start(TAG["e"])  # what ran before opsfleet is unhealthy by now
+    dead = _dies_after_recreating(stack, "a", 1000)
+    [repair] = _sweep(stack)["repairs"]
+    before = rollbacks("repair", "failed")
+    run = execute_inline(stack.app, repair)
+    assert run["status"] == "rollback_failed", run
+    assert "a repair is not rolled back" in run["reason"] and rollbacks("repair", "failed") == before + 1
+    assert serving(stack) == "e"  # not back on a
+    assert stack.ledger.release_of_run(repair)["status"] == "failed" and stack.ledger.current_release("prod") is None
+    [page] = _escalations(stack)
+    reason = page["params"]["reason"]
+    assert reason.startswith(f"repair of run {dead} in prod: health gate failed"), reason
+    assert f"half-done deploy of run {dead}: app on {REPO}:{TAG['a']}" in reason, reason
+    assert reason.endswith(f"to put back by hand: app on {REPO}:{TAG['e']}"), reason
+    assert _sweep(stack)["repairs"] == [] and stack.ledger.get_lock("deploy:prod") is None
+
+
+def test_a_dead_first_deploy_that_created_services_afresh_is_not_repaired_and_pages(
+    tmp_path, dockerd, images, github, monkeypatch
+):
+    """A first deploy from a compose file onto no containers (every previous image ""): there
+    is no version to put back; the sweeper records no repair, marks the release failed, pages."""
+    monkeypatch.setenv("GREETING", "hi")
+    stack = ComposeStack(tmp_path, dockerd, github)
+    try:
+        dead = _dies_after_recreating(stack, "a", 1000)
+        assert stack.ledger.release_of_run(dead)["previous_images"] == {"app": "", "db": ""}
+        assert _sweep(stack)["repairs"] == []
+        assert stack.ledger.release_of_run(dead)["status"] == "failed"
+        [page] = _escalations(stack)
+        reason = page["params"]["reason"]
+        assert reason.startswith(f"deploy run {dead} died while deploying {SHA['a'][:7]} to prod, its first deploy"), (
+            reason
+        )
+        assert "app, db had no container before it" in reason and "push again" in reason, reason
+        assert page["rule"] == "deploy:prod" and page["params"]["alert"] == f"deploy run #{dead}"
+        assert _sweep(stack)["repairs"] == [] and len(_escalations(stack)) == 1  # once
+        # The next push puts the stack right.
+        assert deploy(stack, "b", 1001)["status"] == "succeeded" and stack.serving() == {"app": "b", "db": "b"}
+    finally:
+        stack.close()
+
+
+def _release(previous: dict, run_id: int = 7, sha: str = SHA["b"]) -> dict:
+    return {"run_id": run_id, "environment": "prod", "sha": sha, "previous_images": previous}
+
+
+LIVE = {"id": 3, "sha": SHA["a"], "ref": "master", "pushed_at": 100.0, "committed_at": 90.0}
+
+
+@pytest.mark.parametrize(
+    "dead, params, live, configured, expected",
+    [
+        # A release live: what ran before the dead deploy, ordered as the live release.
+        (
+            _release({"app": "r:a"}),
+            {"sha": SHA["b"]},
+            LIVE,
+            True,
+            {"sha": SHA["a"], "ref": "master", "images": {"app": "r:a"}, "order": [100.0, 90.0], "live_release": 3},
+        ),
+        # A first deploy: the images before opsfleet, ordered before any push, no release going live.
+        (
+            _release({"app": "r:v1", "db": "r:v1"}),
+            {"sha": SHA["b"]},
+            None,
+            True,
+            {
+                "sha": "",
+                "ref": "",
+                "images": {"app": "r:v1", "db": "r:v1"},
+                "order": [0, 0],
+                "live_release": None,
+                "goes_live": False,
+            },
+        ),
+        # A first deploy onto a service that had no container: no repair, a page.
+        (_release({"app": "r:v1", "db": ""}), {"sha": SHA["b"]}, None, True, "page"),
+        (_release({}), {"sha": SHA["b"]}, None, True, "page"),
+        # A service new beside a live release: the live repair, as before ("" is removed by nothing).
+        (
+            _release({"app": "r:a", "db": ""}),
+            {},
+            LIVE,
+            True,
+            {"sha": SHA["a"], "images": {"app": "r:a", "db": ""}, "live_release": 3},
+        ),
+        # A dead repair: the same repair again (its target, not the half-done stack it found).
+        (
+            _release({"app": "r:b"}, run_id=9, sha=""),
+            {"repair_of": 7, "sha": "", "images": {"app": "r:v1"}, "goes_live": False, "live_release": None},
+            None,
+            True,
+            {"repair_of": 9, "images": {"app": "r:v1"}, "goes_live": False, "live_release": None},
+        ),
+        # An environment no longer configured: no repair, a warning (nothing can deploy it).
+        (_release({"app": "r:a"}), {}, LIVE, False, "warn"),
+    ],
+)
+def test_which_dead_deploy_gets_which_repair(dead, params, live, configured, expected):
+    from worker.tasks.deploy import plan_repair
+
+    plan = plan_repair(dead, params, live, configured)
+    if isinstance(expected, str):
+        assert plan.params is None and plan.page == (expected == "page"), plan
+        return
+    assert not plan.page and plan.params["repair_of"] == expected.get("repair_of", dead["run_id"])
+    assert {k: plan.params.get(k) for k in expected} == expected, plan.params
+
+
 def test_registry_of_an_image_reference():
     from worker.tasks.deploy import registry_of
 

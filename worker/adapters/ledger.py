@@ -182,7 +182,8 @@ releases = sa.Table(
     sa.Column("run_id", sa.Integer, sa.ForeignKey("runs.id"), nullable=False, unique=True),
     sa.Column("pushed_at", sa.Float, nullable=False, server_default="0"),  # push order (worker.deploys)
     sa.Column("committed_at", sa.Float, nullable=False, server_default="0"),
-    # deploying | live | rolled_back | failed (stays live after another release: see current)
+    # deploying | live | rolled_back | failed (stays live after another release: see current) | restored
+    # (a dead first deploy's repair: the images from before opsfleet are back; never current)
     sa.Column("status", sa.String(20), nullable=False),
     sa.Column("current", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("created_at", UTCDateTime, nullable=False),

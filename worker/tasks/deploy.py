@@ -1,12 +1,14 @@
 """The deploy playbook: put an environment's services on new images, never half-way.
 
-Steps (target: the environment; params: sha, ref, images, order):
+Steps (target: the environment; params: sha, ref, images, order; a dead deploy's repair
+adds repair_of, live_release and, for a first deploy's, goes_live: False — plan_repair):
 
 1. `lock`: take the ledger lock `deploy:<env>` (TTL deploy.lock_ttl_seconds,
    so a dead worker's lock lapses; a lock whose holder run has ended is taken
    over at once). While waiting, and once more with the lock, newest wins
    (worker.deploys.judge_deploy): an older push than the live release, or
-   than another waiting deploy, ends `superseded`.
+   than another waiting deploy, ends `superseded`; so does a repair once another
+   release went live after the deploy it repairs died.
 2. `validate`: Docker answers; free space on its data root above the floor;
    every service's container is found (with a compose file: every service's
    definition builds; a missing container is created by the recreate).
@@ -20,7 +22,8 @@ Steps (target: the environment; params: sha, ref, images, order):
    within `health.timeout_seconds`. A failure rolls back: the previous images
    are recreated and gated again → the run ends `rolled_back`, or
    `rollback_failed` and an `escalate` run is recorded.
-6. `record`: the release is current; the lock is released.
+6. `record`: the release is current; the lock is released. (A repair that puts back what
+   ran before opsfleet's first deploy makes no release current: see repair_dead_deploys.)
 
 The lock is released on every exit path of every step (a failure, a
 supersede, a rollback); a crash inside a step leaves it to its TTL, or to the
@@ -35,6 +38,7 @@ import os
 import re
 import shutil
 import time
+from dataclasses import dataclass
 
 from worker.adapters import metrics
 from worker.adapters.docker import DockerError
@@ -113,6 +117,8 @@ def _frees_lock_on_failure(fn):
                 metrics.DEPLOYS.labels(ctx.run["target"] or "", "failed").inc()
                 if _rollback_kind(ctx):
                     metrics.ROLLBACKS.labels(ctx.run["target"] or "", _rollback_kind(ctx), "failed").inc()
+                if _rollback_kind(ctx) == "repair" and isinstance(err, Exception):
+                    _page_failed_repair(ctx, fn.__name__, err)
             try:
                 _release_lock(ctx)
             except Exception as err:  # the TTL frees it
@@ -120,6 +126,31 @@ def _frees_lock_on_failure(fn):
             raise
 
     return step
+
+
+def _page_failed_repair(ctx: StepContext, step: str, err: Exception) -> None:
+    """A repair that fails (an image that is not here and cannot be pulled, Docker down, a
+    lock it never got) leaves the dead deploy's half-done stack, maybe on two versions: page."""
+    environment = ctx.run["target"] or ""
+    reason = f"{_what(ctx)} failed in {step}: {err}; its services may run two versions " + (
+        f"(to put back by hand: {_listed(ctx.params.get('images') or {})})"
+    )
+    try:
+        _escalate(ctx, environment, reason)
+    except Exception as failed:  # the run's own failure is what counts; the log says this
+        log.error("run %s: could not record the escalation (%s): %s", ctx.run["id"], reason, failed)
+
+
+def _what(ctx: StepContext) -> str:
+    """The run, for people: `deploy of abc1234 to prod`, `repair of run 7 in prod`."""
+    environment = ctx.run["target"] or ""
+    if ctx.params.get("repair_of"):
+        return f"repair of run {ctx.params['repair_of']} in {environment}"
+    return f"deploy of {str(ctx.params.get('sha', ''))[:7]} to {environment}"
+
+
+def _listed(images: dict[str, str]) -> str:
+    return ", ".join(f"{s} on {i}" if i else f"{s} removed" for s, i in images.items())
 
 
 def _order(run: dict) -> tuple[float, float]:
@@ -163,6 +194,21 @@ def _superseded(ctx: StepContext, reason: str) -> StepEnded:
     return StepEnded("superseded", reason, step_status="skipped")
 
 
+def _repair_overtaken(ctx: StepContext, environment: str) -> str:
+    """A repair is recorded for the release live when its deploy died (`live_release`: its id,
+    None for a first deploy). Another release that went live since, both services gated on it,
+    left nothing to repair: putting the old one back would undo it. "" when still to do."""
+    if not ctx.params.get("repair_of") or "live_release" not in ctx.params:
+        return ""
+    live = ctx.runtime.ledger.current_release(environment)
+    if live is None or live["id"] == ctx.params["live_release"]:
+        return ""  # (None with an id asked for: no release was made current since, so still to do)
+    return (
+        f"superseded: release {live['id']} ({live['sha'][:7]}) went live after run "
+        f"{ctx.params['repair_of']} died; nothing left to repair"
+    )
+
+
 @_frees_lock_on_failure
 def lock(ctx: StepContext) -> str:
     environment, _ = _env(ctx)
@@ -192,6 +238,9 @@ def lock(ctx: StepContext) -> str:
     verdict = _judge(ctx, environment)  # what changed while we waited
     if not verdict.go:
         raise _superseded(ctx, verdict.reason)
+    moved_on = _repair_overtaken(ctx, environment)
+    if moved_on:
+        raise _superseded(ctx, moved_on)
     return (
         f"locked {lock_name(environment)}"
         + (f" after waiting for {waited_for}" if waited_for else "")
@@ -533,7 +582,20 @@ def _roll_back(ctx: StepContext, release: dict, why: str):
     environment, env = _env(ctx)
     ledger = ctx.runtime.ledger
     previous = release["previous_images"]
-    back = ", ".join(f"{s} on {i}" if i else f"{s} removed" for s, i in previous.items())
+    back = _listed(previous)
+    if _rollback_kind(ctx) == "repair":
+        # What ran before a repair is the dead deploy's half-done stack: going back to it would
+        # leave two versions, the one thing a repair is for. It stays as it is; a person is paged.
+        failed = (
+            f"{why}; a repair is not rolled back (what ran before it is the half-done deploy of run "
+            f"{ctx.params['repair_of']}: {back}); to put back by hand: {_listed(release['images'])}"
+        )
+        ledger.set_release_status(ctx.run["id"], "failed")
+        _escalate(ctx, environment, f"{_what(ctx)}: {failed}")
+        _release_lock(ctx)
+        metrics.DEPLOYS.labels(environment, "rollback_failed").inc()
+        metrics.ROLLBACKS.labels(environment, "repair", "failed").inc()
+        raise StepEnded("rollback_failed", failed)
     began = time.monotonic()
     try:
         lines = _restore_database(ctx, env) if env.migrating else []
@@ -546,7 +608,7 @@ def _roll_back(ctx: StepContext, release: dict, why: str):
         # The person paged needs what ran before: the rollback target, to put back by hand.
         failed = f"{why}; rollback failed: {err} (rollback target: {back})"
         ledger.set_release_status(ctx.run["id"], "failed")
-        _escalate(ctx, environment, f"deploy of {ctx.params['sha'][:7]} to {environment}: {failed}")
+        _escalate(ctx, environment, f"{_what(ctx)}: {failed}")
         _release_lock(ctx)
         metrics.DEPLOYS.labels(environment, "rollback_failed").inc()
         metrics.ROLLBACKS.labels(environment, "automatic", "failed").inc()
@@ -577,16 +639,21 @@ def _escalate(ctx: StepContext, environment: str, reason: str) -> None:
     """An escalate run about this deploy."""
     from celery import current_app
 
+    escalate_deploy(current_app, ctx.runtime.ledger, ctx.run, environment, reason)
+
+
+def escalate_deploy(app, ledger, run: dict, environment: str, reason: str) -> list[int]:
+    """An escalate run about deploy `run` (one per run: a repeat is the same escalation)."""
     new = NewRun(
-        trigger=ctx.run["trigger"],
+        trigger=run["trigger"],
         playbook="escalate",
         target=None,
         rule=f"deploy:{environment}",
-        params={"reason": reason, "alert": f"deploy run #{ctx.run['id']}"},
+        params={"reason": reason, "alert": f"deploy run #{run['id']}"},
         summary=f"escalation: {reason}",
-        dedup_key=f"escalate:deploy:{ctx.run['id']}",
+        dedup_key=f"escalate:deploy:{run['id']}",
     )
-    _record_and_send(current_app, ctx.runtime.ledger, reason, new)
+    return _record_and_send(app, ledger, reason, new)
 
 
 @_frees_lock_on_failure
@@ -604,6 +671,19 @@ def health(ctx: StepContext) -> str:
 def record(ctx: StepContext) -> str:
     environment, _ = _env(ctx)
     ledger = ctx.runtime.ledger
+    if ctx.params.get("goes_live") is False:
+        # A dead first deploy's repair: the images that ran before opsfleet's first deploy are
+        # back, gated; they are no opsfleet release, so none is current (the next push deploys
+        # as a first deploy again, its rollback target those same images).
+        ledger.set_release_status(ctx.run["id"], "restored")
+        release = ledger.release_of_run(ctx.run["id"])
+        _release_lock(ctx)
+        metrics.DEPLOYS.labels(environment, "succeeded").inc()
+        metrics.ROLLBACKS.labels(environment, "repair", "succeeded").inc()
+        return (
+            f"{environment} is back on what ran before opsfleet's first deploy: {_listed(release['images'])}; "
+            "no release is current"
+        )
     before = ledger.current_release(environment)
     ledger.make_current(ctx.run["id"])
     if before is not None and before["sha"] != ctx.params["sha"]:
@@ -623,41 +703,107 @@ def record(ctx: StepContext) -> str:
     )
 
 
+@dataclass(frozen=True)
+class RepairPlan:
+    """What the sweeper does about a deploy that died after it began recreating."""
+
+    params: dict | None  # the repair run's params; None: no repair
+    summary: str  # the repair run's summary, or why there is none
+    page: bool = False  # no repair, and the stack may be half-way: a person must look
+
+
+def plan_repair(dead: dict, dead_params: dict, live: dict | None, configured: bool) -> RepairPlan:
+    """The repair of the dead deploy whose release is `dead` (run params `dead_params`), with
+    `live` the environment's current release (None: nothing opsfleet deployed is live).
+
+    - A dead repair: the same repair again (what it was putting back; not what ran when it
+      began, which is the half-done stack it was repairing).
+    - A release live: a deploy of what ran before the dead one (its previous images: the live
+      release's, unless someone changed the stack by hand), ordered as the live release.
+    - Nothing live (a first deploy): a deploy of the images every service ran before it, which
+      makes no release current (`goes_live: False`), ordered before any push.
+    - Nothing live, and a service had no container before (a compose file creates it afresh:
+      previous image ""): no image to put it back on, so no whole stack of one version to go
+      back to. No repair; the release is marked failed and a person is paged (escalate, as for
+      a failed rollback) with what ran before, to push again or put back by hand.
+    - The environment is no longer configured: no repair (it cannot be deployed), a warning.
+
+    Every repair names the release live when it was recorded (`live_release`); one that went
+    live since supersedes it (worker.tasks.deploy._repair_overtaken)."""
+    run_id, environment = dead["run_id"], dead["environment"]
+    sha = str(dead["sha"])[:7]
+    if not configured:
+        return RepairPlan(None, f"deploy run {run_id} died mid-deploy; {environment} is no longer configured")
+    if dead_params.get("repair_of"):
+        return RepairPlan(
+            {**dead_params, "repair_of": run_id},
+            f"run {run_id} died while repairing run {dead_params['repair_of']}: repairing again",
+        )
+    base = {"environment": environment, "tag": "", "images": dead["previous_images"], "repair_of": run_id}
+    if live is not None:
+        return RepairPlan(
+            {
+                **base,
+                "sha": live["sha"],
+                "ref": live["ref"],
+                "order": [live["pushed_at"], live["committed_at"]],
+                "live_release": live["id"],
+            },
+            f"run {run_id} died while deploying {sha}: putting back {live['sha'][:7]}",
+        )
+    fresh = sorted(service for service, image in dead["previous_images"].items() if not image)
+    if fresh or not dead["previous_images"]:
+        return RepairPlan(
+            None,
+            f"deploy run {run_id} died while deploying {sha} to {environment}, its first deploy: no repair, "
+            f"{', '.join(fresh) or 'no service'} had no container before it (nothing to put back), so "
+            f"services may run {sha} or not at all beside the ones before it "
+            f"({_listed(dead['previous_images'])}); push again, or put them back by hand",
+            page=True,
+        )
+    return RepairPlan(
+        {**base, "sha": "", "ref": "", "order": [0, 0], "live_release": None, "goes_live": False},
+        f"run {run_id} died while deploying {sha}, the first deploy of {environment}: putting back what ran "
+        f"before it ({_listed(dead['previous_images'])}); no release goes live",
+    )
+
+
 def repair_dead_deploys(app) -> list[int]:
     """Deploys that died after they began recreating (the sweeper failed them: worker lost)
-    may have left the stack half on the new images. Each gets one repair: a deploy of what
-    ran before it (its release's previous images), recorded like a rollback, ordered as the
-    live release so newer pushes still win after it. Returns the repair runs recorded.
-    A dead first deploy (nothing live before) gets no repair: its release is marked failed
-    and the next deploy puts the stack right."""
+    may have left the stack half on the new images. Each gets one repair (plan_repair): a
+    deploy of what ran before it, recorded like a rollback and reported like every deploy run
+    (Slack; no GitHub deployment of its own: it is no push). A dead first deploy's repair puts
+    back the images that ran before opsfleet and makes no release current. Where none can be
+    made (a first deploy with a service that had no container before), an escalation pages.
+    A repair that then fails pages too (worker.tasks.deploy._page_failed_repair), and is never
+    rolled back to the half-done stack it found. Returns the repair runs recorded."""
     ledger = app.opsfleet.ledger
+    configured = app.opsfleet.config.deploy.environments
     repairs = []
     for dead in ledger.releases_of_dead_deploys():
         environment = dead["environment"]
-        live = ledger.current_release(environment)
-        ledger.set_release_status(dead["run_id"], "failed")
-        if live is None or environment not in app.opsfleet.config.deploy.environments:
-            log.warning("deploy run %s died mid-deploy; nothing live before it to put back", dead["run_id"])
-            continue
-        reason = f"run {dead['run_id']} died while deploying {dead['sha'][:7]}: putting back {live['sha'][:7]}"
-        new = NewRun(
-            trigger="manual",
-            triggered_by=f"opsfleet (repair of run {dead['run_id']})",
-            playbook="deploy",
-            target=environment,
-            params={
-                "environment": environment,
-                "sha": live["sha"],
-                "ref": live["ref"],
-                "tag": "",
-                "images": dead["previous_images"],
-                "order": [live["pushed_at"], live["committed_at"]],
-                "repair_of": dead["run_id"],
-            },
-            summary=reason,
-            dedup_key=f"repair:deploy:{dead['run_id']}",
+        run = ledger.get_run(dead["run_id"]) or {"id": dead["run_id"], "trigger": "manual", "params": {}}
+        plan = plan_repair(
+            dead, run.get("params") or {}, ledger.current_release(environment), environment in configured
         )
-        repairs += _record_and_send(app, ledger, reason, new)
+        # Recorded before the release is marked failed: a sweep that stops between the two
+        # finds the release again, and the dedup keys make the second recording the same run.
+        if plan.params is None:
+            log.warning("%s", plan.summary)
+            if plan.page:
+                escalate_deploy(app, ledger, run, environment, plan.summary)
+        else:
+            new = NewRun(
+                trigger="manual",
+                triggered_by=f"opsfleet (repair of run {dead['run_id']})",
+                playbook="deploy",
+                target=environment,
+                params=plan.params,
+                summary=plan.summary,
+                dedup_key=f"repair:deploy:{dead['run_id']}",
+            )
+            repairs += _record_and_send(app, ledger, plan.summary, new)
+        ledger.set_release_status(dead["run_id"], "failed")
     return repairs
 
 

@@ -5,7 +5,9 @@
 - Runs whose step lease ran out (the worker died) are failed, so nothing
   stays "running" forever.
 - A deploy that died after it began recreating gets a repair run that puts
-  back what ran before it (worker.tasks.deploy.repair_dead_deploys).
+  back what ran before it: the live release, or for a first deploy the images
+  that ran before opsfleet (no release current then); where it cannot, a
+  person is paged (worker.tasks.deploy.repair_dead_deploys, plan_repair).
 - A run whose reporter died holding its report lock (the lock lapsed) is
   reported again, once: the dead worker took the report and the retries
   waiting in it along, so the Slack thread would show a state long gone.
