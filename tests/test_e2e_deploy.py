@@ -1,7 +1,8 @@
 """Deploys end to end on a real fleet: gunicorn (2 workers) and a Celery worker and
 beat as processes, Redis broker, PostgreSQL ledger, the private dockerd, and GitHub's
 API as a local recorder. A signed push goes over HTTP; everything after is the fleet's.
-Issue 8, fault 3 for deploys: a worker SIGKILLed in each step of a two-service deploy."""
+Issue 8, fault 3 for deploys: a worker SIGKILLed in each step of a two-service deploy, and
+between the two services of an environment's first deploy (a fleet of its own)."""
 
 from __future__ import annotations
 
@@ -333,3 +334,70 @@ def _kill_a_deploy(stack: KillStack, held: str) -> None:
     # The dead one, its repair (once), the next one.
     assert stack.deploy_runs() - runs_before == (3 if repaired else 2)
     assert fleet.api(f"/runs/{dead}")["status"] == "failed"  # ended once, stays ended
+
+
+def test_worker_killed_between_the_services_of_a_first_deploy_puts_back_what_ran_before(tmp_path, dockerd, images):
+    """The environment's first opsfleet deploy (nothing live; both services on v1, started by
+    hand), its worker SIGKILLed between the two services' recreations: app1 on the new image,
+    app2 on v1. The sweeper fails the run and records its repair, which puts v1 back on both
+    and gates it, making no release current: nothing opsfleet deployed went live. The next
+    push deploys as a first deploy, its rollback target v1 again. A fleet of its own: the
+    module's always has a release live."""
+    with shared_postgres_database() as pg_url, GitHubRecorder() as github:
+        stack = KillStack(tmp_path, dockerd, pg_url, github)
+        fleet, ledger = stack.fleet, stack.ledger
+        try:
+            for name, port in zip(stack.names, stack.ports, strict=True):
+                dockerd.containers.run(f"{REPO}:v1", httpd_command(port), name=name, detach=True, network_mode="host")
+            fleet.start()
+            hold = stack.hold_dir / "hold-deploy-recreate.app1"
+            hold.touch()
+            try:
+                dead = stack.push("a")
+                fleet.wait(lambda: (stack.hold_dir / f"held-{dead}-recreate.app1").exists(), 30, "the hold")
+                assert stack.versions() == ["a", "v1"]  # two versions, and nothing live before
+                assert ledger.current_release("prod") is None
+                fleet.stop("worker", sig=signal.SIGKILL)
+            finally:
+                hold.unlink()
+                if "worker" not in fleet.procs:
+                    fleet.start("worker")
+
+            assert "worker lost" in fleet.wait_run(dead, statuses=("failed",), timeout=60)["reason"]
+
+            def repair():
+                found = [r for r in fleet.runs() if r["triggered_by"] == f"opsfleet (repair of run {dead})"]
+                return found if found and all(r["status"] in ENDED for r in found) else None
+
+            [fixed] = fleet.wait(repair, 90, "the repair of the dead first deploy")
+            fixed = fleet.api(f"/runs/{fixed['id']}")
+            assert fixed["status"] == "succeeded", fixed
+            assert f"taken over from run:{dead}, which had ended" in fixed["steps"][0]["output"]
+            assert "no release is current" in fixed["steps"][-2]["output"]  # record
+            assert stack.versions() == ["v1", "v1"]
+            assert stack.running_images() == [f"{REPO}:v1"] * 2
+            for name in stack.names:
+                assert dockerd.containers.list(all=True, filters={"name": f"{name}."}) == []  # no `-old` left
+            assert ledger.current_release("prod") is None
+            assert ledger.release_of_run(dead)["status"] == "failed"
+            assert ledger.get_lock("deploy:prod") is None
+            # GitHub hears the dead run's end; the repair is no push and has no deployment of its own.
+            told = fleet.wait(lambda: stack.deployment_states(dead, "failure"), 30, "GitHub told of the dead run")
+            assert told == ["queued", "in_progress", "failure"]
+            assert [d for d in github.deployments.values() if d["payload"].get("opsfleet_run") == fixed["id"]] == []
+
+            # The next push: a first deploy again, on both services, rolling back to v1 if it must.
+            following = stack.push("b")
+            ended = fleet.wait_run(following, ENDED, timeout=60)
+            assert ended["status"] == "succeeded", ended
+            assert stack.versions() == ["b", "b"]
+            assert stack.running_images() == [f"{REPO}:{TAG['b']}"] * 2
+            live = ledger.current_release("prod")
+            assert live["sha"] == SHA["b"] and live["previous_images"] == {"app1": f"{REPO}:v1", "app2": f"{REPO}:v1"}
+            assert stack.deploy_runs() == 3  # the dead one, its repair (once), the next one
+            assert [r for r in fleet.runs() if r["playbook"] == "escalate"] == []  # repaired: nobody paged
+        finally:
+            fleet.close()
+            ledger.dispose()
+            for c in dockerd.containers.list(all=True, filters={"name": stack.prefix}):
+                c.remove(force=True)
