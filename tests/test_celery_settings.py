@@ -3,6 +3,8 @@ pinned here so a refactor cannot quietly drop one."""
 
 from __future__ import annotations
 
+import pytest
+
 from worker.celery_factory import QUEUES, ROUTES, create_celery
 from worker.config import parse_config
 
@@ -72,7 +74,7 @@ def test_the_embedded_broker_never_shows_a_reader_half_a_message(tmp_path):
     import threading
 
     _, app = app_for(tmp_path)
-    count = 3000
+    count = 1000
 
     def produce():
         with app.connection_for_write() as conn, conn.SimpleQueue("t-race") as q:
@@ -81,16 +83,27 @@ def test_the_embedded_broker_never_shows_a_reader_half_a_message(tmp_path):
 
     producer = threading.Thread(target=produce)
     producer.start()
-    got = _drain(app, "t-race", count)
+    got = _drain(app, "t-race", count, timeout=120)
     producer.join()
     assert sorted(got) == list(range(count))  # every message once, whole
     assert not list((tmp_path / "broker" / "queue").iterdir())  # no partial file left behind
 
 
-def test_an_unreadable_message_file_is_dropped_and_the_next_one_delivered(tmp_path, caplog):
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"",
+        b"{not json",
+        b'{"body": "x"}',
+        b"[1, 2]",
+        b'{"properties": {}}',
+    ],
+)
+def test_an_unreadable_message_file_is_dropped_and_the_next_one_delivered(tmp_path, caplog, content):
     _, app = app_for(tmp_path)
-    (tmp_path / "broker" / "queue" / "1_00000000-0000-0000-0000-000000000000.t-bad.msg").write_bytes(b"")
-    with app.connection_for_write() as conn, conn.SimpleQueue("t-bad") as q:
+    queue = f"t-bad-{len(content)}"  # kombu keeps declared bindings per process: one queue per case
+    (tmp_path / "broker" / "queue" / f"1_00000000-0000-0000-0000-000000000000.{queue}.msg").write_bytes(content)
+    with app.connection_for_write() as conn, conn.SimpleQueue(queue) as q:
         q.put({"n": 7})
-    assert _drain(app, "t-bad", 1, timeout=20) == [7]
-    assert "dropped an unreadable message of queue t-bad" in caplog.text
+    assert _drain(app, queue, 1, timeout=20) == [7]
+    assert f"dropped an unreadable message of queue {queue}" in caplog.text

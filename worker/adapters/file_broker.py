@@ -4,9 +4,9 @@ kombu creates a message's file under its final name and then writes into it; a w
 polling the folder in between moves the empty or half-written file away, cannot decode
 it, and exits (seen here: 72 of 3,000 messages lost, and the worker gone, so every later
 run waited in `queued`). Here a message is written under a hidden name and renamed into
-place, so a reader sees all of it or nothing. A file that still does not decode (a disk
-that filled up, an older opsfleet's leftover) is logged and dropped, not fatal: the
-ledger's sweeper re-sends its run.
+place, so a reader sees all of it or nothing. A file that still does not decode, or is
+not shaped like a kombu message (a disk that filled up, an older opsfleet's leftover, a
+hand-written file), is logged and dropped, not fatal: the ledger's sweeper re-sends its run.
 """
 
 from __future__ import annotations
@@ -43,9 +43,14 @@ class Channel(kombu_filesystem.Channel):
 
     def _get(self, queue):
         try:
-            return super()._get(queue)
-        except ValueError as err:  # the file is gone already: kombu moved and removed it
-            log.warning("dropped an unreadable message of queue %s (the sweeper re-sends its run): %s", queue, err)
+            payload = super()._get(queue)  # the file is gone once read: kombu moved and removed it
+            self.Message(payload, channel=self)  # what kombu does next; a malformed one raised there, uncaught
+            return payload
+        except (ValueError, KeyError, TypeError, AttributeError) as err:  # binascii.Error is a ValueError
+            log.warning(
+                "dropped an unreadable message of queue %s (the sweeper re-sends its run): %s: %s",
+                queue, type(err).__name__, err,
+            )  # fmt: skip
             raise Empty() from None
 
 
