@@ -81,6 +81,8 @@ def test_the_embedded_broker_never_shows_a_reader_half_a_message(tmp_path):
             for n in range(count):
                 q.put({"n": n, "pad": "x" * 2000})
 
+    with app.connection_for_read() as conn, conn.SimpleQueue("t-race"):
+        pass  # bound first: kombu skips a binding this process declared already, file written or not
     producer = threading.Thread(target=produce)
     producer.start()
     got = _drain(app, "t-race", count, timeout=120)
@@ -107,3 +109,32 @@ def test_an_unreadable_message_file_is_dropped_and_the_next_one_delivered(tmp_pa
         q.put({"n": 7})
     assert _drain(app, queue, 1, timeout=20) == [7]
     assert f"dropped an unreadable message of queue {queue}" in caplog.text
+
+
+def test_an_exchange_table_is_never_read_half_written(tmp_path):
+    """kombu created an exchange's table file, then wrote it: a publisher reading it in
+    between failed on an empty file. Replaced whole here."""
+    import threading
+
+    _, app = app_for(tmp_path)
+    with app.connection_for_write() as conn:
+        binder, reader = conn.channel(), conn.channel()
+        names, errors, done = [f"t-x{n}" for n in range(400)], [], threading.Event()
+
+        def read():
+            while not done.is_set():
+                for name in names:
+                    try:
+                        reader.get_table(name)
+                    except Exception as err:  # noqa: BLE001 - any failure is the finding
+                        errors.append(err)
+
+        thread = threading.Thread(target=read)
+        thread.start()
+        for name in names:
+            binder._queue_bind(name, "rk", "", "q")
+            binder._queue_bind(name, "rk2", "", "q")
+        done.set()
+        thread.join()
+        assert errors == []
+        assert [tuple(q) for q in reader.get_table("t-x7")] == [("rk2", "", "q"), ("rk", "", "q")]

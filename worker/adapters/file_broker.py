@@ -4,13 +4,14 @@ kombu creates a message's file under its final name and then writes into it; a w
 polling the folder in between moves the empty or half-written file away, cannot decode
 it, and exits (seen here: 72 of 3,000 messages lost, and the worker gone, so every later
 run waited in `queued`). Here a message is written under a hidden name and renamed into
-place, so a reader sees all of it or nothing. A file that still does not decode, or is
+place, so a reader sees all of it or nothing; so is an exchange's table of bindings. A file that still does not decode, or is
 not shaped like a kombu message (a disk that filled up, an older opsfleet's leftover, a
 hand-written file), is logged and dropped, not fatal: the ledger's sweeper re-sends its run.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import uuid
@@ -40,6 +41,24 @@ class Channel(kombu_filesystem.Channel):
             except OSError:
                 pass
             raise ChannelError(f"Cannot add file {final!r} to directory") from exc
+
+    def _queue_bind(self, exchange, routing_key, pattern, queue):
+        # kombu creates the exchange's table file, then locks and writes it: a publisher
+        # reading it in between got an empty file (JSONDecodeError, the publish failed).
+        # Here binders take turns on a lock file and the table is replaced whole.
+        file = self._exchange_file(exchange)
+        self.control_folder.mkdir(exist_ok=True)
+        entry = kombu_filesystem.exchange_queue_t(routing_key or "", pattern or "", queue or "")
+        try:
+            with open(self.control_folder / ".bindings.lock", "a") as guard:
+                fcntl.flock(guard, fcntl.LOCK_EX)
+                queues = self.get_table(exchange)
+                if entry not in queues:
+                    partial = file.with_name(f".{file.name}.partial")
+                    partial.write_text(dumps([entry, *queues]))
+                    os.replace(partial, file)
+        except OSError as exc:
+            raise ChannelError(f"Cannot open {file}") from exc
 
     def _get(self, queue):
         try:
