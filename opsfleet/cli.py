@@ -21,6 +21,10 @@ from worker.adapters.ledger import RUN_STATUSES
 from worker.config import CONFIG_ENV, ConfigError, LoadedConfig, config_warnings, load_config, redacted_view
 
 TOKEN_FILE = "alertmanager-token"
+# `opsfleet run` starts a web, worker or beat that exits again, unless it exited this many
+# times in this window: a crash loop stops the fleet, saying so, instead of spinning.
+RESTARTS_PER_WINDOW = 5
+RESTART_WINDOW_SECONDS = 300
 
 
 def _load(ctx: click.Context) -> LoadedConfig:
@@ -218,8 +222,9 @@ def run(ctx: click.Context, port: int | None, host: str | None) -> None:
         click.echo(f"opsfleet: {err}\nCheck DATABASE_URL, or unset it to use the embedded SQLite ledger.", err=True)
         ctx.exit(1)
 
+    children = _children(loaded, host, port)
     procs: dict[str, subprocess.Popen] = {}
-    for name, argv in _children(loaded, host, port).items():
+    for name, argv in children.items():
         procs[name] = subprocess.Popen(argv, env=env, preexec_fn=_die_with_parent)
 
     base = f"http://{host}:{port}"
@@ -251,13 +256,34 @@ def run(ctx: click.Context, port: int | None, host: str | None) -> None:
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGTERM, _stop)
     exit_code = 0
+    # The worker's processes (main and pool children) as last seen: the runs they were in
+    # the middle of are failed at once when they die, not when their leases run out.
+    worker_pids: set[int] = set()
+    restarts: dict[str, list[float]] = {}
+    looked = 0.0
     while not stopping:
-        for name, proc in procs.items():
-            if proc.poll() is not None:
-                click.echo(f"opsfleet: {name} exited with status {proc.returncode}; stopping the fleet", err=True)
+        if "worker" in procs and time.monotonic() - looked > 2:
+            worker_pids |= {procs["worker"].pid, *_descendants(procs["worker"].pid)}
+            looked = time.monotonic()
+        for name, proc in list(procs.items()):
+            if proc.poll() is None or stopping:
+                continue
+            recent = [t for t in restarts.get(name, []) if time.monotonic() - t < RESTART_WINDOW_SECONDS]
+            if len(recent) >= RESTARTS_PER_WINDOW:
+                click.echo(
+                    f"opsfleet: {name} exited with status {proc.returncode}, its {len(recent) + 1}th exit in "
+                    f"{RESTART_WINDOW_SECONDS // 60} minutes; stopping the fleet (see {data_dir / 'logs'})",
+                    err=True,
+                )
                 exit_code = 1
                 stopping = True
                 break
+            click.echo(f"opsfleet: {name} exited with status {proc.returncode}; starting it again", err=True)
+            if name == "worker":
+                _fail_runs_of_killed(loaded, sorted(worker_pids), f"worker exited with status {proc.returncode}")
+                worker_pids = set()
+            restarts[name] = [*recent, time.monotonic()]
+            procs[name] = subprocess.Popen(children[name], env=env, preexec_fn=_die_with_parent)
         time.sleep(0.3)
     for proc in procs.values():
         if proc.poll() is None:
@@ -273,8 +299,11 @@ def run(ctx: click.Context, port: int | None, host: str | None) -> None:
                     os.kill(pid, signal.SIGKILL)
             proc.wait(timeout=5)
             click.echo(f"opsfleet: {name} did not stop within 30 s: killed", err=True)
-            if name == "worker":
-                _fail_runs_of_killed(loaded, pids)
+            worker_pids |= set(pids) if name == "worker" else set()
+    if worker_pids:
+        # A warm shutdown leaves no run inside a step; one killed, or stopped cold by a
+        # second Ctrl-C, does: those runs are failed now.
+        _fail_runs_of_killed(loaded, sorted(worker_pids), "opsfleet run was stopped while this step ran")
     click.echo("opsfleet stopped")
     ctx.exit(exit_code)
 
@@ -298,7 +327,7 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
-def _fail_runs_of_killed(loaded: LoadedConfig, pids: list[int]) -> None:
+def _fail_runs_of_killed(loaded: LoadedConfig, pids: list[int], why: str) -> None:
     """Runs a killed worker was in the middle of: failed now, saying so, so their targets are
     not held until the lease runs out (the sweeper's way for a worker that vanished)."""
     from worker.adapters.ledger import LedgerUnavailable
@@ -308,7 +337,7 @@ def _fail_runs_of_killed(loaded: LoadedConfig, pids: list[int]) -> None:
     runtime = Runtime(loaded)
     try:
         failed = runtime.ledger.fail_runs_of_workers(
-            [f"{host}:{pid}" for pid in pids], "stopped: opsfleet run was stopped while this step ran (worker killed)"
+            [f"{host}:{pid}" for pid in pids], f"stopped: {why} (worker killed)"
         )
     except LedgerUnavailable as err:
         click.echo(f"opsfleet: could not record the runs it stopped ({err}); their leases will expire", err=True)

@@ -402,3 +402,77 @@ def test_ctrl_c_while_a_step_runs_fails_that_run_and_frees_its_target(tmp_path, 
     finally:
         (hold_dir / "hold-restart_service-verify").unlink(missing_ok=True)
         stop_process(proc, signal.SIGKILL)
+
+
+def test_a_worker_that_dies_under_opsfleet_run_is_started_again_and_its_run_failed_at_once(tmp_path, api_container):
+    """`opsfleet run` on embedded defaults: the worker SIGKILLed (an OOM kill) inside a step.
+    The web keeps answering, the run it was in is failed at once with the reason (not when
+    its lease runs out), a new worker is started, and the next alert is acted on."""
+    import os
+
+    import psutil
+    import yaml
+
+    port = free_port()
+    hold_dir = tmp_path / "hold"
+    hold_dir.mkdir()
+    (hold_dir / "hold-restart_service-verify").touch()
+    config = {**fleet_config(api_container.name), "fleet": {"data_dir": str(tmp_path / "data")}}
+    (tmp_path / "opsfleet.yaml").write_text(yaml.safe_dump(config))
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("REDIS_URL", "DATABASE_URL", "PROMETHEUS_MULTIPROC_DIR", "OPSFLEET_CONFIG", "SLACK_BOT_TOKEN")
+    }
+    env.update(
+        DOCKER_HOST=TEST_DOCKER_HOST, PYTHONPATH=str(REPO), OPSFLEET_TEST_HOLD_DIR=str(hold_dir), ALERTMANAGER_TOKEN="t"
+    )
+    log = tmp_path / "opsfleet-run.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "opsfleet.cli", "run", "--port", str(port)],
+            cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+
+    def post(fingerprint: str) -> int:
+        answer = requests.post(
+            f"{base}/hooks/alertmanager", data=service_down(fingerprint, starts_at="2026-12-03T10:00:00Z"),
+            headers={"Authorization": "Bearer t", "Content-Type": "application/json"}, timeout=10,
+        )  # fmt: skip
+        assert answer.status_code == 202, answer.text
+        return answer.json()["runs"][0]
+
+    def workers() -> list:
+        return [p for p in psutil.Process(proc.pid).children() if "worker" in p.cmdline()]
+
+    try:
+        wait_for(lambda: requests.get(f"{base}/readyz", timeout=2).ok, 60, what=f"opsfleet run ready\n{log_tail(log)}")
+        run_id = post("00000000000000dd")
+        wait_for(lambda: (hold_dir / f"held-{run_id}-verify").exists(), 60, what=f"the step held\n{log_tail(log)}")
+        [worker] = workers()
+        time.sleep(2.5)  # opsfleet run looks at the worker's processes every 2 s
+        for child in [worker, *worker.children(recursive=True)]:
+            child.kill()
+        wait_for(lambda: "worker exited with status -9; starting it again" in log.read_text(), 30, what=log_tail(log))
+        wait_for(
+            lambda: (r := requests.get(f"{base}/api/runs/{run_id}", timeout=5).json())["status"] == "failed" and r,
+            20, what=f"run {run_id} failed\n{log_tail(log)}",
+        )  # fmt: skip
+        run = requests.get(f"{base}/api/runs/{run_id}", timeout=5).json()
+        assert run["reason"].startswith("stopped: worker exited with status -9"), run["reason"]
+        (hold_dir / "hold-restart_service-verify").unlink()
+        wait_for(lambda: len(workers()) == 1 and workers()[0].pid != worker.pid, 30, what="a new worker")
+        next_id = post("00000000000000ee")
+        wait_for(
+            lambda: requests.get(f"{base}/api/runs/{next_id}", timeout=5).json()["status"] == "succeeded",
+            90, what=f"run {next_id} done by the new worker\n{log_tail(log)}",
+        )  # fmt: skip
+        assert proc.poll() is None  # the fleet never stopped
+    finally:
+        (hold_dir / "hold-restart_service-verify").unlink(missing_ok=True)
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(60)
+        finally:
+            stop_process(proc, signal.SIGKILL)
