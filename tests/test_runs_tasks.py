@@ -73,6 +73,8 @@ def test_step_found_half_done_fails_the_run_instead_of_running_twice(engine):
     assert result.state == "IGNORED"
     run = ledger.get_run(run_id)
     assert run["status"] == "failed" and "worker lost during step locate" in run["reason"]
+    [step] = run["steps"]  # ended with the run, not left running
+    assert step["status"] == "failed" and step["finished_at"] and "not run twice" in step["output"]
 
 
 def test_failing_step_ends_the_run_with_the_reason(engine):

@@ -205,6 +205,8 @@ def run_step(self, run_id: int, seq: int) -> None:
     if verdict == "done":
         return  # a redelivery of a step that completed: let the chain go on
     if verdict == "interrupted":
+        # The step a dead worker began ends with the run, not left `running` beside it.
+        _ledger_write(ledger.end_step, run_id, seq, "failed", "worker lost during this step; not run twice", 0)
         end_run(self.app, run, "failed", f"worker lost during step {step.name}; not run twice")
         raise Ignore()
 
