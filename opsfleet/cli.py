@@ -503,6 +503,10 @@ def rotate_logs(ctx: click.Context, dry_run: bool, force: bool, log_set: str) ->
 
     Runs here, in this process, as a manual run recorded in the ledger; the
     scheduled runs (beat, every rotation.check_interval_seconds) do the same."""
+    sets = _load(ctx).config.rotation.sets
+    if log_set != "all" and log_set not in sets:
+        click.echo(f"opsfleet: --set {log_set}: no such log set (rotation.sets: {', '.join(sets) or 'none'})", err=True)
+        ctx.exit(2)
     _run_now(ctx, "rotate_logs", log_set, {"force": force} if force else {}, dry_run)
 
 

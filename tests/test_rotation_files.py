@@ -4,6 +4,7 @@ compressed files that decompress to the original bytes."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -216,6 +217,10 @@ def test_dry_run_changes_nothing_and_records_nothing(tmp_path):
     assert rotated(tmp_path) == [f"app.log.{TODAY}-0001.zst"]
     listed = _cli(tmp_path, config, "runs", "--json")
     assert '"playbook": "rotate_logs"' in listed.stdout and '"trigger": "manual"' in listed.stdout
+    # an unknown set is a usage error, like backup run --series: nothing recorded
+    unknown = _cli(tmp_path, config, "rotate-logs", "--set", "nosuch")
+    assert unknown.returncode == 2 and "--set nosuch: no such log set (rotation.sets: app)" in unknown.stderr
+    assert len(json.loads(_cli(tmp_path, config, "runs", "--json").stdout)) == len(json.loads(listed.stdout))
 
 
 def test_config_check_warns_about_copytruncate_writers_without_o_append(tmp_path):
