@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import secrets
@@ -192,6 +193,23 @@ def run(ctx: click.Context, port: int | None, host: str | None) -> None:
     loaded = _load(ctx)
     data_dir = loaded.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
+    # One fleet per data dir: two would run two beats and two workers on one broker folder
+    # and one SQLite file. Held while this process lives (the kernel lets go if it is killed).
+    ctx.obj["run_lock"] = lock = open(data_dir / "opsfleet-run.lock", "a+")  # noqa: SIM115
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        click.echo(
+            f"opsfleet: {data_dir} is in use by another `opsfleet run` ({holder}): stop it first, "
+            "or give this one its own fleet.data_dir",
+            err=True,
+        )
+        ctx.exit(1)
+    lock.truncate(0)
+    lock.write(f"pid {os.getpid()}\n")
+    lock.flush()
     host = host or loaded.config.web.host
     port = port or loaded.config.web.port
     if not _port_free(host, port):

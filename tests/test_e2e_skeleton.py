@@ -476,3 +476,36 @@ def test_a_worker_that_dies_under_opsfleet_run_is_started_again_and_its_run_fail
             proc.wait(60)
         finally:
             stop_process(proc, signal.SIGKILL)
+
+
+def test_a_second_opsfleet_run_on_the_same_data_dir_is_refused_naming_the_first(tmp_path):
+    import os
+
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("REDIS_URL", "DATABASE_URL", "PROMETHEUS_MULTIPROC_DIR", "OPSFLEET_CONFIG")
+    }
+    env["PYTHONPATH"] = str(REPO)
+    port, other = free_port(), free_port()
+    log = tmp_path / "run.log"
+    with open(log, "wb") as out:
+        first = subprocess.Popen(
+            [sys.executable, "-m", "opsfleet.cli", "run", "--port", str(port)],
+            cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        wait_for(lambda: requests.get(f"http://127.0.0.1:{port}/readyz", timeout=2).ok, 60, what=log_tail(log))
+        second = subprocess.run(
+            [sys.executable, "-m", "opsfleet.cli", "run", "--port", str(other)],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert second.returncode == 1, second.stdout + second.stderr
+        assert f"is in use by another `opsfleet run` (pid {first.pid})" in second.stderr
+        assert requests.get(f"http://127.0.0.1:{port}/readyz", timeout=5).ok  # the first runs on
+    finally:
+        first.send_signal(signal.SIGINT)
+        try:
+            first.wait(60)
+        finally:
+            stop_process(first, signal.SIGKILL)
