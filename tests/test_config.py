@@ -269,3 +269,25 @@ def test_registry_passwords_come_from_the_environment(tmp_path):
     shown = str(redacted_view(loaded))
     assert "hunter22" not in shown and "${REG_PW} (set, redacted)" in shown
     assert loaded.redact("pull failed with hunter22") == "pull failed with ***"
+
+
+def test_every_bad_matcher_of_a_rule_and_no_echo_of_an_unset_database_url():
+    raw = {
+        **GOOD,
+        "backup": {"series": {"db": {"kind": "database", "database_url": "${NOPE_DB}"}}},
+        "remediation": {
+            "rules": [
+                {
+                    "name": "r1",
+                    "match": ['alertname=~"(unclosed"', 'severity=="x"', 'job=~"[z-a]"'],
+                    "playbook": "restart_service",
+                }
+            ]
+        },
+    }
+    found = problems(raw)
+    assert "backup.series.db.database_url: environment variable NOPE_DB is not set" in found
+    assert not [p for p in found if p.startswith("backup.series.db:")], found  # its fallout, not said twice
+    [matchers] = [p for p in found if p.startswith("remediation.rules[0].match:")]
+    assert "[0] bad regular expression '(unclosed'" in matchers and '[1] unknown operator "=="' in matchers
+    assert "[2] bad regular expression '[z-a]'" in matchers

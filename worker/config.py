@@ -428,7 +428,15 @@ class RuleSpec(_Strict):
             value = [value]
         if not isinstance(value, list) or not value or not all(isinstance(item, str) for item in value):
             raise ValueError("a list of label matcher strings, e.g. ['alertname=\"ServiceDown\"']")
-        return tuple(str(parse_matcher(item)) for item in value)
+        parsed, problems = [], []
+        for i, item in enumerate(value):  # every bad matcher at once, each with its index
+            try:
+                parsed.append(str(parse_matcher(item)))
+            except ValueError as err:
+                problems.append(f"[{i}] {err}" if len(value) > 1 else str(err))
+        if problems:
+            raise ValueError("; ".join(problems))
+        return tuple(parsed)
 
     @property
     def matchers(self) -> tuple[Matcher, ...]:
@@ -1096,10 +1104,18 @@ def parse_config(raw: Any, *, source: str, base_dir: Path, environ: dict[str, st
     except ValidationError as err:
         # All in one round: what an unset ${VAR} leaves behind is not reported again.
         unset = {problem.split(": ", 1)[0] for problem in problems}
-        invalid = [
-            p for p in _format_validation_error(err)
-            if not any(p.split(": ", 1)[0] == key or p.startswith((f"{key}.", f"{key}[")) for key in unset)
-        ]  # fmt: skip
+
+        def caused_by_unset(problem: str) -> bool:
+            where, _, what = problem.partition(": ")
+            return any(
+                where == key
+                or where.startswith((f"{key}.", f"{key}["))
+                # a check of the section holding it, about it ("backup.series.db: database_url is not ...")
+                or (key.startswith(f"{where}.") and key.rsplit(".", 1)[-1] in what)
+                for key in unset
+            )
+
+        invalid = [p for p in _format_validation_error(err) if not caused_by_unset(p)]
         raise ConfigError(problems + invalid, source) from None
     if problems:
         raise ConfigError(problems, source)
