@@ -766,8 +766,11 @@ def backup_list(ctx, kind, as_json) -> None:
 
 
 @backup_group.command("run")
-@click.option("--kind", "kinds", multiple=True, help="Only series of this kind (repeatable). Default: every series.")
-@click.option("--series", "names", multiple=True, help="Only this series (repeatable).")
+@click.option(
+    "--kind", "kinds", multiple=True,
+    help="Series of this kind (repeatable; with --series, those too). Default: every series.",
+)  # fmt: skip
+@click.option("--series", "names", multiple=True, help="This series (repeatable; with --kind, that kind's too).")
 @click.pass_context
 def backup_run(ctx, kinds, names) -> None:
     """Back up now, as one set; recorded in the ledger as a manual run."""
