@@ -943,12 +943,13 @@ def restore(ctx, set_id, latest, database, documents, config_files, models, targ
     if target_db:
         click.echo(f"  databases go into {target_db} (no swap)")
         _refuse_existing_target(ctx, loaded, plan, target_db)
-    else:
+    elif any(spec.kind == "database" for name, spec in loaded.config.backup.series.items() if name in plan):
         click.echo("  databases: restored into a fresh database, checked, then swapped in by rename")
     if dry_run:
         click.echo("dry run: nothing changed")
         return
     if not yes and not click.confirm("restore now?", default=False):
+        click.echo("not restored: nothing changed")
         ctx.exit(1)
     app = _engine(ctx)
     _execute(ctx, app, "restore", {"plan": plan, "target_db": target_db, "swap": not target_db}, "restore")

@@ -164,7 +164,8 @@ def test_restore_without_yes_shows_the_manifest_and_asks_and_no_changes_nothing(
         plan = result.output
         assert f"db (database) from set {set_id}" in plan and "3 tables, 427 rows" in plan
         assert "documents (documents) from set" in plan and "21 files" in plan
-        assert "restore now? [y/N]" in plan
+        assert "restore now? [y/N]" in plan and "not restored: nothing changed" in plan
+        assert "databases: restored into a fresh database" in plan
         assert f"the current tree is moved aside to {site['docs']}.before-restore-<run>, kept" in plan
         assert "different sets" not in plan  # one set holds both
     assert counts(site["url"]) == drifted and (site["docs"] / "new.txt").exists()
@@ -192,6 +193,12 @@ def test_recover_without_yes_asks_before_it_stops_anything(site, make_container,
     assert "stop the services and recover now? [y/N]" in result.output
     api.reload()
     assert api.status == "running" and api.attrs["State"]["StartedAt"] == started
+
+
+def test_a_documents_only_plan_says_nothing_about_databases(site):
+    opsfleet(site, "backup", "run", "--kind", "documents")
+    plan = opsfleet(site, "restore", "--latest", "--documents", "--dry-run").output
+    assert "documents (documents) from set" in plan and "databases" not in plan
 
 
 def test_a_plan_from_several_sets_says_so(site):
