@@ -184,8 +184,9 @@ def test_dotted_service_names_redact_fine():
 def test_config_file_problems_are_named(tmp_path):
     dup = tmp_path / "dup.yaml"
     dup.write_text("web: {port: 1}\nweb: {port: 2}\n")
-    with pytest.raises(ConfigError, match="key 'web' is given twice"):
+    with pytest.raises(ConfigError, match="key 'web' is given twice") as caught:
         load_config(dup, environ={})
+    assert "<unicode string>" not in str(caught.value) and "line 2, column 1" in str(caught.value)
     binary = tmp_path / "bin.yaml"
     binary.write_bytes(b"\xff\xfeweb: {}\n")
     with pytest.raises(ConfigError, match="not UTF-8"):

@@ -1173,7 +1173,9 @@ def load_config(path: str | os.PathLike | None = None, environ: dict[str, str] |
     try:
         raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as err:
-        raise ConfigError([f"not valid YAML: {err}"], str(resolved)) from None
+        # PyYAML names a string it parsed "<unicode string>"; the reader knows the file already.
+        message = str(err).replace('in "<unicode string>", ', "")
+        raise ConfigError([f"not valid YAML: {message}"], str(resolved)) from None
     return parse_config(raw, source=str(resolved), base_dir=resolved.resolve().parent, environ=environ)
 
 
