@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 import requests
@@ -345,35 +346,45 @@ def test_opsfleet_run_killed_takes_web_worker_and_beat_with_it(tmp_path):
                 child.kill()
 
 
-def test_ctrl_c_while_a_step_runs_fails_that_run_and_frees_its_target(tmp_path, api_container):
-    """`opsfleet run` stopped while a worker is inside a step (held there by the test hook):
-    after its 30 s grace it kills the worker, and the run it was in is failed at once, saying
-    why, instead of holding its target as `running` until the lease runs out."""
+def opsfleet_run_env(**extra: str) -> dict[str, str]:
+    """This environment as a user's shell would hand it to `opsfleet run` on embedded defaults."""
     import os
 
+    unset = ("REDIS_URL", "DATABASE_URL", "PROMETHEUS_MULTIPROC_DIR", "OPSFLEET_CONFIG", "SLACK_BOT_TOKEN")
+    return {**{k: v for k, v in os.environ.items() if k not in unset}, "PYTHONPATH": str(REPO), **extra}
+
+
+def start_opsfleet_run(folder: Path, env: dict[str, str], port: int) -> tuple[subprocess.Popen, Path]:
+    log = folder / "opsfleet-run.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "opsfleet.cli", "run", "--port", str(port)],
+            cwd=folder, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    return proc, log
+
+
+def held_opsfleet_run(tmp_path: Path, api_container):
+    """`opsfleet run` in tmp_path whose restart_service runs hold inside verify until the test
+    removes `hold_dir/hold-restart_service-verify`: (proc, log, base URL, hold_dir, env)."""
     import yaml
 
-    port = free_port()
     hold_dir = tmp_path / "hold"
     hold_dir.mkdir()
     (hold_dir / "hold-restart_service-verify").touch()
     config = {**fleet_config(api_container.name), "fleet": {"data_dir": str(tmp_path / "data")}}
     (tmp_path / "opsfleet.yaml").write_text(yaml.safe_dump(config))
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("REDIS_URL", "DATABASE_URL", "PROMETHEUS_MULTIPROC_DIR", "OPSFLEET_CONFIG", "SLACK_BOT_TOKEN")
-    }
-    env.update(
-        DOCKER_HOST=TEST_DOCKER_HOST, PYTHONPATH=str(REPO), OPSFLEET_TEST_HOLD_DIR=str(hold_dir), ALERTMANAGER_TOKEN="t"
-    )
-    log = tmp_path / "opsfleet-run.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "opsfleet.cli", "run", "--port", str(port)],
-            cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
+    env = opsfleet_run_env(DOCKER_HOST=TEST_DOCKER_HOST, OPSFLEET_TEST_HOLD_DIR=str(hold_dir), ALERTMANAGER_TOKEN="t")
+    port = free_port()
+    proc, log = start_opsfleet_run(tmp_path, env, port)
+    return proc, log, f"http://127.0.0.1:{port}", hold_dir, env
+
+
+def test_ctrl_c_while_a_step_runs_fails_that_run_and_frees_its_target(tmp_path, api_container):
+    """`opsfleet run` stopped while a worker is inside a step (held there by the test hook):
+    after its 30 s grace it kills the worker, and the run it was in is failed at once, saying
+    why, instead of holding its target as `running` until the lease runs out."""
+    proc, log, base, hold_dir, env = held_opsfleet_run(tmp_path, api_container)
     try:
         wait_for(lambda: requests.get(f"{base}/readyz", timeout=2).ok, 60, what=f"opsfleet run ready\n{log_tail(log)}")
         answer = requests.post(
@@ -408,32 +419,9 @@ def test_a_worker_that_dies_under_opsfleet_run_is_started_again_and_its_run_fail
     """`opsfleet run` on embedded defaults: the worker SIGKILLed (an OOM kill) inside a step.
     The web keeps answering, the run it was in is failed at once with the reason (not when
     its lease runs out), a new worker is started, and the next alert is acted on."""
-    import os
-
     import psutil
-    import yaml
 
-    port = free_port()
-    hold_dir = tmp_path / "hold"
-    hold_dir.mkdir()
-    (hold_dir / "hold-restart_service-verify").touch()
-    config = {**fleet_config(api_container.name), "fleet": {"data_dir": str(tmp_path / "data")}}
-    (tmp_path / "opsfleet.yaml").write_text(yaml.safe_dump(config))
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("REDIS_URL", "DATABASE_URL", "PROMETHEUS_MULTIPROC_DIR", "OPSFLEET_CONFIG", "SLACK_BOT_TOKEN")
-    }
-    env.update(
-        DOCKER_HOST=TEST_DOCKER_HOST, PYTHONPATH=str(REPO), OPSFLEET_TEST_HOLD_DIR=str(hold_dir), ALERTMANAGER_TOKEN="t"
-    )
-    log = tmp_path / "opsfleet-run.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "opsfleet.cli", "run", "--port", str(port)],
-            cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
+    proc, log, base, hold_dir, _ = held_opsfleet_run(tmp_path, api_container)
 
     def post(fingerprint: str) -> int:
         answer = requests.post(
@@ -479,21 +467,9 @@ def test_a_worker_that_dies_under_opsfleet_run_is_started_again_and_its_run_fail
 
 
 def test_a_second_opsfleet_run_on_the_same_data_dir_is_refused_naming_the_first(tmp_path):
-    import os
-
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("REDIS_URL", "DATABASE_URL", "PROMETHEUS_MULTIPROC_DIR", "OPSFLEET_CONFIG")
-    }
-    env["PYTHONPATH"] = str(REPO)
+    env = opsfleet_run_env()
     port, other = free_port(), free_port()
-    log = tmp_path / "run.log"
-    with open(log, "wb") as out:
-        first = subprocess.Popen(
-            [sys.executable, "-m", "opsfleet.cli", "run", "--port", str(port)],
-            cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+    first, log = start_opsfleet_run(tmp_path, env, port)
     try:
         wait_for(lambda: requests.get(f"http://127.0.0.1:{port}/readyz", timeout=2).ok, 60, what=log_tail(log))
         second = subprocess.run(
