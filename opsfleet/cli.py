@@ -360,6 +360,8 @@ def _fail_runs_of_killed(loaded: LoadedConfig, pids: list[int], why: str) -> Non
     except LedgerUnavailable as err:
         click.echo(f"opsfleet: could not record the runs it stopped ({err}); their leases will expire", err=True)
         return
+    if not failed:  # a warm shutdown, the usual stop: no broker connection to make
+        return
     from worker.celery_factory import create_celery
     from worker.tasks.runs import request_report
 
