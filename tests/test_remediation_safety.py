@@ -264,3 +264,89 @@ def test_a_rule_that_escalates_pages_with_the_alert(edge):
     assert run["params"]["alert"].startswith(
         "DatabaseConnectionFailure firing since 2026-12-03T10:00:00Z (service=api)"
     )
+
+
+def notification(*alerts: dict, truncated: int = 0):
+    from worker.decide import Alert
+    from worker.tasks.intake import AlertNotification
+
+    parsed = [Alert(a["status"], a["labels"], a["fingerprint"], a["startsAt"]) for a in alerts]
+    return AlertNotification(parsed, truncated, f"{len(parsed)} alerts", payload(*alerts, truncated=truncated).decode())
+
+
+def test_notifications_committed_together_are_decided_as_if_one_after_another(edge):
+    """The group commit (webhooks.batching) hands several notifications to one transaction."""
+    from worker.tasks.intake import accept_alert_batch
+
+    client, ledger = edge(config())
+    celery = client.application.extensions["opsfleet"].celery
+    first, twin, other, resolved = accept_alert_batch(
+        celery,
+        [
+            notification(alert("api", "00000000000000g1")),
+            notification(alert("api", "00000000000000g1")),  # the HA peer's copy
+            notification(alert("api", "00000000000000g2")),
+            notification(alert("api", "00000000000000g1", status="resolved")),
+        ],
+    )
+    run_id = first.decisions[0]["run_id"]
+    assert [i.decisions[0]["outcome"] for i in (first, twin, other, resolved)] == ["act", "repeat", "skip", "ignore"]
+    assert twin.decisions[0]["run_id"] == run_id and first.enqueued == [run_id] and twin.enqueued == []
+    assert other.decisions[0]["reason"] == "locked: an alert received with this one is working on this target"
+    assert resolved.resolved_runs == [run_id] and first.resolved_runs == []
+    assert len({i.event_id for i in (first, twin, other, resolved)}) == 4
+    run = ledger.get_run(run_id)
+    assert run["repeats"] == 1 and run["resolved_at"] is not None
+    assert len(ledger.list_runs()) == 2
+
+
+def test_each_notification_of_a_batch_brings_its_own_truncated_count_to_the_storm_breaker(edge):
+    from worker.tasks.intake import accept_alert_batch
+
+    client, _ = edge(config())
+    celery = client.application.extensions["opsfleet"].celery
+    small, big = accept_alert_batch(
+        celery,
+        [
+            notification(alert("svc-1", "00000000000000h1")),
+            notification(alert("svc-2", "00000000000000h2"), truncated=9),
+        ],
+    )
+    # Both subjects are in the rule's window; only the second adds 9 truncated: 2 + 9 > 10.
+    assert small.decisions[0]["outcome"] == "act" and big.decisions[0]["outcome"] == "escalate"
+
+
+def test_concurrent_requests_for_one_target_act_once_and_all_get_their_answer(edge):
+    """Request threads of one web process (gunicorn gthread) post at once: one action, the rest locked."""
+    import threading
+
+    client, ledger = edge(config())
+    app = client.application
+    answers = []
+
+    def one(i):
+        answers.append(
+            app.test_client().post("/hooks/alertmanager", data=payload(alert("api", f"{i:016x}")), headers=AUTH)
+        )
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert [a.status_code for a in answers] == [202] * 8
+    assert sorted(outcomes(a.json)[0] for a in answers) == ["act"] + ["skip"] * 7
+    assert len(ledger.list_runs(status="queued")) == 1 and len(ledger.list_runs()) == 8
+
+
+def test_the_storm_breaker_counts_a_batch_in_order_as_when_its_notifications_came_one_by_one(edge):
+    from worker.tasks.intake import accept_alert_batch
+
+    client, ledger = edge(config())
+    celery = client.application.extensions["opsfleet"].celery
+    earlier = post(client, payload(alert("svc-0", "00000000000000j0")))  # in the window before the batch
+    batch = accept_alert_batch(celery, [notification(alert(f"svc-{i}", f"{i:016x}")) for i in range(12)])
+    # svc-0 again is a new firing of a subject the window holds: 1, then svc-1..svc-9 make 10, svc-10 the 11th.
+    assert [i.decisions[0]["outcome"] for i in batch] == ["skip"] + ["act"] * 9 + ["escalate", "skip"]
+    assert batch[0].decisions[0]["reason"] == f"locked: run {earlier['alerts'][0]['run_id']} is working on this target"
+    assert len(ledger.list_runs(status="queued")) == 11  # the first action, nine more and one escalation

@@ -126,7 +126,7 @@ def test_resolved_alert_closes_the_thread_with_the_time_it_took(reporting, slack
         from worker.adapters.ledger import runs
 
         tx.conn.execute(runs.update().where(runs.c.id == run_id).values(fingerprint="f", alert_starts_at="s"))
-        assert tx.resolve_alert_runs([("f", "s")]) == [run_id]
+        assert tx.resolve_alert_runs([("f", "s")]) == {run_id: ("f", "s")}
     assert report.apply(args=(run_id,)).get() == "delivered"
     [thread] = slack.threads().values()
     assert thread["replies"][-1]["text"].startswith(":large_green_circle: resolved after ")

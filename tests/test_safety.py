@@ -73,4 +73,4 @@ def test_safety_table(policy, rule, target, verdict, reason, storm):
 
 def test_lock_by_an_alert_of_the_same_notification_says_so():
     decision = judge(POLICY, RuleState(1), TargetState(active_run=0), NOW)
-    assert decision.reason == "locked: an earlier alert of this notification is working on this target"
+    assert decision.reason == "locked: an alert received with this one is working on this target"

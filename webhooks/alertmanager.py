@@ -17,10 +17,11 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from webhooks.app import edge
 from webhooks.auth import bearer_token, token_matches
+from webhooks.batching import IntakeTimeout
 from webhooks.errors import error, read_body
 from worker.adapters.ledger import LedgerUnavailable
 from worker.decide import Alert
-from worker.tasks.intake import accept_alerts
+from worker.tasks.intake import AlertNotification
 
 bp = Blueprint("alertmanager", __name__)
 
@@ -144,11 +145,16 @@ def receive():
     )
     try:
         state.ensure_schema()
-        intake = accept_alerts(
-            state.celery, alerts=alerts, truncated=payload.truncatedAlerts, summary=summary, body=body.decode("utf-8")
+        # Committed with the notifications that arrive with it (webhooks.batching).
+        intake = state.alert_intake.submit(
+            AlertNotification(alerts, payload.truncatedAlerts, summary, body.decode("utf-8"))
         )
     except LedgerUnavailable:
         response = error(503, "ledger unavailable: not recorded, send again")
+        response.headers["Retry-After"] = "5"
+        return response
+    except IntakeTimeout as err:
+        response = error(503, f"{err}: send again (a resend is a repeat, never a second action)")
         response.headers["Retry-After"] = "5"
         return response
     response = jsonify(

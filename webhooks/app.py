@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 from celery import Celery
 from flask import Flask, current_app, g, request
 
+from webhooks.batching import IntakeBatcher
 from worker.adapters.ledger import Ledger, LedgerUnavailable
 from worker.adapters.metrics_multiproc import use_multiprocess_dir
 from worker.config import ConfigError, LoadedConfig, load_config
@@ -23,8 +26,10 @@ class Edge:
 
     loaded: LoadedConfig
     celery: Celery
+    alert_intake: IntakeBatcher | None = None  # Alertmanager notifications, group-committed
     schema_ready: bool = field(default=False)
     _collector: object = field(default=None, repr=False)
+    _schema_guard: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def ledger(self) -> Ledger:
@@ -45,8 +50,10 @@ class Edge:
     def ensure_schema(self) -> None:
         """Migrate once; if the ledger was down at start, try again per request."""
         if not self.schema_ready:
-            self.ledger.migrate()
-            self.schema_ready = True
+            with self._schema_guard:  # request threads: one migrates, the others wait for it
+                if not self.schema_ready:
+                    self.ledger.migrate()
+                    self.schema_ready = True
 
 
 def edge() -> Edge:
@@ -74,6 +81,7 @@ def create_app(config_path: str | None = None, *, loaded: LoadedConfig | None = 
     from worker.adapters import metrics
     from worker.celery_factory import create_celery
     from worker.task_metrics import connect_task_metrics
+    from worker.tasks.intake import accept_alert_batch
 
     connect_task_metrics()  # the edge publishes tasks: celery_task_sent_total
     metrics.zero_deploy_outcomes(loaded.config.deploy.environments)
@@ -82,6 +90,7 @@ def create_app(config_path: str | None = None, *, loaded: LoadedConfig | None = 
     app.config["MAX_CONTENT_LENGTH"] = loaded.config.web.max_body_bytes
     app.json.sort_keys = False
     state = Edge(loaded, create_celery(loaded, include_tasks=False))
+    state.alert_intake = IntakeBatcher(partial(accept_alert_batch, state.celery))
     app.extensions["opsfleet"] = state
     try:
         state.ensure_schema()

@@ -84,7 +84,7 @@ def judge(policy: Policy, rule: RuleState, target: TargetState, now: datetime) -
         return Decision("skip", why, storm=True)
     if target.active_run is not None:
         # A run id not written yet (an earlier alert of the same notification) is 0.
-        who = f"run {target.active_run}" if target.active_run > 0 else "an earlier alert of this notification"
+        who = f"run {target.active_run}" if target.active_run > 0 else "an alert received with this one"
         return Decision("skip", f"locked: {who} is working on this target")
     if target.last_action_at is not None and now - target.last_action_at < policy.cooldown:
         left = policy.cooldown - (now - target.last_action_at)

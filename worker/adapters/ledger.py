@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -999,9 +1000,15 @@ class IntakeTx:
         cannot deadlock. SQLite needs nothing: BEGIN IMMEDIATE admits one writer."""
         if self.ledger.dialect != "postgresql":
             return
-        for key in sorted(set(keys)):
-            digest = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big", signed=True)
-            self.conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": digest})
+        digests = sorted(
+            {int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big", signed=True) for key in keys}
+        )
+        if digests:
+            # One round trip; the ORDER BY makes the lock order the sorted order.
+            self.conn.execute(
+                sa.text("SELECT pg_advisory_xact_lock(k) FROM unnest(CAST(:ks AS bigint[])) AS k ORDER BY k"),
+                {"ks": digests},
+            )
 
     def add_event(self, *, source: str, summary: str, body: str, dedup_key: str | None = None) -> int:
         return self.conn.execute(
@@ -1009,6 +1016,14 @@ class IntakeTx:
             .values(source=source, dedup_key=dedup_key, received_at=self.now, summary=summary[:2000], body=body)
             .returning(events.c.id)
         ).scalar_one()
+
+    def add_events(self, source: str, items: list[tuple[str, str]]) -> list[int]:
+        """Insert (summary, body) events of one source in one statement; ids in the given order."""
+        if not items:
+            return []
+        rows = [dict(source=source, received_at=self.now, summary=summary[:2000], body=body) for summary, body in items]
+        # ids are drawn in VALUES order (PostgreSQL and SQLite), whatever order RETURNING uses.
+        return sorted(self.conn.execute(events.insert().values(rows).returning(events.c.id)).scalars())
 
     def _values(self, event_id: int | None, new: NewRun, enqueued: bool) -> dict[str, Any]:
         return dict(
@@ -1038,36 +1053,57 @@ class IntakeTx:
         return self.add_runs(event_id, [new])[0]
 
     def add_runs(self, event_id: int | None, new_runs: list[NewRun], enqueued: bool = False) -> list[RecordedRun]:
-        """Insert runs in one statement; a run whose dedup key exists already is
-        not inserted: that run's repeat counter goes up instead (created=False)."""
-        if not new_runs:
+        """Insert runs of one event in one statement (see `add_event_runs`)."""
+        return self.add_event_runs([(event_id, new) for new in new_runs], enqueued)
+
+    def add_event_runs(self, items: list[tuple[int | None, NewRun]], enqueued: bool = False) -> list[RecordedRun]:
+        """Insert (event id, run) pairs in one statement. A run whose dedup key
+        exists already, or came earlier in `items`, is not inserted: that run's
+        repeat counter goes up instead, once per repeat (created=False)."""
+        if not items:
             return []
-        stmt = self.ledger._insert(runs).values([self._values(event_id, new, enqueued) for new in new_runs])
-        stmt = stmt.on_conflict_do_nothing(index_elements=["dedup_key"])
+        first: dict[str, NewRun] = {}
+        twins: dict[str, int] = defaultdict(int)  # dedup key → repeats within `items`
+        rows = []
+        for event_id, new in items:
+            if new.dedup_key is not None and new.dedup_key in first:
+                twins[new.dedup_key] += 1
+                continue
+            if new.dedup_key is not None:
+                first[new.dedup_key] = new
+            rows.append(self._values(event_id, new, enqueued))
+        stmt = self.ledger._insert(runs).values(rows).on_conflict_do_nothing(index_elements=["dedup_key"])
         inserted = {}
         for row in self.conn.execute(stmt.returning(runs.c.id, runs.c.dedup_key, runs.c.status)):
             inserted[row.dedup_key if row.dedup_key is not None else ("id", row.id)] = row
-        repeated_keys = [new.dedup_key for new in new_runs if new.dedup_key not in inserted]
-        repeated = {}
-        if repeated_keys:
+        # Repeats per key: 1 for a key the ledger had (plus its twins), the twins alone for a key inserted now.
+        counts = {key: twins[key] + (key not in inserted) for key in first}
+        by_count: dict[int, list[str]] = defaultdict(list)
+        for key, count in counts.items():
+            if count:
+                by_count[count].append(key)
+        existing = {}
+        for count, keys in by_count.items():
             for row in self.conn.execute(
                 runs.update()
-                .where(runs.c.dedup_key.in_(repeated_keys))
-                .values(repeats=runs.c.repeats + 1, last_repeat_at=self.now)
+                .where(runs.c.dedup_key.in_(keys))
+                .values(repeats=runs.c.repeats + count, last_repeat_at=self.now)
                 .returning(runs.c.id, runs.c.dedup_key, runs.c.status)
             ):
-                repeated[row.dedup_key] = row
+                existing[row.dedup_key] = row
         # Runs without a dedup key come back in VALUES order (PostgreSQL and SQLite both).
         unkeyed = iter(sorted(row.id for key, row in inserted.items() if isinstance(key, tuple)))
-        out = []
-        for new in new_runs:
+        out, created = [], set()
+        for _, new in items:
             if new.dedup_key is None:
-                row_id = next(unkeyed)
-                out.append(RecordedRun(row_id, True, new.status))
-            elif new.dedup_key in inserted:
+                out.append(RecordedRun(next(unkeyed), True, new.status))
+            elif new.dedup_key in inserted and new.dedup_key not in created:
+                created.add(new.dedup_key)
                 out.append(RecordedRun(inserted[new.dedup_key].id, True, new.status))
+            elif new.dedup_key in inserted:  # a twin of a run inserted just now
+                out.append(RecordedRun(inserted[new.dedup_key].id, False, new.status))
             else:
-                row = repeated[new.dedup_key]
+                row = existing[new.dedup_key]
                 out.append(RecordedRun(row.id, False, row.status))
         return out
 
@@ -1157,6 +1193,21 @@ class IntakeTx:
             stmt.on_conflict_do_update(index_elements=["rule", "subject"], set_={"last_seen": stmt.excluded.last_seen})
         )
 
+    def subjects_seen(self, rule: str, subjects: Iterable[str], since: datetime) -> set[str]:
+        """Which of these subjects fired for the rule since `since`."""
+        wanted = list(set(subjects))
+        if not wanted:
+            return set()
+        return set(
+            self.conn.execute(
+                sa.select(alert_subjects.c.subject).where(
+                    alert_subjects.c.rule == rule,
+                    alert_subjects.c.subject.in_(wanted),
+                    alert_subjects.c.last_seen >= since,
+                )
+            ).scalars()
+        )
+
     def count_subjects(self, rule: str, since: datetime) -> int:
         return self.conn.execute(
             sa.select(sa.func.count()).where(alert_subjects.c.rule == rule, alert_subjects.c.last_seen >= since)
@@ -1175,22 +1226,22 @@ class IntakeTx:
             > 0
         )
 
-    def resolve_alert_runs(self, alerts: Iterable[tuple[str, str]]) -> list[int]:
-        """Mark the runs answering these (fingerprint, startsAt) firings resolved; return those newly marked."""
+    def resolve_alert_runs(self, alerts: Iterable[tuple[str, str]]) -> dict[int, tuple[str, str]]:
+        """Mark the runs answering these (fingerprint, startsAt) firings resolved;
+        return those newly marked: run id → its (fingerprint, startsAt)."""
         pairs = list(set(alerts))
         if not pairs:
-            return []
-        return sorted(
-            self.conn.execute(
-                runs.update()
-                .where(
-                    sa.tuple_(runs.c.fingerprint, runs.c.alert_starts_at).in_(pairs),
-                    runs.c.resolved_at.is_(None),
-                )
-                .values(resolved_at=self.now)
-                .returning(runs.c.id)
-            ).scalars()
+            return {}
+        rows = self.conn.execute(
+            runs.update()
+            .where(
+                sa.tuple_(runs.c.fingerprint, runs.c.alert_starts_at).in_(pairs),
+                runs.c.resolved_at.is_(None),
+            )
+            .values(resolved_at=self.now)
+            .returning(runs.c.id, runs.c.fingerprint, runs.c.alert_starts_at)
         )
+        return {row.id: (row.fingerprint, row.alert_starts_at) for row in rows}
 
 
 def _row_dict(row: Any) -> dict[str, Any]:

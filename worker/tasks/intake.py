@@ -5,6 +5,12 @@ The order is the guarantee: the event and its runs are committed before the
 edge answers 2xx, and enqueued after, so a broker that loses the message
 cannot lose the run.
 
+Notifications are accepted in batches (`accept_alert_batch`): the edge puts
+the ones that arrive together into one transaction, so a storm costs a
+handful of statements and one commit per batch, not per request. Within a
+batch, notifications are decided in arrival order, as if they had come one
+after another.
+
 For Alertmanager notifications, per alert:
 - resolved → never an action; runs answering that firing are marked
   resolved and their Slack threads told so;
@@ -17,6 +23,7 @@ For Alertmanager notifications, per alert:
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -27,6 +34,16 @@ from worker.adapters.ledger import IntakeTx, NewRun
 from worker.decide import Alert, AlertDecision, decide_alerts
 from worker.safety import RuleState, TargetState, judge, reason_kind
 from worker.tasks.runs import enqueue_runs, request_report
+
+
+@dataclass(frozen=True)
+class AlertNotification:
+    """One Alertmanager notification as the edge parsed it."""
+
+    alerts: list[Alert]
+    truncated: int
+    summary: str
+    body: str
 
 
 @dataclass(frozen=True)
@@ -100,33 +117,51 @@ def _storm_text(decision: AlertDecision, firing: list[AlertDecision]) -> str:
 
 class _State:
     """Everything the safety checks read, loaded from the ledger in a few
-    batched queries, then kept current while this notification's alerts are
-    decided in order (an action here makes the target busy for the next)."""
+    batched queries, then kept current while the batch's alerts are decided
+    in order (an action here makes the target busy for the next).
 
-    def __init__(self, tx: IntakeTx, new: list[AlertDecision], truncated: int):
+    `new` pairs each decision with its notification's place in the batch: the
+    storm breaker of notification k counts the subjects the window held before
+    the batch and those of notifications 0..k (its whole group, as when alone),
+    never those of notifications after it."""
+
+    def __init__(self, tx: IntakeTx, new: list[tuple[int, AlertDecision]]):
         self.tx = tx
-        self.truncated = truncated
-        targets = {d.target for d in new if d.target}
+        targets = {d.target for _, d in new if d.target}
         self.active = tx.active_runs(targets)
         self.history: dict[tuple[str, str], dict] = {}
         self.rules: dict[str, RuleState] = {}
-        by_rule: dict[str, list[AlertDecision]] = defaultdict(list)
-        for d in new:
-            by_rule[d.rule].append(d)
-        for rule, ds in by_rule.items():
-            policy = ds[0].policy
-            tx.touch_subjects(rule, {d.subject for d in ds})
+        # Per rule: the notification that first brought each subject new to the window, sorted.
+        self.later: dict[str, list[int]] = {}
+        by_rule: dict[str, list[tuple[int, AlertDecision]]] = defaultdict(list)
+        for index, d in new:
+            by_rule[d.rule].append((index, d))
+        for rule, pairs in by_rule.items():
+            policy = pairs[0][1].policy
             since = tx.now - policy.storm_window
-            self.rules[rule] = RuleState(tx.count_subjects(rule, since), truncated, tx.storm_escalated(rule, since))
-            found = tx.rule_history(rule, {d.target for d in ds if d.target}, tx.now - policy.cap_window)
+            subjects = {d.subject for _, d in pairs}
+            first: dict[str, int] = {}
+            if len({index for index, _ in pairs}) > 1:  # one query more, only for a batch
+                seen = tx.subjects_seen(rule, subjects, since)
+                for index, d in pairs:
+                    if d.subject not in seen:
+                        first.setdefault(d.subject, index)
+            self.later[rule] = sorted(first.values())
+            tx.touch_subjects(rule, subjects)
+            self.rules[rule] = RuleState(tx.count_subjects(rule, since), 0, tx.storm_escalated(rule, since))
+            found = tx.rule_history(rule, {d.target for _, d in pairs if d.target}, tx.now - policy.cap_window)
             for target, facts in found.items():
                 self.history[(rule, target)] = facts
 
-    def judge(self, d: AlertDecision):
+    def judge(self, d: AlertDecision, index: int, truncated: int):
+        """`index`: the decision's notification in the batch; `truncated`: the alerts it left out."""
         target = TargetState()
         if d.target:
             target = TargetState(active_run=self.active.get(d.target), **self.history.get((d.rule, d.target), {}))
-        return judge(d.policy, self.rules[d.rule], target, self.tx.now)
+        rule = self.rules[d.rule]
+        later = self.later[d.rule]
+        in_window = rule.subjects_in_window - (len(later) - bisect_right(later, index))
+        return judge(d.policy, RuleState(in_window, truncated, rule.storm_escalated), target, self.tx.now)
 
     def acted(self, d: AlertDecision) -> None:
         if d.target:
@@ -135,7 +170,7 @@ class _State:
     def escalated(self, d: AlertDecision, storm: bool) -> None:
         if storm:
             state = self.rules[d.rule]
-            self.rules[d.rule] = RuleState(state.subjects_in_window, state.truncated_alerts, True)
+            self.rules[d.rule] = RuleState(state.subjects_in_window, 0, True)
         elif d.target:
             facts = self.history.setdefault((d.rule, d.target), {})
             facts["escalated_in_cap_window"] = True
@@ -153,10 +188,20 @@ class _Reconsider:
     reason: str
 
 
-def accept_alerts(app: Celery, *, alerts: list[Alert], truncated: int, summary: str, body: str) -> AlertIntake:
+# One decided alert: (decision, outcome, reason, run to write, escalation to write).
+_Step = tuple[AlertDecision, str, str, "NewRun | _Reconsider | None", "NewRun | None"]
+
+
+def accept_alert_batch(app: Celery, notifications: list[AlertNotification]) -> list[AlertIntake]:
+    """Record and decide notifications in one transaction; then enqueue what acts.
+
+    Returns one AlertIntake per notification, in order. Raises LedgerUnavailable
+    (nothing of the batch recorded) when the ledger cannot take it.
+    """
     runtime = app.opsfleet
-    decisions = decide_alerts(alerts, runtime.config)
-    acting = [d for d in decisions if d.makes_run]
+    decided = [decide_alerts(n.alerts, runtime.config) for n in notifications]
+    acting_of = [[d for d in decisions if d.makes_run] for decisions in decided]
+    acting = [d for ds in acting_of for d in ds]
     with runtime.ledger.intake() as tx:
         # Per target and per rule: two intakes about one target never decide at once, and
         # the storm breaker of a rule counts every subject its concurrent intakes bring.
@@ -164,59 +209,104 @@ def accept_alerts(app: Celery, *, alerts: list[Alert], truncated: int, summary: 
             [f"target:{d.target}" for d in acting if d.target]
             + [f"rule:{d.rule}" for d in acting if d.outcome == "act" and d.rule]
         )
-        event_id = tx.add_event(source="alertmanager", summary=summary, body=body)
+        event_ids = tx.add_events("alertmanager", [(n.summary, n.body) for n in notifications])
         known = tx.existing_runs(d.dedup_key for d in acting)
         waiting = {
             key: row for key, row in known.items() if row.status == "skipped" and row.reason.startswith(PASSING_SKIPS)
         }
         # Firings to decide: new to the ledger, or skipped for a reason that may
-        # have passed; the first of any twins in this notification.
+        # have passed; the first of any twins in this batch.
         fresh, seen = [], set()
-        for d in acting:
-            if (d.dedup_key not in known or d.dedup_key in waiting) and d.dedup_key not in seen:
-                fresh.append(d)
-                seen.add(d.dedup_key)
-        fresh_ids = {id(d) for d in fresh}
-        state = _State(tx, [d for d in fresh if d.outcome == "act"], truncated)
+        for index, firing in enumerate(acting_of):
+            for d in firing:
+                if (d.dedup_key not in known or d.dedup_key in waiting) and d.dedup_key not in seen:
+                    fresh.append((index, d))
+                    seen.add(d.dedup_key)
+        fresh_ids = {id(d) for _, d in fresh}
+        state = _State(tx, [(index, d) for index, d in fresh if d.outcome == "act"])
 
         # Decide in order; collect the runs to write in one statement.
-        plan: list[tuple[AlertDecision, str, str, NewRun | None, NewRun | None]] = []
-        for d in decisions:
-            if not d.makes_run:
-                plan.append((d, d.outcome, d.reason, None, None))
-            elif id(d) not in fresh_ids:
-                plan.append((d, "repeat", d.reason, _alert_run(d, "skipped", d.reason), None))
-            elif d.outcome == "skip":
-                plan.append((d, "skip", d.reason, _alert_run(d, "skipped", d.reason), None))
-            else:
-                verdict = state.judge(d)
-                outcome, reason, escalation = verdict.verdict, verdict.reason, None
-                if outcome == "act":
-                    state.acted(d)
-                if outcome == "dry_run":
-                    reason = f"dry run: would {d.playbook} {d.target or ''}".rstrip()
-                status = "queued" if outcome == "act" else "skipped"
-                if d.dedup_key in waiting:
-                    run = _Reconsider(waiting[d.dedup_key].id, status, reason)
+        plans: list[list[_Step]] = []
+        for index, (n, decisions, firing) in enumerate(zip(notifications, decided, acting_of, strict=True)):
+            plan: list[_Step] = []
+            for d in decisions:
+                if not d.makes_run:
+                    plan.append((d, d.outcome, d.reason, None, None))
+                elif id(d) not in fresh_ids:
+                    plan.append((d, "repeat", d.reason, _alert_run(d, "skipped", d.reason), None))
+                elif d.outcome == "skip":
+                    plan.append((d, "skip", d.reason, _alert_run(d, "skipped", d.reason), None))
                 else:
-                    run = _alert_run(d, status, reason)
-                if outcome == "escalate":
-                    state.escalated(d, verdict.storm)
-                    escalation = _escalation(d, reason, verdict.storm, acting, tx.now)
-                plan.append((d, outcome, reason, run, escalation))
+                    plan.append(_decide(d, state, (index, n.truncated), waiting, firing, tx.now))
+            plans.append(plan)
 
-        new_runs = [r for _, _, _, run, esc in plan for r in (run, esc) if isinstance(r, NewRun)]
-        inserted = iter(tx.add_runs(event_id, new_runs, enqueued=True))
+        new_runs = [
+            (event_id, r)
+            for event_id, plan in zip(event_ids, plans, strict=True)
+            for _, _, _, run, esc in plan
+            for r in (run, esc)
+            if isinstance(r, NewRun)
+        ]
+        inserted = iter(tx.add_event_runs(new_runs, enqueued=True))
         recorded = []
-        for _, _, _, run, esc in plan:
-            for r in (run, esc):
-                if isinstance(r, _Reconsider):
-                    recorded.append(tx.reconsider_run(r.run_id, r.status, r.reason))
-                elif r is not None:
-                    recorded.append(next(inserted))
+        for plan in plans:
+            for _, _, _, run, esc in plan:
+                for r in (run, esc):
+                    if isinstance(r, _Reconsider):
+                        recorded.append(tx.reconsider_run(r.run_id, r.status, r.reason))
+                    elif r is not None:
+                        recorded.append(next(inserted))
         recorded = iter(recorded)
-        resolved_runs = tx.resolve_alert_runs((a.fingerprint, a.starts_at) for a in alerts if a.status == "resolved")
+        resolved = tx.resolve_alert_runs(
+            (a.fingerprint, a.starts_at) for n in notifications for a in n.alerts if a.status == "resolved"
+        )
 
+    results = []
+    for n, event_id, plan in zip(notifications, event_ids, plans, strict=True):
+        report, queued, all_runs = _report(plan, recorded)
+        # A run resolved by several notifications of the batch: the first one's.
+        mine = {(a.fingerprint, a.starts_at) for a in n.alerts if a.status == "resolved"}
+        resolved_runs = sorted(run_id for run_id, alert in resolved.items() if alert in mine)
+        for run_id in resolved_runs:
+            del resolved[run_id]
+        for alert in n.alerts:
+            metrics.ALERTS_RECEIVED.labels(alert.status).inc()
+        results.append((event_id, report, queued, all_runs, resolved_runs))
+
+    sent = set(enqueue_runs(app, runtime.ledger, [run_id for r in results for run_id in r[2]], marked=True))
+    intakes = []
+    for event_id, report, queued, all_runs, resolved_runs in results:
+        for run_id in resolved_runs:
+            request_report(app, run_id)
+        enqueued = [run_id for run_id in queued if run_id in sent]
+        intakes.append(AlertIntake(event_id, report, sorted(all_runs), enqueued, resolved_runs))
+    return intakes
+
+
+def _decide(
+    d: AlertDecision, state: _State, where: tuple[int, int], waiting: dict, firing: list[AlertDecision], now
+) -> _Step:
+    """A fresh firing that acts by its rule: the safety checks say whether it does.
+    `where`: its notification's place in the batch and truncated count."""
+    verdict = state.judge(d, *where)
+    outcome, reason, escalation = verdict.verdict, verdict.reason, None
+    if outcome == "act":
+        state.acted(d)
+    if outcome == "dry_run":
+        reason = f"dry run: would {d.playbook} {d.target or ''}".rstrip()
+    status = "queued" if outcome == "act" else "skipped"
+    if d.dedup_key in waiting:
+        run = _Reconsider(waiting[d.dedup_key].id, status, reason)
+    else:
+        run = _alert_run(d, status, reason)
+    if outcome == "escalate":
+        state.escalated(d, verdict.storm)
+        escalation = _escalation(d, reason, verdict.storm, firing, now)
+    return (d, outcome, reason, run, escalation)
+
+
+def _report(plan: list[_Step], recorded) -> tuple[list[dict], list[int], set[int]]:
+    """What one notification's alerts came to (the edge's answer), its runs to enqueue, all its runs; counts metrics."""
     report, queued, all_runs = [], [], set()
     for d, outcome, reason, run, escalation in plan:
         run_rec = next(recorded) if run is not None else None
@@ -249,9 +339,4 @@ def accept_alerts(app: Celery, *, alerts: list[Alert], truncated: int, summary: 
                 "escalation_run_id": esc_rec.id if esc_rec and esc_rec.created else None,
             }
         )
-    for alert in alerts:
-        metrics.ALERTS_RECEIVED.labels(alert.status).inc()
-    enqueued = enqueue_runs(app, runtime.ledger, queued, marked=True)
-    for run_id in resolved_runs:
-        request_report(app, run_id)
-    return AlertIntake(event_id, report, sorted(all_runs), enqueued, resolved_runs)
+    return report, queued, all_runs
