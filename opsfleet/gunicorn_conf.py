@@ -1,6 +1,6 @@
 """gunicorn settings for the web process (`gunicorn -c python:opsfleet.gunicorn_conf`).
 
-Bind address and worker count come from opsfleet.yaml's `web` section;
+Bind address, worker and thread counts come from opsfleet.yaml's `web` section;
 command-line options still override them.
 """
 
@@ -12,6 +12,10 @@ use_multiprocess_dir(_loaded.data_dir / "metrics")
 
 bind = f"{_loaded.config.web.host}:{_loaded.config.web.port}"
 workers = _loaded.config.web.workers
+# Threads, so that notifications arriving together wait in one process for one
+# group commit (webhooks.batching) instead of queueing for a worker each.
+worker_class = "gthread"
+threads = _loaded.config.web.threads
 # The edge answers in milliseconds; a request still open after this is stuck.
 timeout = 30
 graceful_timeout = 20

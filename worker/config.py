@@ -92,6 +92,8 @@ class WebSettings(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=1, le=65535)
     workers: int = Field(default=2, ge=1, le=64)
+    # Request threads per worker: their Alertmanager notifications share one commit (webhooks.batching).
+    threads: int = Field(default=8, ge=1, le=256)
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
 
 
