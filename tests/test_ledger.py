@@ -188,37 +188,52 @@ def test_prune_runs_keeps_a_count_and_never_touches_unfinished_runs(ledger):
 
 
 def test_an_older_ledger_is_upgraded_once_in_order(ledger, monkeypatch):
-    """The upgrade path a schema change after release takes: a ledger at version 1 gets each
-    later upgrade once, in order, recorded; a second start changes nothing."""
+    """The upgrade path a schema change after release takes: a ledger at the current version
+    gets each later upgrade once, in order, recorded; a second start changes nothing."""
     import sqlalchemy as sa
 
     from worker.adapters import ledger as ledger_module
 
-    assert ledger.migrate() == ledger_module.SCHEMA_VERSION == 1
+    base = ledger_module.SCHEMA_VERSION
+    assert ledger.migrate() == base
     applied = []
 
     def add_note_column(conn, dialect):
-        applied.append(2)
+        applied.append(base + 1)
         conn.execute(sa.text("ALTER TABLE runs ADD COLUMN upgrade_note VARCHAR(20) DEFAULT 'v2'"))
 
     def fill_it(conn, dialect):
-        applied.append(3)
+        applied.append(base + 2)
         conn.execute(sa.text("UPDATE runs SET upgrade_note = 'v3'"))
 
     run_id = ledger.record_event(source="t", summary="", body="", new_runs=[new_run()]).runs[0].id
-    monkeypatch.setattr(ledger_module, "SCHEMA_VERSION", 3)
-    monkeypatch.setattr(ledger_module, "UPGRADES", [(3, fill_it), (2, add_note_column)])
+    monkeypatch.setattr(ledger_module, "SCHEMA_VERSION", base + 2)
+    monkeypatch.setattr(
+        ledger_module, "UPGRADES", [*ledger_module.UPGRADES, (base + 2, fill_it), (base + 1, add_note_column)]
+    )
     try:
-        assert ledger.migrate() == 3 and applied == [2, 3]
-        assert ledger.migrate() == 3 and applied == [2, 3]  # once
+        assert ledger.migrate() == base + 2 and applied == [base + 1, base + 2]
+        assert ledger.migrate() == base + 2 and applied == [base + 1, base + 2]  # once
         with ledger._tx() as conn:
             assert conn.execute(sa.text("SELECT upgrade_note FROM runs WHERE id = :i"), {"i": run_id}).scalar() == "v3"
             versions = conn.execute(sa.text("SELECT version FROM opsfleet_schema ORDER BY version")).scalars().all()
-        assert versions == [1, 2, 3]
-        monkeypatch.setattr(ledger_module, "SCHEMA_VERSION", 2)
+        assert versions == [base, base + 1, base + 2]
+        monkeypatch.setattr(ledger_module, "SCHEMA_VERSION", base + 1)
         with pytest.raises(LedgerUnavailable, match="newer than this opsfleet"):
             ledger.migrate()  # an older opsfleet refuses a newer ledger
     finally:
         with ledger._tx() as conn:
             conn.execute(sa.text("ALTER TABLE runs DROP COLUMN upgrade_note"))
-            conn.execute(sa.text("DELETE FROM opsfleet_schema WHERE version > 1"))
+            conn.execute(sa.text(f"DELETE FROM opsfleet_schema WHERE version > {base}"))
+
+
+def test_a_version_1_ledger_gets_the_storm_breaker_index(ledger):
+    import sqlalchemy as sa
+
+    ledger.migrate()
+    with ledger._tx() as conn:  # what a ledger made by the first release looks like
+        conn.execute(sa.text("DROP INDEX runs_storm_escalations"))
+        conn.execute(sa.text("UPDATE opsfleet_schema SET version = 1"))
+    assert ledger.migrate() == 2
+    indexes = {index["name"] for index in sa.inspect(ledger.engine).get_indexes("runs")}
+    assert "runs_storm_escalations" in indexes
