@@ -153,7 +153,7 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="opsfleet-bench-storm-"))
     services = {f"svc-{i}": {"container": f"bench-svc-{i}-absent"} for i in range(ARGS.targets)}
     config = {
-        "web": {"workers": ARGS.web_workers},
+        "web": {"workers": ARGS.web_workers, "threads": ARGS.web_threads},
         "services": services,
         "remediation": {
             "defaults": {"cooldown_seconds": 3600, "storm": {"max_targets": 100000, "window_seconds": 300}},
@@ -181,9 +181,14 @@ def main() -> None:
         try:
             fleet.start()
             for mix, per_request in enumerate((1, 50)):
+                before = _intake_totals(fleet)
                 ours = run_wrk(
                     f"{fleet.url}/hooks/alertmanager", per_request, ARGS.alerts, ARGS.connections, folder, mix
                 )
+                after = _intake_totals(fleet)
+                ours["commits"] = after[0] - before[0]
+                ours["notifications"] = after[1] - before[1]
+                ours["commit_seconds"] = after[2] - before[2]
                 theirs = run_wrk(hook_url, per_request, ARGS.alerts, ARGS.connections, folder, mix)
                 rows.append((per_request, ours, theirs))
             time.sleep(3)
@@ -214,11 +219,34 @@ def main() -> None:
             f"{'':>10} {'ratio':>9} {ours['req_per_s'] / theirs['req_per_s']:>8.2f}x {'':>9} "
             f"{ours['p50_us'] / max(theirs['p50_us'], 1):>7.2f}x {ours['p99_us'] / max(theirs['p99_us'], 1):>7.2f}x"
         )
+    print("\nopsfleet's group commit (opsfleet_alert_intake_* metrics):")
+    for per_request, ours, _ in rows:
+        commits = max(ours["commits"], 1)
+        print(
+            f"{per_request:>7} al  {ours['commits']} commits, {ours['notifications'] / commits:.1f} notifications "
+            f"per commit, {ours['commit_seconds'] / commits * 1000:.1f} ms per commit"
+        )
     # Requests still in flight when wrk stopped are recorded but not counted by
     # wrk, so recorded may exceed accepted; lost is what was accepted and not recorded.
     lost = max(0, accepted - len(alert_runs))
     print(f"\naccepted alerts (202): {accepted}; recorded alert runs: {len(alert_runs)}; lost: {lost}")
     print(f"actions taken: {acted}; expected: {ARGS.targets} (one per target; the rest locked or cooling down)")
+
+
+def _intake_totals(fleet: Fleet) -> tuple[float, float, float]:
+    """(commits, notifications, seconds) so far, from the fleet's /metrics."""
+    import requests
+
+    text = requests.get(f"{fleet.url}/metrics", timeout=10).text
+    found = {}
+    for name in (
+        "opsfleet_alert_intake_batch_notifications_count",
+        "opsfleet_alert_intake_batch_notifications_sum",
+        "opsfleet_alert_intake_seconds_sum",
+    ):
+        match = re.search(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M)
+        found[name] = float(match.group(1)) if match else 0.0
+    return tuple(found.values())
 
 
 def _all_runs(fleet: Fleet) -> list[dict]:
@@ -243,6 +271,7 @@ if __name__ == "__main__":
     parser.add_argument("--alerts", type=int, default=10_000, help="alerts per payload mix (default 10000)")
     parser.add_argument("--targets", type=int, default=100, help="distinct services the alerts name")
     parser.add_argument("--connections", type=int, default=8)
-    parser.add_argument("--web-workers", type=int, default=4)
+    parser.add_argument("--web-workers", type=int, default=2, help="gunicorn workers (default 2, as configured)")
+    parser.add_argument("--web-threads", type=int, default=8, help="threads per gunicorn worker (default 8)")
     ARGS = parser.parse_args()
     main()

@@ -40,6 +40,17 @@ ALERT_HELD_BACK = Counter(
     "cap, dry_run, unknown_target, other.",
     ["outcome", "reason"],
 )
+# The edge's group commit: how many notifications shared a ledger transaction, and how long it took.
+ALERT_INTAKE_BATCH = Histogram(
+    "opsfleet_alert_intake_batch_notifications",
+    "Alertmanager notifications decided and committed in one ledger transaction.",
+    buckets=(1, 2, 4, 8, 16, 32, 64),
+)
+ALERT_INTAKE_SECONDS = Histogram(
+    "opsfleet_alert_intake_seconds",
+    "Time one group commit of Alertmanager notifications took (decide, record, enqueue).",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25),
+)
 RUNS_FINISHED = Counter("opsfleet_runs_total", "Runs that reached a final status.", ["trigger", "playbook", "status"])
 # Alert-triggered runs only, by the rule that decided them (rules are configured: bounded).
 REMEDIATIONS = Counter(

@@ -23,6 +23,7 @@ For Alertmanager notifications, per alert:
 
 from __future__ import annotations
 
+import time
 from bisect import bisect_right
 from collections import defaultdict
 from dataclasses import dataclass
@@ -198,6 +199,7 @@ def accept_alert_batch(app: Celery, notifications: list[AlertNotification]) -> l
     Returns one AlertIntake per notification, in order. Raises LedgerUnavailable
     (nothing of the batch recorded) when the ledger cannot take it.
     """
+    started = time.monotonic()
     runtime = app.opsfleet
     decided = [decide_alerts(n.alerts, runtime.config) for n in notifications]
     acting_of = [[d for d in decisions if d.makes_run] for decisions in decided]
@@ -280,6 +282,8 @@ def accept_alert_batch(app: Celery, notifications: list[AlertNotification]) -> l
             request_report(app, run_id)
         enqueued = [run_id for run_id in queued if run_id in sent]
         intakes.append(AlertIntake(event_id, report, sorted(all_runs), enqueued, resolved_runs))
+    metrics.ALERT_INTAKE_BATCH.observe(len(notifications))
+    metrics.ALERT_INTAKE_SECONDS.observe(time.monotonic() - started)
     return intakes
 
 
