@@ -227,13 +227,14 @@ def test_an_older_ledger_is_upgraded_once_in_order(ledger, monkeypatch):
             conn.execute(sa.text(f"DELETE FROM opsfleet_schema WHERE version > {base}"))
 
 
-def test_a_version_1_ledger_gets_the_storm_breaker_index(ledger):
+def test_a_version_1_ledger_gets_the_safety_checks_indexes(ledger):
     import sqlalchemy as sa
 
     ledger.migrate()
     with ledger._tx() as conn:  # what a ledger made by the first release looks like
         conn.execute(sa.text("DROP INDEX runs_storm_escalations"))
+        conn.execute(sa.text("DROP INDEX runs_alert_actions"))
         conn.execute(sa.text("UPDATE opsfleet_schema SET version = 1"))
     assert ledger.migrate() == 2
     indexes = {index["name"] for index in sa.inspect(ledger.engine).get_indexes("runs")}
-    assert "runs_storm_escalations" in indexes
+    assert {"runs_storm_escalations", "runs_alert_actions"} <= indexes
