@@ -350,3 +350,39 @@ def test_the_storm_breaker_counts_a_batch_in_order_as_when_its_notifications_cam
     assert [i.decisions[0]["outcome"] for i in batch] == ["skip"] + ["act"] * 9 + ["escalate", "skip"]
     assert batch[0].decisions[0]["reason"] == f"locked: run {earlier['alerts'][0]['run_id']} is working on this target"
     assert len(ledger.list_runs(status="queued")) == 11  # the first action, nine more and one escalation
+
+
+def test_intakes_of_subjects_that_fired_lately_share_the_rule_lock_and_a_new_subject_waits(tmp_path):
+    """PostgreSQL: the storm breaker's rule lock is exclusive only for an intake that brings a
+    subject new to the window; re-firings (a storm's bulk) decide in parallel."""
+    import threading
+
+    from tests.support.servers import shared_postgres_database
+    from worker.tasks.intake import accept_alert_batch
+
+    with shared_postgres_database() as url:
+        environ = {"ALERTMANAGER_TOKEN": TOKEN, "DATABASE_URL": url}
+        loaded = parse_config(
+            {**config(), "fleet": {"data_dir": str(tmp_path)}}, source="t", base_dir=tmp_path, environ=environ
+        )
+        app = create_app(loaded=loaded)
+        celery, ledger = app.extensions["opsfleet"].celery, app.extensions["opsfleet"].ledger
+        assert outcomes(post(app.test_client(), payload(alert("svc-1", "00000000000000k1")))) == ["act"]
+
+        def accept_in_thread(service, fingerprint):
+            done = threading.Event()
+            thread = threading.Thread(
+                target=lambda: (accept_alert_batch(celery, [notification(alert(service, fingerprint))]), done.set())
+            )
+            thread.start()
+            return done
+
+        with ledger.intake() as holder:
+            holder.lock([], ["rule:down"])  # another web process deciding re-firings of the rule
+            refiring = accept_in_thread("svc-1", "00000000000000k2")
+            assert refiring.wait(10), "a re-firing waited for a shared rule lock"
+            new_subject = accept_in_thread("svc-2", "00000000000000k3")
+            assert not new_subject.wait(1), "a subject new to the window did not wait to count alone"
+        assert new_subject.wait(10)
+        runs = sorted((r["target"], r["status"]) for r in ledger.list_runs())
+        assert runs == [("svc-1", "queued"), ("svc-1", "skipped"), ("svc-2", "queued")]  # the re-firing: locked

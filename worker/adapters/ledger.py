@@ -1006,6 +1006,10 @@ class Ledger:
             conn.execute(runs.update().where(runs.c.id == run_id).values(reported_status=status))
 
 
+def _lock_digest(key: str) -> int:
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big", signed=True)
+
+
 class IntakeTx:
     """Reads and writes of one intake transaction (see `Ledger.intake`).
 
@@ -1018,20 +1022,29 @@ class IntakeTx:
         self.conn = conn
         self.now = now
 
-    def lock(self, keys: Iterable[str]) -> None:
-        """Serialise intakes touching the same keys (targets). PostgreSQL:
+    def lock(self, keys: Iterable[str], shared: Iterable[str] = ()) -> None:
+        """Serialise intakes touching the same keys (targets, rules). PostgreSQL:
         transaction-scoped advisory locks, taken in sorted order so two intakes
-        cannot deadlock. SQLite needs nothing: BEGIN IMMEDIATE admits one writer."""
+        cannot deadlock; a key in `shared` (and not in `keys`) is taken in share
+        mode: share holders run together, an exclusive holder runs alone.
+        SQLite needs nothing: BEGIN IMMEDIATE admits one writer."""
         if self.ledger.dialect != "postgresql":
             return
-        digests = sorted(
-            {int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big", signed=True) for key in keys}
-        )
-        if digests:
-            # One round trip; the ORDER BY makes the lock order the sorted order.
+        modes: dict[int, bool] = {}  # digest → shared?
+        for key in shared:
+            modes[_lock_digest(key)] = True
+        for key in keys:
+            modes[_lock_digest(key)] = False
+        if modes:
+            digests = sorted(modes)
+            # One round trip. PostgreSQL evaluates the select list after the ORDER BY (SELECT's
+            # documentation: output expressions not referenced in it), so locks go in sorted order.
             self.conn.execute(
-                sa.text("SELECT pg_advisory_xact_lock(k) FROM unnest(CAST(:ks AS bigint[])) AS k ORDER BY k"),
-                {"ks": digests},
+                sa.text(
+                    "SELECT CASE WHEN s THEN pg_advisory_xact_lock_shared(k) ELSE pg_advisory_xact_lock(k) END"
+                    " FROM unnest(CAST(:ks AS bigint[]), CAST(:ss AS boolean[])) AS t(k, s) ORDER BY k"
+                ),
+                {"ks": digests, "ss": [modes[d] for d in digests]},
             )
 
     def add_event(self, *, source: str, summary: str, body: str, dedup_key: str | None = None) -> int:
@@ -1099,6 +1112,9 @@ class IntakeTx:
             if new.dedup_key is not None:
                 first[new.dedup_key] = new
             rows.append(self._values(event_id, new, enqueued))
+        # Keyed rows sorted by key: intakes that share a rule lock wait on each other's keys in
+        # one order (no deadlock). Unkeyed rows keep their order (their ids are matched by it).
+        rows.sort(key=lambda row: (row["dedup_key"] is None, row["dedup_key"] or ""))
         stmt = self.ledger._insert(runs).on_conflict_do_nothing(index_elements=["dedup_key"])
         inserted = {}
         for row in self.conn.execute(stmt.returning(runs.c.id, runs.c.dedup_key, runs.c.status), rows):
@@ -1207,7 +1223,8 @@ class IntakeTx:
 
     def touch_subjects(self, rule: str, subjects: Iterable[str]) -> None:
         """Record that these subjects (targets, or alerts without one) fired for the rule now."""
-        rows = [{"rule": rule, "subject": subject, "last_seen": self.now} for subject in set(subjects)]
+        # Sorted: intakes sharing a rule lock take these row locks in one order (no deadlock).
+        rows = [{"rule": rule, "subject": subject, "last_seen": self.now} for subject in sorted(set(subjects))]
         if not rows:
             return
         stmt = self.ledger._insert(alert_subjects)
@@ -1216,20 +1233,19 @@ class IntakeTx:
             rows,
         )
 
-    def subjects_seen(self, rule: str, subjects: Iterable[str], since: datetime) -> set[str]:
-        """Which of these subjects fired for the rule since `since`."""
+    def subjects_last_seen(self, rule: str, subjects: Iterable[str], since: datetime) -> dict[str, datetime]:
+        """subject → when it last fired for the rule, for those of these subjects seen since `since`."""
         wanted = list(set(subjects))
         if not wanted:
-            return set()
-        return set(
-            self.conn.execute(
-                sa.select(alert_subjects.c.subject).where(
-                    alert_subjects.c.rule == rule,
-                    alert_subjects.c.subject.in_(wanted),
-                    alert_subjects.c.last_seen >= since,
-                )
-            ).scalars()
+            return {}
+        rows = self.conn.execute(
+            sa.select(alert_subjects.c.subject, alert_subjects.c.last_seen).where(
+                alert_subjects.c.rule == rule,
+                alert_subjects.c.subject.in_(wanted),
+                alert_subjects.c.last_seen >= since,
+            )
         )
+        return dict(rows.all())
 
     def count_subjects(self, rule: str, since: datetime) -> int:
         return self.conn.execute(

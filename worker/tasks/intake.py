@@ -27,6 +27,7 @@ import time
 from bisect import bisect_right
 from collections import defaultdict
 from dataclasses import dataclass
+from datetime import timedelta
 
 from celery import Celery
 
@@ -126,7 +127,7 @@ class _State:
     the batch and those of notifications 0..k (its whole group, as when alone),
     never those of notifications after it."""
 
-    def __init__(self, tx: IntakeTx, new: list[tuple[int, AlertDecision]]):
+    def __init__(self, tx: IntakeTx, new: list[tuple[int, AlertDecision]], last_seen: dict[str, dict]):
         self.tx = tx
         targets = {d.target for _, d in new if d.target}
         self.active = tx.active_runs(targets)
@@ -142,11 +143,10 @@ class _State:
             since = tx.now - policy.storm_window
             subjects = {d.subject for _, d in pairs}
             first: dict[str, int] = {}
-            if len({index for index, _ in pairs}) > 1:  # one query more, only for a batch
-                seen = tx.subjects_seen(rule, subjects, since)
-                for index, d in pairs:
-                    if d.subject not in seen:
-                        first.setdefault(d.subject, index)
+            seen = {subject for subject, at in last_seen.get(rule, {}).items() if at >= since}
+            for index, d in pairs:
+                if d.subject not in seen:
+                    first.setdefault(d.subject, index)
             self.later[rule] = sorted(first.values())
             tx.touch_subjects(rule, subjects)
             self.rules[rule] = RuleState(tx.count_subjects(rule, since), 0, tx.storm_escalated(rule, since))
@@ -177,6 +177,46 @@ class _State:
             facts["escalated_in_cap_window"] = True
 
 
+class _RuleLocks:
+    """Which rules an intake locks alone and which it shares, and what it read to decide.
+
+    The storm breaker counts a rule's distinct subjects in its window, so an intake
+    bringing a subject new to the window must count alone (exclusive lock). One whose
+    subjects all fired lately changes no count: intakes like it share the lock and
+    decide in parallel (a storm's alerts are mostly such re-firings). "Lately" keeps a
+    margin, so that no subject of a shared intake leaves the window while it decides.
+    """
+
+    def __init__(self, tx: IntakeTx, acting: list[AlertDecision]):
+        self.subjects: dict[str, set[str]] = defaultdict(set)
+        self.windows: dict[str, timedelta] = {}
+        for d in acting:
+            if d.outcome == "act" and d.rule:
+                self.subjects[d.rule].add(d.subject)
+                self.windows[d.rule] = d.policy.storm_window
+        self.last_seen: dict[str, dict] = {}  # rule → subject → when it last fired (within the window)
+        self.alone: list[str] = []
+        self.shared: list[str] = []
+        for rule, subjects in self.subjects.items():
+            window = self.windows[rule]
+            self.last_seen[rule] = tx.subjects_last_seen(rule, subjects, tx.now - window)
+            lately = tx.now - window + min(SHARE_MARGIN, window / 10)
+            recent = all(self.last_seen[rule].get(subject, lately) > lately for subject in subjects)
+            (self.shared if recent else self.alone).append(rule)
+
+    def keys(self) -> tuple[list[str], list[str]]:
+        return [f"rule:{rule}" for rule in self.alone], [f"rule:{rule}" for rule in self.shared]
+
+    def read_again(self, tx: IntakeTx) -> None:
+        """Once locked alone: what intakes that held the lock before brought (a batch
+        counts its notifications in order from it)."""
+        for rule in self.alone:
+            self.last_seen[rule] = tx.subjects_last_seen(rule, self.subjects[rule], tx.now - self.windows[rule])
+
+
+SHARE_MARGIN = timedelta(seconds=30)
+
+
 # A firing skipped for one of these reasons is decided again when Alertmanager
 # sends it again: the lock or the cooldown may have passed since.
 PASSING_SKIPS = ("locked:", "cooldown:")
@@ -205,13 +245,14 @@ def accept_alert_batch(app: Celery, notifications: list[AlertNotification]) -> l
     acting_of = [[d for d in decisions if d.makes_run] for decisions in decided]
     acting = [d for ds in acting_of for d in ds]
     with runtime.ledger.intake() as tx:
-        # Per target and per rule: two intakes about one target never decide at once, and
-        # the storm breaker of a rule counts every subject its concurrent intakes bring.
-        tx.lock(
-            [f"target:{d.target}" for d in acting if d.target]
-            + [f"rule:{d.rule}" for d in acting if d.outcome == "act" and d.rule]
-        )
         event_ids = tx.add_events("alertmanager", [(n.summary, n.body) for n in notifications])
+        rules = _RuleLocks(tx, acting)
+        alone, shared = rules.keys()
+        # Per target: two intakes about one target never decide at once. Per rule: the storm
+        # breaker counts every subject concurrent intakes bring (see _RuleLocks).
+        tx.lock([f"target:{d.target}" for d in acting if d.target] + alone, shared)
+        if len(notifications) > 1:
+            rules.read_again(tx)
         known = tx.existing_runs(d.dedup_key for d in acting)
         waiting = {
             key: row for key, row in known.items() if row.status == "skipped" and row.reason.startswith(PASSING_SKIPS)
@@ -225,7 +266,7 @@ def accept_alert_batch(app: Celery, notifications: list[AlertNotification]) -> l
                     fresh.append((index, d))
                     seen.add(d.dedup_key)
         fresh_ids = {id(d) for _, d in fresh}
-        state = _State(tx, [(index, d) for index, d in fresh if d.outcome == "act"])
+        state = _State(tx, [(index, d) for index, d in fresh if d.outcome == "act"], rules.last_seen)
 
         # Decide in order; collect the runs to write in one statement.
         plans: list[list[_Step]] = []
