@@ -104,11 +104,24 @@ def test_the_embedded_broker_never_shows_a_reader_half_a_message(tmp_path):
 def test_an_unreadable_message_file_is_dropped_and_the_next_one_delivered(tmp_path, caplog, content):
     _, app = app_for(tmp_path)
     queue = f"t-bad-{len(content)}"  # kombu keeps declared bindings per process: one queue per case
-    (tmp_path / "broker" / "queue" / f"1_00000000-0000-0000-0000-000000000000.{queue}.msg").write_bytes(content)
+    # Named to sort before any message put now, so it is read first.
+    (tmp_path / "broker" / "queue" / f"{0:015d}_00000000-0000-0000-0000-000000000000.{queue}.msg").write_bytes(content)
     with app.connection_for_write() as conn, conn.SimpleQueue(queue) as q:
         q.put({"n": 7})
     assert _drain(app, queue, 1, timeout=20) == [7]
     assert f"dropped an unreadable message of queue {queue}" in caplog.text
+
+
+def test_messages_are_served_in_order_across_a_power_of_ten_of_the_uptime(tmp_path, monkeypatch):
+    """kombu sorts message names as text; its names start with the uptime in milliseconds."""
+    from worker.adapters import file_broker
+
+    _, app = app_for(tmp_path)
+    with app.connection_for_write() as conn, conn.SimpleQueue("t-order") as q:
+        for n, uptime in ((1, 999.999), (2, 1000.0)):
+            monkeypatch.setattr(file_broker, "monotonic", lambda uptime=uptime: uptime)
+            q.put({"n": n})
+    assert _drain(app, "t-order", 2, timeout=20) == [1, 2]
 
 
 def test_an_exchange_table_is_never_read_half_written(tmp_path):

@@ -27,8 +27,10 @@ log = logging.getLogger("opsfleet.broker")
 
 class Channel(kombu_filesystem.Channel):
     def _put(self, queue, payload, **kwargs):
-        # The name kombu gives a message (its readers sort and filter on it).
-        name = f"{int(round(monotonic() * 1000))}_{uuid.uuid4()}.{queue}.msg"
+        # The name kombu gives a message (its readers sort and filter on it), with the
+        # milliseconds zero-padded: kombu sorts names as text, and unpadded, 1000000_ sorts
+        # before 999999_ (each power of ten of the uptime would serve newer messages first).
+        name = f"{int(round(monotonic() * 1000)):015d}_{uuid.uuid4()}.{queue}.msg"
         final = os.path.join(self.data_folder_out, name)
         partial = os.path.join(self.data_folder_out, f".{name}.partial")  # never matches `<queue>.msg`
         try:
