@@ -1247,18 +1247,13 @@ class IntakeTx:
         )
         return dict(rows.all())
 
-    def count_subjects(self, rule: str, since: datetime) -> int:
-        return self.conn.execute(
-            sa.select(sa.func.count()).where(alert_subjects.c.rule == rule, alert_subjects.c.last_seen >= since)
-        ).scalar_one()
-
-    def storm_escalated(self, rule: str, since: datetime) -> bool:
-        return (
-            self.conn.execute(
-                sa.select(sa.func.count()).where(runs.c.rule == rule, STORM_ESCALATIONS, runs.c.created_at >= since)
-            ).scalar_one()
-            > 0
-        )
+    def storm_window(self, rule: str, since: datetime) -> tuple[int, bool]:
+        """What the storm breaker reads, in one statement: the rule's distinct subjects seen
+        since `since`, and whether it escalated a storm since then."""
+        subjects = sa.select(sa.func.count()).where(alert_subjects.c.rule == rule, alert_subjects.c.last_seen >= since)
+        storms = sa.select(sa.func.count()).where(runs.c.rule == rule, STORM_ESCALATIONS, runs.c.created_at >= since)
+        row = self.conn.execute(sa.select(subjects.scalar_subquery(), storms.scalar_subquery())).one()
+        return row[0], row[1] > 0
 
     def resolve_alert_runs(self, alerts: Iterable[tuple[str, str]]) -> dict[int, tuple[str, str]]:
         """Mark the runs answering these (fingerprint, startsAt) firings resolved;

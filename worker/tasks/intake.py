@@ -149,7 +149,8 @@ class _State:
                     first.setdefault(d.subject, index)
             self.later[rule] = sorted(first.values())
             tx.touch_subjects(rule, subjects)
-            self.rules[rule] = RuleState(tx.count_subjects(rule, since), 0, tx.storm_escalated(rule, since))
+            in_window, escalated = tx.storm_window(rule, since)
+            self.rules[rule] = RuleState(in_window, 0, escalated)
             found = tx.rule_history(rule, {d.target for _, d in pairs if d.target}, tx.now - policy.cap_window)
             for target, facts in found.items():
                 self.history[(rule, target)] = facts
