@@ -105,6 +105,52 @@ def test_a_ledger_that_is_down_fails_every_request_of_the_batch_without_retrying
     assert len(accept.batches) == 2
 
 
+def test_a_batch_never_weighs_more_than_the_limit_and_a_heavier_item_goes_alone():
+    accept = Recorder()
+    batcher = IntakeBatcher(accept, weight=len, max_weight=10)
+    _, first_threads = submit_in_threads(batcher, ["a"])
+    assert accept.entered.wait(10)
+    # Queued in this order: 4 + 4 fit, the 5 would make 13 and waits; then 12 alone.
+    results, threads = [], []
+    for item in ("aaaa", "bbbb", "ccccc", "d" * 12):
+        got, started = submit_in_threads(batcher, [item])
+        queued(batcher, len(threads) + 1)
+        results.append(got)
+        threads += started
+    accept.release.set()
+    for thread in first_threads + threads:
+        thread.join(10)
+    assert accept.batches[1:] == [["aaaa", "bbbb"], ["ccccc"], ["d" * 12]]
+    assert all(list(got.values())[0].startswith("done") for got in results)
+
+
+def test_while_a_commit_hangs_new_requests_are_refused_at_once():
+    accept = Recorder()
+    batcher = IntakeBatcher(accept, wait_seconds=30, stalled_seconds=0.3)
+    _, first_threads = submit_in_threads(batcher, ["a"])
+    assert accept.entered.wait(10)
+    time.sleep(0.4)
+    with pytest.raises(IntakeTimeout, match="has not finished a commit for"):
+        batcher.submit("b")
+    assert batcher._queue.qsize() == 0  # refused, not queued
+    accept.release.set()
+    for thread in first_threads:
+        thread.join(10)
+    assert batcher.submit("c") == "done c"
+
+
+def test_the_wait_counts_from_the_request_s_arrival():
+    accept = Recorder()
+    batcher = IntakeBatcher(accept, wait_seconds=5)
+    _, first_threads = submit_in_threads(batcher, ["a"])
+    assert accept.entered.wait(10)
+    with pytest.raises(IntakeTimeout, match="not confirmed within 5 s"):
+        batcher.submit("late", arrived=time.monotonic() - 5)  # waited 5 s for a request thread already
+    accept.release.set()
+    for thread in first_threads:
+        thread.join(10)
+
+
 def test_a_request_that_gave_up_waiting_is_never_committed_afterwards():
     accept = Recorder()
     batcher = IntakeBatcher(accept, wait_seconds=0.2)

@@ -9,6 +9,7 @@ with the reason for a body it sent wrong (sending again would not help);
 from __future__ import annotations
 
 import json
+import logging
 from datetime import datetime
 from typing import Annotated, Literal
 
@@ -24,6 +25,7 @@ from worker.decide import Alert
 from worker.tasks.intake import AlertNotification
 
 bp = Blueprint("alertmanager", __name__)
+log = logging.getLogger("opsfleet.web")
 
 # RFC 3339 as Alertmanager writes it (nanoseconds, Z or an offset).
 _RFC3339 = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]\d{2}:\d{2})$"
@@ -147,13 +149,14 @@ def receive():
         state.ensure_schema()
         # Committed with the notifications that arrive with it (webhooks.batching).
         intake = state.alert_intake.submit(
-            AlertNotification(alerts, payload.truncatedAlerts, summary, body.decode("utf-8"))
+            AlertNotification(alerts, payload.truncatedAlerts, summary, body.decode("utf-8")), arrived=g.started
         )
     except LedgerUnavailable:
         response = error(503, "ledger unavailable: not recorded, send again")
         response.headers["Retry-After"] = "5"
         return response
     except IntakeTimeout as err:
+        log.warning("alert notification answered 503: %s", err)
         response = error(503, f"{err}: send again (a resend is a repeat, never a second action)")
         response.headers["Retry-After"] = "5"
         return response

@@ -90,7 +90,11 @@ def create_app(config_path: str | None = None, *, loaded: LoadedConfig | None = 
     app.config["MAX_CONTENT_LENGTH"] = loaded.config.web.max_body_bytes
     app.json.sort_keys = False
     state = Edge(loaded, create_celery(loaded, include_tasks=False))
-    state.alert_intake = IntakeBatcher(partial(accept_alert_batch, state.celery))
+    # Weighed in alerts: a batch never needs more statement parameters than the largest
+    # notification a 1 MiB body can hold (about 7,700 alerts).
+    state.alert_intake = IntakeBatcher(
+        partial(accept_alert_batch, state.celery), weight=lambda n: len(n.alerts), max_weight=10_000
+    )
     app.extensions["opsfleet"] = state
     try:
         state.ensure_schema()

@@ -11,7 +11,9 @@ so 2xx still means "in the ledger".
 
 One notification that makes the transaction fail does not fail the others:
 the batch is retried one by one. A ledger that is down fails every request of
-the batch with LedgerUnavailable (each answers 503, Alertmanager sends again).
+the batch with LedgerUnavailable (each answers 503, Alertmanager sends again);
+one that hangs answers 503 within `wait_seconds` of the request's arrival, and
+at once while a commit has been stuck for `stalled_seconds`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
@@ -65,26 +68,52 @@ class _Job(Generic[Item, Result]):
 class IntakeBatcher(Generic[Item, Result]):
     """`accept(items) -> results` (one per item, in order) run on one committer thread.
 
+    A batch holds at most `max_batch` items and `max_weight` of their weight (an item
+    heavier than that goes alone): a batch must not need more of the ledger than the
+    largest single item (PostgreSQL takes at most 65,535 parameters per statement).
+
     The thread starts on the first `submit` in each process (gunicorn forks
     after the app is made; a thread does not survive a fork).
     """
 
-    def __init__(self, accept: Callable[[list[Item]], list[Result]], *, max_batch: int = 64, wait_seconds: float = 25):
+    def __init__(
+        self,
+        accept: Callable[[list[Item]], list[Result]],
+        *,
+        weight: Callable[[Item], int] = lambda item: 1,
+        max_weight: int = 10_000,
+        max_batch: int = 64,
+        wait_seconds: float = 10,
+        stalled_seconds: float = 5,
+    ):
         self._accept = accept
+        self._weight = weight
+        self._max_weight = max_weight
         self._max_batch = max_batch
         self._wait_seconds = wait_seconds
+        self._stalled_seconds = stalled_seconds
         self._queue: queue.SimpleQueue[_Job] = queue.SimpleQueue()
         self._start_guard = threading.Lock()
         self._pid: int | None = None
+        self._commit_began: float | None = None  # monotonic; None between commits
 
-    def submit(self, item: Item) -> Result:
-        """Accept `item` with whatever else is waiting; raise what accepting it raised."""
+    def submit(self, item: Item, arrived: float | None = None) -> Result:
+        """Accept `item` with whatever else is waiting; raise what accepting it raised.
+
+        `arrived` (time.monotonic() when the request came in): the wait counts from it.
+        While a commit has been running for more than `stalled_seconds` (the ledger hangs),
+        a new item is refused at once instead of tying up a request thread, so the health
+        endpoints still get one."""
         self._ensure_committer()
+        began = self._commit_began
+        if began is not None and time.monotonic() - began > self._stalled_seconds:
+            raise IntakeTimeout(f"the ledger has not finished a commit for {time.monotonic() - began:.0f} s")
+        deadline = (arrived if arrived is not None else time.monotonic()) + self._wait_seconds
         job: _Job[Item, Result] = _Job(item)
         self._queue.put(job)
-        # Not done in time: a job never taken is never committed; one taken gets a
-        # few more seconds. Either way a 5xx is safe: the resend is a repeat, not a second run.
-        if not job.done.wait(self._wait_seconds) and (job.abandon() or not job.done.wait(5)):
+        # Not done in time: a job never taken is never committed; one taken may still be, and
+        # the resend is then a repeat, not a second run. Either way 5xx is the safe answer.
+        if not job.done.wait(max(0.0, deadline - time.monotonic())) and (job.abandon() or not job.done.is_set()):
             raise IntakeTimeout(f"not confirmed within {self._wait_seconds:g} s (the ledger is slow or locked)")
         if job.error is not None:
             raise job.error
@@ -100,21 +129,34 @@ class IntakeBatcher(Generic[Item, Result]):
                 self._pid = os.getpid()
 
     def _run(self, jobs: queue.SimpleQueue[_Job]) -> None:
+        carried: _Job | None = None  # taken off the queue, but over the last batch's weight
         while True:
-            batch = [jobs.get()]
+            batch = [carried if carried is not None else jobs.get()]
+            carried = None
+            weight = self._weight(batch[0].item)
             while len(batch) < self._max_batch:
                 try:
-                    batch.append(jobs.get_nowait())
+                    job = jobs.get_nowait()
                 except queue.Empty:
                     break
+                if weight + self._weight(job.item) > self._max_weight:
+                    carried = job
+                    break
+                batch.append(job)
+                weight += self._weight(job.item)
             taken = [job for job in batch if job.take()]
             if taken:
-                self._commit(taken)
+                self._commit_began = time.monotonic()
+                try:
+                    self._commit(taken)
+                finally:
+                    self._commit_began = None
 
     def _commit(self, batch: list[_Job]) -> None:
         try:
             results = self._accept([job.item for job in batch])
         except LedgerUnavailable as err:
+            log.warning("ledger unavailable: %d notification(s) not recorded, each answered 503: %s", len(batch), err)
             for job in batch:
                 job.error = err
                 job.done.set()
