@@ -386,3 +386,22 @@ def test_intakes_of_subjects_that_fired_lately_share_the_rule_lock_and_a_new_sub
         assert new_subject.wait(10)
         runs = sorted((r["target"], r["status"]) for r in ledger.list_runs())
         assert runs == [("svc-1", "queued"), ("svc-1", "skipped"), ("svc-2", "queued")]  # the re-firing: locked
+
+
+def test_a_storm_on_a_rule_that_pages_is_escalated_once_like_any_other(edge):
+    """The rule's own runs are escalations without a target too; the storm's is still told apart."""
+    raw = config()
+    raw["remediation"]["defaults"]["storm"] = {"max_targets": 3, "window_seconds": 300}
+    raw["remediation"]["rules"].insert(
+        0, {"name": "db-down", "match": ['alertname="DatabaseConnectionFailure"'], "playbook": "escalate"}
+    )
+    client, ledger = edge(raw)
+
+    def db_alert(fingerprint):
+        return alert("api", fingerprint, alertname="DatabaseConnectionFailure")
+
+    assert outcomes(post(client, payload(db_alert("00000000000000m1"), db_alert("00000000000000m2")))) == ["act"] * 2
+    storm = post(client, payload(*(db_alert(f"00000000000000n{i}") for i in range(3))))
+    assert outcomes(storm) == ["escalate", "skip", "skip"]
+    summary = ledger.get_run(storm["alerts"][0]["escalation_run_id"])
+    assert summary["params"]["storm"] is True and summary["target"] is None

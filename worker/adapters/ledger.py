@@ -138,7 +138,9 @@ runs = sa.Table(
 # The storm breaker asks on every intake whether the rule escalated a storm lately; without
 # this index that reads every run of the rule in the window (a storm's thousands of skips).
 # The predicate is literal SQL so that generic (prepared) plans can use the index too.
-STORM_ESCALATIONS = sa.text("playbook = 'escalate' AND target IS NULL")
+# A storm's escalation: no target, and its own dedup key ("escalate:<rule>:*storm*:<window>"),
+# which tells it from the runs of a rule whose playbook is escalate (keys "alert:...").
+STORM_ESCALATIONS = sa.text("playbook = 'escalate' AND target IS NULL AND dedup_key LIKE 'escalate:%'")
 runs_storm_escalations = sa.Index(
     "runs_storm_escalations",
     runs.c.rule,
