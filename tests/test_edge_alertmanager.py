@@ -158,6 +158,7 @@ BAD = [
         "NaN is not a JSON number",
     ),
     (AUTH, b'{"version": "4", "x": -Infinity}', 400, "-Infinity is not a JSON number"),
+    (AUTH, b'{"version": "4", "x": ' + b"9" * 5000 + b"}", 400, "a number has 5000 digits (at most 4300 accepted)"),
     (AUTH, b'{"version": "4", "alerts": "x"}', 400, "not an Alertmanager version 4 payload"),
     (AUTH, fixture("firing-single.json").replace(b'"version":"4"', b'"version":"3"'), 400, "unsupported"),
     (AUTH, fixture("firing-single.json").replace(b'"severity":"warning"', b'"severity":5'), 400, "labels"),

@@ -97,6 +97,13 @@ def _no_constant(name: str):
     raise ValueError(f"{name} is not a JSON number")
 
 
+def _bounded_int(text: str) -> int:
+    # Python refuses to convert more than 4,300 digits, with advice meant for programmers.
+    if len(text.lstrip("-")) > 4300:
+        raise ValueError(f"a number has {len(text.lstrip('-'))} digits (at most 4300 accepted)")
+    return int(text)
+
+
 def parse_json_body(body: bytes):
     """(data, None) or (None, reason): UTF-8 JSON that a ledger can store."""
     try:
@@ -104,7 +111,7 @@ def parse_json_body(body: bytes):
     except UnicodeDecodeError as err:
         return None, f"body is not UTF-8 (byte {err.start})"
     try:
-        data = json.loads(text, parse_constant=_no_constant)
+        data = json.loads(text, parse_constant=_no_constant, parse_int=_bounded_int)
     except ValueError as err:
         return None, f"body is not JSON: {err}"
     except RecursionError:
