@@ -259,7 +259,13 @@ def run(ctx: click.Context, port: int | None, host: str | None) -> None:
         )
         + f"  status page: {base}/\n"
         f"  runs:    {_opsfleet_command()}{_config_flag(loaded)} runs   or   GET {base}/api/runs\n"
-        f"  health:  {base}/healthz  {base}/readyz   metrics: {base}/metrics\n"
+        + (
+            # The ledger's address is in this process's environment only; the CLI reads the same.
+            "           (the command reads the ledger of DATABASE_URL: set it as for this fleet)\n"
+            if loaded.secrets.get("DATABASE_URL")
+            else ""
+        )
+        + f"  health:  {base}/healthz  {base}/readyz   metrics: {base}/metrics\n"
         f"Ctrl-C stops web, worker and beat."
     )
     for warning in config_warnings(loaded.config, loaded.secrets):
