@@ -132,7 +132,8 @@ def test_five_alerts_for_a_target_being_worked_on_make_one_run(edge):
 def test_same_target_twice_in_one_group_acts_once(edge):
     client, ledger = edge(config())
     answer = post(client, payload(alert("api", "00000000000000a1"), alert("api", "00000000000000a2")))
-    assert outcomes(answer) == ["act", "skip"] and "locked" in answer["alerts"][1]["reason"]
+    assert outcomes(answer) == ["act", "skip"]
+    assert answer["alerts"][1]["reason"] == f"locked: run {answer['alerts'][0]['run_id']} is working on this target"
 
 
 def test_firing_then_resolved_is_one_action_and_marks_the_run_resolved(edge):
@@ -292,7 +293,9 @@ def test_notifications_committed_together_are_decided_as_if_one_after_another(ed
     run_id = first.decisions[0]["run_id"]
     assert [i.decisions[0]["outcome"] for i in (first, twin, other, resolved)] == ["act", "repeat", "skip", "ignore"]
     assert twin.decisions[0]["run_id"] == run_id and first.enqueued == [run_id] and twin.enqueued == []
-    assert other.decisions[0]["reason"] == "locked: an alert received with this one is working on this target"
+    # Decided before that run had an id; named once it has one, in the answer and the ledger.
+    assert other.decisions[0]["reason"] == f"locked: run {run_id} is working on this target"
+    assert ledger.get_run(other.decisions[0]["run_id"])["reason"] == other.decisions[0]["reason"]
     assert resolved.resolved_runs == [run_id] and first.resolved_runs == []
     assert len({i.event_id for i in (first, twin, other, resolved)}) == 4
     run = ledger.get_run(run_id)

@@ -56,6 +56,9 @@ class RuleState:
     storm_escalated: bool = False
 
 
+LOCKED_BY_A_NEIGHBOUR = "locked: an alert received with this one is working on this target"
+
+
 @dataclass(frozen=True)
 class Decision:
     verdict: Verdict
@@ -83,9 +86,11 @@ def judge(policy: Policy, rule: RuleState, target: TargetState, now: datetime) -
             return Decision("escalate", why + ", escalated", storm=True)
         return Decision("skip", why, storm=True)
     if target.active_run is not None:
-        # A run id not written yet (an earlier alert of the same notification) is 0.
-        who = f"run {target.active_run}" if target.active_run > 0 else "an alert received with this one"
-        return Decision("skip", f"locked: {who} is working on this target")
+        # A run id not written yet (an alert decided just before, in the same transaction) is 0;
+        # the intake names that run once it is written.
+        if target.active_run == 0:
+            return Decision("skip", LOCKED_BY_A_NEIGHBOUR)
+        return Decision("skip", f"locked: run {target.active_run} is working on this target")
     if target.last_action_at is not None and now - target.last_action_at < policy.cooldown:
         left = policy.cooldown - (now - target.last_action_at)
         return Decision("skip", f"cooldown: acted {_human(now - target.last_action_at)} ago, {_human(left)} left")

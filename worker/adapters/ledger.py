@@ -1162,6 +1162,15 @@ class IntakeTx:
         )
         return {row.dedup_key: row for row in rows}
 
+    def set_reasons(self, reasons: dict[int, str]) -> None:
+        """run id → its new reason, in one statement."""
+        if reasons:
+            self.conn.execute(
+                runs.update()
+                .where(runs.c.id.in_(list(reasons)))
+                .values(reason=sa.case(reasons, value=runs.c.id, else_=runs.c.reason))
+            )
+
     def reconsider_run(self, run_id: int, status: str, reason: str) -> RecordedRun:
         """A firing skipped for a passing reason (a lock, a cooldown), decided again
         on a later notification: the same run, now queued or skipped anew."""

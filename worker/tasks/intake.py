@@ -34,7 +34,7 @@ from celery import Celery
 from worker.adapters import metrics
 from worker.adapters.ledger import IntakeTx, NewRun
 from worker.decide import Alert, AlertDecision, decide_alerts
-from worker.safety import RuleState, TargetState, judge, reason_kind
+from worker.safety import LOCKED_BY_A_NEIGHBOUR, RuleState, TargetState, judge, reason_kind
 from worker.tasks.runs import enqueue_runs, request_report
 
 
@@ -300,6 +300,7 @@ def accept_alert_batch(app: Celery, notifications: list[AlertNotification]) -> l
                         recorded.append(tx.reconsider_run(r.run_id, r.status, r.reason))
                     elif r is not None:
                         recorded.append(next(inserted))
+        _name_the_lockers(tx, plans, recorded)
         recorded = iter(recorded)
         resolved = tx.resolve_alert_runs(
             (a.fingerprint, a.starts_at) for n in notifications for a in n.alerts if a.status == "resolved"
@@ -327,6 +328,32 @@ def accept_alert_batch(app: Celery, notifications: list[AlertNotification]) -> l
     metrics.ALERT_INTAKE_BATCH.observe(len(notifications))
     metrics.ALERT_INTAKE_SECONDS.observe(time.monotonic() - started)
     return intakes
+
+
+def _name_the_lockers(tx: IntakeTx, plans: list[list[_Step]], recorded: list) -> None:
+    """A firing locked out by an alert decided just before it in this transaction was
+    told 'an alert received with this one' (that run had no id yet). Now it has one:
+    the reason names it, in the ledger and in the answer."""
+    lockers: dict[str, int] = {}  # target → the run acting on it
+    renamed: dict[int, str] = {}
+    position = 0
+    for plan in plans:
+        for i, (d, outcome, reason, run, esc) in enumerate(plan):
+            rec = recorded[position] if run is not None else None
+            position += (run is not None) + (esc is not None)
+            if rec is None or not d.target:
+                continue
+            if outcome == "act":
+                lockers.setdefault(d.target, rec.id)
+            elif (
+                reason == LOCKED_BY_A_NEIGHBOUR
+                and d.target in lockers
+                and (rec.created or isinstance(run, _Reconsider))
+            ):
+                named = f"locked: run {lockers[d.target]} is working on this target"
+                renamed[rec.id] = named
+                plan[i] = (d, outcome, named, run, esc)
+    tx.set_reasons(renamed)
 
 
 def _decide(
