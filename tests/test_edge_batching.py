@@ -163,3 +163,38 @@ def test_a_request_that_gave_up_waiting_is_never_committed_afterwards():
         thread.join(10)
     assert batcher.submit("next") == "done next"
     assert "late" not in [item for batch in accept.batches for item in batch]
+
+
+class Recorded(Exception):
+    """Stands for worker.tasks.intake.AlertsCommitted: the batch is in the ledger already."""
+
+
+def test_a_batch_that_failed_after_it_was_recorded_is_not_accepted_again_one_by_one():
+    def fail(items):
+        if len(items) > 1:
+            raise Recorded("answering failed after the commit")
+
+    accept = Recorder(fail)
+    batcher = IntakeBatcher(accept, final=(Recorded,))
+    _, first_threads = submit_in_threads(batcher, ["a"])
+    assert accept.entered.wait(10)
+    results, threads = submit_in_threads(batcher, ["b", "c"])
+    queued(batcher, 2)
+    accept.release.set()
+    for thread in first_threads + threads:
+        thread.join(10)
+    assert all(isinstance(answer, Recorded) for answer in results.values())
+    assert len(accept.batches) == 2  # no third and fourth call, one per item
+
+
+def test_the_committer_survives_a_bug_in_accept_and_serves_the_next_request():
+    calls = []
+
+    def accept(items):
+        calls.append(items)
+        return [] if len(calls) == 1 else [f"done {item}" for item in items]  # first: one result short
+
+    batcher = IntakeBatcher(accept)
+    with pytest.raises(ValueError):
+        batcher.submit("a")
+    assert batcher.submit("b") == "done b"

@@ -238,3 +238,18 @@ def test_a_version_1_ledger_gets_the_safety_checks_indexes(ledger):
     assert ledger.migrate() == 2
     indexes = {index["name"] for index in sa.inspect(ledger.engine).get_indexes("runs")}
     assert {"runs_storm_escalations", "runs_alert_actions"} <= indexes
+
+
+def test_a_subject_s_last_firing_never_moves_back_in_time(ledger):
+    """An intake that began earlier may commit later: it must not take a subject out of the
+    storm window that a later intake put it in."""
+    now = utcnow()
+    with ledger.intake() as tx:
+        tx.now = now
+        tx.touch_subjects("down", ["svc-1"])
+    with ledger.intake() as tx:
+        tx.now = now - timedelta(minutes=10)  # began long before, committed now
+        tx.touch_subjects("down", ["svc-1", "svc-2"])
+    with ledger.intake() as tx:
+        seen = tx.subjects_last_seen("down", ["svc-1", "svc-2"], now - timedelta(minutes=20))
+    assert seen["svc-1"] == now and seen["svc-2"] == now - timedelta(minutes=10)

@@ -408,3 +408,47 @@ def test_a_storm_on_a_rule_that_pages_is_escalated_once_like_any_other(edge):
     assert outcomes(storm) == ["escalate", "skip", "skip"]
     summary = ledger.get_run(storm["alerts"][0]["escalation_run_id"])
     assert summary["params"]["storm"] is True and summary["target"] is None
+
+
+def test_a_failure_after_the_commit_answers_503_and_the_resend_is_a_repeat(edge, monkeypatch):
+    """The notification is in the ledger; accepting it again one by one would record it twice."""
+    from worker.tasks import intake
+
+    client, ledger = edge(config())
+
+    def broker_exploded(*args, **kwargs):
+        raise OSError("metrics folder unwritable")
+
+    monkeypatch.setattr(intake, "enqueue_runs", broker_exploded)
+    body = payload(alert("api", "00000000000000p1"))
+    failed = client.post("/hooks/alertmanager", data=body, headers=AUTH)
+    assert failed.status_code == 503 and "recorded, but the answer failed" in failed.json["error"]
+    monkeypatch.undo()
+    assert outcomes(post(client, body)) == ["repeat"]
+    [run] = ledger.list_runs()
+    assert run["repeats"] == 1
+
+
+def test_an_intake_that_waits_too_long_for_a_lock_gives_up(tmp_path, monkeypatch, caplog):
+    """PostgreSQL: a lock held elsewhere (a stuck transaction of another web process) ends the
+    intake at INTAKE_LOCK_TIMEOUT, not never; the edge answers 503 and the committer goes on."""
+    import sqlalchemy as sa
+
+    from tests.support.servers import shared_postgres_database
+    from worker.adapters import ledger as ledger_module
+
+    monkeypatch.setattr(ledger_module, "INTAKE_LOCK_TIMEOUT", "200ms")
+    with shared_postgres_database() as url:
+        environ = {"ALERTMANAGER_TOKEN": TOKEN, "DATABASE_URL": url}
+        raw = {**config(), "fleet": {"data_dir": str(tmp_path)}}
+        app = create_app(loaded=parse_config(raw, source="t", base_dir=tmp_path, environ=environ))
+        ledger = app.extensions["opsfleet"].ledger
+        client = app.test_client()
+        with ledger.intake() as holder:
+            holder.lock(["target:api"])
+            stuck = client.post("/hooks/alertmanager", data=payload(alert("api", "00000000000000q1")), headers=AUTH)
+            assert stuck.status_code == 503 and stuck.headers["Retry-After"] == "5"
+            assert "not recorded, each answered 503" in caplog.text and "lock timeout" in caplog.text
+        assert outcomes(post(client, payload(alert("api", "00000000000000q1")))) == ["act"]
+        with ledger._tx() as conn:
+            assert conn.execute(sa.text("SELECT count(*) FROM events")).scalar() == 1  # the stuck one left nothing

@@ -22,7 +22,7 @@ from webhooks.batching import IntakeTimeout
 from webhooks.errors import error, read_body
 from worker.adapters.ledger import LedgerUnavailable
 from worker.decide import Alert
-from worker.tasks.intake import AlertNotification
+from worker.tasks.intake import AlertNotification, AlertsCommitted
 
 bp = Blueprint("alertmanager", __name__)
 log = logging.getLogger("opsfleet.web")
@@ -162,7 +162,7 @@ def receive():
         response = error(503, "ledger unavailable: not recorded, send again")
         response.headers["Retry-After"] = "5"
         return response
-    except IntakeTimeout as err:
+    except (IntakeTimeout, AlertsCommitted) as err:
         log.warning("alert notification answered 503: %s", err)
         response = error(503, f"{err}: send again (a resend is a repeat, never a second action)")
         response.headers["Retry-After"] = "5"

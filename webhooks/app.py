@@ -81,7 +81,7 @@ def create_app(config_path: str | None = None, *, loaded: LoadedConfig | None = 
     from worker.adapters import metrics
     from worker.celery_factory import create_celery
     from worker.task_metrics import connect_task_metrics
-    from worker.tasks.intake import accept_alert_batch
+    from worker.tasks.intake import AlertsCommitted, accept_alert_batch
 
     connect_task_metrics()  # the edge publishes tasks: celery_task_sent_total
     metrics.zero_deploy_outcomes(loaded.config.deploy.environments)
@@ -90,10 +90,15 @@ def create_app(config_path: str | None = None, *, loaded: LoadedConfig | None = 
     app.config["MAX_CONTENT_LENGTH"] = loaded.config.web.max_body_bytes
     app.json.sort_keys = False
     state = Edge(loaded, create_celery(loaded, include_tasks=False))
-    # Weighed in alerts: a batch never needs more statement parameters than the largest
-    # notification a 1 MiB body can hold (about 7,700 alerts).
+    # Weighed in alert decisions (alerts × rules each can match): a batch never needs more
+    # statement parameters than the largest notification a 1 MiB body holds (~7,700 alerts).
+    remediation = loaded.config.remediation
+    per_alert = max(1, len(remediation.rules)) if remediation.mode == "all_match" else 1
     state.alert_intake = IntakeBatcher(
-        partial(accept_alert_batch, state.celery), weight=lambda n: len(n.alerts), max_weight=10_000
+        partial(accept_alert_batch, state.celery),
+        weight=lambda n: len(n.alerts) * per_alert,
+        max_weight=10_000,
+        final=(AlertsCommitted,),
     )
     app.extensions["opsfleet"] = state
     try:

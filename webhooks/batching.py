@@ -13,7 +13,8 @@ One notification that makes the transaction fail does not fail the others:
 the batch is retried one by one. A ledger that is down fails every request of
 the batch with LedgerUnavailable (each answers 503, Alertmanager sends again);
 one that hangs answers 503 within `wait_seconds` of the request's arrival, and
-at once while a commit has been stuck for `stalled_seconds`.
+at once while a commit has been stuck for `stalled_seconds` (the ledger's own
+intake timeouts end such a commit: worker/adapters/ledger.py, Ledger.intake).
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ class IntakeBatcher(Generic[Item, Result]):
     A batch holds at most `max_batch` items and `max_weight` of their weight (an item
     heavier than that goes alone): a batch must not need more of the ledger than the
     largest single item (PostgreSQL takes at most 65,535 parameters per statement).
+    An exception of a `final` type fails the whole batch as it is (the items are
+    recorded already: accepting them again one by one would record them twice).
 
     The thread starts on the first `submit` in each process (gunicorn forks
     after the app is made; a thread does not survive a fork).
@@ -82,13 +85,15 @@ class IntakeBatcher(Generic[Item, Result]):
         *,
         weight: Callable[[Item], int] = lambda item: 1,
         max_weight: int = 10_000,
+        final: tuple[type[Exception], ...] = (),
         max_batch: int = 64,
         wait_seconds: float = 10,
-        stalled_seconds: float = 5,
+        stalled_seconds: float = 8,
     ):
         self._accept = accept
         self._weight = weight
         self._max_weight = max_weight
+        self._final = final
         self._max_batch = max_batch
         self._wait_seconds = wait_seconds
         self._stalled_seconds = stalled_seconds
@@ -149,6 +154,12 @@ class IntakeBatcher(Generic[Item, Result]):
                 self._commit_began = time.monotonic()
                 try:
                     self._commit(taken)
+                except Exception as err:  # a bug here must not end the committer: fail the batch, go on
+                    log.exception("the intake committer failed a batch of %d", len(taken))
+                    for job in taken:
+                        if not job.done.is_set():
+                            job.error = err
+                            job.done.set()
                 finally:
                     self._commit_began = None
 
@@ -157,6 +168,12 @@ class IntakeBatcher(Generic[Item, Result]):
             results = self._accept([job.item for job in batch])
         except LedgerUnavailable as err:
             log.warning("ledger unavailable: %d notification(s) not recorded, each answered 503: %s", len(batch), err)
+            for job in batch:
+                job.error = err
+                job.done.set()
+            return
+        except self._final as err:
+            log.warning("a batch of %d failed after it was recorded: %s", len(batch), err)
             for job in batch:
                 job.error = err
                 job.done.set()

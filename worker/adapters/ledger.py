@@ -34,6 +34,9 @@ UPGRADES: list[tuple[int, Any]] = [
     (2, lambda conn, dialect: [i.create(conn, checkfirst=True) for i in (runs_storm_escalations, runs_alert_actions)]),
 ]
 OUTPUT_EXCERPT_CHARS = 4000
+# An intake's waits on PostgreSQL (see Ledger.intake): inside the edge's 10 s answer.
+INTAKE_LOCK_TIMEOUT = "5s"
+INTAKE_STATEMENT_TIMEOUT = "8s"
 
 RUN_STATUSES = (
     "queued",
@@ -420,9 +423,19 @@ class Ledger:
         """One transaction for recording an event and deciding its runs.
 
         Decisions read state and write runs inside it; `IntakeTx.lock` keeps
-        two intakes about the same rule or target from interleaving.
+        two intakes about the same rule or target from interleaving. On PostgreSQL
+        a lock wait or a statement that takes longer than INTAKE_*_TIMEOUT fails
+        the intake (LedgerUnavailable: the edge answers 503), rather than holding
+        the edge's committer, and the locks others wait for, without end.
         """
         with self._tx() as conn:
+            if self.dialect == "postgresql":
+                conn.execute(
+                    sa.text(
+                        "SELECT set_config('lock_timeout', :lock, true), set_config('statement_timeout', :stmt, true)"
+                    ),
+                    {"lock": INTAKE_LOCK_TIMEOUT, "stmt": INTAKE_STATEMENT_TIMEOUT},
+                )
             yield IntakeTx(self, conn, utcnow())
 
     def record_event(
@@ -1122,17 +1135,17 @@ class IntakeTx:
         for row in self.conn.execute(stmt.returning(runs.c.id, runs.c.dedup_key, runs.c.status), rows):
             inserted[row.dedup_key if row.dedup_key is not None else ("id", row.id)] = row
         # Repeats per key: 1 for a key the ledger had (plus its twins), the twins alone for a key inserted now.
-        counts = {key: twins[key] + (key not in inserted) for key in first}
-        by_count: dict[int, list[str]] = defaultdict(list)
-        for key, count in counts.items():
-            if count:
-                by_count[count].append(key)
+        counts = {key: twins[key] + (key not in inserted) for key in first if twins[key] + (key not in inserted)}
         existing = {}
-        for count, keys in by_count.items():
+        if counts:
+            # One statement: its row locks are taken in one order (no deadlock with a sharer).
             for row in self.conn.execute(
                 runs.update()
-                .where(runs.c.dedup_key.in_(keys))
-                .values(repeats=runs.c.repeats + count, last_repeat_at=self.now)
+                .where(runs.c.dedup_key.in_(list(counts)))
+                .values(
+                    repeats=runs.c.repeats + sa.case(counts, value=runs.c.dedup_key, else_=0),
+                    last_repeat_at=self.now,
+                )
                 .returning(runs.c.id, runs.c.dedup_key, runs.c.status)
             ):
                 existing[row.dedup_key] = row
@@ -1239,9 +1252,13 @@ class IntakeTx:
         if not rows:
             return
         stmt = self.ledger._insert(alert_subjects)
+        # Never back in time: an intake that began earlier may commit later.
+        later = sa.case(
+            (stmt.excluded.last_seen > alert_subjects.c.last_seen, stmt.excluded.last_seen),
+            else_=alert_subjects.c.last_seen,
+        )
         self.conn.execute(
-            stmt.on_conflict_do_update(index_elements=["rule", "subject"], set_={"last_seen": stmt.excluded.last_seen}),
-            rows,
+            stmt.on_conflict_do_update(index_elements=["rule", "subject"], set_={"last_seen": later}), rows
         )
 
     def subjects_last_seen(self, rule: str, subjects: Iterable[str], since: datetime) -> dict[str, datetime]:

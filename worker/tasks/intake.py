@@ -32,7 +32,7 @@ from datetime import timedelta
 from celery import Celery
 
 from worker.adapters import metrics
-from worker.adapters.ledger import IntakeTx, NewRun
+from worker.adapters.ledger import IntakeTx, LedgerUnavailable, NewRun, utcnow
 from worker.decide import Alert, AlertDecision, decide_alerts
 from worker.safety import LOCKED_BY_A_NEIGHBOUR, RuleState, TargetState, judge, reason_kind
 from worker.tasks.runs import enqueue_runs, request_report
@@ -46,6 +46,12 @@ class AlertNotification:
     truncated: int
     summary: str
     body: str
+
+
+class AlertsCommitted(Exception):
+    """The batch is in the ledger, but making its answers failed after the commit.
+    Accepting its notifications again one by one would record them twice; the edge
+    answers 5xx instead (Alertmanager's resend is then a repeat)."""
 
 
 @dataclass(frozen=True)
@@ -138,7 +144,7 @@ class _State:
         by_rule: dict[str, list[tuple[int, AlertDecision]]] = defaultdict(list)
         for index, d in new:
             by_rule[d.rule].append((index, d))
-        for rule, pairs in by_rule.items():
+        for rule, pairs in sorted(by_rule.items()):  # rows touched in one order (no deadlock)
             policy = pairs[0][1].policy
             since = tx.now - policy.storm_window
             subjects = {d.subject for _, d in pairs}
@@ -184,8 +190,13 @@ class _RuleLocks:
     The storm breaker counts a rule's distinct subjects in its window, so an intake
     bringing a subject new to the window must count alone (exclusive lock). One whose
     subjects all fired lately changes no count: intakes like it share the lock and
-    decide in parallel (a storm's alerts are mostly such re-firings). "Lately" keeps a
-    margin, so that no subject of a shared intake leaves the window while it decides.
+    decide in parallel (a storm's alerts are mostly such re-firings).
+
+    Sharers do not see each other's writes, so each must bring only subjects already
+    in every concurrent sharer's window: "lately" is the window less SHARE_MARGIN, and
+    a sharer that has not committed within SHARE_MARGIN of its start gives up
+    (`check_duration`), so any sharer overlapping it started less than that after it.
+    Rules with windows under twice the margin are always locked alone.
     """
 
     def __init__(self, tx: IntakeTx, acting: list[AlertDecision]):
@@ -201,12 +212,21 @@ class _RuleLocks:
         for rule, subjects in self.subjects.items():
             window = self.windows[rule]
             self.last_seen[rule] = tx.subjects_last_seen(rule, subjects, tx.now - window)
-            lately = tx.now - window + min(SHARE_MARGIN, window / 10)
+            lately = tx.now - window + SHARE_MARGIN
             recent = all(self.last_seen[rule].get(subject, lately) > lately for subject in subjects)
-            (self.shared if recent else self.alone).append(rule)
+            (self.shared if recent and window >= 2 * SHARE_MARGIN else self.alone).append(rule)
 
     def keys(self) -> tuple[list[str], list[str]]:
         return [f"rule:{rule}" for rule in self.alone], [f"rule:{rule}" for rule in self.shared]
+
+    def check_duration(self, tx: IntakeTx) -> None:
+        """Before commit: a sharer that took longer than SHARE_MARGIN records nothing."""
+        took = utcnow() - tx.now
+        if self.shared and took > SHARE_MARGIN:
+            raise LedgerUnavailable(
+                f"intake took {took.total_seconds():.0f} s, over the {SHARE_MARGIN.total_seconds():.0f} s "
+                "a shared rule lock allows: not recorded"
+            )
 
     def read_again(self, tx: IntakeTx) -> None:
         """Once locked alone: what intakes that held the lock before brought (a batch
@@ -305,7 +325,17 @@ def accept_alert_batch(app: Celery, notifications: list[AlertNotification]) -> l
         resolved = tx.resolve_alert_runs(
             (a.fingerprint, a.starts_at) for n in notifications for a in n.alerts if a.status == "resolved"
         )
+        rules.check_duration(tx)
 
+    try:
+        return _answer(app, notifications, event_ids, plans, recorded, resolved, started)
+    except Exception as err:
+        raise AlertsCommitted(f"recorded, but the answer failed: {type(err).__name__}: {err}") from err
+
+
+def _answer(app: Celery, notifications, event_ids, plans, recorded, resolved, started) -> list[AlertIntake]:
+    """After the commit: each notification's answer, its metrics, and enqueueing what acts."""
+    runtime = app.opsfleet
     results = []
     for n, event_id, plan in zip(notifications, event_ids, plans, strict=True):
         report, queued, all_runs = _report(plan, recorded)
