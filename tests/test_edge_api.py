@@ -66,7 +66,8 @@ def test_health_endpoints(make_client):
     client = make_client()
     assert client.get("/healthz").json == {"status": "ok"}
     ready = client.get("/readyz")
-    assert ready.status_code == 200 and ready.json["checks"] == {"ledger": "ok", "broker": "ok"}
+    assert ready.status_code == 200
+    assert ready.json["checks"] == {"ledger": "ok", "alert_intake": "ok", "broker": "ok"}
 
 
 def test_readyz_is_503_naming_the_broker_when_redis_is_not_there(make_client):
@@ -75,4 +76,7 @@ def test_readyz_is_503_naming_the_broker_when_redis_is_not_there(make_client):
     client = make_client(REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")  # nobody listens there
     ready = client.get("/readyz")
     assert ready.status_code == 503
-    assert ready.json == {"status": "not ready", "checks": {"ledger": "ok", "broker": "unavailable"}}
+    assert ready.json == {
+        "status": "not ready",
+        "checks": {"ledger": "ok", "alert_intake": "ok", "broker": "unavailable"},
+    }

@@ -133,10 +133,11 @@ def test_while_a_commit_hangs_new_requests_are_refused_at_once():
     with pytest.raises(IntakeTimeout, match="has not finished a commit for"):
         batcher.submit("b")
     assert batcher._queue.qsize() == 0  # refused, not queued
+    assert batcher.stalled_for() > 0.3  # what /readyz reports
     accept.release.set()
     for thread in first_threads:
         thread.join(10)
-    assert batcher.submit("c") == "done c"
+    assert batcher.submit("c") == "done c" and batcher.stalled_for() is None
 
 
 def test_the_wait_counts_from_the_request_s_arrival():

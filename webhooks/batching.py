@@ -110,9 +110,9 @@ class IntakeBatcher(Generic[Item, Result]):
         a new item is refused at once instead of tying up a request thread, so the health
         endpoints still get one."""
         self._ensure_committer()
-        began = self._commit_began
-        if began is not None and time.monotonic() - began > self._stalled_seconds:
-            raise IntakeTimeout(f"the ledger has not finished a commit for {time.monotonic() - began:.0f} s")
+        stalled = self.stalled_for()
+        if stalled is not None:
+            raise IntakeTimeout(f"the ledger has not finished a commit for {stalled:.0f} s")
         deadline = (arrived if arrived is not None else time.monotonic()) + self._wait_seconds
         job: _Job[Item, Result] = _Job(item)
         self._queue.put(job)
@@ -123,6 +123,13 @@ class IntakeBatcher(Generic[Item, Result]):
         if job.error is not None:
             raise job.error
         return job.result  # type: ignore[return-value]
+
+    def stalled_for(self) -> float | None:
+        """Seconds the running commit has taken, once over `stalled_seconds`; else None."""
+        began = self._commit_began
+        if began is None or time.monotonic() - began <= self._stalled_seconds:
+            return None
+        return time.monotonic() - began
 
     def _ensure_committer(self) -> None:
         if self._pid == os.getpid():

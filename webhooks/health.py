@@ -30,6 +30,9 @@ def readyz():
     except LedgerUnavailable as err:
         log.warning("readyz: %s", err)
         checks["ledger"] = "unavailable"
+    # The ledger may answer a ping while the alert intake's commit is stuck (a lock held elsewhere).
+    stalled = state.alert_intake.stalled_for() if state.alert_intake else None
+    checks["alert_intake"] = "ok" if stalled is None else f"commit stuck for {stalled:.0f} s"
     try:
         with state.celery.connection_for_write() as conn:
             conn.ensure_connection(max_retries=1, timeout=2)
