@@ -35,6 +35,7 @@ class Fleet:
             "fleet": {"data_dir": str(folder / "data"), **config.get("fleet", {})},
             "broker": {"key_prefix": f"opsfleet-test-{uuid.uuid4().hex[:10]}:", **config.get("broker", {})},
         }
+        self.key_prefix = config["broker"]["key_prefix"]
         self.config_path = folder / "opsfleet.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
         self.env = {
@@ -160,6 +161,23 @@ class Fleet:
 
     def close(self) -> None:
         self.stop()
+        self._forget_broker_keys()
+
+    def _forget_broker_keys(self) -> None:
+        """The shared Redis keeps nothing of this fleet (its keys all carry its prefix)."""
+        url = self.env.get("REDIS_URL")
+        if not url:
+            return
+        import redis
+
+        try:
+            client = redis.Redis.from_url(url, socket_timeout=5)
+            keys = list(client.scan_iter(match=f"{self.key_prefix}*", count=1000))
+            if keys:
+                client.delete(*keys)
+            client.close()
+        except redis.RedisError:
+            pass  # a test that stopped its own Redis: nothing of ours is on the shared one
 
     def __enter__(self) -> Fleet:
         return self
