@@ -75,6 +75,11 @@ def test_a_backup_set_is_dumped_verified_committed_and_restores_with_the_same_ro
         for f in item["files"]:
             assert stat.S_IMODE((only.path / f["name"]).stat().st_mode) == 0o600
     assert all(v.ok for v in verify_set(only, deep=True).values())
+    # Each compressed file was decompressed to its end as it was written: the verify step
+    # re-reads it for its sha256 (the streaming full read covers the dump's content).
+    verified = next(s["output"] for s in run["steps"] if s["name"] == "verify")
+    for name in ("db.dump.zst", "documents.tar.zst", "config.tar.zst"):
+        assert f"{name} sha256 OK, decompressed to the end as it was written" in verified
 
     # The config archive holds .env, and it comes back 0600 from a restore (see test_restore);
     # here: the archive itself is readable by its owner only and lists the file.
@@ -104,6 +109,9 @@ def test_a_truncated_dump_fails_verification(stack):
     dump.write_bytes(data[: len(data) * 2 // 3])
     result = verify_item(only.path, only.items["db"], "zstd", deep=True)
     assert not result.ok and "truncated" in result.detail
+    # The verify step's re-read (sha256 only, the file was decoded as written) refuses it too.
+    result = verify_item(only.path, only.items["db"], "zstd", deep=False)
+    assert not result.ok and "differs from the manifest" in result.detail
 
 
 def test_pg_restore_list_passes_a_truncated_dump_but_our_full_read_does_not(source_db, tmp_path):

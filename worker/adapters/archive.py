@@ -13,12 +13,14 @@ import fcntl
 import gzip
 import hashlib
 import os
+import queue
 import shutil
 import signal
 import subprocess
 import tempfile
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -168,17 +170,21 @@ class HashingWriter:
 
 
 class CompressedWriter:
-    """bytes -> compressor -> HashingWriter(path). `close()` returns (size, sha256)."""
+    """bytes -> compressor -> HashingWriter(path), while a `DecodeCheck` decompresses the
+    compressed bytes to their end as they are written. `close()` returns (size, sha256)
+    and raises ArchiveError when those bytes do not decompress to what was written: the
+    file on disk is then known good by its sha256 alone (see `checked_while_written`)."""
 
     def __init__(self, path: Path, compression: str, level: int = 3, threads: int = 2):
         self.raw = HashingWriter(path)
         self.compression = compression
         self.uncompressed = 0
+        self.check = DecodeCheck(compression, path.name)
         if compression == "zstd":
             compressor = zstandard.ZstdCompressor(level=level, threads=threads, write_checksum=True)
-            self.stream = compressor.stream_writer(self.raw, closefd=False, write_size=CHUNK)
+            self.stream = compressor.stream_writer(_Checked(self.raw, self.check), closefd=False, write_size=CHUNK)
         elif compression == "gzip":
-            self.stream = gzip.GzipFile(fileobj=self.raw, mode="wb", compresslevel=6, mtime=0)
+            self.stream = gzip.GzipFile(fileobj=_Checked(self.raw, self.check), mode="wb", compresslevel=6, mtime=0)
         else:
             raise ValueError(f"unknown compression {compression}")
 
@@ -191,13 +197,86 @@ class CompressedWriter:
             self.stream.flush(zstandard.FLUSH_FRAME)
         self.stream.close()
         self.raw.close()
+        decoded = self.check.finish()
+        if decoded != self.uncompressed:
+            raise ArchiveError(
+                f"{self.raw_name}: the compressed stream decodes to {decoded} bytes, {self.uncompressed} were written"
+            )
         return self.raw.size, self.raw.sha256.hexdigest()
 
+    @property
+    def raw_name(self) -> str:
+        return self.check.name
+
     def abort(self) -> None:
+        self.check.abandon()
         try:
             self.raw.file.close()
         except OSError:
             pass
+
+
+class _Checked:
+    """The compressor's output: to the file (hashed) and to the decode check."""
+
+    def __init__(self, raw: HashingWriter, check: DecodeCheck):
+        self.raw, self.check = raw, check
+
+    def write(self, data) -> int:
+        data = bytes(data)  # the compressor may hand a view of a buffer it reuses
+        self.raw.write(data)
+        self.check.feed(data)
+        return len(data)
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+
+class DecodeCheck:
+    """Decompresses bytes fed to it, on its own thread, to the end of the stream (zstd
+    frames and their content checksum, gzip's CRC and length), discarding the output:
+    verifying while a backup streams, so the verify step need not decompress it again.
+    `finish()` returns the decompressed length, or raises ArchiveError saying why the
+    bytes do not decode. Its queue is bounded, so a slow check slows the writer, never
+    fills memory."""
+
+    def __init__(self, compression: str, name: str):
+        self.decoder = Decoder(compression, name)
+        self.name = name
+        self.decoded = 0
+        self.error: ArchiveError | None = None
+        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=32)
+        self._thread = threading.Thread(target=self._run, name=f"decode-check {name}", daemon=True)
+        self._thread.start()
+
+    def feed(self, data: bytes) -> None:
+        self._queue.put(data)
+
+    def _run(self) -> None:
+        while (data := self._queue.get()) is not None:
+            if self.error is not None:
+                continue  # keep draining, so feed() never blocks on a failed check
+            try:
+                for out in self.decoder.feed(data):
+                    self.decoded += len(out)
+            except ArchiveError as err:
+                self.error = err
+
+    def finish(self) -> int:
+        self._queue.put(None)
+        self._thread.join()
+        if self.error is None:
+            try:
+                self.decoder.finish()
+            except ArchiveError as err:
+                self.error = err
+        if self.error is not None:
+            raise self.error
+        return self.decoded
+
+    def abandon(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=10)
 
 
 # -- reading ----------------------------------------------------------------------------
@@ -209,54 +288,63 @@ def iter_file(path: Path, size: int = CHUNK) -> Iterator[bytes]:
             yield chunk
 
 
-# Compressed bytes fed to the zstd decompressor per call. Small on purpose: a database dump
+# Compressed bytes fed to the decompressor per call. Small on purpose: a database dump
 # inflates about 12×, and one call's output is one bytes object; 1 MiB in (12 MiB out, grown
 # as it goes) decompresses a 1.2 GB dump in 1.5 s, 64 KiB in 0.7 s.
 ZSTD_FEED = 1 << 16
 
 
+class Decoder:
+    """Incremental decompression that notices truncation and corruption: zstd frames
+    are checked to their end and checksum (the library's stream reader would end
+    quietly on a truncated file), gzip members to their CRC and length. `feed(raw)`
+    yields the decompressed bytes; `finish()` raises ArchiveError when the stream
+    stopped before its end."""
+
+    def __init__(self, compression: str, name: str):
+        self.compression, self.name = compression, name
+        self.started = False
+        if compression not in SUFFIX:
+            raise ValueError(f"unknown compression {compression}")
+        self._dctx = zstandard.ZstdDecompressor() if compression == "zstd" else None
+        self._obj = self._member()
+
+    def _member(self):
+        """A decompressor for the next zstd frame or gzip member (wbits=31: gzip's header and trailer)."""
+        return self._dctx.decompressobj() if self._dctx is not None else zlib.decompressobj(wbits=31)
+
+    def feed(self, raw: bytes) -> Iterator[bytes]:
+        try:
+            for start in range(0, len(raw), ZSTD_FEED):
+                piece = raw[start : start + ZSTD_FEED]
+                while piece:
+                    if self._obj.eof:  # a new frame (or gzip member) follows the finished one
+                        self._obj = self._member()
+                    out = self._obj.decompress(piece)
+                    self.started = True
+                    piece = self._obj.unused_data if self._obj.eof else b""
+                    if out:
+                        yield out
+        except zstandard.ZstdError as err:
+            raise ArchiveError(f"{self.name}: zstd check failed: {err}") from None
+        except zlib.error as err:
+            raise ArchiveError(f"{self.name}: gzip check failed: {err}") from None
+
+    def finish(self) -> None:
+        if not self.started or not self._obj.eof:
+            what = "zstd frame" if self.compression == "zstd" else "gzip member"
+            raise ArchiveError(f"{self.name}: truncated (the {what} does not end)")
+
+
 def iter_decompressed(path: Path, compression: str, hasher=None) -> Iterator[bytes]:
     """The file's content, decompressed; raises ArchiveError when it is truncated
-    or corrupt (zstd frames are checked to their end and checksum: the library's
-    stream reader would end quietly on a truncated file). `hasher` sees the raw bytes."""
-    if compression == "gzip":
-        try:
-            with open(path, "rb") as raw, gzip.GzipFile(fileobj=_Tee(raw, hasher), mode="rb") as handle:
-                while chunk := handle.read(CHUNK):
-                    yield chunk
-        except (EOFError, OSError, gzip.BadGzipFile) as err:
-            raise ArchiveError(f"{path.name}: gzip check failed: {err}") from None
-        return
-    dctx = zstandard.ZstdDecompressor()
-    obj = dctx.decompressobj()
-    started = False
-    try:
-        for raw in iter_file(path, ZSTD_FEED):
-            if hasher is not None:
-                hasher.update(raw)
-            while raw:
-                if obj.eof:  # a new frame follows the finished one
-                    obj = dctx.decompressobj()
-                out = obj.decompress(raw)
-                started = True
-                raw = obj.unused_data if obj.eof else b""
-                if out:
-                    yield out
-    except zstandard.ZstdError as err:
-        raise ArchiveError(f"{path.name}: zstd check failed: {err}") from None
-    if not started or not obj.eof:
-        raise ArchiveError(f"{path.name}: truncated (the zstd frame does not end)")
-
-
-class _Tee:
-    def __init__(self, raw, hasher):
-        self.raw, self.hasher = raw, hasher
-
-    def read(self, n=-1):
-        data = self.raw.read(n)
-        if self.hasher is not None:
-            self.hasher.update(data)
-        return data
+    or corrupt (see Decoder). `hasher` sees the raw bytes."""
+    decoder = Decoder(compression, path.name)
+    for raw in iter_file(path, CHUNK):
+        if hasher is not None:
+            hasher.update(raw)
+        yield from decoder.feed(raw)
+    decoder.finish()
 
 
 class Unpacking:
