@@ -48,11 +48,12 @@ def test_bytes_damaged_between_the_compressor_and_the_file_fail_the_writer(tmp_p
     monkeypatch.setattr(archive._Checked, "write", damaging)
     writer = CompressedWriter(tmp_path / "out", compression, level=2, threads=2)
     data = _payload()
-    for start in range(0, len(data), 1 << 18):
-        writer.write(data[start : start + (1 << 18)])
-    assert seen["chunks"] >= 2
     with pytest.raises(ArchiveError, match=f"{compression} check failed|decodes to"):
+        for start in range(0, len(data), 1 << 18):
+            writer.write(data[start : start + (1 << 18)])  # a later write may say it already
         writer.close()
+    writer.abort()
+    assert seen["chunks"] >= 2 and not writer.check._thread.is_alive()
 
 
 @pytest.mark.parametrize("compression", ["zstd", "gzip"])
@@ -69,3 +70,50 @@ def test_a_stream_that_stops_before_its_end_is_called_truncated(tmp_path, compre
     check = DecodeCheck(compression, "nothing")
     with pytest.raises(ArchiveError, match="truncated"):
         check.finish()
+
+
+def test_a_run_of_zeros_decodes_in_bounded_pieces(tmp_path):
+    # 1 GiB of zeros compresses to a few hundred KiB; decoding hands it back in pieces
+    # (at most 128 MiB each), never as one object the size of the whole run.
+    path = tmp_path / "zeros.zst"
+    writer = CompressedWriter(path, "zstd")
+    block = bytes(64 << 20)
+    for _ in range(16):
+        writer.write(block)
+    writer.close()
+    assert path.stat().st_size < 1 << 20
+    largest = total = 0
+    for piece in iter_decompressed(path, "zstd"):
+        largest, total = max(largest, len(piece)), total + len(piece)
+    assert total == 1 << 30 and largest <= 128 << 20
+
+
+def test_zero_padding_after_a_gzip_member_is_accepted_as_gzip_accepts_it(tmp_path):
+    path = tmp_path / "padded.gz"
+    writer = CompressedWriter(path, "gzip")
+    writer.write(b"hello\n" * 1000)
+    writer.close()
+    with open(path, "ab") as handle:
+        handle.write(bytes(512))
+    assert b"".join(iter_decompressed(path, "gzip")) == b"hello\n" * 1000
+    with open(path, "ab") as handle:
+        handle.write(b"garbage")
+    with pytest.raises(ArchiveError, match="gzip check failed"):
+        b"".join(iter_decompressed(path, "gzip"))
+
+
+def test_a_check_that_fails_stops_the_writer_and_nothing_waits_on_its_thread(tmp_path, monkeypatch):
+    # A decoder that dies of something other than bad bytes (memory, a library bug): the
+    # next write says so instead of blocking on a queue nobody drains; abort returns.
+    def dying(self, raw):
+        raise MemoryError("decoder out of memory")
+        yield b""
+
+    monkeypatch.setattr(archive.Decoder, "feed", dying)
+    writer = CompressedWriter(tmp_path / "out.zst", "zstd")
+    with pytest.raises(ArchiveError, match="the decode check failed: MemoryError"):
+        for _ in range(200):
+            writer.write(os.urandom(1 << 20))
+            writer.stream.flush()
+    writer.abort()
+    assert not writer.check._thread.is_alive()

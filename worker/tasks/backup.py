@@ -10,9 +10,11 @@
 - `dump` writes each series: pg_dump (custom format, uncompressed) streamed
   through zstd into the file while a pg_restore reads the same bytes to
   /dev/null (a full read as it streams); GNU tar streamed through zstd.
-- `verify` reads every file back: sha256 against the manifest and, in
-  parallel, full decompression to the end of the zstd frame (its checksum
-  covers the bytes the streaming check read).
+  The writer decompresses what it writes, as it writes it, to the end of the
+  zstd frame and its checksum (archive.CompressedWriter).
+- `verify` reads every file back for its sha256: the hash of the bytes that
+  were decompressed as they were written, so the same hash is the same checked
+  bytes (`backup verify` and the drill decompress from disk again).
 - `commit` fsyncs, marks the manifest complete and renames the directory.
 - `retention` forgets, per series backed up in this run, what
   worker.retention says; it never runs after a failed step (the chain stops).
@@ -606,8 +608,12 @@ def dump_inventory(ctx: StepContext, series: str, spec: SeriesSpec, folder: Path
     data = json.dumps(facts, indent=2, sort_keys=True).encode()
     name = f"{series}.json{_suffix(ctx)}"
     writer = _writer(ctx, folder / name)
-    writer.write(data)
-    size, sha = writer.close()
+    try:
+        writer.write(data)
+        size, sha = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
     return {
         "source": "docker",
         "file_count": len(facts.get("images", [])) + len(facts.get("containers", [])),
@@ -647,10 +653,13 @@ def verify_item(
     deep: bool = True,
     timeout: float = 3000,
     sha_only: bool = False,
+    trust_written: bool = True,
 ) -> Verification:
-    """Full read of every file: sha256 against the manifest and decompression to
+    """Read every file to its end: sha256 against the manifest and decompression to
     the end (truncation fails). deep: also pg_restore the whole dump to /dev/null
-    (or tar --list the archive and compare its entry count). sha_only: the hash only."""
+    (or tar --list the archive and compare its entry count). sha_only: the hash only.
+    trust_written: a file its writer decompressed to the end as it wrote it
+    (`checked_while_written`) is checked by its sha256 alone, unless deep."""
 
     details = []
     if item.get("format") == "directory":
@@ -679,7 +688,7 @@ def verify_item(
         try:
             # Decompressed to its end as it was written, by the writer that hashed it (see
             # CompressedWriter): the same sha256 on disk is the same checked bytes.
-            checked_before = not deep and f.get("checked_while_written", False)
+            checked_before = trust_written and not deep and f.get("checked_while_written", False)
             if not compressed or sha_only or checked_before:
                 _hash_into(path, digest)
             elif deep and kind == "database":

@@ -236,8 +236,8 @@ def start_services(ctx: StepContext, names) -> list[str]:
 def check(ctx: StepContext) -> str:
     lines = []
     for series, spec, found in _planned(ctx, ("database",) + FILE_KINDS):
-        # Databases: sha256 here; the database step decompresses to the end (and
-        # hashes again) before pg_restore, so the dump is not decompressed twice.
+        # sha256 here (databases, and files decompressed as they were written); the
+        # database and files steps decompress as they restore, to the end.
         result = verify_item(
             found.path, found.items[series], found.manifest.get("compression", "zstd"),
             deep=False, sha_only=spec.kind == "database",
@@ -352,7 +352,10 @@ def drill(ctx: StepContext) -> str:
             spec = ctx.config.backup.series[series]
             item = found.items[series]
             compression = found.manifest.get("compression", "zstd")
-            result = verify_item(found.path, item, compression, deep=False, sha_only=item["kind"] == "database")
+            # From disk to the end (the restore below reads the dump again, hence sha_only).
+            result = verify_item(
+                found.path, item, compression, deep=False, sha_only=item["kind"] == "database", trust_written=False
+            )
             if not result.ok:
                 raise StepFailed(f"{series} in {found.id}: {result.detail}")
             if item["kind"] == "database":
