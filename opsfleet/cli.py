@@ -825,7 +825,15 @@ def backup_verify(ctx, set_id) -> None:
         click.echo(f"{series}: {'OK' if result.ok else 'FAILED'}: {result.detail}")
         found.items[series]["verified"] = result.ok
         found.items[series]["verification"] = {"at": iso(utcnow()), "detail": result.detail, "deep": True}
-    write_manifest(found.path, found.manifest)
+    try:
+        write_manifest(found.path, found.manifest)
+    except OSError as err:
+        click.echo(
+            f"opsfleet: the result could not be written into {found.path / 'manifest.json'}: "
+            f"{err.strerror or err}; the manifest is unchanged (free space, or a writable backup root, and run it again)",
+            err=True,
+        )
+        ctx.exit(1)
     if not all(r.ok for r in results.values()):
         ctx.exit(1)
 

@@ -117,3 +117,20 @@ def test_a_check_that_fails_stops_the_writer_and_nothing_waits_on_its_thread(tmp
             writer.stream.flush()
     writer.abort()
     assert not writer.check._thread.is_alive()
+
+
+def test_a_file_truncated_while_tar_reads_it_is_reported_not_fatal():
+    from worker.adapters.archive import tar_problems
+
+    stderr = (
+        "tar: documents/f1: File shrank by 31392 bytes; padding with zeros\n"
+        "tar: documents/f2: file changed as we read it\n"
+        "tar: documents/f3: Cannot open: Permission denied\n"
+        "tar: Exiting with failure status due to previous errors\n"
+    )
+    reported, fatal = tar_problems(stderr)
+    assert reported == [
+        "documents/f1: File shrank by 31392 bytes; padding with zeros",
+        "documents/f2: file changed as we read it",
+    ]
+    assert fatal == ["documents/f3: Cannot open: Permission denied"]

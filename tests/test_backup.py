@@ -421,3 +421,48 @@ def test_a_dead_runs_partial_set_and_locks_are_cleared_by_the_next_run(stack):
     assert "removed stale partial set" in run["steps"][0]["output"]
     assert not any(name.endswith(".partial") for name in sets_in(tmp_path / "backups"))
     assert ledger.get_lock("backup:db") is None
+
+
+def test_a_manifest_that_does_not_fit_is_not_written_short(tmp_path):
+    # On a full filesystem os.write() writes what fits and returns its count: a manifest
+    # cut there would hide its set from every listing. It is written whole or not at all.
+    from worker.adapters.backupstore import read_manifest, write_manifest
+
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=True)
+    try:
+        folder = mount / "set"
+        folder.mkdir()
+        write_manifest(folder, {"state": "complete", "items": {}})
+        with open(mount / "filler", "wb", buffering=0) as filler:
+            try:
+                while True:
+                    filler.write(b"\0" * 4096)
+            except OSError:
+                pass  # full
+        big = {"state": "complete", "items": {f"series-{n}": {"note": "x" * 200} for n in range(200)}}
+        with pytest.raises(OSError) as err:
+            write_manifest(folder, big)
+        assert err.value.errno == 28  # ENOSPC
+        assert read_manifest(folder) == {"state": "complete", "items": {}}  # the old one, whole
+        assert sorted(p.name for p in folder.iterdir()) == ["manifest.json"]  # no .tmp left
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_step_that_fails_releases_the_runs_locks_even_when_its_manifest_is_unreadable(stack, monkeypatch):
+    tmp_path, app, _ = stack
+    import worker.tasks.backup as backup_tasks
+
+    def cut_manifest_then_fail(ctx, series, spec, folder):
+        (folder / "manifest.json").write_text('{"cut sh')  # as a full disk could leave it
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setitem(backup_tasks._DUMPERS, "database", cut_manifest_then_fail)
+    run = run_playbook(app, "backup_set")
+    assert run["status"] == "failed" and "No space left on device" in run["reason"], run
+    for series in ("db", "documents", "config"):
+        assert app.opsfleet.ledger.get_lock(f"backup:{series}") is None
+    monkeypatch.undo()
+    assert run_playbook(app, "backup_set")["status"] == "succeeded"  # not skipped on a stale lock

@@ -485,7 +485,10 @@ def free_bytes(path: Path) -> int:
 # -- tar --------------------------------------------------------------------------------------
 
 # GNU tar's warnings when the tree changes under it; its exit status is then 1.
-_CHANGED_MARKERS = ("file changed as we read it", "File removed before we read it", "Cannot stat", "file is unchanged")
+_CHANGED_MARKERS = (
+    "file changed as we read it", "File removed before we read it", "Cannot stat", "file is unchanged",
+    "File shrank by",  # truncated while read: tar pads it with zeros, and says so
+)  # fmt: skip
 
 
 def tar_create_argv(base: Path, members: list[str], index_file: Path) -> list[str]:

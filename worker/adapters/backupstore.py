@@ -63,16 +63,21 @@ class BackupSet:
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
-    """Atomically: a temporary file, fsynced, renamed over the old one."""
+    """Atomically: a temporary file written whole and fsynced, renamed over the old one.
+    On a full disk os.write() writes what fits and says so by its count, not an error: the
+    file object writes to the end or raises (ENOSPC), and the old manifest stays."""
     tmp = folder / (MANIFEST + ".tmp")
     data = json.dumps(manifest, indent=2, sort_keys=True).encode()
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, folder / MANIFEST)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, folder / MANIFEST)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(folder)
 
 

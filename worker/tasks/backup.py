@@ -156,11 +156,14 @@ def abandon_set_on_failure(ctx: StepContext, step: str):
         yield
     except BaseException as err:
         try:
-            path, manifest = partial_of_run(ctx)
+            path, _manifest = partial_of_run(ctx)
             shutil.rmtree(path, ignore_errors=True)
-            _release(ctx, manifest)
         except StepFailed:
             pass
+        # Every configured series, not the manifest's list: a manifest that cannot be read
+        # must not keep this run's locks until their TTL (release_lock matches the holder).
+        for series in ctx.config.backup.series:
+            ctx.runtime.ledger.release_lock(lock_name(series), holder(ctx.run))
         metrics.BACKUP_FAILURES.labels(step).inc()
         if isinstance(err, StepFailed):
             raise
