@@ -731,7 +731,7 @@ def _local(moment, tz: str) -> str:
 
 @cli.group("backup")
 def backup_group() -> None:
-    """Backup sets: list, run, verify, prune (see README "Backups")."""
+    """Backup sets: list, run, verify, prune, and the restore drill (see README "Backups")."""
 
 
 @backup_group.command("list")

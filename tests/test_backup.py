@@ -108,10 +108,17 @@ def test_a_truncated_dump_fails_verification(stack):
     data = dump.read_bytes()
     dump.write_bytes(data[: len(data) * 2 // 3])
     result = verify_item(only.path, only.items["db"], "zstd", deep=True)
-    assert not result.ok and "truncated" in result.detail
+    assert not result.ok and result.detail == "db.dump.zst: sha256 differs from the manifest's: the file is damaged"
     # The verify step's re-read (sha256 only, the file was decoded as written) refuses it too.
     result = verify_item(only.path, only.items["db"], "zstd", deep=False)
     assert not result.ok and "differs from the manifest" in result.detail
+    # A file cut before it was hashed (its manifest agrees with it): the full read still says truncated.
+    import hashlib
+
+    item = dict(only.items["db"])
+    item["files"] = [{**item["files"][0], "sha256": hashlib.sha256(dump.read_bytes()).hexdigest()}, *item["files"][1:]]
+    result = verify_item(only.path, item, "zstd", deep=True)
+    assert not result.ok and "truncated" in result.detail
 
 
 def test_pg_restore_list_passes_a_truncated_dump_but_our_full_read_does_not(source_db, tmp_path):

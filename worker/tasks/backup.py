@@ -152,6 +152,7 @@ def _release(ctx: StepContext, manifest: dict[str, Any]) -> None:
 @contextmanager
 def abandon_set_on_failure(ctx: StepContext, step: str):
     """A failing step removes the partial set and releases the locks; older sets stay."""
+    path = None
     try:
         yield
     except BaseException as err:
@@ -170,9 +171,9 @@ def abandon_set_on_failure(ctx: StepContext, step: str):
         if isinstance(err, ArchiveError | PostgresError):
             raise StepFailed(f"{err}; the partial set was removed, older backups are untouched") from None
         if isinstance(err, OSError):
+            where = getattr(err, "filename", None) or path or backup_root(ctx)
             raise StepFailed(
-                f"{err.strerror or err} ({getattr(err, 'filename', '') or ''}); "
-                "the partial set was removed, older backups are untouched"
+                f"{err.strerror or err} ({where}); the partial set was removed, older backups are untouched"
             ) from None
         raise
 
@@ -688,6 +689,9 @@ def verify_item(
         digest = hashlib.sha256()
         compressed = f["name"].endswith((".zst", ".gz"))
         kind = item["kind"]
+        if deep and compressed and not sha_only and _sha256(path) != f["sha256"]:
+            # First, so damage is called what it is, not whatever the tools make of it.
+            return Verification(False, f"{f['name']}: sha256 differs from the manifest's: the file is damaged")
         try:
             # Decompressed to its end as it was written, by the writer that hashed it (see
             # CompressedWriter): the same sha256 on disk is the same checked bytes.
