@@ -53,16 +53,23 @@ def queued(batcher, count):
         time.sleep(0.005)
 
 
-def test_what_queues_during_a_commit_is_committed_together_and_each_gets_its_own_answer():
-    accept = Recorder()
-    batcher = IntakeBatcher(accept)
+def queued_behind_a_commit(batcher, accept, items):
+    """Item "a" alone in a commit that `accept` holds, `items` queued behind it, then let go:
+    the answers of "a" and of `items`, once every request has its answer."""
     first, first_threads = submit_in_threads(batcher, ["a"])
     assert accept.entered.wait(10)
-    rest, threads = submit_in_threads(batcher, ["b", "c", "d", "e"])
-    queued(batcher, 4)
+    rest, threads = submit_in_threads(batcher, items)
+    queued(batcher, len(items))
     accept.release.set()
     for thread in first_threads + threads:
         thread.join(10)
+    return first, rest
+
+
+def test_what_queues_during_a_commit_is_committed_together_and_each_gets_its_own_answer():
+    accept = Recorder()
+    batcher = IntakeBatcher(accept)
+    first, rest = queued_behind_a_commit(batcher, accept, ["b", "c", "d", "e"])
     assert accept.batches[0] == ["a"] and sorted(accept.batches[1]) == ["b", "c", "d", "e"]
     assert len(accept.batches) == 2
     assert {**first, **rest} == {item: f"done {item}" for item in "abcde"}
@@ -75,13 +82,7 @@ def test_one_notification_that_fails_the_batch_fails_alone():
 
     accept = Recorder(fail)
     batcher = IntakeBatcher(accept)
-    _, first_threads = submit_in_threads(batcher, ["a"])
-    assert accept.entered.wait(10)
-    results, threads = submit_in_threads(batcher, ["b", "poison", "c"])
-    queued(batcher, 3)
-    accept.release.set()
-    for thread in first_threads + threads:
-        thread.join(10)
+    _, results = queued_behind_a_commit(batcher, accept, ["b", "poison", "c"])
     assert results["b"] == "done b" and results["c"] == "done c"
     assert isinstance(results["poison"], ValueError)
     # The batch of three, then each alone.
@@ -94,13 +95,7 @@ def test_a_ledger_that_is_down_fails_every_request_of_the_batch_without_retrying
 
     accept = Recorder(down)
     batcher = IntakeBatcher(accept)
-    first, first_threads = submit_in_threads(batcher, ["a"])
-    assert accept.entered.wait(10)
-    results, threads = submit_in_threads(batcher, ["b", "c"])
-    queued(batcher, 2)
-    accept.release.set()
-    for thread in first_threads + threads:
-        thread.join(10)
+    first, results = queued_behind_a_commit(batcher, accept, ["b", "c"])
     assert all(isinstance(answer, LedgerUnavailable) for answer in {**first, **results}.values())
     assert len(accept.batches) == 2
 
@@ -177,13 +172,7 @@ def test_a_batch_that_failed_after_it_was_recorded_is_not_accepted_again_one_by_
 
     accept = Recorder(fail)
     batcher = IntakeBatcher(accept, final=(Recorded,))
-    _, first_threads = submit_in_threads(batcher, ["a"])
-    assert accept.entered.wait(10)
-    results, threads = submit_in_threads(batcher, ["b", "c"])
-    queued(batcher, 2)
-    accept.release.set()
-    for thread in first_threads + threads:
-        thread.join(10)
+    _, results = queued_behind_a_commit(batcher, accept, ["b", "c"])
     assert all(isinstance(answer, Recorded) for answer in results.values())
     assert len(accept.batches) == 2  # no third and fourth call, one per item
 
