@@ -144,27 +144,26 @@ def partial_of_run(ctx: StepContext) -> tuple[Path, dict[str, Any]]:
     raise StepFailed(f"the partial backup set of run {ctx.run['id']} is gone from {backup_root(ctx)}")
 
 
-def _release(ctx: StepContext, manifest: dict[str, Any]) -> None:
-    for series in manifest.get("series", []):
+def _release(ctx: StepContext, manifest: dict[str, Any] | None) -> None:
+    """The run's series locks: the manifest's series and every configured one (a manifest
+    that cannot be read must not keep them until their TTL; release_lock matches the holder)."""
+    for series in set(ctx.config.backup.series) | set((manifest or {}).get("series", [])):
         ctx.runtime.ledger.release_lock(lock_name(series), holder(ctx.run))
 
 
 @contextmanager
 def abandon_set_on_failure(ctx: StepContext, step: str):
     """A failing step removes the partial set and releases the locks; older sets stay."""
-    path = None
+    path = manifest = None
     try:
         yield
     except BaseException as err:
         try:
-            path, _manifest = partial_of_run(ctx)
+            path, manifest = partial_of_run(ctx)
             shutil.rmtree(path, ignore_errors=True)
         except StepFailed:
             pass
-        # Every configured series, not the manifest's list: a manifest that cannot be read
-        # must not keep this run's locks until their TTL (release_lock matches the holder).
-        for series in ctx.config.backup.series:
-            ctx.runtime.ledger.release_lock(lock_name(series), holder(ctx.run))
+        _release(ctx, manifest)
         metrics.BACKUP_FAILURES.labels(step).inc()
         if isinstance(err, StepFailed):
             raise
@@ -689,9 +688,12 @@ def verify_item(
         digest = hashlib.sha256()
         compressed = f["name"].endswith((".zst", ".gz"))
         kind = item["kind"]
-        if deep and compressed and not sha_only and _sha256(path) != f["sha256"]:
-            # First, so damage is called what it is, not whatever the tools make of it.
-            return Verification(False, f"{f['name']}: sha256 differs from the manifest's: the file is damaged")
+        if deep and compressed and not sha_only:
+            # First, so damage is called what it is, not whatever the tools make of it; the
+            # full read below then need not hash again.
+            _hash_into(path, digest)
+            if digest.hexdigest() != f["sha256"]:
+                return Verification(False, f"{f['name']}: sha256 differs from the manifest's: the file is damaged")
         try:
             # Decompressed to its end as it was written, by the writer that hashed it (see
             # CompressedWriter): the same sha256 on disk is the same checked bytes.
@@ -699,9 +701,9 @@ def verify_item(
             if not compressed or sha_only or checked_before:
                 _hash_into(path, digest)
             elif deep and kind == "database":
-                _feed(path, compression, digest, ["pg_restore", "--file=/dev/null"], timeout)
+                _feed(path, compression, ["pg_restore", "--file=/dev/null"], timeout)
             elif deep and "file_count" in item and ".tar" in f["name"]:
-                listing = _feed(path, compression, digest, ["tar", "--list", "--file=-"], timeout)
+                listing = _feed(path, compression, ["tar", "--list", "--file=-"], timeout)
                 entries = len([line for line in listing.splitlines() if line])
                 if entries != item.get("entry_count", entries):
                     return Verification(
@@ -737,13 +739,13 @@ def _hash_into(path: Path, digest) -> None:
             digest.update(chunk)
 
 
-def _feed(path: Path, compression: str, digest, argv: list[str], timeout: float) -> str:
+def _feed(path: Path, compression: str, argv: list[str], timeout: float) -> str:
     """Decompress `path` into a tool's stdin; return its stdout; ArchiveError when it fails."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=out, stderr=err)
         with Watchdog(timeout, proc) as dog:
             try:
-                for chunk in iter_decompressed(path, compression, digest):
+                for chunk in iter_decompressed(path, compression):
                     proc.stdin.write(chunk)
                 proc.stdin.close()
             except BrokenPipeError:
