@@ -870,6 +870,7 @@ def backup_drill(ctx) -> None:
 
 def _restore_plan(ctx, loaded, set_id, latest, kinds, swap=True):
     from worker.adapters.backupstore import list_sets
+    from worker.adapters.postgres import Postgres
     from worker.tasks.restore import plan_restore
 
     if bool(set_id) == bool(latest):
@@ -882,12 +883,12 @@ def _restore_plan(ctx, loaded, set_id, latest, kinds, swap=True):
             err=True,
         )
         ctx.exit(1)
-    plan = plan_restore(sets, loaded.config.backup.series, kinds, None if latest else set_id)
+    plan, gaps = plan_restore(sets, loaded.config.backup.series, kinds, None if latest else set_id)
     if not plan:
-        where = "the newest verified sets" if latest else f"set {set_id}"
-        click.echo(
-            f"opsfleet: {where} in {loaded.backup_root} hold no verified item of kind {', '.join(kinds)}", err=True
-        )
+        where = "the newest verified sets hold" if latest else f"set {set_id} holds"
+        click.echo(f"opsfleet: {where} no verified item of kind {', '.join(kinds)} in {loaded.backup_root}:", err=True)
+        for series, why in gaps.items():
+            click.echo(f"  {series}: {why}", err=True)
         ctx.exit(1)
     by_id = {s.id: s for s in sets}
     tz = loaded.config.backup.timezone
@@ -905,8 +906,13 @@ def _restore_plan(ctx, loaded, set_id, latest, kinds, swap=True):
         spec = loaded.config.backup.series.get(series)
         if spec is not None and spec.kind in ("documents", "models") and spec.path:
             click.echo(f"    the current tree is moved aside to {spec.path}.before-restore-<run>, kept")
-        elif spec is not None and spec.kind == "database" and spec.stop_services and swap:
-            click.echo(f"    {', '.join(spec.stop_services)} stopped for the swap, started again after it")
+        elif spec is not None and spec.kind == "database" and swap:
+            live = Postgres(spec.database_url).dbname
+            click.echo(f"    the live database {live} is kept, renamed {live}_before_<run>")
+            if spec.stop_services:
+                click.echo(f"    {', '.join(spec.stop_services)} stopped for the swap, started again after it")
+    for series, why in gaps.items():
+        click.echo(f"  not restored: {series}: {why}")
     if len(set(plan.values())) > 1:
         click.echo("  note: these items come from different sets, taken at different times")
     return plan

@@ -413,6 +413,8 @@ def test_drill_fails_when_a_series_has_no_verified_backup_or_a_file_is_damaged(s
     (newest.path / "documents.tar.zst").write_bytes(b"not zstd")
     drill = run_playbook(app, "restore_drill")
     assert drill["status"] == "failed" and "documents in " in drill["reason"]
+    output = drill["steps"][0]["output"]
+    assert "drill failed for 1 of 3 series" in output and output.count("passed: ") == 2  # db and config still drilled
 
 
 def test_a_dead_runs_partial_set_and_locks_are_cleared_by_the_next_run(stack):

@@ -140,6 +140,7 @@ def test_models_series_backs_up_weekly_and_restores_its_tree_on_demand(site):
 
     plain = opsfleet(site, "restore", "--latest", "--yes", "--dry-run", ok=False)  # models only by name
     assert plain.exit_code == 1 and "hold no verified item of kind database, documents" in plain.output
+    assert "  models" not in plain.output  # a kind not asked for is not a gap
     out = opsfleet(site, "restore", "--latest", "--models", "--yes").output
     assert "2 files restored" in out, out
     assert (models / "llm" / "weights.bin").read_bytes() == bytes(range(256)) * 4096
@@ -241,7 +242,8 @@ def test_restore_refuses_without_a_set_and_a_missing_set(site):
     opsfleet(site, "backup", "run", "--kind", "documents")
     set_id = opsfleet(site, "backup", "list").output.splitlines()[1].split()[0]
     result = opsfleet(site, "restore", set_id, "--database", "--yes", ok=False)
-    assert result.exit_code == 1 and f"set {set_id} in" in result.output and "hold no verified item" in result.output
+    assert result.exit_code == 1 and f"set {set_id} holds no verified item of kind database" in result.output
+    assert f"  db: set {set_id} does not hold it; no set holds a verified one" in result.output
 
 
 def test_restore_to_a_side_database_leaves_everything_live_alone_and_names_are_checked_first(site):
@@ -643,3 +645,118 @@ def test_a_dump_is_loaded_while_it_unpacks_and_a_damaged_one_fails_with_why(site
             else:
                 with pytest.raises(PostgresError, match="truncated" if damage == "truncated" else "sha256 differs"):
                     restoring()
+
+
+def _flip_a_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _dump_of(site, set_id):
+    from worker.adapters.backupstore import get_set
+
+    found = get_set(site["tmp"] / "backups", set_id)
+    return found.path / next(f["name"] for f in found.items["db"]["files"] if ".dump" in f["name"])
+
+
+def test_a_set_that_does_not_read_back_is_marked_unverified_and_latest_falls_back_with_why(site):
+    opsfleet(site, "backup", "run", "--kind", "database")
+    older = opsfleet(site, "backup", "list").output.splitlines()[1].split()[0]
+    opsfleet(site, "backup", "run", "--kind", "database")
+    newest = opsfleet(site, "backup", "list").output.splitlines()[1].split()[0]
+    assert newest != older
+    _flip_a_byte(_dump_of(site, newest))
+
+    side = site["live"] + "_side"
+    failed = opsfleet(site, "restore", "--latest", "--target-db", side, "--yes", ok=False)
+    assert failed.exit_code == 1 and "Traceback" not in failed.output
+    assert f"db in set {newest} does not read back" in failed.output and "the file is damaged" in failed.output
+    assert f"it is marked unverified: `opsfleet restore --latest` now takes set {older}" in failed.output
+    assert f"{newest}  " in opsfleet(site, "backup", "list").output  # still listed ...
+    row = next(line for line in opsfleet(site, "backup", "list").output.splitlines() if line.startswith(newest))
+    assert row.endswith("NO")  # ... as not verified
+
+    # --latest now plans the older set; naming the damaged one says why it is not planned, and what to run.
+    assert f"db (database) from set {older}" in opsfleet(site, "restore", "--latest", "--dry-run").output
+    named = opsfleet(site, "restore", newest, "--database", "--dry-run", ok=False)
+    assert (
+        named.exit_code == 1 and "differs from the manifest's" in named.output and "the file is damaged" in named.output
+    )
+    assert (
+        f"`opsfleet backup verify {newest}` checks it again; the newest verified one is in set {older}" in named.output
+    )
+    out = opsfleet(site, "restore", "--latest", "--target-db", side, "--yes").output
+    assert "match the manifest" in out and counts(site["url"].rsplit("/", 1)[0] + "/" + side) == ROWS
+
+
+def test_the_drill_drills_every_series_past_a_damaged_one_and_marks_that_one(site):
+    opsfleet(site, "backup", "run")
+    set_id = opsfleet(site, "backup", "list").output.splitlines()[1].split()[0]
+    from worker.adapters.backupstore import get_set
+
+    found = get_set(site["tmp"] / "backups", set_id)
+    _flip_a_byte(found.path / found.items["documents"]["files"][0]["name"])
+    failed = opsfleet(site, "backup", "drill", ok=False)
+    assert failed.exit_code == 1 and "drill failed for 1 of 3 series" in failed.output
+    assert f"documents in {set_id}:" in failed.output and "no verified backup of it is left" in failed.output
+    assert "passed: " in failed.output and "match the manifest" in failed.output  # the database was drilled
+    assert "config: " in failed.output.split("passed:", 1)[1]  # and the config series after it
+    assert not get_set(site["tmp"] / "backups", set_id).verified("documents")
+    assert get_set(site["tmp"] / "backups", set_id).verified("db")
+    from tests.support.fleet import metric_value
+    from worker.adapters import metrics
+
+    assert metric_value(metrics.scrape().decode(), "opsfleet_restore_drill_success") == 0
+    # The next drill says so at once instead of drilling the damaged copy again.
+    again = opsfleet(site, "backup", "drill", ok=False).output
+    assert "no verified backup in" in again and "of documents" in again
+
+
+def test_a_restore_from_a_read_only_backup_root_unpacks_in_the_temp_dir_and_leaves_nothing(site, monkeypatch):
+    import subprocess
+    import tempfile
+
+    opsfleet(site, "backup", "run")
+    root = site["tmp"] / "backups"
+    temp = site["tmp"] / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    # A mounted copy of the backups, read-only (root ignores file modes; a read-only mount it does not).
+    subprocess.run(["mount", "--bind", str(root), str(root)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(root)], check=True)
+        with pytest.raises(OSError):
+            (root / "probe").write_text("x")
+        side = site["live"] + "_ro"
+        out = opsfleet(site, "restore", "--latest", "--target-db", side, "--yes").output
+        assert "match the manifest" in out and counts(site["url"].rsplit("/", 1)[0] + "/" + side) == ROWS
+        drill = opsfleet(site, "backup", "drill").output
+        assert "drill passed in" in drill and "21 files extracted" in drill
+        assert sorted(p.name for p in temp.iterdir()) == ["opsfleet-drill", "opsfleet-restore"]
+        assert [list(p.iterdir()) for p in temp.iterdir()] == [[], []]  # every run's scratch removed
+    finally:
+        subprocess.run(["umount", str(root)], check=True)
+    assert not (root / ".restore").exists()
+
+
+def test_a_configured_scratch_dir_is_used_and_a_failed_restore_removes_its_scratch(site, monkeypatch):
+    from worker.adapters.postgres import Postgres as PostgresAdapter
+    from worker.adapters.postgres import PostgresError
+
+    scratch = site["tmp"] / "scratch"
+    site["config"]["backup"]["scratch_dir"] = str(scratch)
+    site["path"].write_text(yaml.safe_dump(site["config"]))
+    opsfleet(site, "backup", "run", "--kind", "database")
+    seen = []
+
+    def refuse(self, name, owner=None):
+        seen.append([p.name for p in scratch.iterdir()])  # the run's folder, while it restores
+        raise PostgresError(f"could not create database {name}: no room (fault injected)")
+
+    monkeypatch.setattr(PostgresAdapter, "create_database", refuse)
+    failed = opsfleet(site, "restore", "--latest", "--target-db", site["live"] + "_x", "--yes", ok=False)
+    assert "no room (fault injected)" in failed.output and "Traceback" not in failed.output
+    assert len(seen) == 1 and len(seen[0]) == 1 and seen[0][0].isdigit()
+    assert list(scratch.iterdir()) == []
+    assert not (site["tmp"] / "backups" / ".restore").exists()

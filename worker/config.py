@@ -569,7 +569,11 @@ class DrillSettings(_Strict):
     enabled: bool = True
     weekday: Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"] = "sat"
     at: str = Field(default="04:00", pattern=r"^([01]\d|2[0-3]):[0-5]\d$")
-    scratch_dir: Path | None = Field(default=None, description="Default: <backup.root>/.drill")
+    scratch_dir: Path | None = Field(
+        default=None,
+        description="Where the drill extracts trees. Default: <backup.root>/.drill, or <temp dir>/opsfleet-drill "
+        "when the backup root is read-only.",
+    )
     # The scratch database is created on the series' own server unless a
     # separate (throwaway) server is named here.
     server_url: str | None = None
@@ -598,6 +602,12 @@ class BackupSettings(_Strict):
     retention: RetentionSpec = RetentionSpec()
     schedule: BackupSchedule = BackupSchedule()
     drill: DrillSettings = DrillSettings()
+    scratch_dir: Path | None = Field(
+        default=None,
+        description="Where a restore unpacks a dump (pg_restore -j needs a file it can seek in) and stages config "
+        "files. Default: <backup.root>/.restore, or <temp dir>/opsfleet-restore when the backup root is read-only "
+        "(restoring from a mounted copy).",
+    )
     recover_stop_order: tuple[str, ...] = Field(
         default=(), description="Services `opsfleet recover` stops in this order (and starts in reverse)."
     )

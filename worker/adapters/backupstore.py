@@ -155,6 +155,21 @@ def forget_item(backup_set: BackupSet, series: str, reasons: str, now: datetime)
     return False
 
 
+def mark_unverified(backup_set: BackupSet, series: str, detail: str, now: datetime) -> None:
+    """Record that an item did not read back (a restore's check, the drill): `restore --latest`
+    passes it over from then on, and retention no longer counts it as the newest verified
+    backup; `opsfleet backup verify` judges it again. The manifest is read afresh first, so
+    what prune or verify wrote since the set was listed is kept. OSError: not recorded."""
+    manifest = read_manifest(backup_set.path)
+    item = manifest.get("items", {}).get(series)
+    if item is None:
+        return
+    item["verified"] = False
+    item["verification"] = {"at": iso(now), "detail": detail}
+    write_manifest(backup_set.path, manifest)
+    backup_set.manifest = manifest
+
+
 def newest_holding(sets: list[BackupSet], series: str, verified_only: bool = True) -> BackupSet | None:
     for s in sets:  # newest first
         if series in s.items and (s.verified(series) or not verified_only):

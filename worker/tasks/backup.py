@@ -671,7 +671,7 @@ def verify_item(
             if not path.exists():
                 return Verification(False, f"{f['name']} is missing")
             if _sha256(path) != f["sha256"]:
-                return Verification(False, f"{f['name']}: sha256 differs from the manifest's")
+                return Verification(False, f"{f['name']}: sha256 differs from the manifest's: the file is damaged")
         detail = f"{len(item['files'])} files sha256 OK"
         if deep:
             dump_dir = next(folder / f["name"].split("/")[0] for f in item["files"] if "/" in f["name"])
@@ -722,7 +722,9 @@ def verify_item(
             return Verification(False, str(err))
         if digest.hexdigest() != f["sha256"]:
             return Verification(
-                False, f"{f['name']}: sha256 {digest.hexdigest()[:12]}… differs from the manifest's {f['sha256'][:12]}…"
+                False,
+                f"{f['name']}: sha256 {digest.hexdigest()[:12]}… differs from the manifest's {f['sha256'][:12]}…: "
+                "the file is damaged",
             )
         if not compressed or sha_only:
             details.append(f"{f['name']} sha256 OK")

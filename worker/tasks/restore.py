@@ -35,8 +35,9 @@ from pathlib import Path
 
 from worker.adapters import metrics
 from worker.adapters.archive import ArchiveError, Unpacking, Watchdog, free_bytes, iter_decompressed, tail
-from worker.adapters.backupstore import BackupSet, get_set, list_sets, newest_holding
+from worker.adapters.backupstore import BackupSet, get_set, list_sets, mark_unverified, newest_holding
 from worker.adapters.docker import DockerError
+from worker.adapters.ledger import utcnow
 from worker.adapters.postgres import Postgres, PostgresError, check_db_name
 from worker.config import SeriesSpec
 from worker.tasks.backup import backup_root, is_secret, postgres_for, verify_item
@@ -51,31 +52,93 @@ FILE_KINDS = ("documents", "models", "config")
 
 def plan_restore(
     sets: list[BackupSet], series_specs: dict[str, SeriesSpec], wanted_kinds: list[str], set_id: str | None
-) -> dict[str, str]:
-    """{series: set id} for each configured series of a wanted kind: from the
-    given set, or (latest) the newest verified set holding that series."""
-    plan = {}
-    for name, spec in series_specs.items():
+) -> tuple[dict[str, str], dict[str, str]]:
+    """({series: set id}, {series: why it is not in the plan}) for each configured series
+    of a wanted kind: from the given set, or (latest) the newest verified set holding it.
+    An item that is not verified is never planned; the reason says what to run instead."""
+    plan, gaps = {}, {}
+    for name, spec in sorted(series_specs.items()):
         if spec.kind not in wanted_kinds:
             continue
-        if set_id is not None:
-            chosen = next((s for s in sets if s.id == set_id), None)
-            if chosen is not None and name in chosen.items and chosen.verified(name):
-                plan[name] = chosen.id
+        newest = newest_holding(sets, name)
+        instead = f"; the newest verified one is in set {newest.id}" if newest else "; no set holds a verified one"
+        if set_id is None:
+            if newest is not None:
+                plan[name] = newest.id
+            else:
+                held = newest_holding(sets, name, verified_only=False)
+                gaps[name] = "no set holds a verified backup of it" + (
+                    f" (set {held.id} holds one that is not: `opsfleet backup verify {held.id}`)" if held else ""
+                )
+            continue
+        chosen = next((s for s in sets if s.id == set_id), None)
+        if chosen is None or name not in chosen.items:
+            gaps[name] = f"set {set_id} does not hold it{instead}"
+        elif not chosen.verified(name):
+            detail = chosen.items[name].get("verification", {}).get("detail") or "never verified"
+            gaps[name] = (
+                f"set {set_id}'s copy is not verified ({detail}): `opsfleet backup verify {set_id}` "
+                f"checks it again{instead}"
+            )
         else:
-            chosen = newest_holding(sets, name)
-            if chosen is not None:
-                plan[name] = chosen.id
-    return plan
+            plan[name] = chosen.id
+    return plan, gaps
 
 
 # -- helpers -------------------------------------------------------------------------------------
 
 
-def _scratch(ctx: StepContext) -> Path:
-    folder = backup_root(ctx) / ".restore" / str(ctx.run["id"])
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return folder
+def _scratch_bases(ctx: StepContext, name: str) -> list[Path]:
+    settings = ctx.config.backup
+    configured = settings.scratch_dir if name == "restore" else settings.drill.scratch_dir
+    if configured is not None:
+        return [_abs(ctx, configured)]
+    return [backup_root(ctx) / f".{name}", Path(tempfile.gettempdir()) / f"opsfleet-{name}"]
+
+
+def scratch_folder(ctx: StepContext, name: str = "restore") -> Path:
+    """This run's scratch folder, created 0700: under the configured folder (backup.scratch_dir,
+    for the drill's trees backup.drill.scratch_dir), else under the
+    backup root, else (a read-only backup root: restoring from a mounted copy, or a full one)
+    under the temp dir. The free-space checks then judge the folder chosen."""
+    failures = []
+    for base in _scratch_bases(ctx, name):
+        folder = base / str(ctx.run["id"])
+        try:
+            base.mkdir(parents=True, exist_ok=True, mode=0o700)
+            folder.mkdir(exist_ok=True, mode=0o700)
+        except OSError as err:
+            failures.append(f"{folder}: {err.strerror or err}")
+            continue
+        return folder
+    key = "backup.scratch_dir" if name == "restore" else "backup.drill.scratch_dir"
+    raise StepFailed(
+        f"no scratch folder can be made ({'; '.join(failures)}): set {key} to a writable folder "
+        "with room for the decompressed dump"
+    )
+
+
+def remove_scratch(ctx: StepContext, name: str = "restore") -> None:
+    for base in _scratch_bases(ctx, name):
+        shutil.rmtree(base / str(ctx.run["id"]), ignore_errors=True)
+
+
+def _damaged(ctx: StepContext, found: BackupSet, series: str, detail: str) -> str:
+    """Marks an item that did not read back unverified (restore --latest passes it over from
+    now on); returns what the operator should know about it."""
+    try:
+        mark_unverified(
+            found, series, f"run {ctx.run['id']} ({ctx.run.get('playbook', 'restore')}): {detail}", utcnow()
+        )
+    except (OSError, ValueError) as err:
+        return (
+            f"it could not be marked unverified in its manifest ({getattr(err, 'strerror', None) or err}), so "
+            f"`opsfleet restore --latest` may choose it again: restore another set by its ID (`opsfleet backup list`)"
+        )
+    older = newest_holding(list_sets(backup_root(ctx)), series)
+    return "it is marked unverified: " + (
+        f"`opsfleet restore --latest` now takes set {older.id}" if older else "no verified backup of it is left"
+    )
 
 
 def _planned(ctx: StepContext, kinds: tuple[str, ...]) -> list[tuple[str, SeriesSpec, BackupSet]]:
@@ -152,7 +215,7 @@ def restore_database_into(
             # pg_restore -j reads the directory in place (its files were hashed by the check step).
             plain = found.path / next(f["name"].split("/")[0] for f in item["files"] if "/" in f["name"])
         else:
-            plain = _scratch(ctx) / f"{series}.dump"
+            plain = scratch_folder(ctx) / f"{series}.dump"
             unpacked.callback(plain.unlink, missing_ok=True)
             dump_file = next(f for f in item["files"] if ".dump" in f["name"])
             need = int(dump_file.get("uncompressed_bytes", 0) * 1.05)
@@ -236,14 +299,19 @@ def start_services(ctx: StepContext, names) -> list[str]:
 def check(ctx: StepContext) -> str:
     lines = []
     for series, spec, found in _planned(ctx, ("database",) + FILE_KINDS):
+        try:
+            result = verify_item(
+                found.path, found.items[series], found.manifest.get("compression", "zstd"),
+                deep=False, sha_only=spec.kind == "database",
+            )  # fmt: skip
+        except OSError as err:  # an unreadable disk, not (yet) a damaged file
+            raise StepFailed(f"{series} in set {found.id} cannot be read: {err}") from None
         # sha256 here (databases, and files decompressed as they were written); the
         # database and files steps decompress as they restore, to the end.
-        result = verify_item(
-            found.path, found.items[series], found.manifest.get("compression", "zstd"),
-            deep=False, sha_only=spec.kind == "database",
-        )  # fmt: skip
         if not result.ok:
-            raise StepFailed(f"{series} in set {found.id} does not read back: {result.detail}")
+            raise StepFailed(
+                f"{series} in set {found.id} does not read back: {result.detail}; {_damaged(ctx, found, series, result.detail)}"
+            )
         lines.append(f"{series} from {found.id}: {result.detail}")
     if not lines:
         raise StepFailed("nothing to restore: the plan names no backup items")
@@ -251,6 +319,13 @@ def check(ctx: StepContext) -> str:
 
 
 def database(ctx: StepContext) -> str:
+    try:
+        return _restore_databases(ctx)
+    finally:
+        remove_scratch(ctx)  # a failed restore leaves no unpacked dump (nor an empty folder) behind
+
+
+def _restore_databases(ctx: StepContext) -> str:
     lines = []
     target_db = ctx.params.get("target_db")
     swap = ctx.params.get("swap", not target_db)
@@ -274,12 +349,19 @@ def database(ctx: StepContext) -> str:
                     lines.append(f"{series}: {fresh} is now {live} (there was no {live})")
             finally:
                 lines += start_services(ctx, list(reversed(stopped)))
-        except (PostgresError, ArchiveError) as err:
+        except (PostgresError, ArchiveError, OSError) as err:
             raise StepFailed(f"{series}: {err}") from None
     return "\n".join(lines) or "no database in the plan"
 
 
 def files(ctx: StepContext) -> str:
+    try:
+        return _restore_files(ctx)
+    finally:
+        remove_scratch(ctx)
+
+
+def _restore_files(ctx: StepContext) -> str:
     lines = []
     run_id = ctx.run["id"]
     for series, spec, found in _planned(ctx, FILE_KINDS):
@@ -307,7 +389,7 @@ def files(ctx: StepContext) -> str:
                     + (f"; the previous tree is at {aside}" if aside.exists() else "")
                 )
             else:  # config: listed files and directories, each put back where it was
-                staging = _scratch(ctx) / series
+                staging = scratch_folder(ctx) / series
                 extract(archive, compression, staging, spec.timeout_seconds)
                 sources = item["source"] if isinstance(item["source"], list) else [item["source"]]
                 for source in sources:
@@ -326,7 +408,7 @@ def files(ctx: StepContext) -> str:
 
 
 def cleanup(ctx: StepContext) -> str:
-    shutil.rmtree(backup_root(ctx) / ".restore" / str(ctx.run["id"]), ignore_errors=True)
+    remove_scratch(ctx)
     return "scratch removed"
 
 
@@ -335,68 +417,70 @@ def cleanup(ctx: StepContext) -> str:
 
 def drill(ctx: StepContext) -> str:
     """Each series' newest verified backup (the newest set, and older sets for
-    series it does not hold: a weekly series lives in fewer sets)."""
+    series it does not hold: a weekly series lives in fewer sets). Every series is
+    drilled, a failed one does not stop the others; an item that does not read back
+    is marked unverified."""
     began = time.monotonic()
     root = backup_root(ctx)
     sets = list_sets(root)
-    settings = ctx.config.backup.drill
-    scratch = (settings.scratch_dir or (root / ".drill")) / str(ctx.run["id"])
     plan = {name: newest_holding(sets, name) for name in ctx.config.backup.series}
     missing = sorted(name for name, found in plan.items() if found is None)
-    lines = []
-    ok = False
+    lines, failures = [], []
     try:
         if missing or not plan:
-            raise StepFailed(f"no verified backup in {root} of {', '.join(missing) or 'any series'}")
+            failures.append(f"no verified backup in {root} of {', '.join(missing) or 'any series'}")
         for series, found in sorted(plan.items()):
-            spec = ctx.config.backup.series[series]
-            item = found.items[series]
-            compression = found.manifest.get("compression", "zstd")
-            # From disk to the end (the restore below reads the dump again, hence sha_only).
-            result = verify_item(
-                found.path, item, compression, deep=False, sha_only=item["kind"] == "database", trust_written=False
-            )
-            if not result.ok:
-                raise StepFailed(f"{series} in {found.id}: {result.detail}")
-            if item["kind"] == "database":
-                pg = (
-                    Postgres(settings.server_url, spec.timeout_seconds)
-                    if settings.server_url
-                    else postgres_for(ctx, spec)
-                )
-                scratch_db = check_db_name(
-                    f"opsfleet_drill_{ctx.run['id']}_{series.replace('-', '_').replace('.', '_')}"[:63]
-                )
-                lines.append(
-                    f"{found.id} "
-                    + restore_database_into(
-                        ctx, series, spec, found, pg, scratch_db, with_roles=bool(settings.server_url)
-                    )
-                )
-                pg.drop_database(scratch_db)
-            elif "file_count" in item and ".tar" in item["files"][0]["name"]:
-                dest = scratch / series
-                extract(found.path / item["files"][0]["name"], compression, dest, spec.timeout_seconds)
-                got = count_files(dest)
-                if got != item["file_count"]:
-                    raise StepFailed(
-                        f"{series} in {found.id}: {got} files extracted, the manifest says {item['file_count']}"
-                    )
-                lines.append(f"{found.id} {series}: {got} files extracted, checksums and count match")
-                shutil.rmtree(dest, ignore_errors=True)
-            else:
-                lines.append(f"{found.id} {series}: checksum and decompression OK")
-        ok = True
-    except (ArchiveError, PostgresError) as err:
-        raise StepFailed(str(err)) from None
+            if found is None:
+                continue
+            try:
+                lines.append(_drill_one(ctx, series, found))
+            except StepFailed as err:
+                failures.append(str(err))
+            except (ArchiveError, PostgresError, OSError) as err:
+                failures.append(f"{series} in {found.id}: {err}")
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-        shutil.rmtree(backup_root(ctx) / ".restore" / str(ctx.run["id"]), ignore_errors=True)
+        remove_scratch(ctx, "drill")
+        remove_scratch(ctx)
         seconds = time.monotonic() - began
         metrics.RESTORE_DRILL_SECONDS.set(seconds)
-        metrics.RESTORE_DRILL_RESULT.set(1 if ok else 0)
+        metrics.RESTORE_DRILL_RESULT.set(0 if failures else 1)
+    if failures:
+        # The first line is the run's reason: the first failure, and how many more.
+        more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+        raise StepFailed(
+            f"{failures[0]}{more}\ndrill failed for {len(failures)} of {len(plan) or 1} series in {seconds:.1f}s:\n"
+            + "\n".join(failures[1:] + [f"passed: {line}" for line in lines])
+        )
     lines.append(f"drill passed in {seconds:.1f}s")
     return "\n".join(lines)
+
+
+def _drill_one(ctx: StepContext, series: str, found: BackupSet) -> str:
+    settings = ctx.config.backup.drill
+    spec = ctx.config.backup.series[series]
+    item = found.items[series]
+    compression = found.manifest.get("compression", "zstd")
+    # From disk to the end (the restore below reads the dump again, hence sha_only).
+    result = verify_item(
+        found.path, item, compression, deep=False, sha_only=item["kind"] == "database", trust_written=False
+    )
+    if not result.ok:
+        raise StepFailed(f"{series} in {found.id}: {result.detail}; {_damaged(ctx, found, series, result.detail)}")
+    if item["kind"] == "database":
+        pg = Postgres(settings.server_url, spec.timeout_seconds) if settings.server_url else postgres_for(ctx, spec)
+        scratch_db = check_db_name(f"opsfleet_drill_{ctx.run['id']}_{series.replace('-', '_').replace('.', '_')}"[:63])
+        done = restore_database_into(ctx, series, spec, found, pg, scratch_db, with_roles=bool(settings.server_url))
+        pg.drop_database(scratch_db)
+        return f"{found.id} {done}"
+    if "file_count" in item and ".tar" in item["files"][0]["name"]:
+        dest = scratch_folder(ctx, "drill") / series
+        extract(found.path / item["files"][0]["name"], compression, dest, spec.timeout_seconds)
+        got = count_files(dest)
+        shutil.rmtree(dest, ignore_errors=True)
+        if got != item["file_count"]:
+            raise StepFailed(f"{series} in {found.id}: {got} files extracted, the manifest says {item['file_count']}")
+        return f"{found.id} {series}: {got} files extracted, checksums and count match"
+    return f"{found.id} {series}: checksum and decompression OK"
 
 
 # -- recover -------------------------------------------------------------------------------------------
