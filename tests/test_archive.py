@@ -134,3 +134,28 @@ def test_a_file_truncated_while_tar_reads_it_is_reported_not_fatal():
         "documents/f2: file changed as we read it",
     ]
     assert fatal == ["documents/f3: Cannot open: Permission denied"]
+
+
+def test_a_large_file_asks_for_writeback_as_it_is_written(tmp_path, monkeypatch):
+    # So that close()'s fsync finds little left to write (see archive._Writeback).
+    kicks = []
+    monkeypatch.setattr(archive._Writeback, "kick", lambda self: kicks.append(self.fd))
+    monkeypatch.setattr(archive.HashingWriter, "WRITEBACK_BYTES", 1 << 16)
+    writer = archive.HashingWriter(tmp_path / "big")
+    for _ in range(64):
+        writer.write(os.urandom(1 << 14))
+    writer.close()
+    assert len(kicks) == 16
+    assert (tmp_path / "big").stat().st_size == 64 << 14 == writer.size
+
+
+def test_a_kicked_writeback_syncs_the_file_on_its_thread(tmp_path, monkeypatch):
+    import threading
+
+    synced = threading.Event()
+    monkeypatch.setattr(archive.os, "fdatasync", lambda fd: synced.set())
+    with open(tmp_path / "f", "wb") as handle:
+        writeback = archive._Writeback(handle.fileno())
+        writeback.kick()
+        assert synced.wait(10)
+        writeback.stop()
