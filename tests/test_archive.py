@@ -136,6 +136,47 @@ def test_a_file_truncated_while_tar_reads_it_is_reported_not_fatal():
     assert fatal == ["documents/f3: Cannot open: Permission denied"]
 
 
+def test_tools_run_at_most_at_once_at_a_time_in_the_given_order(tmp_path):
+    log = tmp_path / "log"
+    argvs = [["sh", "-c", f'echo start {n} >> "$0"; sleep 0.1; echo end {n} >> "$0"', str(log)] for n in range(4)]
+    archive.run_together(argvs, timeout=30, env=dict(os.environ), at_once=1)
+    assert log.read_text().split("\n")[:-1] == [f"{what} {n}" for n in range(4) for what in ("start", "end")]
+
+
+def test_a_tool_that_fails_stops_the_others_and_the_rest_never_start(tmp_path):
+    log = tmp_path / "log"
+    argvs = [
+        ["sh", "-c", 'echo first >> "$0"; echo broken >&2; exit 3', str(log)],
+        ["sh", "-c", 'echo second >> "$0"', str(log)],
+    ]
+    with pytest.raises(ArchiveError, match=r"sh exited 3: broken"):
+        archive.run_together(argvs, timeout=30, env=dict(os.environ), at_once=1)
+    assert log.read_text() == "first\n"
+
+
+def test_a_feeder_that_finds_fault_after_its_tool_has_read_everything_fails_the_run(tmp_path):
+    # `cat` ends as soon as its stdin closes; the feeder's complaint comes with the last byte.
+    def feed(out):
+        out.write(b"all of it")
+        raise ArchiveError("the feeder found the bytes were not the manifest's")
+
+    with pytest.raises(ArchiveError, match="not the manifest's"):
+        archive.run_together([["cat"]], timeout=30, env=dict(os.environ), feeders=[feed])
+
+
+@pytest.mark.parametrize("damage", ["other sha256", "truncated"])
+def test_a_decompressing_feeder_refuses_a_file_that_is_not_the_manifests(tmp_path, damage):
+    path = tmp_path / "t.dump.zst"
+    writer = CompressedWriter(path, "zstd")
+    writer.write(os.urandom(300_000))
+    _, sha = writer.close()
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:1000])
+    feed = archive.decompressing_feeder(path, "zstd", "0" * 64 if damage == "other sha256" else sha)
+    with open(os.devnull, "wb") as sink, pytest.raises(ArchiveError, match="sha256 differs|truncated"):
+        feed(sink)
+
+
 def test_a_large_file_asks_for_writeback_as_it_is_written(tmp_path, monkeypatch):
     # So that close()'s fsync finds little left to write (see archive._Writeback).
     kicks = []

@@ -33,7 +33,9 @@ def site(tmp_path, monkeypatch):
                 "timezone": "Europe/Berlin",
                 "min_free_bytes": 0,
                 "series": {
-                    "db": {"kind": "database", "database_url": "${SHOP_DB_URL}"},
+                    # Every table with rows in a dump of its own (as large ones are): restores here
+                    # load table files side by side; set_table_files(site, 0) for one file.
+                    "db": {"kind": "database", "database_url": "${SHOP_DB_URL}", "table_file_min_bytes": 1},
                     "documents": {"kind": "documents", "path": str(docs)},
                     "config": {"kind": "config", "paths": [str(env_file), str(compose)]},
                 },
@@ -52,6 +54,11 @@ def site(tmp_path, monkeypatch):
                 "SELECT datname FROM pg_database WHERE datname LIKE %s", (live + "_%",)
             ).fetchall():
                 admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def set_table_files(site, min_bytes: int) -> None:
+    site["config"]["backup"]["series"]["db"]["table_file_min_bytes"] = min_bytes
+    site["path"].write_text(yaml.safe_dump(site["config"]))
 
 
 def opsfleet(site, *args, ok=True):
@@ -389,6 +396,22 @@ def test_database_in_a_container_is_backed_up_and_restored_through_docker_exec(t
         assert restored["status"] == "succeeded", (restored["reason"], [s["output"] for s in restored["steps"]])
         assert Postgres(f"postgresql://postgres@127.0.0.1:{port}/shop").row_counts() == ROWS
 
+        # A set dumped over a connection, each table apart, restores through docker exec too
+        # (the series moved into a container since): the tables' data between pre- and post-data.
+        host_side = engine(tmp_path, {
+            "root": str(tmp_path / "backups"), "min_free_bytes": 0,
+            "series": {"db": {"kind": "database", "database_url": f"postgresql://postgres@127.0.0.1:{port}/shop",
+                              "table_file_min_bytes": 1}},
+        })  # fmt: skip
+        assert run_playbook(host_side, "backup_set")["status"] == "succeeded"
+        split = max(list_sets(tmp_path / "backups"), key=lambda s: s.id)
+        assert sorted(f["table"] for f in split.items["db"]["files"] if "table" in f) == sorted(ROWS)
+        with psycopg.connect(f"postgresql://postgres@127.0.0.1:{port}/shop", autocommit=True) as conn:
+            conn.execute("TRUNCATE orders")
+        restored = run_playbook(app, "restore", {"plan": {"db": split.id}, "swap": True})
+        assert restored["status"] == "succeeded", (restored["reason"], [s["output"] for s in restored["steps"]])
+        assert Postgres(f"postgresql://postgres@127.0.0.1:{port}/shop").row_counts() == ROWS
+
 
 def test_inventory_series_records_images_and_containers(tmp_path, make_container, monkeypatch):
     import json as jsonlib
@@ -588,6 +611,62 @@ def test_table_data_is_shared_out_largest_first(jobs, weights, expected):
     assert all([order.index(line) for line in one] == sorted(order.index(line) for line in one) for one in lists)
 
 
+def _sizes(**bytes_by_name):
+    from worker.adapters.postgres import TableSize
+
+    return [TableSize("public", name, size) for name, size in bytes_by_name.items()]
+
+
+@pytest.mark.parametrize(
+    "min_bytes, most, expected",
+    [
+        (100, 32, ["accounts", "notes"]),  # the large ones, largest first
+        (100, 1, ["accounts"]),  # at most `most`: the largest
+        (1, 32, ["accounts", "notes", "branches"]),  # an empty table has nothing to put apart
+        (0, 32, []),  # 0: one file
+        (10_000, 32, []),
+    ],
+)
+def test_tables_of_the_configured_size_get_a_dump_of_their_own(min_bytes, most, expected):
+    from worker.adapters.postgres import tables_to_split
+
+    tables = _sizes(branches=8, notes=300, accounts=900, history=0)
+    assert [t.name for t in tables_to_split(tables, min_bytes, most)] == expected
+
+
+def test_a_tables_pattern_names_it_exactly_whatever_its_name_holds():
+    from worker.adapters.postgres import TableSize
+
+    assert TableSize("shop", "Line Items", 1).pattern == '"shop"."Line Items"'
+    # A quote is doubled; a dot, star or question mark inside quotes is no wildcard for pg_dump.
+    assert TableSize('we"ird', "a.b*?", 1).pattern == '"we""ird"."a.b*?"'
+
+
+def test_tables_with_names_pg_dump_could_misread_are_dumped_apart_and_restored(site):
+    odd = ['"Odd ""quoted"" name"', '"dot.ted*"', '"UPPER"', '"ünïcode"']
+    with psycopg.connect(site["url"], autocommit=True) as conn:
+        for name in odd:
+            conn.execute(f"CREATE TABLE shop.{name} (id int PRIMARY KEY, v text)")
+            conn.execute(f"INSERT INTO shop.{name} SELECT g, repeat('v', g) FROM generate_series(1, 40) g")
+        # A table whose name a pattern would match were it not quoted: it must keep its own rows.
+        conn.execute('CREATE TABLE shop."dotXted_" (id int)')
+        conn.execute('INSERT INTO shop."dotXted_" SELECT generate_series(1, 3)')
+    opsfleet(site, "backup", "run", "--kind", "database")
+    set_id = opsfleet(site, "backup", "list").output.splitlines()[1].split()[0]
+    from worker.adapters.backupstore import get_set
+
+    item = get_set(site["tmp"] / "backups", set_id).items["db"]
+    apart = sorted(f["table"] for f in item["files"] if "table" in f)
+    assert apart == sorted(
+        [*ROWS, 'shop.Odd "quoted" name', "shop.dot.ted*", "shop.UPPER", "shop.ünïcode", "shop.dotXted_"]
+    )
+    out = opsfleet(site, "restore", set_id, "--target-db", f"{site['live']}_odd", "--yes").output
+    assert "match the manifest" in out
+    restored = counts(f"{site['url'].rsplit('/', 1)[0]}/{site['live']}_odd")
+    assert restored == {**ROWS, 'shop.Odd "quoted" name': 40, "shop.dot.ted*": 40, "shop.UPPER": 40,
+                        "shop.ünïcode": 40, "shop.dotXted_": 3}  # fmt: skip
+
+
 def test_a_single_table_is_not_shared_out():
     from worker.adapters.postgres import split_table_data
 
@@ -613,38 +692,75 @@ def test_a_restore_loads_each_table_once_with_the_manifests_sizes(site):
     assert counts(f"{base}/{site['live']}_side") == ROWS
 
 
-@pytest.mark.parametrize("damage", ["none", "truncated", "other sha256"])
-def test_a_dump_is_loaded_while_it_unpacks_and_a_damaged_one_fails_with_why(site, damage):
-    """pg_restore reads the dump as it is decompressed; a dump that turns out truncated or
-    not the manifest's fails the restore with that reason, not with pg_restore's."""
-    from worker.adapters.archive import Unpacking, iter_decompressed
+@pytest.mark.parametrize(
+    "damage, damaged",
+    [
+        ("none", None),
+        ("truncated", "main"),
+        ("truncated", "table"),
+        ("other sha256", "main"),
+        ("other sha256", "table"),
+    ],
+)
+def test_dumps_are_loaded_as_they_unpack_and_a_damaged_one_fails_with_why(site, damage, damaged):
+    """pg_restore reads the main dump as it is decompressed, and each table's own dump
+    straight from its compressed file; one that turns out truncated or not the manifest's
+    fails the restore with that reason, not with pg_restore's."""
+    from worker.adapters.archive import Unpacking, decompressing_feeder, iter_decompressed
     from worker.adapters.backupstore import get_set
-    from worker.adapters.postgres import PostgresError
+    from worker.adapters.postgres import PostgresError, TableData
 
     opsfleet(site, "backup", "run", "--kind", "database")
     set_id = opsfleet(site, "backup", "list").output.splitlines()[1].split()[0]
     found = get_set(site["tmp"] / "backups", set_id)
     item = found.items["db"]
-    [dump] = [f for f in item["files"] if ".dump" in f["name"]]
-    source, sha = found.path / dump["name"], dump["sha256"]
-    if damage == "truncated":
-        source = site["tmp"] / "half.dump.zst"
-        source.write_bytes((found.path / dump["name"]).read_bytes()[: dump["size"] // 2])
-    if damage == "other sha256":
-        sha = "0" * 64
+    [main] = [f for f in item["files"] if ".dump" in f["name"] and "table" not in f]
+    apart = [f for f in item["files"] if "table" in f]
+    assert sorted(f["table"] for f in apart) == sorted(ROWS)  # every table with rows has a dump of its own
+    victim = main if damaged == "main" else apart[0]
+
+    def source_and_sha(f):
+        if f is not victim or damage == "none":
+            return found.path / f["name"], f["sha256"]
+        if damage == "other sha256":
+            return found.path / f["name"], "0" * 64
+        half = site["tmp"] / f"half-{f['name']}"
+        half.write_bytes((found.path / f["name"]).read_bytes()[: f["size"] // 2])
+        return half, f["sha256"]
+
     plain = site["tmp"] / "db.dump"
+    tables = []
+    for f in apart:
+        path, sha = source_and_sha(f)
+        tables.append(TableData(f["table"], f["size"], decompressing_feeder(path, "zstd", sha)))
+    main_path, main_sha = source_and_sha(main)
     with shared_postgres_database("opsfleet_rs_unpack") as url:
         pg = Postgres(url)
-        with Unpacking(source, "zstd", plain, expect_sha256=sha) as unpacking:
+        with Unpacking(main_path, "zstd", plain, expect_sha256=main_sha) as unpacking:
             restoring = lambda: pg.restore(  # noqa: E731
-                plain, pg.dbname, jobs=2, timeout=120, weights=item["table_bytes"], unpacking=unpacking
+                plain, pg.dbname, jobs=2, timeout=120, weights=item["table_bytes"], unpacking=unpacking, tables=tables
             )
             if damage == "none":
                 assert restoring() == item["row_counts"] == pg.row_counts()
-                assert plain.read_bytes() == b"".join(iter_decompressed(found.path / dump["name"], "zstd"))
+                assert plain.read_bytes() == b"".join(iter_decompressed(found.path / main["name"], "zstd"))
             else:
                 with pytest.raises(PostgresError, match="truncated" if damage == "truncated" else "sha256 differs"):
                     restoring()
+
+
+def test_a_dump_in_one_file_is_shared_out_by_the_manifests_sizes(site):
+    """A set made with every table in the one dump (as before table files, or
+    table_file_min_bytes 0) is loaded by `jobs` pg_restores, each its share."""
+    set_table_files(site, 0)
+    opsfleet(site, "backup", "run", "--kind", "database")
+    set_id = opsfleet(site, "backup", "list").output.splitlines()[1].split()[0]
+    from worker.adapters.backupstore import get_set
+
+    item = get_set(site["tmp"] / "backups", set_id).items["db"]
+    assert [f["name"] for f in item["files"]] == ["db.dump.zst", "db.roles.sql"]
+    out = opsfleet(site, "restore", set_id, "--target-db", f"{site['live']}_one", "--yes").output
+    assert "match the manifest" in out
+    assert counts(f"{site['url'].rsplit('/', 1)[0]}/{site['live']}_one") == ROWS
 
 
 def _flip_a_byte(path):

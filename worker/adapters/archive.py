@@ -83,12 +83,16 @@ def run_together(
     timeout: float,
     env: dict[str, str],
     feeders: list[Callable[[BinaryIO], None]] | None = None,
+    at_once: int | None = None,
+    on_done: Callable[[int], None] | None = None,
 ) -> list[str]:
-    """Run tools side by side, each one's stdin written by its `feeders` entry when given;
-    their stdouts, or ArchiveError (the others stopped) when one fails, its feeder fails,
-    or time runs out."""
+    """Run tools side by side, at most `at_once` at a time (default: all), started in the
+    given order, each one's stdin written by its `feeders` entry when given; their stdouts,
+    or ArchiveError (the others stopped) when one fails, its feeder fails, or time runs out.
+    `on_done(n)`: tool n has ended well (its feeder may still be finishing)."""
     deadline = time.monotonic() + timeout
     failures: list[ArchiveError] = []  # a feeder's: the real cause when its tool then fails
+    limit = max(1, at_once or len(argvs))
 
     def pump(feeder: Callable[[BinaryIO], None], proc: subprocess.Popen) -> None:
         try:
@@ -103,30 +107,52 @@ def run_together(
                 proc.stdin.close()
 
     with contextlib.ExitStack() as stack:
-        procs, pumps, outs = [], [], []
-        for n, argv in enumerate(argvs):
+        started: list[tuple[subprocess.Popen, BinaryIO, list[str]]] = []
+        pumps, outs = [], []
+
+        def start(n: int) -> None:
             err = stack.enter_context(tempfile.TemporaryFile())
             outs.append(stack.enter_context(tempfile.TemporaryFile()))
             feeder = feeders[n] if feeders else None
             stdin = subprocess.PIPE if feeder is not None else None
-            proc = subprocess.Popen(argv, stdin=stdin, stdout=outs[-1], stderr=err, env=env)
-            procs.append((proc, err, argv))
+            proc = subprocess.Popen(argvs[n], stdin=stdin, stdout=outs[-1], stderr=err, env=env)
+            started.append((proc, err, argvs[n]))
             if feeder is not None:
                 pumps.append(threading.Thread(target=pump, args=(feeder, proc), daemon=True))
                 pumps[-1].start()
+
+        def check(proc: subprocess.Popen, err: BinaryIO, argv: list[str]) -> None:
+            if proc.returncode != 0:
+                if failures:
+                    raise failures[0]
+                err.seek(0)
+                raise ArchiveError(f"{Path(argv[0]).name} exited {proc.returncode}: {tail(err.read())}")
+
+        ended: set[int] = set()
         try:
-            for proc, err, argv in procs:
-                try:
-                    proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    raise ArchiveError(f"{argv[0]} did not finish within {timeout:.0f}s") from None
-                if proc.returncode != 0:
-                    if failures:
-                        raise failures[0]
-                    err.seek(0)
-                    raise ArchiveError(f"{Path(argv[0]).name} exited {proc.returncode}: {tail(err.read())}")
+            while True:
+                for n, entry in enumerate(started):
+                    if entry[0].poll() is not None and n not in ended:
+                        check(*entry)  # a failure stops the rest now, not when its turn comes
+                        ended.add(n)
+                        if on_done is not None:
+                            on_done(n)
+                running = [entry for entry in started if entry[0].returncode is None]
+                while len(started) < len(argvs) and len(running) < limit:
+                    start(len(started))
+                    running.append(started[-1])
+                if not running:
+                    break
+                if time.monotonic() > deadline:
+                    raise ArchiveError(f"{running[0][2][0]} did not finish within {timeout:.0f}s")
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    running[0][0].wait(timeout=min(0.05, max(0.0, deadline - time.monotonic())))
+            for thread in pumps:  # a tool may end before its feeder finds fault with what it fed
+                thread.join(timeout=max(0.1, deadline - time.monotonic()))
+            if failures:
+                raise failures[0]
         finally:
-            for proc, _, _ in procs:
+            for proc, _, _ in started:
                 if proc.poll() is None:
                     proc.kill()
                     proc.wait(timeout=10)
@@ -415,6 +441,22 @@ def iter_decompressed(path: Path, compression: str, hasher=None) -> Iterator[byt
             hasher.update(raw)
         yield from decoder.feed(raw)
     decoder.finish()
+
+
+def decompressing_feeder(src: Path, compression: str, expect_sha256: str | None) -> Callable[[BinaryIO], None]:
+    """`feed(out)`: `src` decompressed into `out` (a tool's stdin), nothing kept on disk.
+    Raises ArchiveError when it does not decompress to its end, or once its last byte is
+    fed, when its sha256 is not `expect_sha256`: the tool must then be stopped (run_together
+    does) and what it loaded thrown away."""
+
+    def feed(out: BinaryIO) -> None:
+        digest = hashlib.sha256()
+        for chunk in iter_decompressed(src, compression, digest):
+            out.write(chunk)
+        if expect_sha256 and digest.hexdigest() != expect_sha256:
+            raise ArchiveError(f"{src.name}: sha256 differs from the manifest's")
+
+    return feed
 
 
 class Unpacking:

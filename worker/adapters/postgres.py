@@ -16,11 +16,12 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import psycopg
 from psycopg import sql
@@ -60,11 +61,55 @@ class PostgresError(Exception):
 
 
 @dataclass(frozen=True)
+class TableSize:
+    schema: str
+    name: str
+    bytes: int  # pg_table_size: heap and TOAST, not indexes (a restore builds those)
+
+    @property
+    def key(self) -> str:
+        """How manifests name a table: "schema.table"."""
+        return f"{self.schema}.{self.name}"
+
+    @property
+    def pattern(self) -> str:
+        """The table exactly, as pg_dump's --table/--exclude-table-data read it: in double
+        quotes no character is a wildcard, and a quote is doubled."""
+        return ".".join('"' + part.replace('"', '""') + '"' for part in (self.schema, self.name))
+
+
+@dataclass(frozen=True)
 class Snapshot:
     id: str
     row_counts: dict[str, int]  # complete once the snapshot's `with` block has ended
     server_version: str
-    table_bytes: dict[str, int] = field(default_factory=dict)  # on disk; a restore loads the largest first
+    tables: tuple[TableSize, ...] = ()  # known when the block starts (a container's: none)
+
+    @property
+    def table_bytes(self) -> dict[str, int]:
+        return {t.key: t.bytes for t in self.tables}
+
+
+@dataclass(frozen=True)
+class TableData:
+    """One table's rows in a dump of their own (`pg_dump --data-only --table`): `feed(out)`
+    writes that dump into a pg_restore's stdin, raising ArchiveError if it is not the
+    manifest's. `weight` orders the loads, largest first."""
+
+    table: str
+    weight: int
+    feed: Callable[[BinaryIO], None]
+
+
+def tables_to_split(tables: Iterable[TableSize], min_bytes: int, most: int = 32) -> list[TableSize]:
+    """The tables dumped each into a file of their own: those of `min_bytes` or more, the
+    largest `most` of them (each is a pg_dump run, and pg_dump reads the whole catalog
+    at start). 0: none. A restore loads them side by side, each decompressed straight into
+    its own pg_restore; what stays in the main dump is loaded with it."""
+    if min_bytes <= 0:
+        return []
+    big = [t for t in tables if t.bytes >= min_bytes]
+    return sorted(big, key=lambda t: (-t.bytes, t.schema, t.name))[:most]
 
 
 def check_db_name(name: str) -> str:
@@ -128,9 +173,12 @@ class Postgres:
         except ArchiveError as err:
             return f"unknown ({err})"
 
-    def row_counts(self, dbname: str | None = None) -> dict[str, int]:
+    def row_counts(
+        self, dbname: str | None = None, skip: Collection[str] = (), only: Collection[str] | None = None
+    ) -> dict[str, int]:
+        """Rows per "schema.table": of the tables in `only` (default: all), but for those in `skip`."""
         with self.connect(dbname) as conn:
-            return _count_rows(conn)
+            return _count_rows(conn, skip, only)
 
     # -- dump -------------------------------------------------------------------
 
@@ -148,16 +196,11 @@ class Postgres:
             with conn.transaction(), ThreadPoolExecutor(1, thread_name_prefix="row-counts") as counter:
                 snap = conn.execute("SELECT pg_export_snapshot()").fetchone()[0]
                 version = conn.execute("SHOW server_version").fetchone()[0]
+                tables = _table_sizes(conn)  # the catalog alone: quick, and the dump's layout needs it first
                 counts: dict[str, int] = {}
-                table_bytes: dict[str, int] = {}
-
-                def count() -> None:
-                    table_bytes.update(_table_bytes(conn))
-                    counts.update(_count_rows(conn))
-
-                counting = counter.submit(count)
+                counting = counter.submit(lambda: counts.update(_count_rows(conn)))
                 try:
-                    yield Snapshot(snap, counts, version, table_bytes)
+                    yield Snapshot(snap, counts, version, tables)
                 except BaseException:
                     with contextlib.suppress(psycopg.Error):  # the server may be what failed
                         conn.cancel_safe(timeout=5)  # the dump failed: stop counting now
@@ -168,9 +211,10 @@ class Postgres:
         finally:
             conn.close()
 
-    def dump_process(self, snapshot_id: str, stderr: Path) -> subprocess.Popen:
-        """pg_dump, custom format, uncompressed (we compress with zstd), to stdout."""
-        argv = ["pg_dump", "--format=custom", "--compress=0", f"--snapshot={snapshot_id}", "--no-password"]
+    def dump_process(self, snapshot_id: str, stderr: Path, select: Iterable[str] = ()) -> subprocess.Popen:
+        """pg_dump, custom format, uncompressed (we compress with zstd), to stdout;
+        `select`: options choosing what it dumps (--table, --exclude-table-data, ...)."""
+        argv = ["pg_dump", "--format=custom", "--compress=0", f"--snapshot={snapshot_id}", "--no-password", *select]
         with open(stderr, "wb") as err:
             return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, env=self.env())
 
@@ -250,22 +294,22 @@ class Postgres:
         keep_owners: bool = False,
         weights: dict[str, int] | None = None,
         unpacking: Unpacking | None = None,
+        tables: Sequence[TableData] = (),
     ) -> dict[str, int]:
-        """pg_restore a custom-format dump into an existing empty database, in parallel;
-        returns the restored tables' row counts. Owners are kept when the server has the
-        roles (`roles` applied first, or `keep_owners`: the dump's own server); otherwise
-        objects belong to the restoring user.
+        """pg_restore a dump into an existing empty database, in parallel; returns the
+        restored tables' row counts. Owners are kept when the server has the roles (`roles`
+        applied first, or `keep_owners`: the dump's own server); otherwise objects belong to
+        the restoring user.
 
-        `unpacking`: `dump` is still being decompressed into. The pre-data section and the
-        tables' data are read from it as it grows (a custom-format dump is read front to
-        back), so loading starts with the first table; the post-data section waits for the
-        whole file, since `-j` needs to seek.
-
-        `weights` (bytes or rows per "schema.table", from the manifest): the tables' data
-        is loaded by `jobs` pg_restore processes, each its share, largest tables shared out
-        first (see split_table_data). A dump streamed through a pipe, as ours are, carries
-        no data offsets, so pg_restore -j could neither seek to a table nor start the
-        largest first. The rows are counted while post-data builds the indexes."""
+        `dump`: pg_dump's directory format (restored with -j in place), or a custom-format
+        dump, restored section by section: pre-data; then the data, `jobs` pg_restore
+        processes at a time, largest first: the `tables` dumped each on its own (each fed
+        straight from its compressed file) and the dump's own table data, shared out by
+        `weights` (bytes or rows per "schema.table", see split_table_data: a dump streamed
+        through a pipe carries no data offsets, so pg_restore -j could neither seek to a
+        table nor start the largest first); then post-data with -j, while the rows are
+        counted. `unpacking`: `dump` is still being decompressed into: pre-data and data are
+        read from it as it grows; post-data, which seeks, waits for the whole file."""
         if roles is not None and roles.exists():
             # Roles first, so ownership and grants resolve; existing roles are errors psql reports and skips.
             run(["psql", "--no-password", "--quiet", "--file", str(roles)], timeout=60, env=self.env("postgres"))
@@ -278,41 +322,75 @@ class Postgres:
         def left() -> float:
             return max(1.0, deadline - time.monotonic())
 
-        def reading(argv: list[str]) -> str:
-            """One pg_restore reading the dump front to back: from the file once it is whole."""
-            if unpacking is None:
-                return run([*argv, str(dump)], timeout=left(), env=env)
-            return run_together([argv], left(), env, feeders=[unpacking.feed])[0]
-
         try:
-            lists = None
-            if jobs > 1 and weights:
-                lists = split_table_data(reading(["pg_restore", "--list"]), weights, jobs)
-            if not lists:
-                if unpacking is not None:
-                    unpacking.wait()
+            if dump.is_dir():
                 run([*base, f"--jobs={jobs}", str(dump)], timeout=left(), env=env)
                 return self.row_counts(dbname)
-            reading([*base, "--section=pre-data"])
+            whole = unpacking.feed if unpacking is not None else _file_feeder(dump)
+            run_together([[*base, "--section=pre-data"]], left(), env, feeders=[whole])
             folder = Path(tempfile.mkdtemp(prefix="opsfleet-restore-lists-"))
-            try:
-                argvs = []
-                for n, lines in enumerate(lists):
-                    (folder / f"{n}.list").write_text("\n".join(lines) + "\n")
-                    argvs.append([*base, "--section=data", f"--use-list={folder / f'{n}.list'}"])
-                if unpacking is None:
-                    run_together([[*argv, str(dump)] for argv in argvs], left(), env=env)
-                else:
-                    run_together(argvs, left(), env, feeders=[unpacking.feed] * len(argvs))
-                    unpacking.wait()
-            finally:
-                shutil.rmtree(folder, ignore_errors=True)
             with ThreadPoolExecutor(1, thread_name_prefix="count rows") as counting:
-                counts = counting.submit(self.row_counts, dbname)
+                counted: list[Future] = []
+                asked: set[str] = set()  # tables whose count is under way
+
+                def count(**which: Collection[str]) -> None:
+                    counted.append(counting.submit(self.row_counts, dbname, **which))
+
+                # The dump's own table data: its weights are those of the tables not dumped apart.
+                apart = {t.table for t in tables}
+                own = {table: weight for table, weight in (weights or {}).items() if table not in apart}
+                loads = []  # (weight, argv, feeder, the tables it loads or None: not known)
+                shares = split_table_data(self._listing(whole, left(), env), own, jobs) if own else None
+                for n, lines in enumerate(shares or []):
+                    (folder / f"{n}.list").write_text("\n".join(lines) + "\n")
+                    argv = [*base, "--section=data", f"--use-list={folder / f'{n}.list'}"]
+                    listed = {_data_table(line) for line in lines} - {None}
+                    loads.append((sum(own.get(key, 0) for key in listed), argv, whole, listed))
+                if not shares:
+                    loads.append((sum(own.values()), [*base, "--section=data"], whole, None))
+                loads += [(t.weight, [*base, "--section=data"], t.feed, {t.table}) for t in tables]
+                loads.sort(key=lambda load: -load[0])
+
+                def loaded(n: int) -> None:
+                    # A table's rows are counted as soon as it is loaded, beside the loads still running.
+                    if loads[n][3]:
+                        asked.update(loads[n][3])
+                        count(only=loads[n][3])
+
+                try:
+                    run_together(
+                        [load[1] for load in loads], left(), env, feeders=[load[2] for load in loads], at_once=jobs,
+                        on_done=loaded,
+                    )  # fmt: skip
+                finally:
+                    shutil.rmtree(folder, ignore_errors=True)
+                count(skip=asked)  # the rest, while post-data builds the indexes
+                if unpacking is not None:
+                    unpacking.wait()
                 run([*base, "--section=post-data", f"--jobs={jobs}", str(dump)], timeout=left(), env=env)
-                return counts.result()
+                return {key: n for future in counted for key, n in future.result().items()}
         except ArchiveError as err:
             raise PostgresError(f"pg_restore into {dbname} failed: {err}") from None
+
+    @staticmethod
+    def _listing(feed: Callable[[BinaryIO], None], timeout: float, env: dict[str, str]) -> str:
+        return run_together([["pg_restore", "--list"]], timeout, env, feeders=[feed])[0]
+
+
+def _file_feeder(path: Path) -> Callable[[BinaryIO], None]:
+    def feed(out: BinaryIO) -> None:
+        for chunk in iter_file(path):
+            out.write(chunk)
+
+    return feed
+
+
+def _data_table(line: str) -> str | None:
+    """The "schema.table" of a `pg_restore --list` line if it is a TABLE DATA entry, else None."""
+    parts = line.split(";", 1)[-1].split()
+    if len(parts) >= 6 and parts[2:4] == ["TABLE", "DATA"]:
+        return f"{parts[4]}.{parts[5]}"
+    return None
 
 
 def split_table_data(listing: str, weights: dict[str, int], jobs: int) -> list[list[str]] | None:
@@ -324,11 +402,7 @@ def split_table_data(listing: str, weights: dict[str, int], jobs: int) -> list[l
     go back for an entry listed out of order. None when fewer than two tables have data
     (nothing to share out)."""
     lines = [line for line in listing.splitlines() if line and not line.startswith(";")]
-    entries = []
-    for position, line in enumerate(lines):
-        parts = line.split(";", 1)[-1].split()
-        if len(parts) >= 6 and parts[2:4] == ["TABLE", "DATA"]:
-            entries.append((weights.get(f"{parts[4]}.{parts[5]}", 0), position))
+    entries = [(weights.get(key, 0), n) for n, line in enumerate(lines) if (key := _data_table(line)) is not None]
     if len(entries) < 2:
         return None
     bins: list[list[int]] = [[] for _ in range(min(jobs, len(entries)))]
@@ -351,14 +425,18 @@ def verify_process(stderr: Path, source: Path | None = None) -> subprocess.Popen
         return subprocess.Popen(argv, stdin=None if source else subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err)
 
 
-def _table_bytes(conn: psycopg.Connection) -> dict[str, int]:
-    query = "SELECT n.nspname || '.' || c.relname, pg_table_size(c.oid) " + _TABLES[_TABLES.index("FROM pg_class") :]
-    return {name: size for name, size in conn.execute(query).fetchall()}
+def _table_sizes(conn: psycopg.Connection) -> tuple[TableSize, ...]:
+    query = "SELECT n.nspname, c.relname, pg_table_size(c.oid) " + _TABLES[_TABLES.index("FROM pg_class") :]
+    return tuple(TableSize(schema, name, size) for schema, name, size in conn.execute(query).fetchall())
 
 
-def _count_rows(conn: psycopg.Connection) -> dict[str, int]:
+def _count_rows(
+    conn: psycopg.Connection, skip: Collection[str] = (), only: Collection[str] | None = None
+) -> dict[str, int]:
     counts = {}
     for schema, table in conn.execute(_TABLES).fetchall():
+        if f"{schema}.{table}" in skip or (only is not None and f"{schema}.{table}" not in only):
+            continue
         query = sql.SQL("SELECT count(*) FROM {}.{}").format(sql.Identifier(schema), sql.Identifier(table))
         counts[f"{schema}.{table}"] = conn.execute(query).fetchone()[0]
     return counts
@@ -475,9 +553,9 @@ class ContainerPostgres:
             except Exception:
                 proc.kill()
 
-    def dump_process(self, snapshot_id: str, stderr: Path):
+    def dump_process(self, snapshot_id: str, stderr: Path, select: Iterable[str] = ()):
         return self._exec(
-            ["pg_dump", "--format=custom", "--compress=0", f"--snapshot={snapshot_id}", "--no-password"],
+            ["pg_dump", "--format=custom", "--compress=0", f"--snapshot={snapshot_id}", "--no-password", *select],
             stderr_path=stderr,
         )
 
@@ -532,19 +610,29 @@ class ContainerPostgres:
         keep_owners: bool = False,
         weights: dict[str, int] | None = None,  # one stream through stdin: nothing to share out
         unpacking: Unpacking | None = None,
+        tables: Sequence[TableData] = (),
     ) -> dict[str, int]:
+        """One pg_restore through stdin; with `tables` dumped apart: the dump's pre-data and
+        data, each table's data, then the dump's post-data (constraints after all rows)."""
         if roles is not None and roles.exists():
             self._psql(roles.read_text(), "postgres")
         argv = ["pg_restore", "--no-password", f"--dbname={dbname}", "--exit-on-error"]
         if roles is None and not keep_owners:
             argv.append("--no-owner")
+        whole = unpacking.feed if unpacking is not None else _file_feeder(dump)
+        if not tables:
+            self._stream(argv, dbname, whole, timeout)
+        else:
+            self._stream([*argv, "--section=pre-data", "--section=data"], dbname, whole, timeout)
+            for table in tables:
+                self._stream([*argv, "--section=data"], dbname, table.feed, timeout)
+            self._stream([*argv, "--section=post-data"], dbname, whole, timeout)
+        return self.row_counts(dbname)
+
+    def _stream(self, argv: list[str], dbname: str, feed: Callable[[BinaryIO], None], timeout: float) -> None:
         proc = self._exec(argv, dbname, stdin=True)
         try:
-            if unpacking is not None:
-                unpacking.feed(proc.stdin)
-            else:
-                for chunk in iter_file(dump):
-                    proc.stdin.write(chunk)
+            feed(proc.stdin)
         except OSError as err:
             proc.kill()
             raise PostgresError(f"pg_restore in {self.container.name} stopped reading: {err}") from None
@@ -556,4 +644,3 @@ class ContainerPostgres:
             raise PostgresError(
                 f"pg_restore into {dbname} in {self.container.name} failed: {proc.stderr.decode(errors='replace').strip()[-500:]}"
             )
-        return self.row_counts(dbname)

@@ -76,7 +76,7 @@ from worker.adapters.backupstore import (
     write_manifest,
 )
 from worker.adapters.ledger import utcnow
-from worker.adapters.postgres import Postgres, PostgresError, verify_process
+from worker.adapters.postgres import Postgres, PostgresError, tables_to_split, verify_process
 from worker.config import Config, SeriesSpec
 from worker.retention import Policy, decide_all
 from worker.tasks.steps import Step, StepContext, StepFailed, StepSkipped
@@ -507,34 +507,16 @@ def dump_database(ctx: StepContext, series: str, spec: SeriesSpec, folder: Path)
         if spec.service:
             raise StepFailed(f"backup.series.{series}.format: directory is not available with service (docker exec)")
         return dump_database_directory(ctx, series, spec, folder, pg)
-    name = f"{series}.dump{_suffix(ctx)}"
-    errors = folder / f".{series}.pg_dump.log"
-    check_errors = folder / f".{series}.pg_restore.log"
-    dumper = checker = None
-    writer = _writer(ctx, folder / name)
-    try:
-        with pg.snapshot() as snap:
-            dumper = pg.dump_process(snap.id, errors)
-            checker = verify_process(check_errors)
-            with Watchdog(spec.timeout_seconds, dumper, checker) as dog:
-                problem = stream_into(dumper, writer, checker, dog)
-                wait_all(dumper, checker, timeout=spec.timeout_seconds)
-            if dumper.returncode != 0:
-                raise ArchiveError(f"pg_dump of {pg.where()} exited {dumper.returncode}: {tail(errors.read_bytes())}")
-            size, sha = writer.close()
-    except BaseException:
-        _kill(dumper, checker)
-        writer.abort()
-        raise
-    if checker.returncode != 0 or problem:
-        raise ArchiveError(
-            f"{series}: the streaming full read (pg_restore to /dev/null) failed: {problem or tail(check_errors.read_bytes())}"
-        )
-    errors.unlink(missing_ok=True)
-    check_errors.unlink(missing_ok=True)
-    files = [_written(name, size, sha, writer, f"pg_dump custom, {ctx.config.backup.compression}")]
+    with pg.snapshot() as snap:
+        # The largest tables each in a dump of their own, the rest (and the schema) in the main one.
+        apart = tables_to_split(snap.tables, spec.table_file_min_bytes)
+        parts = [(f"{series}.dump{_suffix(ctx)}", None, [f"--exclude-table-data={t.pattern}" for t in apart])]
+        parts += [
+            (f"{series}.table-{n:02d}.dump{_suffix(ctx)}", t, ["--data-only", f"--table={t.pattern}"])
+            for n, t in enumerate(apart, 1)
+        ]
+        files = [_dump_part(ctx, pg, snap.id, spec, folder, *part) for part in parts]
     roles, problems = _roles(pg, series, folder)
-    files += roles
     extra = {"pg_dump": pg.tool_version("pg_dump")} if spec.service else {}
     return {
         **extra,
@@ -542,11 +524,43 @@ def dump_database(ctx: StepContext, series: str, spec: SeriesSpec, folder: Path)
         "format": "custom",
         "server_version": snap.server_version,
         "row_counts": snap.row_counts,
-        **({"table_bytes": snap.table_bytes} if snap.table_bytes else {}),
-        "files": files,
+        **({"table_bytes": snap.table_bytes} if snap.tables else {}),
+        "files": files + roles,
         "problems": problems,
-        "streaming_check": "pg_restore read the whole dump to /dev/null as it streamed",
+        "streaming_check": "pg_restore read each dump whole to /dev/null as it streamed",
     }
+
+
+def _dump_part(
+    ctx: StepContext, pg, snapshot: str, spec: SeriesSpec, folder: Path, name: str, table, select: list[str]
+) -> dict[str, Any]:
+    """One pg_dump in the set's snapshot (`select`: what it dumps) -> zstd -> file, while
+    a pg_restore reads the same stream to /dev/null. Parts are dumped one after another:
+    side by side, two of these pipelines took 1.6x as long on two cores as in turn."""
+    errors, check_errors = folder / f".{name}.pg_dump.log", folder / f".{name}.pg_restore.log"
+    dumper = checker = None
+    writer = _writer(ctx, folder / name)
+    try:
+        dumper = pg.dump_process(snapshot, errors, select)
+        checker = verify_process(check_errors)
+        with Watchdog(spec.timeout_seconds, dumper, checker) as dog:
+            problem = stream_into(dumper, writer, checker, dog)
+            wait_all(dumper, checker, timeout=spec.timeout_seconds)
+        if dumper.returncode != 0:
+            raise ArchiveError(f"pg_dump of {pg.where()} exited {dumper.returncode}: {tail(errors.read_bytes())}")
+        size, sha = writer.close()
+    except BaseException:
+        _kill(dumper, checker)
+        writer.abort()
+        raise
+    if checker.returncode != 0 or problem:
+        raise ArchiveError(
+            f"{name}: the streaming full read (pg_restore to /dev/null) failed: {problem or tail(check_errors.read_bytes())}"
+        )
+    errors.unlink(missing_ok=True)
+    check_errors.unlink(missing_ok=True)
+    entry = _written(name, size, sha, writer, f"pg_dump custom, {ctx.config.backup.compression}")
+    return {**entry, "table": table.key} if table is not None else entry
 
 
 def _tar_item(

@@ -34,11 +34,19 @@ import time
 from pathlib import Path
 
 from worker.adapters import metrics
-from worker.adapters.archive import ArchiveError, Unpacking, Watchdog, free_bytes, iter_decompressed, tail
+from worker.adapters.archive import (
+    ArchiveError,
+    Unpacking,
+    Watchdog,
+    decompressing_feeder,
+    free_bytes,
+    iter_decompressed,
+    tail,
+)
 from worker.adapters.backupstore import BackupSet, get_set, list_sets, mark_unverified, newest_holding
 from worker.adapters.docker import DockerError
 from worker.adapters.ledger import utcnow
-from worker.adapters.postgres import Postgres, PostgresError, check_db_name
+from worker.adapters.postgres import Postgres, PostgresError, TableData, check_db_name
 from worker.config import SeriesSpec
 from worker.tasks.backup import backup_root, is_secret, postgres_for, verify_item
 from worker.tasks.gate import pass_gate, recovery_gate
@@ -217,7 +225,8 @@ def restore_database_into(
         else:
             plain = scratch_folder(ctx) / f"{series}.dump"
             unpacked.callback(plain.unlink, missing_ok=True)
-            dump_file = next(f for f in item["files"] if ".dump" in f["name"])
+            # The main dump (schema and the smaller tables) is unpacked: post-data seeks in it.
+            dump_file = next(f for f in item["files"] if ".dump" in f["name"] and "table" not in f)
             need = int(dump_file.get("uncompressed_bytes", 0) * 1.05)
             free = free_bytes(plain.parent)
             if free < need:
@@ -233,13 +242,23 @@ def restore_database_into(
             unpacking = unpacked.enter_context(
                 Unpacking(found.path / dump_file["name"], compression, plain, expect_sha256=dump_file["sha256"])
             )
+        weights = None if item.get("format") == "directory" else item.get("table_bytes") or item.get("row_counts")
+        # Tables dumped each on their own: decompressed straight into their own pg_restore.
+        tables = [
+            TableData(
+                f["table"],
+                (weights or {}).get(f["table"], f.get("uncompressed_bytes", 0)),
+                decompressing_feeder(found.path / f["name"], compression, f["sha256"]),
+            )
+            for f in item["files"]
+            if "table" in f
+        ]
         pg.create_database(dbname, owner=owner)
         try:
             roles = found.path / roles_file["name"] if (with_roles and roles_file) else None
             counts = pg.restore(
                 plain, dbname, spec.jobs, spec.timeout_seconds, roles=roles, keep_owners=owner is not None,
-                weights=None if item.get("format") == "directory" else item.get("table_bytes") or item.get("row_counts"),
-                unpacking=unpacking,
+                weights=weights, unpacking=unpacking, tables=tables,
             )  # fmt: skip
             expected = item.get("row_counts", {})
             if counts != expected:
