@@ -200,3 +200,15 @@ def test_a_kicked_writeback_syncs_the_file_on_its_thread(tmp_path, monkeypatch):
         writeback.kick()
         assert synced.wait(10)
         writeback.stop()
+
+
+def test_a_tool_can_pipe_into_a_second_without_a_shell_and_either_failing_fails_the_run(tmp_path):
+    env = dict(os.environ)
+    lines = archive.run_together([["cat"]], 30, env, feeders=[lambda out: out.write(b"a\nb\nc\n")], into=[["wc", "-l"]])
+    assert lines[0].strip() == "3"
+    # The second stops reading (a SQL error in psql, say): its own complaint is the reason.
+    with pytest.raises(ArchiveError, match=r"sh exited 4: psql said no"):
+        archive.run_together([["cat", "/dev/zero"]], 30, env, into=[["sh", "-c", "echo psql said no >&2; exit 4"]])
+    # The first fails while the second ends well on what it got: the first's complaint.
+    with pytest.raises(ArchiveError, match=r"sh exited 2: cut short"):
+        archive.run_together([["sh", "-c", "echo partial; echo cut short >&2; exit 2"]], 30, env, into=[["cat"]])

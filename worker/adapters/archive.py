@@ -85,14 +85,18 @@ def run_together(
     feeders: list[Callable[[BinaryIO], None]] | None = None,
     at_once: int | None = None,
     on_done: Callable[[int], None] | None = None,
+    into: list[list[str] | None] | None = None,
 ) -> list[str]:
     """Run tools side by side, at most `at_once` at a time (default: all), started in the
-    given order, each one's stdin written by its `feeders` entry when given; their stdouts,
-    or ArchiveError (the others stopped) when one fails, its feeder fails, or time runs out.
-    `on_done(n)`: tool n has ended well (its feeder may still be finishing)."""
+    given order, each one's stdin written by its `feeders` entry when given, and its stdout
+    read by its `into` entry when given (a second tool: a pipeline without a shell). Returns
+    their stdouts (the second tool's, for a pipeline), or raises ArchiveError (the others
+    stopped) when one fails, its feeder fails, or time runs out. `on_done(n)`: tool n (and
+    its second) has ended well; its feeder may still be finishing."""
     deadline = time.monotonic() + timeout
     failures: list[ArchiveError] = []  # a feeder's: the real cause when its tool then fails
     limit = max(1, at_once or len(argvs))
+    Stage = tuple[subprocess.Popen, BinaryIO, list[str]]
 
     def pump(feeder: Callable[[BinaryIO], None], proc: subprocess.Popen) -> None:
         try:
@@ -107,55 +111,68 @@ def run_together(
                 proc.stdin.close()
 
     with contextlib.ExitStack() as stack:
-        started: list[tuple[subprocess.Popen, BinaryIO, list[str]]] = []
+        started: list[list[Stage]] = []  # per tool: its stages, first to last
         pumps, outs = [], []
 
         def start(n: int) -> None:
-            err = stack.enter_context(tempfile.TemporaryFile())
             outs.append(stack.enter_context(tempfile.TemporaryFile()))
             feeder = feeders[n] if feeders else None
+            second = into[n] if into else None
+            err = stack.enter_context(tempfile.TemporaryFile())
             stdin = subprocess.PIPE if feeder is not None else None
-            proc = subprocess.Popen(argvs[n], stdin=stdin, stdout=outs[-1], stderr=err, env=env)
-            started.append((proc, err, argvs[n]))
+            stdout = subprocess.PIPE if second else outs[-1]
+            first = subprocess.Popen(argvs[n], stdin=stdin, stdout=stdout, stderr=err, env=env)
+            stages = [(first, err, argvs[n])]
+            if second:
+                err2 = stack.enter_context(tempfile.TemporaryFile())
+                stages.append(
+                    (subprocess.Popen(second, stdin=first.stdout, stdout=outs[-1], stderr=err2, env=env), err2, second)
+                )
+                first.stdout.close()  # the second tool's now: the first sees it stop reading
+            started.append(stages)
             if feeder is not None:
-                pumps.append(threading.Thread(target=pump, args=(feeder, proc), daemon=True))
+                pumps.append(threading.Thread(target=pump, args=(feeder, first), daemon=True))
                 pumps[-1].start()
 
-        def check(proc: subprocess.Popen, err: BinaryIO, argv: list[str]) -> None:
-            if proc.returncode != 0:
-                if failures:
-                    raise failures[0]
-                err.seek(0)
-                raise ArchiveError(f"{Path(argv[0]).name} exited {proc.returncode}: {tail(err.read())}")
+        def check(stages: list[Stage]) -> None:
+            # The last stage first: a first stage fails when the second stops reading it.
+            for proc, err, argv in reversed(stages):
+                if proc.returncode != 0:
+                    if failures:
+                        raise failures[0]
+                    err.seek(0)
+                    raise ArchiveError(f"{Path(argv[0]).name} exited {proc.returncode}: {tail(err.read())}")
 
         ended: set[int] = set()
         try:
             while True:
-                for n, entry in enumerate(started):
-                    if entry[0].poll() is not None and n not in ended:
-                        check(*entry)  # a failure stops the rest now, not when its turn comes
+                for n, stages in enumerate(started):
+                    if n not in ended and all(proc.poll() is not None for proc, _, _ in stages):
+                        check(stages)  # a failure stops the rest now, not when its turn comes
                         ended.add(n)
                         if on_done is not None:
                             on_done(n)
-                running = [entry for entry in started if entry[0].returncode is None]
+                running = [stages for n, stages in enumerate(started) if n not in ended]
                 while len(started) < len(argvs) and len(running) < limit:
                     start(len(started))
                     running.append(started[-1])
                 if not running:
                     break
                 if time.monotonic() > deadline:
-                    raise ArchiveError(f"{running[0][2][0]} did not finish within {timeout:.0f}s")
+                    raise ArchiveError(f"{running[0][0][2][0]} did not finish within {timeout:.0f}s")
+                waiting = next(proc for proc, _, _ in running[0] if proc.returncode is None)
                 with contextlib.suppress(subprocess.TimeoutExpired):
-                    running[0][0].wait(timeout=min(0.05, max(0.0, deadline - time.monotonic())))
+                    waiting.wait(timeout=min(0.05, max(0.0, deadline - time.monotonic())))
             for thread in pumps:  # a tool may end before its feeder finds fault with what it fed
                 thread.join(timeout=max(0.1, deadline - time.monotonic()))
             if failures:
                 raise failures[0]
         finally:
-            for proc, _, _ in started:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait(timeout=10)
+            for stages in started:
+                for proc, _, _ in stages:
+                    if proc.poll() is None:
+                        proc.kill()
+                        proc.wait(timeout=10)
             for thread in pumps:
                 thread.join(timeout=10)
         for out in outs:

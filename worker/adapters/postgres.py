@@ -313,9 +313,13 @@ class Postgres:
         if roles is not None and roles.exists():
             # Roles first, so ownership and grants resolve; existing roles are errors psql reports and skips.
             run(["psql", "--no-password", "--quiet", "--file", str(roles)], timeout=60, env=self.env("postgres"))
-        base = ["pg_restore", "--no-password", f"--dbname={dbname}", "--exit-on-error"]
-        if roles is None and not keep_owners:
-            base.append("--no-owner")
+        owners = [] if roles is not None or keep_owners else ["--no-owner"]
+        base = ["pg_restore", "--no-password", f"--dbname={dbname}", "--exit-on-error", *owners]
+        # Table data as SQL into psql: pg_restore -d sends a custom-format archive's rows one
+        # CopyData message each (pg_dump --compress=0 writes a chunk per row); psql sends
+        # them in full buffers. Measured here, 7 M rows: 5.31 s against 5.73 s.
+        as_sql = ["pg_restore", "--file=-", *owners]
+        psql = ["psql", "--no-password", "--no-psqlrc", "--set=ON_ERROR_STOP=1", f"--dbname={dbname}"]
         deadline = time.monotonic() + timeout
         env = self.env(dbname)
 
@@ -330,45 +334,53 @@ class Postgres:
             run_together([[*base, "--section=pre-data"]], left(), env, feeders=[whole])
             folder = Path(tempfile.mkdtemp(prefix="opsfleet-restore-lists-"))
             with ThreadPoolExecutor(1, thread_name_prefix="count rows") as counting:
+                counts: dict[str, int] = {}
                 counted: list[Future] = []
-                asked: set[str] = set()  # tables whose count is under way
-
-                def count(**which: Collection[str]) -> None:
-                    counted.append(counting.submit(self.row_counts, dbname, **which))
+                asked: set[str] = set()  # tables counted or being counted
 
                 # The dump's own table data: its weights are those of the tables not dumped apart.
                 apart = {t.table for t in tables}
                 own = {table: weight for table, weight in (weights or {}).items() if table not in apart}
-                loads = []  # (weight, argv, feeder, the tables it loads or None: not known)
+                loads = []  # (weight, argv, feeder, the tables it loads or None: not known, the one its COPY counts)
                 shares = split_table_data(self._listing(whole, left(), env), own, jobs) if own else None
                 for n, lines in enumerate(shares or []):
                     (folder / f"{n}.list").write_text("\n".join(lines) + "\n")
-                    argv = [*base, "--section=data", f"--use-list={folder / f'{n}.list'}"]
+                    argv = [*as_sql, "--section=data", f"--use-list={folder / f'{n}.list'}"]
                     listed = {_data_table(line) for line in lines} - {None}
-                    loads.append((sum(own.get(key, 0) for key in listed), argv, whole, listed))
+                    loads.append((sum(own.get(key, 0) for key in listed), argv, whole, listed, None))
                 if not shares:
-                    loads.append((sum(own.values()), [*base, "--section=data"], whole, None))
-                loads += [(t.weight, [*base, "--section=data"], t.feed, {t.table}) for t in tables]
+                    loads.append((sum(own.values()), [*as_sql, "--section=data"], whole, None, None))
+                loads += [(t.weight, [*as_sql, "--section=data"], t.feed, {t.table}, t.table) for t in tables]
                 loads.sort(key=lambda load: -load[0])
 
                 def loaded(n: int) -> None:
-                    # A table's rows are counted as soon as it is loaded, beside the loads still running.
-                    if loads[n][3]:
-                        asked.update(loads[n][3])
-                        count(only=loads[n][3])
+                    # The dump's own tables are counted as soon as they are loaded, beside the loads still running.
+                    listed, by_copy = loads[n][3], loads[n][4]
+                    if listed and not by_copy:
+                        asked.update(listed)
+                        counted.append(counting.submit(self.row_counts, dbname, only=listed))
 
                 try:
-                    run_together(
+                    outputs = run_together(
                         [load[1] for load in loads], left(), env, feeders=[load[2] for load in loads], at_once=jobs,
-                        on_done=loaded,
+                        on_done=loaded, into=[psql] * len(loads),
                     )  # fmt: skip
                 finally:
                     shutil.rmtree(folder, ignore_errors=True)
-                count(skip=asked)  # the rest, while post-data builds the indexes
+                # A table dumped apart is loaded by one COPY into the fresh, empty table: the
+                # server's count of the rows that COPY wrote ("COPY n") is the table's count,
+                # with no second pass over a large table beside the index builds.
+                for load, out in zip(loads, outputs, strict=True):
+                    if load[4] and len(tags := _COPY_TAG.findall(out)) == 1:
+                        counts[load[4]] = int(tags[0])
+                        asked.add(load[4])
+                counted.append(counting.submit(self.row_counts, dbname, skip=set(asked)))  # the rest, beside post-data
                 if unpacking is not None:
                     unpacking.wait()
                 run([*base, "--section=post-data", f"--jobs={jobs}", str(dump)], timeout=left(), env=env)
-                return {key: n for future in counted for key, n in future.result().items()}
+                for future in counted:
+                    counts.update(future.result())
+                return counts
         except ArchiveError as err:
             raise PostgresError(f"pg_restore into {dbname} failed: {err}") from None
 
@@ -383,6 +395,9 @@ def _file_feeder(path: Path) -> Callable[[BinaryIO], None]:
             out.write(chunk)
 
     return feed
+
+
+_COPY_TAG = re.compile(r"^COPY (\d+)$", re.M)  # psql's report of a COPY: the rows it wrote
 
 
 def _data_table(line: str) -> str | None:
