@@ -212,3 +212,28 @@ def test_a_tool_can_pipe_into_a_second_without_a_shell_and_either_failing_fails_
     # The first fails while the second ends well on what it got: the first's complaint.
     with pytest.raises(ArchiveError, match=r"sh exited 2: cut short"):
         archive.run_together([["sh", "-c", "echo partial; echo cut short >&2; exit 2"]], 30, env, into=[["cat"]])
+
+
+def test_a_writeback_that_fails_fails_the_file_though_the_final_fsync_then_passes(tmp_path, monkeypatch):
+    # Linux reports a failed writeback once per open file: to the writeback's fdatasync,
+    # not again to close()'s fsync on the same file.
+    import errno
+
+    def failing(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(archive.os, "fdatasync", failing)
+    monkeypatch.setattr(archive.HashingWriter, "WRITEBACK_BYTES", 1 << 12)
+    writer = archive.HashingWriter(tmp_path / "f")
+    writer.write(os.urandom(1 << 13))  # kicks the writeback
+    writer._writeback._thread.join(10)  # it stops at its first error
+    assert writer._writeback.error is not None
+    with pytest.raises(OSError, match="Input/output error"):
+        writer.write(os.urandom(1 << 13))  # the next writeback's turn: the file is lost already
+    with pytest.raises(OSError, match="Input/output error"):
+        writer.close()
+
+
+def test_a_tool_that_cannot_be_started_is_named(tmp_path):
+    with pytest.raises(ArchiveError, match="cannot run no-such-psql: No such file or directory"):
+        archive.run_together([["cat"]], 30, dict(os.environ), into=[["no-such-psql"]])

@@ -667,6 +667,56 @@ def test_tables_with_names_pg_dump_could_misread_are_dumped_apart_and_restored(s
                         "shop.ünïcode": 40, "shop.dotXted_": 3}  # fmt: skip
 
 
+@pytest.mark.parametrize("min_bytes", [1, 65536, 0], ids=["table files", "children apart", "one dump"])
+def test_inheritance_parents_and_names_a_listing_splits_are_counted_right(site, min_bytes):
+    """A parent's count includes its children's rows (the manifest's does): never its own
+    COPY's, and never before every child is loaded. "Line" beside "Line Items" (pg_restore
+    --list shows the latter as `shop Line Items`) is no one else's count either."""
+    set_table_files(site, min_bytes)
+    with psycopg.connect(site["url"], autocommit=True) as conn:
+        conn.execute("CREATE TABLE shop.events (id bigserial PRIMARY KEY, payload text)")
+        conn.execute("INSERT INTO shop.events (payload) SELECT repeat('e', g % 50) FROM generate_series(1, 900) g")
+        conn.execute("CREATE TABLE shop.events_old () INHERITS (shop.events)")
+        # Large enough for a file of its own at 64 KiB, while the parent stays in the main dump.
+        conn.execute("INSERT INTO shop.events_old (payload) SELECT repeat('o', 300) FROM generate_series(1, 500)")
+        conn.execute('CREATE TABLE shop."Line" (id int, v text)')
+        conn.execute("INSERT INTO shop.\"Line\" SELECT g, repeat('l', 30) FROM generate_series(1, 2000) g")
+    expected = {**ROWS, "shop.events": 1400, "shop.events_old": 500, "shop.Line": 2000}
+    opsfleet(site, "backup", "run", "--kind", "database")
+    set_id = opsfleet(site, "backup", "list").output.splitlines()[1].split()[0]
+    from worker.adapters.backupstore import get_set
+
+    assert get_set(site["tmp"] / "backups", set_id).items["db"]["row_counts"] == expected
+    for n in range(2):  # the loads finish in another order from run to run
+        out = opsfleet(site, "restore", set_id, "--target-db", f"{site['live']}_inh{n}", "--yes").output
+        assert "match the manifest" in out
+        assert counts(f"{site['url'].rsplit('/', 1)[0]}/{site['live']}_inh{n}") == expected
+
+
+def test_the_snapshot_locks_every_table_until_the_set_is_dumped(site, monkeypatch):
+    """A table dumped by a later pg_dump of the set cannot be dropped or renamed in between."""
+    import threading
+
+    from worker.adapters import postgres
+
+    counted = threading.Event()  # the row counts lock what they count: held back, so they lock nothing here
+    real = postgres._count_rows
+    monkeypatch.setattr(postgres, "_count_rows", lambda conn, skip=(): (counted.wait(30), real(conn, skip))[1])
+    pg = Postgres(site["url"])
+    with pg.snapshot() as snap, psycopg.connect(site["url"], autocommit=True) as other:
+        assert sorted(t.key for t in snap.tables) == sorted(ROWS)
+        locked = other.execute(
+            "SELECT n.nspname || '.' || c.relname FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE l.mode = 'AccessShareLock' AND l.granted "
+            "AND l.pid <> pg_backend_pid() AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        ).fetchall()
+        assert set(ROWS) <= {name for (name,) in locked}
+        other.execute("SET lock_timeout = '200ms'")
+        with pytest.raises(psycopg.errors.LockNotAvailable):
+            other.execute('ALTER TABLE shop."Line Items" RENAME TO gone')
+        counted.set()
+
+
 def test_a_single_table_is_not_shared_out():
     from worker.adapters.postgres import split_table_data
 

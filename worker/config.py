@@ -511,14 +511,16 @@ class SeriesSpec(_Strict):
         default=(), description="Configured services using this database: stopped for a restore's swap, then started."
     )
     # custom: pg_dump's compression off and zstd outside (fast): one file, and one more
-    # per table of table_file_min_bytes or more, dumped <jobs> at a time and restored side
-    # by side, each straight from its compressed file. directory: pg_dump -j <jobs> writes
-    # one gzip file per table (level directory_compress), restored in place with -j.
+    # per table of table_file_min_bytes or more (over a connection; not through `service`),
+    # dumped one after another and restored <jobs> at a time, each straight from its
+    # compressed file. directory: pg_dump -j <jobs> writes one gzip file per table (level
+    # directory_compress), restored in place with -j.
     format: Literal["custom", "directory"] = "custom"
     table_file_min_bytes: int = Field(
         default=64 << 20,
         ge=0,
-        description="custom format: a table this large (heap and TOAST) gets a dump of its own; 0: one file.",
+        description="custom format over a connection: a table this large (heap and TOAST) gets a dump of its own; "
+        "0: one file.",
     )
     directory_compress: int = Field(default=1, ge=0, le=9, description="pg_dump --compress for directory format.")
     jobs: int = Field(default=2, ge=1, le=32, description="pg_restore -j (and pg_dump -j for directory format).")

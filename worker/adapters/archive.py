@@ -84,15 +84,13 @@ def run_together(
     env: dict[str, str],
     feeders: list[Callable[[BinaryIO], None]] | None = None,
     at_once: int | None = None,
-    on_done: Callable[[int], None] | None = None,
     into: list[list[str] | None] | None = None,
 ) -> list[str]:
     """Run tools side by side, at most `at_once` at a time (default: all), started in the
     given order, each one's stdin written by its `feeders` entry when given, and its stdout
     read by its `into` entry when given (a second tool: a pipeline without a shell). Returns
     their stdouts (the second tool's, for a pipeline), or raises ArchiveError (the others
-    stopped) when one fails, its feeder fails, or time runs out. `on_done(n)`: tool n (and
-    its second) has ended well; its feeder may still be finishing."""
+    stopped) when one fails, its feeder fails, or time runs out."""
     deadline = time.monotonic() + timeout
     failures: list[ArchiveError] = []  # a feeder's: the real cause when its tool then fails
     limit = max(1, at_once or len(argvs))
@@ -121,15 +119,13 @@ def run_together(
             err = stack.enter_context(tempfile.TemporaryFile())
             stdin = subprocess.PIPE if feeder is not None else None
             stdout = subprocess.PIPE if second else outs[-1]
-            first = subprocess.Popen(argvs[n], stdin=stdin, stdout=stdout, stderr=err, env=env)
+            first = _popen(argvs[n], stdin=stdin, stdout=stdout, stderr=err, env=env)
             stages = [(first, err, argvs[n])]
+            started.append(stages)
             if second:
                 err2 = stack.enter_context(tempfile.TemporaryFile())
-                stages.append(
-                    (subprocess.Popen(second, stdin=first.stdout, stdout=outs[-1], stderr=err2, env=env), err2, second)
-                )
+                stages.append((_popen(second, stdin=first.stdout, stdout=outs[-1], stderr=err2, env=env), err2, second))
                 first.stdout.close()  # the second tool's now: the first sees it stop reading
-            started.append(stages)
             if feeder is not None:
                 pumps.append(threading.Thread(target=pump, args=(feeder, first), daemon=True))
                 pumps[-1].start()
@@ -150,8 +146,6 @@ def run_together(
                     if n not in ended and all(proc.poll() is not None for proc, _, _ in stages):
                         check(stages)  # a failure stops the rest now, not when its turn comes
                         ended.add(n)
-                        if on_done is not None:
-                            on_done(n)
                 running = [stages for n, stages in enumerate(started) if n not in ended]
                 while len(started) < len(argvs) and len(running) < limit:
                     start(len(started))
@@ -180,6 +174,13 @@ def run_together(
         return [out.read().decode(errors="replace") for out in outs]
 
 
+def _popen(argv: list[str], **how) -> subprocess.Popen:
+    try:
+        return subprocess.Popen(argv, **how)
+    except OSError as err:
+        raise ArchiveError(f"cannot run {argv[0]}: {err.strerror}") from None
+
+
 def tail(data: bytes | str, lines: int = 6) -> str:
     text = data.decode(errors="replace") if isinstance(data, bytes) else data
     return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:]) or "(no message)"
@@ -192,10 +193,13 @@ class _Writeback:
     """fdatasync on its own thread each time it is kicked: the disk writes a file while
     it is still being made. Left to the kernel, a large machine keeps a gigabyte dirty
     in memory (dirty_background_ratio) and the final fsync writes all of it, after the
-    work, at the disk's speed. Errors here are ignored: the final fsync reports them."""
+    work, at the disk's speed. An error is kept in `error` and not asked again: Linux
+    reports a failed writeback once per open file, to whichever fsync comes first, so
+    the final fsync on the same file would then say all is well."""
 
     def __init__(self, fd: int):
         self.fd = fd
+        self.error: OSError | None = None
         self._kicked = threading.Event()
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="writeback", daemon=True)
@@ -205,13 +209,15 @@ class _Writeback:
         self._kicked.set()
 
     def _run(self) -> None:
-        while True:
+        while self.error is None:
             self._kicked.wait()
             self._kicked.clear()
             if self._stop:
                 return
-            with contextlib.suppress(OSError):
+            try:
                 os.fdatasync(self.fd)
+            except OSError as err:
+                self.error = err
 
     def stop(self) -> None:
         self._stop = True
@@ -239,6 +245,8 @@ class HashingWriter:
         self.size += len(data)
         self._unsynced += len(data)
         if self._unsynced >= self.WRITEBACK_BYTES:
+            if self._writeback.error is not None:  # the file is lost already: stop now
+                raise self._writeback.error
             self.file.flush()
             self._writeback.kick()
             self._unsynced = 0
@@ -252,6 +260,8 @@ class HashingWriter:
             self.file.flush()
             self._writeback.stop()
             os.fsync(self.file.fileno())
+            if self._writeback.error is not None:
+                raise self._writeback.error
         finally:
             self._writeback.stop()
             self.file.close()

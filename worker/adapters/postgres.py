@@ -17,7 +17,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,12 +173,10 @@ class Postgres:
         except ArchiveError as err:
             return f"unknown ({err})"
 
-    def row_counts(
-        self, dbname: str | None = None, skip: Collection[str] = (), only: Collection[str] | None = None
-    ) -> dict[str, int]:
-        """Rows per "schema.table": of the tables in `only` (default: all), but for those in `skip`."""
+    def row_counts(self, dbname: str | None = None, skip: Collection[str] = ()) -> dict[str, int]:
+        """Rows per "schema.table", but for the tables in `skip`."""
         with self.connect(dbname) as conn:
-            return _count_rows(conn, skip, only)
+            return _count_rows(conn, skip)
 
     # -- dump -------------------------------------------------------------------
 
@@ -197,6 +195,12 @@ class Postgres:
                 snap = conn.execute("SELECT pg_export_snapshot()").fetchone()[0]
                 version = conn.execute("SHOW server_version").fetchone()[0]
                 tables = _table_sizes(conn)  # the catalog alone: quick, and the dump's layout needs it first
+                if tables:
+                    # Held to the end, as pg_dump holds them for its own run: a table dumped in a
+                    # later pg_dump of the set cannot be dropped, renamed or swapped for another
+                    # in between (that pg_dump would find it by name, and dump the stranger).
+                    names = sql.SQL(", ").join(sql.Identifier(t.schema, t.name) for t in tables)
+                    conn.execute(sql.SQL("LOCK TABLE {} IN ACCESS SHARE MODE").format(names))
                 counts: dict[str, int] = {}
                 counting = counter.submit(lambda: counts.update(_count_rows(conn)))
                 try:
@@ -333,56 +337,52 @@ class Postgres:
             whole = unpacking.feed if unpacking is not None else _file_feeder(dump)
             run_together([[*base, "--section=pre-data"]], left(), env, feeders=[whole])
             folder = Path(tempfile.mkdtemp(prefix="opsfleet-restore-lists-"))
+            # The dump's own table data: its weights are those of the tables not dumped apart.
+            apart = {t.table for t in tables}
+            own = {table: weight for table, weight in (weights or {}).items() if table not in apart}
+            loads = []  # (weight, argv, feeder, the table whose rows its COPY counts, or None)
+            shares = split_table_data(self._listing(whole, left(), env), own, jobs) if own else None
+            for n, lines in enumerate(shares or []):
+                (folder / f"{n}.list").write_text("\n".join(lines) + "\n")
+                argv = [*as_sql, "--section=data", f"--use-list={folder / f'{n}.list'}"]
+                loads.append((sum(own.get(_data_table(line) or "", 0) for line in lines), argv, whole, None))
+            if not shares:
+                loads.append((sum(own.values()), [*as_sql, "--section=data"], whole, None))
+            loads += [(t.weight, [*as_sql, "--section=data"], t.feed, t.table) for t in tables]
+            loads.sort(key=lambda load: -load[0])
+            try:
+                outputs = run_together(
+                    [load[1] for load in loads], left(), env, feeders=[load[2] for load in loads], at_once=jobs,
+                    into=[psql] * len(loads),
+                )  # fmt: skip
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+            # A table dumped apart is loaded by one COPY into the fresh, empty table: the server's
+            # count of the rows it wrote ("COPY n") is the table's count, with no second pass over
+            # a large table beside the index builds. Not for a parent of inheritance children:
+            # its count, like the manifest's, includes theirs. Every other table is counted.
+            parents = self._inheritance_parents(dbname)
+            counts: dict[str, int] = {}
+            for (_, _, _, table), out in zip(loads, outputs, strict=True):
+                if table and table not in parents and len(tags := _COPY_TAG.findall(out)) == 1:
+                    counts[table] = int(tags[0])
             with ThreadPoolExecutor(1, thread_name_prefix="count rows") as counting:
-                counts: dict[str, int] = {}
-                counted: list[Future] = []
-                asked: set[str] = set()  # tables counted or being counted
-
-                # The dump's own table data: its weights are those of the tables not dumped apart.
-                apart = {t.table for t in tables}
-                own = {table: weight for table, weight in (weights or {}).items() if table not in apart}
-                loads = []  # (weight, argv, feeder, the tables it loads or None: not known, the one its COPY counts)
-                shares = split_table_data(self._listing(whole, left(), env), own, jobs) if own else None
-                for n, lines in enumerate(shares or []):
-                    (folder / f"{n}.list").write_text("\n".join(lines) + "\n")
-                    argv = [*as_sql, "--section=data", f"--use-list={folder / f'{n}.list'}"]
-                    listed = {_data_table(line) for line in lines} - {None}
-                    loads.append((sum(own.get(key, 0) for key in listed), argv, whole, listed, None))
-                if not shares:
-                    loads.append((sum(own.values()), [*as_sql, "--section=data"], whole, None, None))
-                loads += [(t.weight, [*as_sql, "--section=data"], t.feed, {t.table}, t.table) for t in tables]
-                loads.sort(key=lambda load: -load[0])
-
-                def loaded(n: int) -> None:
-                    # The dump's own tables are counted as soon as they are loaded, beside the loads still running.
-                    listed, by_copy = loads[n][3], loads[n][4]
-                    if listed and not by_copy:
-                        asked.update(listed)
-                        counted.append(counting.submit(self.row_counts, dbname, only=listed))
-
-                try:
-                    outputs = run_together(
-                        [load[1] for load in loads], left(), env, feeders=[load[2] for load in loads], at_once=jobs,
-                        on_done=loaded, into=[psql] * len(loads),
-                    )  # fmt: skip
-                finally:
-                    shutil.rmtree(folder, ignore_errors=True)
-                # A table dumped apart is loaded by one COPY into the fresh, empty table: the
-                # server's count of the rows that COPY wrote ("COPY n") is the table's count,
-                # with no second pass over a large table beside the index builds.
-                for load, out in zip(loads, outputs, strict=True):
-                    if load[4] and len(tags := _COPY_TAG.findall(out)) == 1:
-                        counts[load[4]] = int(tags[0])
-                        asked.add(load[4])
-                counted.append(counting.submit(self.row_counts, dbname, skip=set(asked)))  # the rest, beside post-data
+                rest = counting.submit(self.row_counts, dbname, skip=set(counts))  # beside post-data
                 if unpacking is not None:
                     unpacking.wait()
                 run([*base, "--section=post-data", f"--jobs={jobs}", str(dump)], timeout=left(), env=env)
-                for future in counted:
-                    counts.update(future.result())
-                return counts
+                return {**rest.result(), **counts}
         except ArchiveError as err:
             raise PostgresError(f"pg_restore into {dbname} failed: {err}") from None
+
+    def _inheritance_parents(self, dbname: str) -> set[str]:
+        """ "schema.table" of the tables with inheritance children (count(*) includes their rows)."""
+        query = (
+            "SELECT DISTINCT n.nspname || '.' || c.relname FROM pg_inherits i "
+            "JOIN pg_class c ON c.oid = i.inhparent JOIN pg_namespace n ON n.oid = c.relnamespace"
+        )
+        with self.connect(dbname) as conn:
+            return {name for (name,) in conn.execute(query).fetchall()}
 
     @staticmethod
     def _listing(feed: Callable[[BinaryIO], None], timeout: float, env: dict[str, str]) -> str:
@@ -445,12 +445,10 @@ def _table_sizes(conn: psycopg.Connection) -> tuple[TableSize, ...]:
     return tuple(TableSize(schema, name, size) for schema, name, size in conn.execute(query).fetchall())
 
 
-def _count_rows(
-    conn: psycopg.Connection, skip: Collection[str] = (), only: Collection[str] | None = None
-) -> dict[str, int]:
+def _count_rows(conn: psycopg.Connection, skip: Collection[str] = ()) -> dict[str, int]:
     counts = {}
     for schema, table in conn.execute(_TABLES).fetchall():
-        if f"{schema}.{table}" in skip or (only is not None and f"{schema}.{table}" not in only):
+        if f"{schema}.{table}" in skip:
             continue
         query = sql.SQL("SELECT count(*) FROM {}.{}").format(sql.Identifier(schema), sql.Identifier(table))
         counts[f"{schema}.{table}"] = conn.execute(query).fetchone()[0]
