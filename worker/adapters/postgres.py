@@ -306,8 +306,8 @@ class Postgres:
         the restoring user.
 
         `dump`: pg_dump's directory format (restored with -j in place), or a custom-format
-        dump, restored section by section: pre-data; then the data, `jobs` pg_restore
-        processes at a time, largest first: the `tables` dumped each on its own (each fed
+        dump, restored section by section: pre-data; then the data, `jobs` loads (pg_restore
+        into psql) at a time, largest first: the `tables` dumped each on its own (each fed
         straight from its compressed file) and the dump's own table data, shared out by
         `weights` (bytes or rows per "schema.table", see split_table_data: a dump streamed
         through a pipe carries no data offsets, so pg_restore -j could neither seek to a
@@ -336,21 +336,21 @@ class Postgres:
                 return self.row_counts(dbname)
             whole = unpacking.feed if unpacking is not None else _file_feeder(dump)
             run_together([[*base, "--section=pre-data"]], left(), env, feeders=[whole])
-            folder = Path(tempfile.mkdtemp(prefix="opsfleet-restore-lists-"))
             # The dump's own table data: its weights are those of the tables not dumped apart.
             apart = {t.table for t in tables}
             own = {table: weight for table, weight in (weights or {}).items() if table not in apart}
             loads = []  # (weight, argv, feeder, the table whose rows its COPY counts, or None)
-            shares = split_table_data(self._listing(whole, left(), env), own, jobs) if own else None
-            for n, lines in enumerate(shares or []):
-                (folder / f"{n}.list").write_text("\n".join(lines) + "\n")
-                argv = [*as_sql, "--section=data", f"--use-list={folder / f'{n}.list'}"]
-                loads.append((sum(own.get(_data_table(line) or "", 0) for line in lines), argv, whole, None))
-            if not shares:
-                loads.append((sum(own.values()), [*as_sql, "--section=data"], whole, None))
-            loads += [(t.weight, [*as_sql, "--section=data"], t.feed, t.table) for t in tables]
-            loads.sort(key=lambda load: -load[0])
+            folder = Path(tempfile.mkdtemp(prefix="opsfleet-restore-lists-"))
             try:
+                shares = split_table_data(self._listing(whole, left(), env), own, jobs) if own else None
+                for n, lines in enumerate(shares or []):
+                    (folder / f"{n}.list").write_text("\n".join(lines) + "\n")
+                    argv = [*as_sql, "--section=data", f"--use-list={folder / f'{n}.list'}"]
+                    loads.append((sum(own.get(_data_table(line) or "", 0) for line in lines), argv, whole, None))
+                if not shares:
+                    loads.append((sum(own.values()), [*as_sql, "--section=data"], whole, None))
+                loads += [(t.weight, [*as_sql, "--section=data"], t.feed, t.table) for t in tables]
+                loads.sort(key=lambda load: -load[0])
                 outputs = run_together(
                     [load[1] for load in loads], left(), env, feeders=[load[2] for load in loads], at_once=jobs,
                     into=[psql] * len(loads),
