@@ -36,6 +36,8 @@ class Fleet:
             "broker": {"key_prefix": f"opsfleet-test-{uuid.uuid4().hex[:10]}:", **config.get("broker", {})},
         }
         self.key_prefix = config["broker"]["key_prefix"]
+        # Two web processes unless the configuration says otherwise (bench/alert_storm --web-workers).
+        self.web_workers = int(config.get("web", {}).get("workers", 2))
         self.config_path = folder / "opsfleet.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
         self.env = {
@@ -62,7 +64,7 @@ class Fleet:
                 "--bind",
                 f"127.0.0.1:{self.port}",
                 "--workers",
-                "2",
+                str(self.web_workers),
                 "webhooks:create_app()",
             ]
         if name == "worker" or (name.startswith("worker") and name[6:].isdigit()):  # worker, worker2, ...
