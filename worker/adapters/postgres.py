@@ -105,7 +105,7 @@ def tables_to_split(tables: Iterable[TableSize], min_bytes: int, most: int = 32)
     """The tables dumped each into a file of their own: those of `min_bytes` or more, the
     largest `most` of them (each is a pg_dump run, and pg_dump reads the whole catalog
     at start). 0: none. A restore loads them side by side, each decompressed straight into
-    its own pg_restore; what stays in the main dump is loaded with it."""
+    its own pg_restore | psql; what stays in the main dump is loaded with it."""
     if min_bytes <= 0:
         return []
     big = [t for t in tables if t.bytes >= min_bytes]
