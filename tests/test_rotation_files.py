@@ -355,3 +355,37 @@ def test_a_descriptor_repointed_between_stat_and_fdinfo_is_not_taken_for_a_non_a
     finally:
         os.close(appending)
         os.close(other)
+
+
+def test_a_set_that_fails_does_not_keep_the_others_from_rotating_compressing_or_retention(tmp_path, monkeypatch):
+    """Each step does every set it can, then fails naming the set it could not do."""
+    from worker.adapters.logfiles import locked
+    from worker.tasks import rotate
+    from worker.tasks.steps import StepFailed
+
+    monkeypatch.setattr(rotate, "LOCK_TIMEOUT_SECONDS", 0.2)
+    spec = {"reopen": {"watched": True}, "max_size": 1, "keep": 1, "compress": "zstd", "compress_newest": False}
+    logs = {name: tmp_path / name / f"{name}.log" for name in ("app", "other")}
+    for log in logs.values():
+        log.parent.mkdir()
+        _touch(log.parent / f"{log.name}.20261101-0001", timedelta(days=30), b"old\n")
+        _touch(log.parent / f"{log.name}.20261102-0001", timedelta(days=29), b"older\n")
+        log.write_bytes(b"x\n")
+    ctx = make_ctx(tmp_path, {name: {"paths": [str(log)], **spec} for name, log in logs.items()})
+    ctx = rotate.StepContext(ctx.runtime, {**ctx.run, "params": {"force": True}})
+    with locked(tmp_path / "data" / "rotation" / "app" / "lock", 1):  # "app" is held by another rotation
+        for step in (rotate.rotate, rotate.compress, rotate.retain):
+            with pytest.raises(StepFailed) as failed:
+                step(ctx)
+            assert str(failed.value).startswith("set app: ") and "held by another rotation" in str(failed.value)
+            if step is rotate.rotate:
+                assert f"rotated {logs['other']}" in str(failed.value)  # reported, not only done
+            if step is rotate.compress:
+                assert "other: compressed other.log.20261101-0001" in str(failed.value)
+                assert (logs["other"].parent / "other.log.20261102-0001.zst").exists()
+    # "other": rotated, its older files compressed, then all but the newest removed (keep: 1).
+    assert rotated(logs["other"].parent, "other.log") == [f"other.log.{TODAY}-0001"]
+    assert logs["other"].read_bytes() == b""
+    # "app": untouched.
+    assert rotated(logs["app"].parent, "app.log") == ["app.log.20261101-0001", "app.log.20261102-0001"]
+    assert logs["app"].read_bytes() == b"x\n"

@@ -424,62 +424,13 @@ def rotate(ctx: StepContext) -> str:
     dry_run = bool(ctx.params.get("dry_run"))
     out, problems = [], []
     for ls in _sets(ctx):
-        with ls.lock():
-            ls.out.append(f"set {ls.name} ({ls.spec.mode}):")
-            # 1. Half-finished rotations first: completed, never started over under a new name.
-            pending = ls.journals()
-            if pending and dry_run:
-                ls.out.extend(
-                    f"  would complete the interrupted rotation of {e['live']} ({e['phase']})" for e in pending
-                )
-                pending = []
-            for entry in pending:
-                ls.out.append(f"  completing the interrupted rotation of {entry['live']} (journal: {entry['phase']})")
-                entry = ls.carry_out(entry)
-            if pending and ls.spec.mode == "rename":
-                ls.reopen()
-            for entry in pending:
-                ls.forget(entry)
-            # 2. Due files.
-            times = ls.last_rotated()
-            now = _now()
-            due = due_files(ls, times, now, force)
-            if dry_run:
-                for live, reason, _ in due:
-                    existing = [p.name for p in rotated_files(live)]
-                    ls.out.append(
-                        f"  would rotate {live} ({reason}) → {rotation.next_rotated_name(live.name, existing, now)}"
-                    )
-                if not due:
-                    ls.out.append("  nothing due")
-                out.extend(ls.out)
-                continue
-            entries = []
-            for live, reason, size in due:
-                entry = ls.plan(live, reason)
-                ls.out.append(f"  rotated {live} → {Path(entry['target']).name} ({reason})")
-                entries.append(ls.carry_out(entry))
-                times[str(live)] = _now().isoformat()
-                metrics.LOG_ROTATIONS.labels(ls.name, ls.spec.mode).inc()
-                metrics.LOG_ROTATED_BYTES.labels(ls.name).inc(size)
-            if entries and ls.spec.mode == "rename":
-                ls.reopen()
-                deadline = time.monotonic() + ls.spec.reopen_timeout_seconds
-                for entry in entries:
-                    released, waited = logfiles.wait_released(
-                        Path(entry["target"]), max(0.0, deadline - time.monotonic())
-                    )
-                    ls.out.append(
-                        f"  writer let go of {Path(entry['target']).name} after {waited * 1000:.0f} ms"
-                        if released
-                        else f"  {Path(entry['target']).name} still open by its writer after {waited:.1f}s: "
-                        "compressed once it lets go"
-                    )
-            for entry in entries:
-                ls.forget(entry)
-            ls.set_last_rotated(times)
-            if not due and not pending:
-                ls.out.append("  nothing due")
+        # One set that fails does not keep the others from rotating: each is done and
+        # reported, and the step fails at the end naming every set that failed.
+        try:
+            with ls.lock():
+                _rotate_set(ls, force, dry_run)
+        except StepFailed as err:  # names its set (LogSet.lock)
+            problems.append(str(err))
         out.extend(ls.out)
         problems.extend(ls.problems)
     if problems:
@@ -487,50 +438,121 @@ def rotate(ctx: StepContext) -> str:
     return "\n".join(out) or "no log sets configured"
 
 
+def _rotate_set(ls: LogSet, force: bool, dry_run: bool) -> None:
+    """One set, under its lock: what it did goes to ls.out, what went wrong raises or goes to ls.problems."""
+    ls.out.append(f"set {ls.name} ({ls.spec.mode}):")
+    # 1. Half-finished rotations first: completed, never started over under a new name.
+    pending = ls.journals()
+    if pending and dry_run:
+        ls.out.extend(f"  would complete the interrupted rotation of {e['live']} ({e['phase']})" for e in pending)
+        pending = []
+    for entry in pending:
+        ls.out.append(f"  completing the interrupted rotation of {entry['live']} (journal: {entry['phase']})")
+        entry = ls.carry_out(entry)
+    if pending and ls.spec.mode == "rename":
+        ls.reopen()
+    for entry in pending:
+        ls.forget(entry)
+    # 2. Due files.
+    times = ls.last_rotated()
+    now = _now()
+    due = due_files(ls, times, now, force)
+    if dry_run:
+        for live, reason, _ in due:
+            existing = [p.name for p in rotated_files(live)]
+            ls.out.append(f"  would rotate {live} ({reason}) → {rotation.next_rotated_name(live.name, existing, now)}")
+        if not due:
+            ls.out.append("  nothing due")
+        return
+    entries = []
+    for live, reason, size in due:
+        entry = ls.plan(live, reason)
+        ls.out.append(f"  rotated {live} → {Path(entry['target']).name} ({reason})")
+        entries.append(ls.carry_out(entry))
+        times[str(live)] = _now().isoformat()
+        metrics.LOG_ROTATIONS.labels(ls.name, ls.spec.mode).inc()
+        metrics.LOG_ROTATED_BYTES.labels(ls.name).inc(size)
+    if entries and ls.spec.mode == "rename":
+        ls.reopen()
+        deadline = time.monotonic() + ls.spec.reopen_timeout_seconds
+        for entry in entries:
+            released, waited = logfiles.wait_released(Path(entry["target"]), max(0.0, deadline - time.monotonic()))
+            ls.out.append(
+                f"  writer let go of {Path(entry['target']).name} after {waited * 1000:.0f} ms"
+                if released
+                else f"  {Path(entry['target']).name} still open by its writer after {waited:.1f}s: "
+                "compressed once it lets go"
+            )
+    for entry in entries:
+        ls.forget(entry)
+    ls.set_last_rotated(times)
+    if not due and not pending:
+        ls.out.append("  nothing due")
+
+
 def compress(ctx: StepContext) -> str:
     dry_run = bool(ctx.params.get("dry_run"))
-    out = []
+    out, problems = [], []
     for ls in _sets(ctx):
-        with ls.lock():
-            in_flight = ls.journal_targets()
-            for live in live_files(ls.spec) or _lives_of_rotated(ls.spec):
-                files = [p for p in rotated_files(live) if str(p) not in in_flight]
-                plain = [p for p in files if not p.name.endswith((".zst", ".gz"))]
-                held = {p for p, who in logfiles.holders(plain).items() if who}
-                verdicts = rotation.to_compress(
-                    live.name,
-                    [rotation.Rotated(p.name, _mtime(p), p in held) for p in files],
-                    method=ls.spec.compress,
-                    compress_newest=ls.spec.compress_newest,
-                )
-                for v in verdicts:
-                    if v.action != "compress":
-                        out.append(f"{ls.name}: kept {v.name} uncompressed: {v.reason}")
-                        continue
-                    if dry_run:
-                        out.append(f"{ls.name}: would compress {v.name} ({v.reason})")
-                        continue
-                    try:
-                        final, size_in, size_out, lines = logfiles.compress(live.parent / v.name, ls.spec.compress)
-                    except (LogFileError, OSError) as err:
-                        raise StepFailed(f"{ls.name}: compressing {v.name} failed: {err}") from None
-                    metrics.LOG_ROTATED_LINES.labels(ls.name).inc(lines)
-                    out.append(
-                        f"{ls.name}: compressed {v.name} → {final.name} ({size_in} → {size_out} B, {lines} lines)"
-                    )
+        # As in rotate: a file or a set that fails does not keep the others uncompressed.
+        try:
+            with ls.lock():
+                problems += _compress_set(ls, dry_run, out)
+        except StepFailed as err:  # names its set (LogSet.lock)
+            problems.append(str(err))
+    if problems:
+        raise StepFailed("\n".join(problems + ["", *out]))
     return "\n".join(out) or "nothing to compress"
+
+
+def _compress_set(ls: LogSet, dry_run: bool, out: list[str]) -> list[str]:
+    """One set, under its lock: what it did goes to `out`; returns the files it could not compress."""
+    problems = []
+    in_flight = ls.journal_targets()
+    for live in live_files(ls.spec) or _lives_of_rotated(ls.spec):
+        files = [p for p in rotated_files(live) if str(p) not in in_flight]
+        plain = [p for p in files if not p.name.endswith((".zst", ".gz"))]
+        held = {p for p, who in logfiles.holders(plain).items() if who}
+        verdicts = rotation.to_compress(
+            live.name,
+            [rotation.Rotated(p.name, _mtime(p), p in held) for p in files],
+            method=ls.spec.compress,
+            compress_newest=ls.spec.compress_newest,
+        )
+        for v in verdicts:
+            if v.action != "compress":
+                out.append(f"{ls.name}: kept {v.name} uncompressed: {v.reason}")
+                continue
+            if dry_run:
+                out.append(f"{ls.name}: would compress {v.name} ({v.reason})")
+                continue
+            try:
+                final, size_in, size_out, lines = logfiles.compress(live.parent / v.name, ls.spec.compress)
+            except (LogFileError, OSError) as err:
+                problems.append(f"{ls.name}: compressing {v.name} failed: {err}")
+                continue
+            metrics.LOG_ROTATED_LINES.labels(ls.name).inc(lines)
+            out.append(f"{ls.name}: compressed {v.name} → {final.name} ({size_in} → {size_out} B, {lines} lines)")
+    return problems
 
 
 def retain(ctx: StepContext) -> str:
     dry_run = bool(ctx.params.get("dry_run"))
-    out, removed, freed = [], 0, 0
+    out, problems, removed, freed = [], [], 0, 0
     for ls in _sets(ctx):
-        with ls.lock():
-            n, b, lines = apply_retention(ls, dry_run)
-            removed, freed = removed + n, freed + b
-            out.extend(lines)
+        try:  # as in rotate: a set that fails does not keep the others from their retention
+            with ls.lock():
+                n, b, lines = apply_retention(ls, dry_run)
+        except StepFailed as err:  # names its set (LogSet.lock)
+            problems.append(str(err))
+            continue
+        removed, freed = removed + n, freed + b
+        out.extend(lines)
     verb = "would remove" if dry_run else "removed"
-    return "\n".join([*out, f"{verb} {removed} rotated files, {freed} B"])
+    out.append(f"{verb} {removed} rotated files, {freed} B")
+    if problems:
+        raise StepFailed("\n".join(problems + ["", *out]))
+    return "\n".join(out)
 
 
 def apply_retention(ls: LogSet, dry_run: bool) -> tuple[int, int, list[str]]:
