@@ -28,12 +28,17 @@ RESTARTS_PER_WINDOW = 5
 RESTART_WINDOW_SECONDS = 300
 
 
-def _load(ctx: click.Context) -> LoadedConfig:
+def _load(ctx: click.Context, *, reading: bool = False) -> LoadedConfig:
+    """`reading`: the command only reads the ledger or the backup folder, so a ${VAR} left
+    unset in this shell (a credential of a managed system) is a warning, not a refusal."""
     try:
-        return load_config(ctx.obj["config"])
+        loaded = load_config(ctx.obj["config"], missing_ok=reading)
     except ConfigError as err:
         click.echo(f"opsfleet: {err}", err=True)
         ctx.exit(2)
+    for problem in loaded.unset:
+        click.echo(f"opsfleet: warning: {problem} (not needed here; other commands refuse to start)", err=True)
+    return loaded
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -430,7 +435,7 @@ def runs(ctx, limit, status, trigger, target, as_json, run_id) -> None:
     from worker.adapters.ledger import LedgerUnavailable, jsonable
     from worker.runtime import Runtime
 
-    loaded = _load(ctx)
+    loaded = _load(ctx, reading=True)
     if not loaded.secrets.get("DATABASE_URL") and not (loaded.data_dir / "ledger.sqlite3").exists():
         click.echo(
             f"opsfleet: no ledger at {loaded.data_dir / 'ledger.sqlite3'}: has the fleet run with this "
@@ -570,14 +575,15 @@ def _print_run(run: dict) -> None:
 # -- backups and restores ------------------------------------------------------------------
 
 
-def _engine(ctx: click.Context):
-    """The Celery app (for its tasks, run here in-process) and its ledger, migrated."""
+def _engine(ctx: click.Context, *, reading: bool = False):
+    """The Celery app (for its tasks, run here in-process) and its ledger, migrated.
+    `reading`: as for _load."""
     import logging
 
     from worker.adapters.metrics_multiproc import use_multiprocess_dir
     from worker.logs import configure_logging
 
-    loaded = _load(ctx)
+    loaded = _load(ctx, reading=reading)
     # The fleet's log files get this command's events too (a failed step's stack among them).
     configure_logging(loaded.data_dir if loaded.config.logging.files else None, role="cli")
     # Jobs run here count in the fleet's metrics folder, as a worker's do: a backup taken by
@@ -701,7 +707,7 @@ def releases_command(ctx: click.Context, environment: str | None, limit: int, as
     """Releases, newest first: what each deploy put live (or tried to), and which is current."""
     from worker.adapters.ledger import jsonable
 
-    app = _engine(ctx)
+    app = _engine(ctx, reading=True)
     configured = app.opsfleet.loaded.config.deploy.environments
     if environment is not None and environment not in configured:
         known = ", ".join(sorted(configured)) or "none (deploy.environments is empty)"
@@ -744,7 +750,7 @@ def backup_list(ctx, kind, as_json) -> None:
     """Complete backup sets, newest first (by the manifest's time, not the name)."""
     from worker.adapters.backupstore import list_sets
 
-    loaded = _load(ctx)
+    loaded = _load(ctx, reading=True)
     sets = list_sets(loaded.backup_root)
     if kind:
         from typing import get_args

@@ -3,6 +3,7 @@ the terminal: control characters are printed as escapes."""
 
 from __future__ import annotations
 
+import pytest
 import yaml
 from click.testing import CliRunner
 
@@ -103,3 +104,49 @@ def test_a_runs_steps_are_numbered_from_one_as_the_live_progress_numbers_them(tm
     result = CliRunner().invoke(cli, ["--config", str(config), "runs", str(run_id)], env=env, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "  step 1 locate: succeeded" in result.output and "step 0" not in result.output
+
+
+def test_reading_commands_work_with_a_managed_system_s_credential_unset_others_refuse(tmp_path):
+    """At 3 a.m. in a shell without the fleet's environment: `runs`, `releases` and `backup
+    list` read the ledger and the backup folder only, so an unset ${VAR} is a warning there."""
+    config, ledger = embedded_site(tmp_path)
+    ledger.record_event(
+        source="t", summary="", body="", new_runs=[NewRun(trigger="manual", playbook="restart_service", target="api")]
+    )
+    ledger.dispose()
+    raw = yaml.safe_load(config.read_text())
+    raw["backup"] = {
+        "root": str(tmp_path / "backups"),
+        "series": {"db": {"kind": "database", "database_url": "postgresql://app:${OPS_TEST_DB_PASSWORD}@db/app"}},
+    }
+    config.write_text(yaml.safe_dump(raw))
+    unset = "backup.series.db.database_url: environment variable OPS_TEST_DB_PASSWORD is not set"
+    runner = CliRunner()
+    for args in (["runs"], ["releases"], ["backup", "list"]):
+        result = runner.invoke(cli, ["--config", str(config), *args], env=ENV, catch_exceptions=False)
+        assert result.exit_code == 0, (args, result.output)
+        assert f"opsfleet: warning: {unset}" in result.output
+        assert "unset-OPS_TEST_DB_PASSWORD" not in result.output
+    assert "restart_service" in runner.invoke(cli, ["--config", str(config), "runs"], env=ENV).output
+    # A command that would use it, and config check, still refuse, naming the key.
+    for args in (["config", "check"], ["backup", "run"]):
+        result = runner.invoke(cli, ["--config", str(config), *args], env=ENV)
+        assert result.exit_code == 2 and unset in result.output and "warning" not in result.output, result.output
+    # Any other mistake is still an error for a reading command.
+    raw["backup"]["series"]["db"]["kind"] = "databse"
+    config.write_text(yaml.safe_dump(raw))
+    result = runner.invoke(cli, ["--config", str(config), "runs"], env=ENV)
+    assert result.exit_code == 2 and "backup.series.db" in result.output, result.output
+
+
+def test_an_unset_var_whose_placeholder_would_not_validate_is_reported_as_unset(tmp_path):
+    from worker.config import ConfigError, parse_config
+
+    raw = {"services": {"api": {"container": "api", "health_url": "${OPS_TEST_HEALTH_URL}"}}}
+    with pytest.raises(ConfigError) as refused:
+        parse_config(raw, source="t", base_dir=tmp_path, environ={}, missing_ok=True)
+    # The cause, not what the placeholder made of the URL pattern.
+    assert (
+        str(refused.value)
+        == "t is invalid:\n  services.api.health_url: environment variable OPS_TEST_HEALTH_URL is not set"
+    )

@@ -11,6 +11,7 @@ Every validation error names the key it is about, in the form
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import socket
@@ -856,6 +857,10 @@ class LoadedConfig:
     # every value a ${VAR} brought in.
     secret_texts: frozenset[str] = frozenset()
 
+    # Loaded with missing_ok: the ${VAR}s that were not set, as "key: environment variable
+    # NAME is not set"; each such value holds a placeholder, never to be used.
+    unset: tuple[str, ...] = ()
+
     def redact(self, text: str) -> str:
         """Text fit for the ledger, Slack and logs: secrets replaced by ***."""
         for secret in sorted(self.secret_texts, key=len, reverse=True):
@@ -971,6 +976,18 @@ def _interpolate(node: Any, path: tuple, environ: dict[str, str], found: dict[tu
         found[path] = node
         return _VAR.sub(lambda m: environ[m.group(1)], node)
     return node
+
+
+def _originals(node: Any):
+    """Every string in the raw file that names a ${VAR}."""
+    if isinstance(node, dict):
+        for value in node.values():
+            yield from _originals(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _originals(value)
+    elif isinstance(node, str) and _VAR.search(node):
+        yield node
 
 
 def _format_loc(loc: tuple[Any, ...]) -> str:
@@ -1116,7 +1133,12 @@ def config_warnings(config: Config, secrets: Secrets | None = None) -> list[str]
     return warnings
 
 
-def parse_config(raw: Any, *, source: str, base_dir: Path, environ: dict[str, str] | None = None) -> LoadedConfig:
+def parse_config(
+    raw: Any, *, source: str, base_dir: Path, environ: dict[str, str] | None = None, missing_ok: bool = False
+) -> LoadedConfig:
+    """Validate `raw`. `missing_ok`: for commands that only read the ledger or the backup
+    folder, an unset ${VAR} (a credential of a system opsfleet manages) is not an error: the
+    value gets a placeholder and `LoadedConfig.unset` says which; every other mistake still is."""
     environ = dict(os.environ if environ is None else environ)
     if raw is None:
         raw = {}
@@ -1124,7 +1146,17 @@ def parse_config(raw: Any, *, source: str, base_dir: Path, environ: dict[str, st
         raise ConfigError(["(top level): expected a mapping of sections"], source)
     problems: list[str] = []
     found: dict[tuple, str] = {}
-    raw = _interpolate(raw, (), environ, found, problems)
+    interpolated = _interpolate(raw, (), environ, found, problems)
+    if problems and missing_ok:
+        names = {name for original in _originals(raw) for name in _VAR.findall(original)} - set(environ)
+        stand_ins = {name: f"unset-{name}" for name in names}
+        try:
+            loaded = parse_config(raw, source=source, base_dir=base_dir, environ={**environ, **stand_ins})
+        except ConfigError:
+            pass  # a placeholder where a URL must be, or other mistakes: reported as without missing_ok
+        else:
+            return dataclasses.replace(loaded, unset=tuple(problems))
+    raw = interpolated
     try:
         config = Config.model_validate(raw)
     except ValidationError as err:
@@ -1186,7 +1218,10 @@ def resolve_config_path(explicit: str | os.PathLike | None = None) -> Path | Non
     return default if default.exists() else None
 
 
-def load_config(path: str | os.PathLike | None = None, environ: dict[str, str] | None = None) -> LoadedConfig:
+def load_config(
+    path: str | os.PathLike | None = None, environ: dict[str, str] | None = None, *, missing_ok: bool = False
+) -> LoadedConfig:
+    """`missing_ok`: see parse_config."""
     resolved = resolve_config_path(path)
     if resolved is None:
         return parse_config({}, source="embedded defaults", base_dir=Path.cwd(), environ=environ)
@@ -1202,7 +1237,9 @@ def load_config(path: str | os.PathLike | None = None, environ: dict[str, str] |
         # PyYAML names a string it parsed "<unicode string>"; the reader knows the file already.
         message = str(err).replace('in "<unicode string>", ', "")
         raise ConfigError([f"not valid YAML: {message}"], str(resolved)) from None
-    return parse_config(raw, source=str(resolved), base_dir=resolved.resolve().parent, environ=environ)
+    return parse_config(
+        raw, source=str(resolved), base_dir=resolved.resolve().parent, environ=environ, missing_ok=missing_ok
+    )
 
 
 def redacted_view(loaded: LoadedConfig) -> dict[str, Any]:
