@@ -504,7 +504,7 @@ def _run_now(ctx: click.Context, playbook: str, target: str, params: dict, dry_r
             "playbook": playbook,
             "trigger": "manual",
         }
-        failed = []
+        failed, stopping = [], None
         for step in PLAYBOOKS[playbook]:
             try:
                 output = step.fn(StepContext(runtime, run))
@@ -513,12 +513,14 @@ def _run_now(ctx: click.Context, playbook: str, target: str, params: dict, dry_r
                 # should not hide what the log and backup steps would remove.
                 click.echo(f"{step.name}: would fail: {err}", err=True)
                 failed.append(step.name)
+                stopping = stopping or (None if step.carry_on else step.name)
                 continue
             click.echo(f"{step.name} (dry run):")
             for line in output.splitlines():
                 click.echo(f"  {line}")
         if failed:
-            click.echo(f"dry run: {', '.join(failed)} would fail (a real run stops at the first)", err=True)
+            then = f"a real run stops at {stopping}" if stopping else "a real run does the other steps, then fails"
+            click.echo(f"dry run: {', '.join(failed)} would fail ({then})", err=True)
             ctx.exit(1)
         return
     _execute(ctx, _engine(ctx), playbook, params, target)

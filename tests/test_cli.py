@@ -81,7 +81,7 @@ def test_a_dry_run_says_what_every_step_would_do_even_when_one_would_fail(tmp_pa
     assert "dangling_images: would fail" in result.output
     for step in ("old_logs", "old_runs", "backups"):
         assert f"{step} (dry run):" in result.output, result.output
-    assert "would fail (a real run stops at the first)" in result.output
+    assert "would fail (a real run does the other steps, then fails)" in result.output
 
 
 def test_a_runs_steps_are_numbered_from_one_as_the_live_progress_numbers_them(tmp_path):

@@ -47,3 +47,39 @@ def test_free_disk_rotates_compresses_and_applies_backup_retention(tmp_path, doc
         and "keep   documents" in outputs["backup_retention"]
     )
     assert len(list((tmp_path / "backup").iterdir())) >= 1
+
+
+def test_a_step_that_fails_does_not_keep_the_others_from_freeing_space(tmp_path):
+    """No Docker daemon (engine's default): the image prune fails, the logs are still rotated
+    and compressed and the backup retention still applied; the run ends failed, naming it."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    live = logs / "app.log"
+    live.write_text("".join(f"line {i}\n" for i in range(5000)))
+    app = engine(
+        tmp_path,
+        {"root": str(tmp_path / "backup"), "series": {"documents": {"kind": "documents", "path": str(tmp_path)}}},
+        rotation={
+            "sets": {
+                "app": {
+                    "paths": [str(logs / "*.log")],
+                    "reopen": {"watched": True},
+                    "max_size": "100M",
+                    "compress": "zstd",
+                }
+            }
+        },
+        cleanup={"images": {"dangling": True}},
+        logging={"files": False},
+    )
+    run = run_playbook(app, "free_disk", {"force": True})
+    statuses = {s["name"]: s["status"] for s in run["steps"]}
+    assert statuses == {
+        "dangling_images": "failed",
+        "rotate_logs": "succeeded",
+        "compress_logs": "succeeded",
+        "backup_retention": "succeeded",
+    }, run
+    assert run["status"] == "failed" and run["reason"].startswith("step dangling_images failed: ")
+    assert live.stat().st_size == 0
+    assert [p.name.endswith(".zst") for p in logs.iterdir() if p.name != "app.log"] == [True]

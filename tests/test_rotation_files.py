@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
@@ -377,7 +378,9 @@ def test_a_set_that_fails_does_not_keep_the_others_from_rotating_compressing_or_
         for step in (rotate.rotate, rotate.compress, rotate.retain):
             with pytest.raises(StepFailed) as failed:
                 step(ctx)
-            assert str(failed.value).startswith("set app: ") and "held by another rotation" in str(failed.value)
+            first, second = str(failed.value).splitlines()[:2]
+            assert re.fullmatch(r"1 of \d log sets failed: app", first)  # the run's reason names every failed set
+            assert second.startswith("set app: ") and "held by another rotation" in second
             if step is rotate.rotate:
                 assert f"rotated {logs['other']}" in str(failed.value)  # reported, not only done
             if step is rotate.compress:
@@ -389,3 +392,68 @@ def test_a_set_that_fails_does_not_keep_the_others_from_rotating_compressing_or_
     # "app": untouched.
     assert rotated(logs["app"].parent, "app.log") == ["app.log.20261101-0001", "app.log.20261102-0001"]
     assert logs["app"].read_bytes() == b"x\n"
+
+
+def test_a_run_with_a_set_held_still_compresses_and_retains_the_others_then_fails_naming_it(tmp_path, monkeypatch):
+    from tests.backup_support import engine, run_playbook
+    from worker.adapters.logfiles import locked
+    from worker.tasks import rotate
+
+    monkeypatch.setattr(rotate, "LOCK_TIMEOUT_SECONDS", 0.2)
+    spec = {"reopen": {"watched": True}, "max_size": 1, "keep": 2, "compress": "zstd"}
+    logs = {name: tmp_path / name / f"{name}.log" for name in ("app", "other")}
+    for log in logs.values():
+        log.parent.mkdir()
+        for day in (1, 2, 3):
+            _touch(log.parent / f"{log.name}.202611{day:02d}-0001", timedelta(days=40 - day), b"old\n")
+        log.write_bytes(b"x\n")
+    sets = {name: {"paths": [str(log)], **spec} for name, log in logs.items()}
+    app = engine(tmp_path, {}, rotation={"sets": sets}, logging={"files": False})
+    with locked(tmp_path / "data" / "rotation" / "app" / "lock", 1):
+        run = run_playbook(app, "rotate_logs", {"force": True})
+    assert [(s["name"], s["status"]) for s in run["steps"]] == [
+        ("rotate", "failed"),
+        ("compress", "failed"),
+        ("retain", "failed"),
+    ]
+    assert run["status"] == "failed"
+    assert (
+        run["reason"].startswith("step rotate failed: 1 of 2 log sets failed: app")
+        and "(and compress, retain)" in run["reason"]
+    )
+    # "other": rotated, compressed, and kept to its newest two.
+    assert rotated(logs["other"].parent, "other.log") == ["other.log.20261103-0001.zst", f"other.log.{TODAY}-0001.zst"]
+    assert rotated(logs["app"].parent, "app.log") == [f"app.log.202611{d:02d}-0001" for d in (1, 2, 3)]
+
+
+def test_damaged_state_starts_afresh_and_a_damaged_journal_fails_its_set_only_saying_what_to_do(tmp_path):
+    from worker.tasks import rotate
+    from worker.tasks.steps import StepFailed
+
+    logs = {name: tmp_path / name / f"{name}.log" for name in ("app", "other")}
+    for log in logs.values():
+        log.parent.mkdir()
+        log.write_bytes(b"x\n")
+    ctx = make_ctx(
+        tmp_path, {n: {"paths": [str(p)], "reopen": {"watched": True}, "max_size": 1} for n, p in logs.items()}
+    )
+    state = tmp_path / "data" / "rotation"
+    (state / "app").mkdir(parents=True)
+    (state / "app" / "state.json").write_text("")  # emptied by a full disk, say
+    out = run_rotation(ctx)
+    assert f"{state / 'app' / 'state.json'} was damaged" in out and "started afresh" in out
+    assert rotated(logs["app"].parent, "app.log") == [f"app.log.{TODAY}-0001.zst"]
+    assert json.loads((state / "app" / "state.json").read_text())  # written anew
+
+    journal = state / "other" / "journal"
+    journal.mkdir(parents=True, exist_ok=True)
+    (journal / "0123.json").write_text('{"live": "/somewhere/other.log"}')  # no phase, no target
+    for log in logs.values():
+        log.write_bytes(b"y\n")
+    with pytest.raises(StepFailed) as failed:
+        rotate.rotate(rotate.StepContext(ctx.runtime, {**ctx.run, "params": {"force": True}}))
+    message = str(failed.value)
+    assert re.match(r"1 of \d log sets failed: other\nset other: damaged rotation journal .*0123\.json", message)
+    assert "check the live file and its rotated files, then remove the journal" in message
+    assert rotated(logs["app"].parent, "app.log") == [f"app.log.{TODAY}-0001.zst", f"app.log.{TODAY}-0002"]
+    assert logs["other"].read_bytes() == b"y\n"  # untouched until a person looked

@@ -278,7 +278,10 @@ def locked(path: Path, timeout: float) -> Iterator[None]:
                 break
             except BlockingIOError:
                 if time.monotonic() >= deadline:
-                    raise LogFileError(f"{path} is held by another rotation for over {timeout:.0f}s") from None
+                    raise LogFileError(
+                        f"{path} is held by another rotation for over {timeout:.0f}s; the next run tries again "
+                        "(if it stays held: opsfleet runs --status running shows the run that holds it)"
+                    ) from None
                 time.sleep(0.05)
         yield
     finally:

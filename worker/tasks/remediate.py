@@ -134,11 +134,12 @@ PLAYBOOKS = {
     # them: the cleanup job's dangling-image prune, the rotation job's rotate and
     # compress (`force` rotates what is not due yet), the backup job's retention
     # (which never deletes beyond its policy).
+    # On a filling disk, each frees what it can whatever the others did (carry_on).
     "free_disk": (
-        Step("dangling_images", cleanup.dangling_images),
-        Step("rotate_logs", rotate.rotate),
-        Step("compress_logs", rotate.compress),
-        Step("backup_retention", cleanup.backups),
+        Step("dangling_images", cleanup.dangling_images, carry_on=True),
+        Step("rotate_logs", rotate.rotate, carry_on=True),
+        Step("compress_logs", rotate.compress, carry_on=True),
+        Step("backup_retention", cleanup.backups, carry_on=True),
     ),
     # A rule's backup is the scheduled backup set, now.
     "run_backup": backup.PLAYBOOKS["backup_set"],

@@ -46,6 +46,10 @@ LOCK_TIMEOUT_SECONDS = 60
 _ROTATED_TAIL = re.compile(r"\.\d{8}-\d{4,}(\.zst|\.gz)?(\.partial)?$")
 
 
+# What every journal entry holds (LogSet.plan writes them all).
+JOURNAL_KEYS = frozenset({"live", "target", "mode", "phase"})
+
+
 def _crash_point(phase: str) -> None:
     if os.environ.get(CRASH_ENV) == phase:
         os._exit(70)
@@ -144,9 +148,21 @@ class LogSet:
             return []
         entries = []
         for path in sorted(self.journal_dir.glob("*.json")):
-            entry = logfiles.read_json(path)
-            if entry:
-                entries.append(entry)
+            try:
+                entry = logfiles.read_json(path)
+            except (ValueError, UnicodeDecodeError) as err:
+                entry = err
+            if entry is None:
+                continue
+            if not (isinstance(entry, dict) and JOURNAL_KEYS <= entry.keys()):
+                # Written whole or not at all, so damage came from outside; what it recorded
+                # (a rotation cut short) a person must check before it is dropped.
+                raise LogFileError(
+                    f"damaged rotation journal {path} ({entry if isinstance(entry, Exception) else 'not an entry'}): "
+                    "it recorded a rotation cut short; check the live file and its rotated files, "
+                    "then remove the journal, and rotate again"
+                )
+            entries.append(entry)
         return entries
 
     def record(self, entry: dict, phase: str) -> dict:
@@ -159,7 +175,19 @@ class LogSet:
         logfiles.remove_durably(self.journal_path(Path(entry["live"])))
 
     def last_rotated(self) -> dict[str, str]:
-        return logfiles.read_json(self.folder / "state.json") or {}
+        path = self.folder / "state.json"
+        try:
+            times = logfiles.read_json(path) or {}
+            if not (isinstance(times, dict) and all(isinstance(v, str) for v in times.values())):
+                raise ValueError("not a map of times")
+            for seen in times.values():
+                datetime.fromisoformat(seen)
+        except (ValueError, UnicodeDecodeError) as err:
+            # Only when each file was last rotated or first seen: starting afresh loses no line
+            # (age triggers count from now), so say so and go on.
+            self.out.append(f"  {path} was damaged ({err}): started afresh, age triggers count from now")
+            return {}
+        return times
 
     def set_last_rotated(self, times: dict[str, str]) -> None:
         logfiles.write_json_atomic(self.folder / "state.json", times)
@@ -422,20 +450,29 @@ def _sets(ctx: StepContext) -> list[LogSet]:
 def rotate(ctx: StepContext) -> str:
     force = bool(ctx.params.get("force"))
     dry_run = bool(ctx.params.get("dry_run"))
-    out, problems = [], []
-    for ls in _sets(ctx):
+    out, problems = [], {}
+    sets = _sets(ctx)
+    for ls in sets:
         # One set that fails does not keep the others from rotating: each is done and
         # reported, and the step fails at the end naming every set that failed.
         try:
             with ls.lock():
                 _rotate_set(ls, force, dry_run)
         except StepFailed as err:  # names its set (LogSet.lock)
-            problems.append(str(err))
+            ls.problems.insert(0, str(err))
         out.extend(ls.out)
-        problems.extend(ls.problems)
-    if problems:
-        raise StepFailed("\n".join(problems + ["", *out]))
+        if ls.problems:
+            problems[ls.name] = ls.problems
+    _fail_if(problems, len(sets), out)
     return "\n".join(out) or "no log sets configured"
+
+
+def _fail_if(problems: dict[str, list[str]], total: int, out: list[str]) -> None:
+    """StepFailed whose first line (the run's reason) names every set that failed, then each
+    problem, then what was done for all of them."""
+    if problems:
+        head = f"{len(problems)} of {total} log sets failed: {', '.join(problems)}"
+        raise StepFailed("\n".join([head, *(p for found in problems.values() for p in found), "", *out]))
 
 
 def _rotate_set(ls: LogSet, force: bool, dry_run: bool) -> None:
@@ -467,8 +504,8 @@ def _rotate_set(ls: LogSet, force: bool, dry_run: bool) -> None:
     entries = []
     for live, reason, size in due:
         entry = ls.plan(live, reason)
-        ls.out.append(f"  rotated {live} → {Path(entry['target']).name} ({reason})")
         entries.append(ls.carry_out(entry))
+        ls.out.append(f"  rotated {live} → {Path(entry['target']).name} ({reason})")  # once it is
         times[str(live)] = _now().isoformat()
         metrics.LOG_ROTATIONS.labels(ls.name, ls.spec.mode).inc()
         metrics.LOG_ROTATED_BYTES.labels(ls.name).inc(size)
@@ -492,16 +529,18 @@ def _rotate_set(ls: LogSet, force: bool, dry_run: bool) -> None:
 
 def compress(ctx: StepContext) -> str:
     dry_run = bool(ctx.params.get("dry_run"))
-    out, problems = [], []
-    for ls in _sets(ctx):
+    out, problems = [], {}
+    sets = _sets(ctx)
+    for ls in sets:
         # As in rotate: a file or a set that fails does not keep the others uncompressed.
         try:
             with ls.lock():
-                problems += _compress_set(ls, dry_run, out)
+                found = _compress_set(ls, dry_run, out)
         except StepFailed as err:  # names its set (LogSet.lock)
-            problems.append(str(err))
-    if problems:
-        raise StepFailed("\n".join(problems + ["", *out]))
+            found = [str(err)]
+        if found:
+            problems[ls.name] = found
+    _fail_if(problems, len(sets), out)
     return "\n".join(out) or "nothing to compress"
 
 
@@ -538,20 +577,20 @@ def _compress_set(ls: LogSet, dry_run: bool, out: list[str]) -> list[str]:
 
 def retain(ctx: StepContext) -> str:
     dry_run = bool(ctx.params.get("dry_run"))
-    out, problems, removed, freed = [], [], 0, 0
-    for ls in _sets(ctx):
+    out, problems, removed, freed = [], {}, 0, 0
+    sets = _sets(ctx)
+    for ls in sets:
         try:  # as in rotate: a set that fails does not keep the others from their retention
             with ls.lock():
                 n, b, lines = apply_retention(ls, dry_run)
         except StepFailed as err:  # names its set (LogSet.lock)
-            problems.append(str(err))
+            problems[ls.name] = [str(err)]
             continue
         removed, freed = removed + n, freed + b
         out.extend(lines)
     verb = "would remove" if dry_run else "removed"
     out.append(f"{verb} {removed} rotated files, {freed} B")
-    if problems:
-        raise StepFailed("\n".join(problems + ["", *out]))
+    _fail_if(problems, len(sets), out)
     return "\n".join(out)
 
 
@@ -607,9 +646,10 @@ GATES = {"rotate_logs": worth_a_run}
 
 PLAYBOOKS = {
     "rotate_logs": (
-        Step("rotate", rotate),
-        Step("compress", compress),
-        Step("retain", retain),
+        # A set that fails one step fails it, but the other sets still get the next ones.
+        Step("rotate", rotate, carry_on=True),
+        Step("compress", compress, carry_on=True),
+        Step("retain", retain, carry_on=True),
     ),
 }
 

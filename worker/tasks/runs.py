@@ -243,10 +243,14 @@ def run_step(self, run_id: int, seq: int) -> None:
     if status == "skipped":
         end_run(self.app, run, "skipped", output)
         raise Ignore()
-    if status == "failed":
-        end_run(self.app, run, "failed", f"step {step.name} failed: {output.splitlines()[0] if output else ''}")
+    if status == "failed" and not step.carry_on:
+        end_run(self.app, run, "failed", _failed_reason(step.name, output))
         raise Ignore()
     request_report(self.app, run_id, run["playbook"])
+
+
+def _failed_reason(step_name: str, output: str) -> str:
+    return f"step {step_name} failed: {output.splitlines()[0] if output else ''}"
 
 
 @shared_task(name="opsfleet.runs.finish", bind=True, acks_late=True, max_retries=None)
@@ -256,6 +260,11 @@ def finish_run(self, run_id: int) -> None:
     except LedgerUnavailable as err:
         raise self.retry(countdown=5, exc=err) from None
     if run is None or run["status"] != "running":
+        return
+    failed = [step for step in run["steps"] if step["status"] == "failed"]  # steps that carry on
+    if failed:
+        also = f" (and {', '.join(s['name'] for s in failed[1:])})" if len(failed) > 1 else ""
+        end_run(self.app, run, "failed", _failed_reason(failed[0]["name"], failed[0]["output"] or "") + also)
         return
     count = len(run["steps"])
     end_run(self.app, run, "succeeded", f"{count} step{'' if count == 1 else 's'} succeeded")

@@ -66,6 +66,9 @@ class Step:
     # Steps that may run longer than worker.step_*_timeout_seconds (a dump)
     # give their own soft limit, from the configuration.
     timeout: Callable[[Config], int] | None = None
+    # Housekeeping whose steps do not depend on each other (rotate, compress, retain): a
+    # failure is recorded, the later steps still run, and the run ends failed naming it.
+    carry_on: bool = False
 
     def soft_limit(self, config: Config) -> int:
         return self.timeout(config) if self.timeout else config.worker.step_soft_timeout_seconds
