@@ -457,3 +457,24 @@ def test_damaged_state_starts_afresh_and_a_damaged_journal_fails_its_set_only_sa
     assert "check the live file and its rotated files, then remove the journal" in message
     assert rotated(logs["app"].parent, "app.log") == [f"app.log.{TODAY}-0001.zst", f"app.log.{TODAY}-0002"]
     assert logs["other"].read_bytes() == b"y\n"  # untouched until a person looked
+
+
+def test_an_original_that_cannot_be_removed_after_compressing_is_reported_with_its_good_copy(tmp_path, monkeypatch):
+    rotated_file = tmp_path / "app.log.20261203-0001"
+    rotated_file.write_bytes(b"a line\n" * 10)
+    real_unlink = Path.unlink
+
+    def protected(path, *args, **kwargs):  # as `chattr +i` makes it, where the filesystem allows that
+        if path == rotated_file:
+            raise PermissionError(1, "Operation not permitted")
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "unlink", protected)
+    with pytest.raises(logfiles.LogFileError) as failed:
+        logfiles.compress(rotated_file, "zstd")
+    assert str(failed.value) == (
+        "app.log.20261203-0001.zst is written and verified, but app.log.20261203-0001 could not be removed "
+        "(Operation not permitted): both hold the same lines; remove the original once you see why it is protected"
+    )
+    with logfiles.open_decompressed(tmp_path / "app.log.20261203-0001.zst") as copy:
+        assert copy.read() == rotated_file.read_bytes()

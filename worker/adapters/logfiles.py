@@ -227,7 +227,13 @@ def compress(src: Path, method: str) -> tuple[Path, int, int, int]:
     os.chmod(partial, st.st_mode & 0o7777)
     os.replace(partial, final)
     fsync_dir(final.parent)
-    src.unlink()
+    try:
+        src.unlink()
+    except OSError as err:  # an immutable or read-only original: say that the copy is good
+        raise LogFileError(
+            f"{final.name} is written and verified, but {src.name} could not be removed ({err.strerror}): "
+            "both hold the same lines; remove the original once you see why it is protected"
+        ) from None
     fsync_dir(final.parent)
     return final, st.st_size, os.stat(final).st_size, lines
 

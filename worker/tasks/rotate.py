@@ -263,7 +263,7 @@ class LogSet:
             # A writer that opens the file for each line is not seen holding it: nothing can be paused,
             # and a line it writes between the last copy and the truncate would be lost.
             self.out.append(
-                f"{live}: no process holds it, so nothing was paused; if its writer opens the file for each "
+                f"  {live}: no process holds it, so nothing was paused; if its writer opens the file for each "
                 f"line, set rotation.sets.{self.name}.pause_service to freeze its container during the truncate"
             )
         return {"pids": pids}
