@@ -4,6 +4,7 @@ compressed files that decompress to the original bytes."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -478,3 +479,31 @@ def test_an_original_that_cannot_be_removed_after_compressing_is_reported_with_i
     )
     with logfiles.open_decompressed(tmp_path / "app.log.20261203-0001.zst") as copy:
         assert copy.read() == rotated_file.read_bytes()
+
+
+def test_a_step_waits_for_held_locks_once_in_all_not_once_per_held_set(tmp_path, monkeypatch):
+    """Three sets held: the step's waits add up to about one LOCK_TIMEOUT_SECONDS (then a
+    second each), so held sets cannot push it past the worker's step time limit."""
+    from worker.tasks import rotate
+
+    monkeypatch.setattr(rotate, "LOCK_TIMEOUT_SECONDS", 30)
+    waits = []
+
+    @contextlib.contextmanager
+    def held(path, timeout):
+        waits.append(timeout)
+        raise logfiles.LogFileError(f"{path} is held by another rotation for over {timeout:.0f}s")
+        yield
+
+    monkeypatch.setattr(logfiles, "locked", held)
+    sets = {}
+    for name in ("a", "b", "c"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "x.log").write_bytes(b"x\n")
+        sets[name] = {"paths": [str(tmp_path / name / "x.log")], "reopen": {"watched": True}, "max_size": 1}
+    ctx = make_ctx(tmp_path, sets)
+    monotonic = iter(range(0, 1000, 10))  # each wait "takes" 10 s of the step's clock
+    monkeypatch.setattr(rotate.time, "monotonic", lambda: next(monotonic))
+    with pytest.raises(rotate.StepFailed, match=r"^\d of \d log sets failed: a, b, c"):
+        rotate.rotate(ctx)
+    assert waits[:3] == [20, 10, 1.0]  # 30 s in all from the step's start, then a second

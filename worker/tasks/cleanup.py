@@ -16,6 +16,7 @@ Backups: their retention belongs to the backup job; this step calls its prune
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 from datetime import timedelta
 
@@ -132,11 +133,12 @@ def remove_old_images(ctx: StepContext, repos: Iterable[str], *, keep: int, dry:
 
 def old_logs(ctx: StepContext) -> str:
     """Retention of every log set's rotated files (the same rule the rotation applies)."""
-    from worker.tasks.rotate import LogSet, all_sets, apply_retention
+    from worker.tasks.rotate import LOCK_TIMEOUT_SECONDS, LogSet, all_sets, apply_retention
 
     out, removed, freed = [], 0, 0
+    deadline = time.monotonic() + LOCK_TIMEOUT_SECONDS  # one wait for all held sets, as rotate's steps
     for name, spec in sorted(all_sets(ctx.config, ctx.runtime.loaded.data_dir).items()):
-        ls = LogSet(ctx, name, spec)
+        ls = LogSet(ctx, name, spec, deadline)
         try:
             with ls.lock():
                 n, b, lines = apply_retention(ls, _dry(ctx))

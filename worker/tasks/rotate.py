@@ -42,6 +42,9 @@ from worker.config import LogSetSpec
 from worker.tasks.steps import Step, StepContext, StepFailed
 
 CRASH_ENV = "OPSFLEET_TEST_CRASH_AFTER"  # fault tests only: exit right after writing this journal phase
+# How long one step waits, in all, for the locks of sets another rotation holds: a set
+# found held after that is given a second at most, so a few held sets cannot make the step
+# outlast worker.step_soft_timeout_seconds.
 LOCK_TIMEOUT_SECONDS = 60
 _ROTATED_TAIL = re.compile(r"\.\d{8}-\d{4,}(\.zst|\.gz)?(\.partial)?$")
 
@@ -122,18 +125,23 @@ def rotated_files(live: Path) -> list[Path]:
 class LogSet:
     """One log set's state on disk: lock, journals, last rotation times."""
 
-    def __init__(self, ctx: StepContext, name: str, spec: LogSetSpec):
+    def __init__(self, ctx: StepContext, name: str, spec: LogSetSpec, lock_deadline: float | None = None):
         self.ctx, self.name, self.spec = ctx, name, spec
         self.folder = state_dir(ctx) / name
         self.journal_dir = self.folder / "journal"
         self.out: list[str] = []
         self.problems: list[str] = []
+        # time.monotonic() by which its step stops waiting for held locks (see LOCK_TIMEOUT_SECONDS)
+        self.lock_deadline = lock_deadline
 
     @contextlib.contextmanager
     def lock(self):
         """The set's lock; errors inside become StepFailed naming the set."""
+        wait = LOCK_TIMEOUT_SECONDS
+        if self.lock_deadline is not None:
+            wait = max(min(1.0, wait), self.lock_deadline - time.monotonic())
         try:
-            with logfiles.locked(self.folder / "lock", LOCK_TIMEOUT_SECONDS):
+            with logfiles.locked(self.folder / "lock", wait):
                 yield
         except (LogFileError, DockerError, OSError) as err:
             raise StepFailed(f"set {self.name}: {err}") from None
@@ -444,7 +452,9 @@ def worth_a_run(runtime, target: str, params: dict) -> str | None:
 
 
 def _sets(ctx: StepContext) -> list[LogSet]:
-    return [LogSet(ctx, name, spec) for name, spec in selected_sets(ctx)]
+    """The step's sets, sharing one wait for held locks."""
+    deadline = time.monotonic() + LOCK_TIMEOUT_SECONDS
+    return [LogSet(ctx, name, spec, deadline) for name, spec in selected_sets(ctx)]
 
 
 def rotate(ctx: StepContext) -> str:
