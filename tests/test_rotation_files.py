@@ -507,3 +507,23 @@ def test_a_step_waits_for_held_locks_once_in_all_not_once_per_held_set(tmp_path,
     with pytest.raises(rotate.StepFailed, match=r"^\d of \d log sets failed: a, b, c"):
         rotate.rotate(ctx)
     assert waits[:3] == [20, 10, 1.0]  # 30 s in all from the step's start, then a second
+
+
+def test_a_dry_run_does_not_wait_for_a_held_set(tmp_path, monkeypatch):
+    from worker.tasks import rotate
+
+    waits = []
+
+    @contextlib.contextmanager
+    def held(path, timeout):
+        waits.append(timeout)
+        raise logfiles.LogFileError(f"{path} is held by another rotation for over {timeout:.0f}s")
+        yield
+
+    monkeypatch.setattr(logfiles, "locked", held)
+    (tmp_path / "x.log").write_bytes(b"x\n")
+    ctx = make_ctx(tmp_path, {"a": {"paths": [str(tmp_path / "x.log")], "reopen": {"watched": True}, "max_size": 1}})
+    ctx = rotate.StepContext(ctx.runtime, {**ctx.run, "params": {"dry_run": True}})
+    with pytest.raises(rotate.StepFailed, match="set a: .* is held by another rotation"):
+        rotate.rotate(ctx)
+    assert 0 < waits[0] <= rotate.DRY_RUN_LOCK_SECONDS < rotate.LOCK_TIMEOUT_SECONDS

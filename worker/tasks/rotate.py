@@ -46,6 +46,7 @@ CRASH_ENV = "OPSFLEET_TEST_CRASH_AFTER"  # fault tests only: exit right after wr
 # found held after that is given a second at most, so a few held sets cannot make the step
 # outlast worker.step_soft_timeout_seconds.
 LOCK_TIMEOUT_SECONDS = 60
+DRY_RUN_LOCK_SECONDS = 2
 _ROTATED_TAIL = re.compile(r"\.\d{8}-\d{4,}(\.zst|\.gz)?(\.partial)?$")
 
 
@@ -452,8 +453,10 @@ def worth_a_run(runtime, target: str, params: dict) -> str | None:
 
 
 def _sets(ctx: StepContext) -> list[LogSet]:
-    """The step's sets, sharing one wait for held locks."""
-    deadline = time.monotonic() + LOCK_TIMEOUT_SECONDS
+    """The step's sets, sharing one wait for held locks (a dry run, which changes nothing,
+    waits DRY_RUN_LOCK_SECONDS: it says a held set is held rather than wait for it)."""
+    wait = min(LOCK_TIMEOUT_SECONDS, DRY_RUN_LOCK_SECONDS) if ctx.params.get("dry_run") else LOCK_TIMEOUT_SECONDS
+    deadline = time.monotonic() + wait
     return [LogSet(ctx, name, spec, deadline) for name, spec in selected_sets(ctx)]
 
 
