@@ -150,3 +150,30 @@ def test_an_unset_var_whose_placeholder_would_not_validate_is_reported_as_unset(
         str(refused.value)
         == "t is invalid:\n  services.api.health_url: environment variable OPS_TEST_HEALTH_URL is not set"
     )
+
+
+def test_reading_commands_refuse_when_the_unset_var_locates_the_ledger_or_the_backups(tmp_path):
+    runner = CliRunner()
+    for raw, key in (
+        ({"fleet": {"data_dir": "${OPS_TEST_DATA}"}}, "fleet.data_dir"),
+        ({"fleet": {"data_dir": str(tmp_path / "d")}, "backup": {"root": "${OPS_TEST_ROOT}/b"}}, "backup.root"),
+    ):
+        config = tmp_path / "opsfleet.yaml"
+        config.write_text(yaml.safe_dump(raw))
+        for args in (["runs"], ["releases"], ["backup", "list"]):
+            result = runner.invoke(cli, ["--config", str(config), *args], env=ENV)
+            assert result.exit_code == 2 and f"{key}: environment variable" in result.output, (args, result.output)
+            assert "warning" not in result.output
+    assert not list(tmp_path.glob("unset-*"))  # nothing made at a placeholder's path
+
+
+def test_a_placeholder_never_becomes_one_of_the_environment_s_own_secrets(tmp_path):
+    config, ledger = embedded_site(tmp_path)
+    ledger.dispose()
+    raw = yaml.safe_load(config.read_text())
+    raw["services"] = {"api": {"container": "api-${DATABASE_URL}"}}  # contrived, but it must not reach the ledger
+    config.write_text(yaml.safe_dump(raw))
+    result = CliRunner().invoke(
+        cli, ["--config", str(config), "runs"], env={"DATABASE_URL": None, "REDIS_URL": None}, catch_exceptions=False
+    )
+    assert result.exit_code == 0 and "environment variable DATABASE_URL is not set" in result.output, result.output

@@ -978,6 +978,10 @@ def _interpolate(node: Any, path: tuple, environ: dict[str, str], found: dict[tu
     return node
 
 
+# Keys that locate the ledger and the backups: a reading command needs them (parse_config).
+LOCATING_KEYS = ("fleet.data_dir:", "backup.root:")
+
+
 def _originals(node: Any):
     """Every string in the raw file that names a ${VAR}."""
     if isinstance(node, dict):
@@ -1147,7 +1151,9 @@ def parse_config(
     problems: list[str] = []
     found: dict[tuple, str] = {}
     interpolated = _interpolate(raw, (), environ, found, problems)
-    if problems and missing_ok:
+    # Where the ledger and the backups are is what reading commands read: never a placeholder.
+    locating = [p for p in problems if p.startswith(LOCATING_KEYS)]
+    if problems and missing_ok and not locating:
         names = {name for original in _originals(raw) for name in _VAR.findall(original)} - set(environ)
         stand_ins = {name: f"unset-{name}" for name in names}
         try:
@@ -1155,7 +1161,8 @@ def parse_config(
         except ConfigError:
             pass  # a placeholder where a URL must be, or other mistakes: reported as without missing_ok
         else:
-            return dataclasses.replace(loaded, unset=tuple(problems))
+            # The environment's own secrets (DATABASE_URL, ...) as they are, never a placeholder.
+            return dataclasses.replace(loaded, secrets=Secrets.from_env(environ), unset=tuple(problems))
     raw = interpolated
     try:
         config = Config.model_validate(raw)
