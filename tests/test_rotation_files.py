@@ -527,3 +527,109 @@ def test_a_dry_run_does_not_wait_for_a_held_set(tmp_path, monkeypatch):
     with pytest.raises(rotate.StepFailed, match="set a: .* is held by another rotation"):
         rotate.rotate(ctx)
     assert 0 < waits[0] <= rotate.DRY_RUN_LOCK_SECONDS < rotate.LOCK_TIMEOUT_SECONDS
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        {"live": "L", "target": "L.20261204-0009", "mode": "rename", "phase": "renamed"},  # no file_mode, uid, gid
+        {"live": "L", "target": "T", "mode": "rename", "phase": "bogus", "file_mode": 420, "uid": 0, "gid": 0},
+        {"live": 5, "target": "T", "mode": "rename", "phase": "planned", "file_mode": 420, "uid": 0, "gid": 0},
+        None,
+    ],
+)
+def test_a_journal_that_parses_but_is_not_one_fails_its_set_only(tmp_path, damage):
+    from worker.tasks import rotate
+    from worker.tasks.steps import StepFailed
+
+    logs = {name: tmp_path / name / f"{name}.log" for name in ("app", "other")}
+    for log in logs.values():
+        log.parent.mkdir()
+        log.write_bytes(b"x\n")
+    ctx = make_ctx(
+        tmp_path, {n: {"paths": [str(p)], "reopen": {"watched": True}, "max_size": 1} for n, p in logs.items()}
+    )
+    journal = tmp_path / "data" / "rotation" / "app" / "journal"
+    journal.mkdir(parents=True)
+    (journal / "x.json").write_text(json.dumps(damage).replace('"L', f'"{logs["app"]}'))
+    with pytest.raises(StepFailed) as failed:
+        rotate.rotate(ctx)
+    assert re.match(r"1 of \d log sets failed: app\nset app: damaged rotation journal ", str(failed.value))
+    assert rotated(logs["other"].parent, "other.log") == [f"other.log.{TODAY}-0001"]
+    assert logs["app"].read_bytes() == b"x\n"
+
+
+def test_a_time_without_a_zone_in_the_state_starts_afresh(tmp_path):
+    log = tmp_path / "app.log"
+    log.write_bytes(b"x\n")
+    ctx = make_ctx(tmp_path, {"app": {"paths": [str(log)], "reopen": {"watched": True}, "every": "1h"}})
+    state = tmp_path / "data" / "rotation" / "app" / "state.json"
+    state.parent.mkdir(parents=True)
+    state.write_text(json.dumps({str(log): "2026-12-04T10:00:00"}))
+    assert "has no time zone): started afresh" in run_rotation(ctx)
+    assert datetime.fromisoformat(json.loads(state.read_text())[str(log)]).tzinfo is not None
+
+
+def test_an_unforeseen_error_in_one_set_fails_that_set_and_the_others_are_done(tmp_path, monkeypatch):
+    from worker.tasks import rotate
+    from worker.tasks.steps import StepFailed
+
+    logs = {name: tmp_path / name / f"{name}.log" for name in ("app", "other")}
+    for log in logs.values():
+        log.parent.mkdir()
+        log.write_bytes(b"x\n")
+    ctx = make_ctx(
+        tmp_path, {n: {"paths": [str(p)], "reopen": {"watched": True}, "max_size": 1} for n, p in logs.items()}
+    )
+    real = rotate._rotate_set
+
+    def buggy(ls, force, dry_run):
+        if ls.name == "app":
+            raise RuntimeError("a bug")
+        return real(ls, force, dry_run)
+
+    monkeypatch.setattr(rotate, "_rotate_set", buggy)
+    with pytest.raises(StepFailed) as failed:
+        rotate.rotate(ctx)
+    assert "set app: unexpected RuntimeError: a bug (stack trace in opsfleet's error log)" in str(failed.value)
+    assert rotated(logs["other"].parent, "other.log") == [f"other.log.{TODAY}-0001"]
+
+
+def test_cleanup_s_old_logs_fails_naming_a_held_set_after_the_others_retention(tmp_path, monkeypatch):
+    from worker.adapters.logfiles import locked
+    from worker.tasks import cleanup, rotate
+    from worker.tasks.steps import StepFailed
+
+    monkeypatch.setattr(rotate, "LOCK_TIMEOUT_SECONDS", 0.2)
+    logs = {name: tmp_path / name / f"{name}.log" for name in ("app", "other")}
+    for log in logs.values():
+        log.parent.mkdir()
+        log.write_bytes(b"")
+        for day in (1, 2, 3):
+            _touch(log.parent / f"{log.name}.202611{day:02d}-0001.zst", timedelta(days=40 - day))
+    ctx = make_ctx(
+        tmp_path,
+        {n: {"paths": [str(p)], "reopen": {"watched": True}, "max_size": 1, "keep": 1} for n, p in logs.items()},
+    )
+    with locked(tmp_path / "data" / "rotation" / "app" / "lock", 1):
+        with pytest.raises(StepFailed, match=r"^1 of \d log sets failed: app\n"):
+            cleanup.old_logs(ctx)
+    assert rotated(logs["other"].parent, "other.log") == ["other.log.20261103-0001.zst"]
+    assert len(rotated(logs["app"].parent, "app.log")) == 3
+
+
+def test_a_directory_named_like_a_rotated_file_is_neither_compressed_nor_counted_toward_keep(tmp_path):
+    log = tmp_path / "app.log"
+    log.write_bytes(b"")
+    for day in (1, 2):
+        _touch(tmp_path / f"app.log.202611{day:02d}-0001.zst", timedelta(days=40 - day))
+    (tmp_path / "app.log.20261203-0001").mkdir()  # someone's folder, not ours
+    (tmp_path / "app.log.20261204-0001.zst").mkdir()
+    ctx = make_ctx(tmp_path, {"app": {"paths": [str(log)], "reopen": {"watched": True}, "max_size": 1, "keep": 2}})
+    out = run_rotation(ctx)
+    assert (tmp_path / "app.log.20261101-0001.zst").exists() and (tmp_path / "app.log.20261102-0001.zst").exists()
+    assert (tmp_path / "app.log.20261203-0001").is_dir() and "20261203" not in out
+    log.write_bytes(b"x\n")
+    run_rotation(ctx, force=True)  # the next name is not a directory's
+    names = sorted(p.name for p in tmp_path.iterdir() if p.is_file() and p.name.startswith("app.log.2"))
+    assert len(names) == 2 and names[-1].startswith(f"app.log.{TODAY}-")

@@ -285,8 +285,9 @@ def locked(path: Path, timeout: float) -> Iterator[None]:
             except BlockingIOError:
                 if time.monotonic() >= deadline:
                     raise LogFileError(
-                        f"{path} is held by another rotation for over {timeout:.0f}s; the next run tries again "
-                        "(if it stays held: opsfleet runs --status running shows the run that holds it)"
+                        f"{path} is held by another rotation (waited {timeout:.0f}s); the next run tries again "
+                        "(if it stays held: opsfleet runs --status running shows a run holding it; else a "
+                        "process has it open: fuser or lsof on that path)"
                     ) from None
                 time.sleep(0.05)
         yield

@@ -132,22 +132,15 @@ def remove_old_images(ctx: StepContext, repos: Iterable[str], *, keep: int, dry:
 
 
 def old_logs(ctx: StepContext) -> str:
-    """Retention of every log set's rotated files (the same rule the rotation applies)."""
-    from worker.tasks.rotate import LOCK_TIMEOUT_SECONDS, LogSet, all_sets, apply_retention
+    """Retention of every log set's rotated files: the rotation job's own step, for all sets."""
+    from worker.tasks.rotate import LOCK_TIMEOUT_SECONDS, LogSet, all_sets, retain_sets
 
-    out, removed, freed = [], 0, 0
     deadline = time.monotonic() + LOCK_TIMEOUT_SECONDS  # one wait for all held sets, as rotate's steps
-    for name, spec in sorted(all_sets(ctx.config, ctx.runtime.loaded.data_dir).items()):
-        ls = LogSet(ctx, name, spec, deadline)
-        try:
-            with ls.lock():
-                n, b, lines = apply_retention(ls, _dry(ctx))
-        except StepFailed as err:  # its lock held too long, or a file error
-            out.append(f"{name}: skipped: {err}")
-            continue
-        removed, freed, out = removed + n, freed + b, out + lines
-    verb = "would remove" if _dry(ctx) else "removed"
-    return "\n".join(out + [f"{verb} {removed} rotated log files, {freed} B ({_mib(freed)})"])
+    sets = [
+        LogSet(ctx, name, spec, deadline)
+        for name, spec in sorted(all_sets(ctx.config, ctx.runtime.loaded.data_dir).items())
+    ]
+    return retain_sets(sets, _dry(ctx))
 
 
 def old_runs(ctx: StepContext) -> str:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import hashlib
+import logging
 import os
 import re
 import signal as signals
@@ -34,12 +35,16 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from celery.exceptions import SoftTimeLimitExceeded
+
 from worker import rotation
 from worker.adapters import logfiles, metrics
 from worker.adapters.docker import DockerError
 from worker.adapters.logfiles import LogFileError
 from worker.config import LogSetSpec
 from worker.tasks.steps import Step, StepContext, StepFailed
+
+log = logging.getLogger(__name__)
 
 CRASH_ENV = "OPSFLEET_TEST_CRASH_AFTER"  # fault tests only: exit right after writing this journal phase
 # How long one step waits, in all, for the locks of sets another rotation holds: a set
@@ -50,8 +55,26 @@ DRY_RUN_LOCK_SECONDS = 2
 _ROTATED_TAIL = re.compile(r"\.\d{8}-\d{4,}(\.zst|\.gz)?(\.partial)?$")
 
 
-# What every journal entry holds (LogSet.plan writes them all).
-JOURNAL_KEYS = frozenset({"live", "target", "mode", "phase"})
+# A journal entry as LogSet.plan and record write it: each key's type, and the phases.
+JOURNAL_TYPES = {"live": str, "target": str, "mode": str, "phase": str, "file_mode": int, "uid": int, "gid": int}
+JOURNAL_PHASES = {
+    "rename": ("planned", "renamed"),
+    "copytruncate": ("planned", "paused", "copied", "truncated"),
+}
+
+
+def journal_problem(entry) -> str | None:
+    """What makes `entry` not a journal entry this code wrote; None when it is one."""
+    if not isinstance(entry, dict):
+        return "not an entry"
+    for key, kind in JOURNAL_TYPES.items():
+        if not isinstance(entry.get(key), kind) or isinstance(entry.get(key), bool):
+            return f"{key} missing or not {kind.__name__}"
+    if entry["phase"] not in JOURNAL_PHASES.get(entry["mode"], ()):
+        return f"phase {entry['phase']!r} is not one of mode {entry['mode']!r}"
+    if entry["phase"] in ("copied", "truncated") and not isinstance(entry.get("copied"), int):
+        return "copied missing"
+    return None
 
 
 def _crash_point(phase: str) -> None:
@@ -115,12 +138,16 @@ def live_files(spec: LogSetSpec) -> list[Path]:
     return sorted(found)
 
 
-def rotated_files(live: Path) -> list[Path]:
+def rotated_files(live: Path, *, names_only: bool = False) -> list[Path]:
+    """The rotated files of `live`. Something else under such a name (a directory, say) is not
+    one: never compressed, never counted toward `keep` (a real file would go in its place);
+    `names_only` lists it too, for choosing the next free name."""
     try:
         names = os.listdir(live.parent)
     except FileNotFoundError:
         return []
-    return sorted(live.parent / n for n in names if rotation.parse_rotated(live.name, n))
+    found = sorted(live.parent / n for n in names if rotation.parse_rotated(live.name, n))
+    return found if names_only else [p for p in found if p.is_file() and not p.is_symlink()]
 
 
 class LogSet:
@@ -144,8 +171,15 @@ class LogSet:
         try:
             with logfiles.locked(self.folder / "lock", wait):
                 yield
+        except (StepFailed, SoftTimeLimitExceeded):
+            raise
         except (LogFileError, DockerError, OSError) as err:
             raise StepFailed(f"set {self.name}: {err}") from None
+        except Exception as err:  # a bug, or state damaged in a way not foreseen: this set only
+            log.exception("log set %s failed", self.name)
+            raise StepFailed(
+                f"set {self.name}: unexpected {type(err).__name__}: {err} (stack trace in opsfleet's error log)"
+            ) from None
 
     # -- journal and state --------------------------------------------------------
 
@@ -159,17 +193,17 @@ class LogSet:
         for path in sorted(self.journal_dir.glob("*.json")):
             try:
                 entry = logfiles.read_json(path)
+                if entry is None and not path.exists():
+                    continue  # gone since the listing
+                problem = journal_problem(entry)
             except (ValueError, UnicodeDecodeError) as err:
-                entry = err
-            if entry is None:
-                continue
-            if not (isinstance(entry, dict) and JOURNAL_KEYS <= entry.keys()):
+                problem = str(err)
+            if problem:
                 # Written whole or not at all, so damage came from outside; what it recorded
                 # (a rotation cut short) a person must check before it is dropped.
                 raise LogFileError(
-                    f"damaged rotation journal {path} ({entry if isinstance(entry, Exception) else 'not an entry'}): "
-                    "it recorded a rotation cut short; check the live file and its rotated files, "
-                    "then remove the journal, and rotate again"
+                    f"damaged rotation journal {path} ({problem}): it recorded a rotation cut short; "
+                    "check the live file and its rotated files, then remove the journal, and rotate again"
                 )
             entries.append(entry)
         return entries
@@ -186,11 +220,13 @@ class LogSet:
     def last_rotated(self) -> dict[str, str]:
         path = self.folder / "state.json"
         try:
-            times = logfiles.read_json(path) or {}
+            times = logfiles.read_json(path)
+            times = {} if times is None else times
             if not (isinstance(times, dict) and all(isinstance(v, str) for v in times.values())):
                 raise ValueError("not a map of times")
             for seen in times.values():
-                datetime.fromisoformat(seen)
+                if datetime.fromisoformat(seen).tzinfo is None:
+                    raise ValueError(f"{seen!r} has no time zone")
         except (ValueError, UnicodeDecodeError) as err:
             # Only when each file was last rotated or first seen: starting afresh loses no line
             # (age triggers count from now), so say so and go on.
@@ -377,7 +413,7 @@ class LogSet:
 
     def plan(self, live: Path, reason: str) -> dict:
         st = os.stat(live)
-        existing = [p.name for p in rotated_files(live)]
+        existing = [p.name for p in rotated_files(live, names_only=True)]
         target = live.parent / rotation.next_rotated_name(live.name, existing, _now())
         entry = {
             "live": str(live),
@@ -509,7 +545,7 @@ def _rotate_set(ls: LogSet, force: bool, dry_run: bool) -> None:
     due = due_files(ls, times, now, force)
     if dry_run:
         for live, reason, _ in due:
-            existing = [p.name for p in rotated_files(live)]
+            existing = [p.name for p in rotated_files(live, names_only=True)]
             ls.out.append(f"  would rotate {live} ({reason}) → {rotation.next_rotated_name(live.name, existing, now)}")
         if not due:
             ls.out.append("  nothing due")
@@ -589,11 +625,15 @@ def _compress_set(ls: LogSet, dry_run: bool, out: list[str]) -> list[str]:
 
 
 def retain(ctx: StepContext) -> str:
-    dry_run = bool(ctx.params.get("dry_run"))
+    return retain_sets(_sets(ctx), bool(ctx.params.get("dry_run")))
+
+
+def retain_sets(sets: list[LogSet], dry_run: bool) -> str:
+    """Retention of each set under its lock (also the cleanup job's old_logs step): a set that
+    fails does not keep the others from theirs; then fails naming every set that failed."""
     out, problems, removed, freed = [], {}, 0, 0
-    sets = _sets(ctx)
     for ls in sets:
-        try:  # as in rotate: a set that fails does not keep the others from their retention
+        try:
             with ls.lock():
                 n, b, lines = apply_retention(ls, dry_run)
         except StepFailed as err:  # names its set (LogSet.lock)
@@ -666,4 +706,4 @@ PLAYBOOKS = {
     ),
 }
 
-__all__ = ["PLAYBOOKS", "LogSet", "apply_retention", "live_files", "rotated_files", "state_dir"]
+__all__ = ["PLAYBOOKS", "LogSet", "apply_retention", "live_files", "retain_sets", "rotated_files", "state_dir"]
