@@ -963,15 +963,20 @@ def mask_url_password(url: str) -> str:
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
-def _interpolate(node: Any, path: tuple, environ: dict[str, str], found: dict[tuple, str], problems: list[str]) -> Any:
+def _interpolate(
+    node: Any, path: tuple, environ: dict[str, str], found: dict[tuple, str], problems: list[str], unset: set[str]
+) -> Any:
+    """`node` with each ${VAR} substituted; `found`: what was substituted where; `problems` and
+    `unset`: each value naming an unset variable (left as it is), and every such variable."""
     if isinstance(node, dict):
-        return {key: _interpolate(value, (*path, key), environ, found, problems) for key, value in node.items()}
+        return {key: _interpolate(value, (*path, key), environ, found, problems, unset) for key, value in node.items()}
     if isinstance(node, list):
-        return [_interpolate(value, (*path, i), environ, found, problems) for i, value in enumerate(node)]
+        return [_interpolate(value, (*path, i), environ, found, problems, unset) for i, value in enumerate(node)]
     if isinstance(node, str) and _VAR.search(node):
         missing = [n for n in _VAR.findall(node) if n not in environ]
         if missing:
             problems.append(f"{_format_loc(path)}: environment variable {missing[0]} is not set")
+            unset.update(missing)
             return node
         found[path] = node
         return _VAR.sub(lambda m: environ[m.group(1)], node)
@@ -980,18 +985,6 @@ def _interpolate(node: Any, path: tuple, environ: dict[str, str], found: dict[tu
 
 # Keys that locate the ledger and the backups: a reading command needs them (parse_config).
 LOCATING_KEYS = ("fleet.data_dir:", "backup.root:")
-
-
-def _originals(node: Any):
-    """Every string in the raw file that names a ${VAR}."""
-    if isinstance(node, dict):
-        for value in node.values():
-            yield from _originals(value)
-    elif isinstance(node, list):
-        for value in node:
-            yield from _originals(value)
-    elif isinstance(node, str) and _VAR.search(node):
-        yield node
 
 
 def _format_loc(loc: tuple[Any, ...]) -> str:
@@ -1150,12 +1143,12 @@ def parse_config(
         raise ConfigError(["(top level): expected a mapping of sections"], source)
     problems: list[str] = []
     found: dict[tuple, str] = {}
-    interpolated = _interpolate(raw, (), environ, found, problems)
+    unset: set[str] = set()
+    interpolated = _interpolate(raw, (), environ, found, problems, unset)
     # Where the ledger and the backups are is what reading commands read: never a placeholder.
     locating = [p for p in problems if p.startswith(LOCATING_KEYS)]
     if problems and missing_ok and not locating:
-        names = {name for original in _originals(raw) for name in _VAR.findall(original)} - set(environ)
-        stand_ins = {name: f"unset-{name}" for name in names}
+        stand_ins = {name: f"unset-{name}" for name in unset}
         try:
             loaded = parse_config(raw, source=source, base_dir=base_dir, environ={**environ, **stand_ins})
         except ConfigError:
