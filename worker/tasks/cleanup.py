@@ -16,7 +16,6 @@ Backups: their retention belongs to the backup job; this step calls its prune
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable
 from datetime import timedelta
 
@@ -133,13 +132,9 @@ def remove_old_images(ctx: StepContext, repos: Iterable[str], *, keep: int, dry:
 
 def old_logs(ctx: StepContext) -> str:
     """Retention of every log set's rotated files: the rotation job's own step, for all sets."""
-    from worker.tasks.rotate import LOCK_TIMEOUT_SECONDS, LogSet, all_sets, retain_sets
+    from worker.tasks.rotate import all_sets, log_sets, retain_sets
 
-    deadline = time.monotonic() + LOCK_TIMEOUT_SECONDS  # one wait for all held sets, as rotate's steps
-    sets = [
-        LogSet(ctx, name, spec, deadline)
-        for name, spec in sorted(all_sets(ctx.config, ctx.runtime.loaded.data_dir).items())
-    ]
+    sets = log_sets(ctx, sorted(all_sets(ctx.config, ctx.runtime.loaded.data_dir).items()))
     return retain_sets(sets, _dry(ctx))
 
 

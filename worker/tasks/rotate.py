@@ -32,6 +32,7 @@ import re
 import signal as signals
 import subprocess
 import time
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -488,30 +489,39 @@ def worth_a_run(runtime, target: str, params: dict) -> str | None:
     return "no log file due"
 
 
-def _sets(ctx: StepContext) -> list[LogSet]:
-    """The step's sets, sharing one wait for held locks (a dry run, which changes nothing,
+def log_sets(ctx: StepContext, specs: Iterable[tuple[str, LogSetSpec]]) -> list[LogSet]:
+    """A step's sets, sharing one wait for held locks (a dry run, which changes nothing,
     waits DRY_RUN_LOCK_SECONDS: it says a held set is held rather than wait for it)."""
     wait = min(LOCK_TIMEOUT_SECONDS, DRY_RUN_LOCK_SECONDS) if ctx.params.get("dry_run") else LOCK_TIMEOUT_SECONDS
     deadline = time.monotonic() + wait
-    return [LogSet(ctx, name, spec, deadline) for name, spec in selected_sets(ctx)]
+    return [LogSet(ctx, name, spec, deadline) for name, spec in specs]
+
+
+def _sets(ctx: StepContext) -> list[LogSet]:
+    return log_sets(ctx, selected_sets(ctx))
+
+
+def _each_set(sets: list[LogSet], work: Callable[[LogSet], None]) -> dict[str, list[str]]:
+    """`work` on each set under its lock. One set that fails does not keep the others from it:
+    returns each failed set's problems (the error naming it, then what it put in ls.problems)."""
+    problems = {}
+    for ls in sets:
+        try:
+            with ls.lock():
+                work(ls)
+        except StepFailed as err:  # names its set (LogSet.lock)
+            ls.problems.insert(0, str(err))
+        if ls.problems:
+            problems[ls.name] = ls.problems
+    return problems
 
 
 def rotate(ctx: StepContext) -> str:
     force = bool(ctx.params.get("force"))
     dry_run = bool(ctx.params.get("dry_run"))
-    out, problems = [], {}
     sets = _sets(ctx)
-    for ls in sets:
-        # One set that fails does not keep the others from rotating: each is done and
-        # reported, and the step fails at the end naming every set that failed.
-        try:
-            with ls.lock():
-                _rotate_set(ls, force, dry_run)
-        except StepFailed as err:  # names its set (LogSet.lock)
-            ls.problems.insert(0, str(err))
-        out.extend(ls.out)
-        if ls.problems:
-            problems[ls.name] = ls.problems
+    problems = _each_set(sets, lambda ls: _rotate_set(ls, force, dry_run))
+    out = [line for ls in sets for line in ls.out]
     _fail_if(problems, len(sets), out)
     return "\n".join(out) or "no log sets configured"
 
@@ -578,24 +588,17 @@ def _rotate_set(ls: LogSet, force: bool, dry_run: bool) -> None:
 
 def compress(ctx: StepContext) -> str:
     dry_run = bool(ctx.params.get("dry_run"))
-    out, problems = [], {}
     sets = _sets(ctx)
-    for ls in sets:
-        # As in rotate: a file or a set that fails does not keep the others uncompressed.
-        try:
-            with ls.lock():
-                found = _compress_set(ls, dry_run, out)
-        except StepFailed as err:  # names its set (LogSet.lock)
-            found = [str(err)]
-        if found:
-            problems[ls.name] = found
+    # As in rotate: a file or a set that fails does not keep the others uncompressed.
+    problems = _each_set(sets, lambda ls: _compress_set(ls, dry_run))
+    out = [line for ls in sets for line in ls.out]
     _fail_if(problems, len(sets), out)
     return "\n".join(out) or "nothing to compress"
 
 
-def _compress_set(ls: LogSet, dry_run: bool, out: list[str]) -> list[str]:
-    """One set, under its lock: what it did goes to `out`; returns the files it could not compress."""
-    problems = []
+def _compress_set(ls: LogSet, dry_run: bool) -> None:
+    """One set, under its lock: what it did goes to ls.out, the files it could not compress to ls.problems."""
+    out, problems = ls.out, ls.problems
     in_flight = ls.journal_targets()
     for live in live_files(ls.spec) or _lives_of_rotated(ls.spec):
         files = [p for p in rotated_files(live) if str(p) not in in_flight]
@@ -621,7 +624,6 @@ def _compress_set(ls: LogSet, dry_run: bool, out: list[str]) -> list[str]:
                 continue
             metrics.LOG_ROTATED_LINES.labels(ls.name).inc(lines)
             out.append(f"{ls.name}: compressed {v.name} → {final.name} ({size_in} → {size_out} B, {lines} lines)")
-    return problems
 
 
 def retain(ctx: StepContext) -> str:
@@ -631,18 +633,11 @@ def retain(ctx: StepContext) -> str:
 def retain_sets(sets: list[LogSet], dry_run: bool) -> str:
     """Retention of each set under its lock (also the cleanup job's old_logs step): a set that
     fails does not keep the others from theirs; then fails naming every set that failed."""
-    out, problems, removed, freed = [], {}, 0, 0
-    for ls in sets:
-        try:
-            with ls.lock():
-                n, b, lines = apply_retention(ls, dry_run)
-        except StepFailed as err:  # names its set (LogSet.lock)
-            problems[ls.name] = [str(err)]
-            continue
-        removed, freed = removed + n, freed + b
-        out.extend(lines)
+    done: list[tuple[int, int, list[str]]] = []  # (files, bytes, lines) of each set that was done
+    problems = _each_set(sets, lambda ls: done.append(apply_retention(ls, dry_run)))
+    out = [line for _, _, lines in done for line in lines]
     verb = "would remove" if dry_run else "removed"
-    out.append(f"{verb} {removed} rotated files, {freed} B")
+    out.append(f"{verb} {sum(n for n, _, _ in done)} rotated files, {sum(b for _, b, _ in done)} B")
     _fail_if(problems, len(sets), out)
     return "\n".join(out)
 
@@ -706,4 +701,13 @@ PLAYBOOKS = {
     ),
 }
 
-__all__ = ["PLAYBOOKS", "LogSet", "apply_retention", "live_files", "retain_sets", "rotated_files", "state_dir"]
+__all__ = [
+    "PLAYBOOKS",
+    "LogSet",
+    "apply_retention",
+    "live_files",
+    "log_sets",
+    "retain_sets",
+    "rotated_files",
+    "state_dir",
+]
