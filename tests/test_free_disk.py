@@ -7,30 +7,34 @@ from tests.backup_support import engine, make_documents, run_playbook
 from tests.support.servers import TEST_DOCKER_HOST
 
 
-def test_free_disk_rotates_compresses_and_applies_backup_retention(tmp_path, dockerd, monkeypatch):
-    monkeypatch.setenv("DOCKER_HOST", TEST_DOCKER_HOST)
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    live = logs / "app.log"
+def _site(tmp_path, live, documents, **log_set):
+    """An engine with one log set (`live`, 5,000 lines, in a folder of its own), one documents
+    series and the dangling-image prune: what free_disk's three jobs act on."""
+    live.parent.mkdir()
     live.write_text("".join(f"line {i}\n" for i in range(5000)))
-    docs = make_documents(tmp_path)
-    app = engine(
+    return engine(
         tmp_path,
-        {"root": str(tmp_path / "backup"), "series": {"documents": {"kind": "documents", "path": str(docs)}}},
+        {"root": str(tmp_path / "backup"), "series": {"documents": {"kind": "documents", "path": str(documents)}}},
         rotation={
             "sets": {
                 "app": {
-                    "paths": [str(logs / "*.log")],
+                    "paths": [str(live.parent / "*.log")],
                     "reopen": {"watched": True},
                     "max_size": "100M",
                     "compress": "zstd",
-                    "keep": 5,
+                    **log_set,
                 }
             }
         },
         cleanup={"images": {"dangling": True}},
         logging={"files": False},
     )
+
+
+def test_free_disk_rotates_compresses_and_applies_backup_retention(tmp_path, dockerd, monkeypatch):
+    monkeypatch.setenv("DOCKER_HOST", TEST_DOCKER_HOST)
+    live = tmp_path / "logs" / "app.log"
+    app = _site(tmp_path, live, make_documents(tmp_path), keep=5)
     assert run_playbook(app, "backup_set")["status"] == "succeeded"
 
     run = run_playbook(app, "free_disk", {"force": True})
@@ -39,7 +43,7 @@ def test_free_disk_rotates_compresses_and_applies_backup_retention(tmp_path, doc
     assert list(outputs) == ["dangling_images", "rotate_logs", "compress_logs", "backup_retention"]
     # forced: rotated although far below max_size, then compressed
     assert live.stat().st_size == 0
-    rotated = sorted(p.name for p in logs.iterdir() if p.name != "app.log")
+    rotated = sorted(p.name for p in live.parent.iterdir() if p.name != "app.log")
     assert len(rotated) == 1 and rotated[0].endswith(".zst")
     # the backup job's retention decided, and kept the newest verified backup
     assert (
@@ -52,26 +56,8 @@ def test_free_disk_rotates_compresses_and_applies_backup_retention(tmp_path, doc
 def test_a_step_that_fails_does_not_keep_the_others_from_freeing_space(tmp_path):
     """No Docker daemon (engine's default): the image prune fails, the logs are still rotated
     and compressed and the backup retention still applied; the run ends failed, naming it."""
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    live = logs / "app.log"
-    live.write_text("".join(f"line {i}\n" for i in range(5000)))
-    app = engine(
-        tmp_path,
-        {"root": str(tmp_path / "backup"), "series": {"documents": {"kind": "documents", "path": str(tmp_path)}}},
-        rotation={
-            "sets": {
-                "app": {
-                    "paths": [str(logs / "*.log")],
-                    "reopen": {"watched": True},
-                    "max_size": "100M",
-                    "compress": "zstd",
-                }
-            }
-        },
-        cleanup={"images": {"dangling": True}},
-        logging={"files": False},
-    )
+    live = tmp_path / "logs" / "app.log"
+    app = _site(tmp_path, live, tmp_path)
     run = run_playbook(app, "free_disk", {"force": True})
     statuses = {s["name"]: s["status"] for s in run["steps"]}
     assert statuses == {
@@ -82,4 +68,4 @@ def test_a_step_that_fails_does_not_keep_the_others_from_freeing_space(tmp_path)
     }, run
     assert run["status"] == "failed" and run["reason"].startswith("step dangling_images failed: ")
     assert live.stat().st_size == 0
-    assert [p.name.endswith(".zst") for p in logs.iterdir() if p.name != "app.log"] == [True]
+    assert [p.name.endswith(".zst") for p in live.parent.iterdir() if p.name != "app.log"] == [True]

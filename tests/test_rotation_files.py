@@ -150,6 +150,20 @@ def _touch(path: Path, age: timedelta, data: bytes = b"x\n") -> None:
     os.utime(path, (when, when))
 
 
+def two_sets(
+    tmp_path: Path, live: bytes = b"x\n", rotated: tuple[tuple[str, int, bytes], ...] = (), **spec
+) -> tuple[dict[str, Path], dict[str, dict]]:
+    """Log sets "app" and "other", each one live file (holding `live`) in a folder of its own,
+    beside rotated files (name suffix, days old, bytes): (the live files, the sets' configuration)."""
+    logs = {name: tmp_path / name / f"{name}.log" for name in ("app", "other")}
+    for log in logs.values():
+        log.parent.mkdir()
+        for suffix, days, data in rotated:
+            _touch(log.parent / f"{log.name}.{suffix}", timedelta(days=days), data)
+        log.write_bytes(live)
+    return logs, {name: {"paths": [str(log)], "reopen": {"watched": True}, **spec} for name, log in logs.items()}
+
+
 def test_retention_by_count_and_by_age(tmp_path):
     log = tmp_path / "app.log"
     log.write_text("")
@@ -366,14 +380,9 @@ def test_a_set_that_fails_does_not_keep_the_others_from_rotating_compressing_or_
     from worker.tasks.steps import StepFailed
 
     monkeypatch.setattr(rotate, "LOCK_TIMEOUT_SECONDS", 0.2)
-    spec = {"reopen": {"watched": True}, "max_size": 1, "keep": 1, "compress": "zstd", "compress_newest": False}
-    logs = {name: tmp_path / name / f"{name}.log" for name in ("app", "other")}
-    for log in logs.values():
-        log.parent.mkdir()
-        _touch(log.parent / f"{log.name}.20261101-0001", timedelta(days=30), b"old\n")
-        _touch(log.parent / f"{log.name}.20261102-0001", timedelta(days=29), b"older\n")
-        log.write_bytes(b"x\n")
-    ctx = make_ctx(tmp_path, {name: {"paths": [str(log)], **spec} for name, log in logs.items()})
+    old = (("20261101-0001", 30, b"old\n"), ("20261102-0001", 29, b"older\n"))
+    logs, sets = two_sets(tmp_path, rotated=old, max_size=1, keep=1, compress="zstd", compress_newest=False)
+    ctx = make_ctx(tmp_path, sets)
     ctx = rotate.StepContext(ctx.runtime, {**ctx.run, "params": {"force": True}})
     with locked(tmp_path / "data" / "rotation" / "app" / "lock", 1):  # "app" is held by another rotation
         for step in (rotate.rotate, rotate.compress, rotate.retain):
@@ -401,14 +410,8 @@ def test_a_run_with_a_set_held_still_compresses_and_retains_the_others_then_fail
     from worker.tasks import rotate
 
     monkeypatch.setattr(rotate, "LOCK_TIMEOUT_SECONDS", 0.2)
-    spec = {"reopen": {"watched": True}, "max_size": 1, "keep": 2, "compress": "zstd"}
-    logs = {name: tmp_path / name / f"{name}.log" for name in ("app", "other")}
-    for log in logs.values():
-        log.parent.mkdir()
-        for day in (1, 2, 3):
-            _touch(log.parent / f"{log.name}.202611{day:02d}-0001", timedelta(days=40 - day), b"old\n")
-        log.write_bytes(b"x\n")
-    sets = {name: {"paths": [str(log)], **spec} for name, log in logs.items()}
+    old = tuple((f"202611{day:02d}-0001", 40 - day, b"old\n") for day in (1, 2, 3))
+    logs, sets = two_sets(tmp_path, rotated=old, max_size=1, keep=2, compress="zstd")
     app = engine(tmp_path, {}, rotation={"sets": sets}, logging={"files": False})
     with locked(tmp_path / "data" / "rotation" / "app" / "lock", 1):
         run = run_playbook(app, "rotate_logs", {"force": True})
@@ -431,13 +434,8 @@ def test_damaged_state_starts_afresh_and_a_damaged_journal_fails_its_set_only_sa
     from worker.tasks import rotate
     from worker.tasks.steps import StepFailed
 
-    logs = {name: tmp_path / name / f"{name}.log" for name in ("app", "other")}
-    for log in logs.values():
-        log.parent.mkdir()
-        log.write_bytes(b"x\n")
-    ctx = make_ctx(
-        tmp_path, {n: {"paths": [str(p)], "reopen": {"watched": True}, "max_size": 1} for n, p in logs.items()}
-    )
+    logs, sets = two_sets(tmp_path, max_size=1)
+    ctx = make_ctx(tmp_path, sets)
     state = tmp_path / "data" / "rotation"
     (state / "app").mkdir(parents=True)
     (state / "app" / "state.json").write_text("")  # emptied by a full disk, say
@@ -542,13 +540,8 @@ def test_a_journal_that_parses_but_is_not_one_fails_its_set_only(tmp_path, damag
     from worker.tasks import rotate
     from worker.tasks.steps import StepFailed
 
-    logs = {name: tmp_path / name / f"{name}.log" for name in ("app", "other")}
-    for log in logs.values():
-        log.parent.mkdir()
-        log.write_bytes(b"x\n")
-    ctx = make_ctx(
-        tmp_path, {n: {"paths": [str(p)], "reopen": {"watched": True}, "max_size": 1} for n, p in logs.items()}
-    )
+    logs, sets = two_sets(tmp_path, max_size=1)
+    ctx = make_ctx(tmp_path, sets)
     journal = tmp_path / "data" / "rotation" / "app" / "journal"
     journal.mkdir(parents=True)
     (journal / "x.json").write_text(json.dumps(damage).replace('"L', f'"{logs["app"]}'))
@@ -574,13 +567,8 @@ def test_an_unforeseen_error_in_one_set_fails_that_set_and_the_others_are_done(t
     from worker.tasks import rotate
     from worker.tasks.steps import StepFailed
 
-    logs = {name: tmp_path / name / f"{name}.log" for name in ("app", "other")}
-    for log in logs.values():
-        log.parent.mkdir()
-        log.write_bytes(b"x\n")
-    ctx = make_ctx(
-        tmp_path, {n: {"paths": [str(p)], "reopen": {"watched": True}, "max_size": 1} for n, p in logs.items()}
-    )
+    logs, sets = two_sets(tmp_path, max_size=1)
+    ctx = make_ctx(tmp_path, sets)
     real = rotate._rotate_set
 
     def buggy(ls, force, dry_run):
@@ -601,16 +589,9 @@ def test_cleanup_s_old_logs_fails_naming_a_held_set_after_the_others_retention(t
     from worker.tasks.steps import StepFailed
 
     monkeypatch.setattr(rotate, "LOCK_TIMEOUT_SECONDS", 0.2)
-    logs = {name: tmp_path / name / f"{name}.log" for name in ("app", "other")}
-    for log in logs.values():
-        log.parent.mkdir()
-        log.write_bytes(b"")
-        for day in (1, 2, 3):
-            _touch(log.parent / f"{log.name}.202611{day:02d}-0001.zst", timedelta(days=40 - day))
-    ctx = make_ctx(
-        tmp_path,
-        {n: {"paths": [str(p)], "reopen": {"watched": True}, "max_size": 1, "keep": 1} for n, p in logs.items()},
-    )
+    old = tuple((f"202611{day:02d}-0001.zst", 40 - day, b"x\n") for day in (1, 2, 3))
+    logs, sets = two_sets(tmp_path, live=b"", rotated=old, max_size=1, keep=1)
+    ctx = make_ctx(tmp_path, sets)
     with locked(tmp_path / "data" / "rotation" / "app" / "lock", 1):
         with pytest.raises(StepFailed, match=r"^1 of \d log sets failed: app\n"):
             cleanup.old_logs(ctx)
